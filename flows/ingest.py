@@ -1,0 +1,97 @@
+"""``ingest_drops``: encrypt and catalog every ready drop; ``reconcile_vault``: remove orphans.
+
+Both take an optional :class:`~storage.home.Home` so a notebook or a test can
+run them on its own locations; a deployment passes nothing and the home comes
+from the environment through :class:`~flows.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.settings import Settings
+from storage.home import Home
+from tasks.drops import scan_drops_task
+from tasks.ingest import (
+    IngestStats,
+    batches,
+    finish_drop_task,
+    ingest_batch_task,
+    record_drop_task,
+)
+from tasks.reconcile import ReconcileStats, reconcile_vault_task
+
+
+@flow(name="ingest-drops", validate_parameters=False)
+def ingest_drops(
+    home: Home | None = None,
+    settings: Settings | None = None,
+    orphan_grace_seconds: float | None = None,
+) -> IngestStats:
+    """One ingest pass over every drop; returns (and publishes) the run's counts."""
+    settings = settings or Settings.load()
+    home = home or settings.build_home()
+    logger = get_run_logger()
+    started = time.perf_counter()
+    home.catalog.migrate()
+    totals = IngestStats()
+    drops = scan_drops_task(
+        home.drops, time.time(), settings.quiet_seconds, settings.incomplete_seconds
+    )
+    for drop in drops:
+        if drop.state == "waiting":
+            totals.drops_waiting += 1
+            logger.info("drop %s waits: %s", drop.key, drop.why)
+            continue
+        stats = IngestStats()
+        for files in batches(drop.files, settings.batch_files, settings.batch_bytes):
+            stats.add(
+                ingest_batch_task(
+                    home, drop, files, max_file_bytes=settings.max_file_bytes
+                )
+            )
+        finished = finish_drop_task(home, drop)
+        record_drop_task(home, drop, stats, finished, datetime.now(UTC))
+        stats.drops_done = int(finished)
+        totals.add(stats)
+        logger.info(
+            "drop %s: %d ingested, %d duplicates, %d quarantined",
+            drop.key,
+            stats.ingested,
+            stats.duplicates,
+            sum(stats.quarantined.values()),
+        )
+    grace = settings.orphan_grace_seconds if orphan_grace_seconds is None else orphan_grace_seconds
+    reconcile_vault_task(home, grace)
+    totals.seconds = time.perf_counter() - started
+    create_table_artifact(
+        key="ingest-summary",
+        table=totals.table(),
+        description=f"ingest-drops at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+    )
+    return totals
+
+
+@flow(name="reconcile-vault", validate_parameters=False)
+def reconcile_vault(
+    home: Home | None = None,
+    settings: Settings | None = None,
+    min_age_seconds: float | None = None,
+) -> ReconcileStats:
+    """Remove vault and quarantine objects that have no catalog row."""
+    settings = settings or Settings.load()
+    home = home or settings.build_home()
+    home.catalog.migrate()
+    grace = settings.orphan_grace_seconds if min_age_seconds is None else min_age_seconds
+    stats = reconcile_vault_task(home, grace)
+    create_table_artifact(
+        key="reconcile-summary",
+        table=[{"metric": k, "value": v} for k, v in asdict(stats).items()],
+        description="vault objects checked and orphans removed",
+    )
+    return stats

@@ -1,0 +1,176 @@
+"""The one place that reads the environment (prefix ``DROPVAULT_``).
+
+Every location derives from ``DROPVAULT_HOME`` (default ``./.dropvault``)
+unless its own ``DROPVAULT_<NAME>_URL`` is set. Keys: ``DROPVAULT_KEK`` and
+``DROPVAULT_PEPPER`` (base64 of 32 bytes) in production; without them the
+embedded default makes 0600 key files under ``{home}/keys``. S3 uses the
+usual AWS variables, or ``DROPVAULT_S3_ENDPOINT_URL`` and friends.
+
+A bad value fails at start with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from storage.catalog import Catalog
+from storage.home import LOCATIONS, Home
+from storage.keystore import Keystore, load_or_create_secret
+from storage.locations import InsecureEndpointError, Location, check_endpoint_tls
+
+SCHEMES = {"file", "memory", "s3", "s3a"}
+
+
+class SettingsError(ValueError):
+    """A setting is wrong; the message names it."""
+
+
+def _check_url(value: str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    scheme = urlsplit(value).scheme
+    if scheme not in SCHEMES:
+        raise ValueError(f"{name} must be a file://, memory:// or s3:// URL")
+    return value.rstrip("/")
+
+
+def _decode_key(value: SecretStr | None, name: str) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        raw = base64.b64decode(value.get_secret_value(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SettingsError(f"{name} must be base64") from exc
+    if len(raw) != 32:
+        raise SettingsError(f"{name} must decode to 32 bytes")
+    return raw
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DROPVAULT_", extra="ignore")
+
+    home: Path = Path(".dropvault")
+    drops_url: str | None = None
+    vault_url: str | None = None
+    quarantine_url: str | None = None
+    archive_url: str | None = None
+    manifests_url: str | None = None
+    beacons_url: str | None = None
+    catalog_url: str | None = None  # a local DuckDB file path or file:// URL
+    keys_dir: Path | None = None
+
+    quiet_seconds: float = Field(default=120.0, ge=0)
+    incomplete_seconds: float = Field(default=86400.0, gt=0)
+    max_file_bytes: int = Field(default=4 * 1024**3, gt=0)
+    batch_files: int = Field(default=500, gt=0)
+    batch_bytes: int = Field(default=256 * 1024**2, gt=0)
+    orphan_grace_seconds: float = Field(default=3600.0, ge=0)
+    lock_timeout_seconds: float = Field(default=120.0, gt=0)
+    region: str = "local"
+
+    kek: SecretStr | None = None
+    pepper: SecretStr | None = None
+
+    s3_endpoint_url: str | None = None
+    s3_key: SecretStr | None = None
+    s3_secret: SecretStr | None = None
+    s3_region: str | None = None
+
+    @field_validator(
+        "drops_url", "vault_url", "quarantine_url", "archive_url", "manifests_url", "beacons_url"
+    )
+    @classmethod
+    def _url(cls, value: str | None, info: Any) -> str | None:
+        return _check_url(value, f"DROPVAULT_{info.field_name.upper()}")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _tls(cls, value: str | None) -> str | None:
+        try:
+            check_endpoint_tls(value)
+        except InsecureEndpointError as exc:
+            raise ValueError(f"DROPVAULT_S3_ENDPOINT_URL: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _keys(self) -> Settings:
+        _decode_key(self.kek, "DROPVAULT_KEK")
+        _decode_key(self.pepper, "DROPVAULT_PEPPER")
+        return self
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Read the environment; raise :class:`SettingsError` naming the bad setting."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                field = ".".join(str(p) for p in err["loc"]) or "settings"
+                name = f"DROPVAULT_{field.upper()}" if field != "settings" else field
+                message = err["msg"].removeprefix("Value error, ")
+                if message.startswith("DROPVAULT_"):
+                    problems.append(message)
+                else:
+                    problems.append(f"{name}: {message}")
+            raise SettingsError("invalid setting: " + "; ".join(problems)) from None
+        except SettingsError as exc:
+            raise SettingsError(f"invalid setting: {exc}") from None
+
+    # -- building the home -------------------------------------------------
+
+    def storage_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.s3_endpoint_url:
+            options["endpoint_url"] = self.s3_endpoint_url
+        if self.s3_key:
+            options["key"] = self.s3_key.get_secret_value()
+        if self.s3_secret:
+            options["secret"] = self.s3_secret.get_secret_value()
+        if self.s3_region:
+            options["client_kwargs"] = {"region_name": self.s3_region}
+        return options
+
+    def location_url(self, name: str) -> str:
+        url: str | None = getattr(self, f"{name}_url")
+        return url or (self.home.resolve() / name).as_uri()
+
+    def catalog_path(self) -> Path:
+        if self.catalog_url is None:
+            return self.home.resolve() / "catalog.duckdb"
+        parts = urlsplit(self.catalog_url)
+        if parts.scheme in ("", "file"):
+            return Path(parts.path if parts.scheme else self.catalog_url)
+        raise SettingsError(
+            "invalid setting: DROPVAULT_CATALOG_URL must be a local DuckDB file path or file:// URL"
+        )
+
+    def build_home(self) -> Home:
+        """Every location and store, ready to use (local folders and key files created)."""
+        keys = self.keys_dir or self.home.resolve() / "keys"
+        locations: dict[str, Location] = {}
+        for name in LOCATIONS:
+            url = self.location_url(name)
+            options = self.storage_options() if urlsplit(url).scheme.startswith("s3") else None
+            location = Location(url, storage_options=options)
+            location.ensure()
+            locations[name] = location
+        kek = _decode_key(self.kek, "DROPVAULT_KEK")
+        keystore = Keystore(keys, kek) if kek else Keystore.local(keys)
+        pepper = _decode_key(self.pepper, "DROPVAULT_PEPPER") or load_or_create_secret(
+            keys / "pepper.key"
+        )
+        return Home(
+            catalog=Catalog(self.catalog_path(), lock_timeout=self.lock_timeout_seconds),
+            keystore=keystore,
+            pepper=pepper,
+            region=self.region,
+            **locations,
+        )

@@ -1,0 +1,234 @@
+"""Key-encryption key (KEK) and per-study record keys.
+
+* The KEK is 32 random bytes. In the embedded default it lives in a key file
+  created with mode 0600; in production it is passed in (Prefect Secret block
+  or environment, read by ``flows/settings.py``).
+* Record keys are 32 random bytes each, wrapped with RFC 3394 AES key wrap
+  under the KEK, and kept in a SQLite file with ``PRAGMA secure_delete=ON``
+  and a rollback journal, so a destroyed key's bytes are overwritten in the
+  file rather than left in a free page or a WAL.
+* Rotation re-wraps every record key under a new KEK; no object is
+  re-encrypted, because objects carry data keys wrapped by record keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap,
+    aes_key_wrap,
+)
+
+KEY_BYTES = 32
+
+
+class KeyError_(LookupError):
+    """Base for keystore errors (named apart from the builtin KeyError)."""
+
+
+class KeyDestroyedError(KeyError_):
+    """The record key was destroyed (crypto-shredded): its data is unreadable for good."""
+
+
+class UnknownKeyError(KeyError_):
+    """No record key with that id."""
+
+
+class WrongKEKError(KeyError_):
+    """The KEK does not unwrap this keystore's record keys."""
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 from the start (no window where it is readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def load_or_create_secret(path: Path, size: int = KEY_BYTES) -> bytes:
+    """Read a key file, creating it (0600, random bytes) on first use."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        try:
+            write_secret_file(path, secrets.token_bytes(size))
+        except FileExistsError:
+            pass  # another process created it first
+        data = path.read_bytes()
+    if len(data) != size:
+        raise ValueError(f"key file {path.name} must hold exactly {size} bytes")
+    return data
+
+
+def kek_id(kek: bytes) -> str:
+    """A public fingerprint of a KEK, to tell which KEK wrapped a record key."""
+    return hashlib.sha256(b"dropvault-kek-id\x00" + kek).hexdigest()[:16]
+
+
+class Keystore:
+    """Record keys wrapped by a KEK, in a SQLite file under ``directory``."""
+
+    FILE = "keystore.sqlite"
+
+    def __init__(self, directory: Path, kek: bytes) -> None:
+        if len(kek) != KEY_BYTES:
+            raise ValueError("the KEK must be 32 bytes (AES-256)")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / self.FILE
+        self._kek = kek
+        self._cache: dict[str, bytes] = {}
+        if not self.path.exists():
+            # Create the file 0600 before SQLite opens it.
+            write_secret_file(self.path, b"")
+        with self._connect() as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS record_keys ("
+                " key_id TEXT PRIMARY KEY, wrapped BLOB, kek_id TEXT NOT NULL,"
+                " created_at TEXT NOT NULL, destroyed_at TEXT)"
+            )
+
+    @classmethod
+    def local(cls, directory: Path) -> Keystore:
+        """The embedded default: KEK in ``directory/kek.key`` (0600, made on first use).
+
+        A rotation interrupted after its commit left the new KEK in ``kek.key.new``:
+        it is promoted when the keystore's keys are already wrapped by it.
+        """
+        directory = Path(directory)
+        pending = directory / "kek.key.new"
+        if pending.exists():
+            store = cls(directory, pending.read_bytes())
+            with store._connect() as con:
+                used = con.execute(
+                    "SELECT count(*) FROM record_keys WHERE kek_id = ?", (store.kek_id,)
+                ).fetchone()[0]
+            if used:
+                pending.replace(directory / "kek.key")
+            else:
+                pending.unlink()
+        return cls(directory, load_or_create_secret(directory / "kek.key"))
+
+    @property
+    def kek_id(self) -> str:
+        return kek_id(self._kek)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        with closing(sqlite3.connect(self.path, timeout=60, isolation_level=None)) as con:
+            con.execute("PRAGMA secure_delete=ON")
+            con.execute("PRAGMA journal_mode=DELETE")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def create(self) -> tuple[str, bytes]:
+        """A new record key: returns ``(key_id, key)``."""
+        key = secrets.token_bytes(KEY_BYTES)
+        key_id = "rk_" + secrets.token_hex(12)
+        wrapped = aes_key_wrap(self._kek, key)
+        now = datetime.now(UTC).isoformat()
+        with self._connect() as con:
+            con.execute(
+                "INSERT INTO record_keys (key_id, wrapped, kek_id, created_at) VALUES (?,?,?,?)",
+                (key_id, wrapped, self.kek_id, now),
+            )
+        self._cache[key_id] = key
+        return key_id, key
+
+    def unwrap(self, key_id: str) -> bytes:
+        """The record key, or :class:`KeyDestroyedError` / :class:`UnknownKeyError`."""
+        cached = self._cache.get(key_id)
+        if cached is not None:
+            return cached
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT wrapped, destroyed_at FROM record_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        if row is None:
+            raise UnknownKeyError(f"no record key {key_id}")
+        wrapped, destroyed_at = row
+        if destroyed_at is not None or wrapped is None:
+            raise KeyDestroyedError(f"record key {key_id} was destroyed at {destroyed_at}")
+        try:
+            key = aes_key_unwrap(self._kek, wrapped)
+        except InvalidUnwrap as exc:
+            raise WrongKEKError("the KEK does not unwrap this keystore") from exc
+        self._cache[key_id] = key
+        return key
+
+    def wrapped_bytes(self, key_id: str) -> bytes | None:
+        """The stored wrapped key (for proofs of destruction in tests and audits)."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT wrapped FROM record_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def destroy(self, key_ids: list[str]) -> int:
+        """Crypto-shred: overwrite the wrapped keys (secure_delete zeroes the old cells)."""
+        now = datetime.now(UTC).isoformat()
+        with self._connect() as con:
+            count = 0
+            for key_id in key_ids:
+                cur = con.execute(
+                    "UPDATE record_keys SET wrapped = NULL, destroyed_at = ?"
+                    " WHERE key_id = ? AND destroyed_at IS NULL",
+                    (now, key_id),
+                )
+                count += cur.rowcount
+                self._cache.pop(key_id, None)
+        # VACUUM rewrites the file so no page keeps the old cell either.
+        with closing(sqlite3.connect(self.path, isolation_level=None)) as con:
+            con.execute("PRAGMA secure_delete=ON")
+            con.execute("VACUUM")
+        return count
+
+    def rotate(self, new_kek: bytes) -> int:
+        """Re-wrap every live record key under ``new_kek``. Returns how many were re-wrapped.
+
+        All in one transaction: a failure leaves every key under the old KEK.
+        The caller stores ``new_kek`` (see :meth:`rotate_local`).
+        """
+        if len(new_kek) != KEY_BYTES:
+            raise ValueError("the new KEK must be 32 bytes (AES-256)")
+        new_id = kek_id(new_kek)
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT key_id, wrapped FROM record_keys WHERE destroyed_at IS NULL"
+            ).fetchall()
+            for key_id, wrapped in rows:
+                try:
+                    key = aes_key_unwrap(self._kek, wrapped)
+                except InvalidUnwrap as exc:
+                    raise WrongKEKError("the current KEK does not unwrap this keystore") from exc
+                con.execute(
+                    "UPDATE record_keys SET wrapped = ?, kek_id = ? WHERE key_id = ?",
+                    (aes_key_wrap(new_kek, key), new_id, key_id),
+                )
+        self._kek = new_kek
+        return len(rows)
+
+    def rotate_local(self) -> int:
+        """Rotate the embedded default's key file: new KEK, re-wrap, then swap the file."""
+        new_kek = secrets.token_bytes(KEY_BYTES)
+        pending = self.directory / "kek.key.new"
+        pending.unlink(missing_ok=True)
+        write_secret_file(pending, new_kek)
+        count = self.rotate(new_kek)
+        pending.replace(self.directory / "kek.key")
+        return count

@@ -1,0 +1,331 @@
+"""fsspec URL locations: ``file://``, ``memory://`` and ``s3://`` behind one small API.
+
+A :class:`Location` is a root URL plus a filesystem. Every relative name that
+reaches it goes through :func:`safe_relpath`, so a hostile name from a drop
+(``..``, an absolute path, a NUL byte) cannot escape the root.
+
+Writes are atomic: local and memory stores write to a temporary sibling and
+rename; S3 writes are a single PUT (or a completed multipart upload), which
+S3 itself makes visible only when whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+class UnsafeNameError(ValueError):
+    """A relative name would escape its location (``..``, absolute path, NUL, empty part)."""
+
+
+class InsecureEndpointError(ValueError):
+    """A remote object-store endpoint that is not loopback must use TLS (promise P2)."""
+
+
+def safe_relpath(*parts: str) -> str:
+    """Join relative name parts into one POSIX relative path, refusing escapes.
+
+    Each part may itself contain ``/``. Refused: NUL bytes, backslashes, absolute
+    paths, drive letters, ``.``/``..`` segments and empty segments.
+    """
+    segments: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise UnsafeNameError("name is not a string")
+        if "\x00" in part:
+            raise UnsafeNameError("name contains a NUL byte")
+        if "\\" in part:
+            raise UnsafeNameError("name contains a backslash")
+        if part.startswith("/"):
+            raise UnsafeNameError("name is absolute")
+        if len(part) >= 2 and part[1] == ":":
+            raise UnsafeNameError("name has a drive letter")
+        for seg in part.split("/"):
+            if seg in ("", ".", ".."):
+                raise UnsafeNameError("name has an empty, '.' or '..' segment")
+            segments.append(seg)
+    if not segments:
+        raise UnsafeNameError("name is empty")
+    return "/".join(segments)
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint_tls(endpoint_url: str | None) -> None:
+    """Refuse plain-HTTP endpoints unless they are on loopback (test endpoints)."""
+    if endpoint_url is None:
+        return  # AWS default endpoints are HTTPS
+    parts = urlsplit(endpoint_url)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http" and is_loopback_host(parts.hostname):
+        return
+    raise InsecureEndpointError(
+        f"object-store endpoint {parts.scheme}://{parts.hostname} must use https "
+        "(plain http is allowed only on loopback)"
+    )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One listed object: ``name`` is relative to the location root."""
+
+    name: str
+    size: int
+    mtime: float  # seconds since the epoch, UTC
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            return value.timestamp()
+        return float(value)
+    return 0.0
+
+
+def filesystem_for(url: str, storage_options: dict[str, Any] | None = None) -> AbstractFileSystem:
+    """Build the fsspec filesystem for ``url``; S3 gets fresh listings and a TLS check."""
+    protocol = urlsplit(url).scheme or "file"
+    options = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):
+        endpoint = options.get("endpoint_url") or options.get("client_kwargs", {}).get(
+            "endpoint_url"
+        )
+        check_endpoint_tls(endpoint)
+        # Listings go stale across clients (TRAPS): a watcher must never trust a cache.
+        options.setdefault("use_listings_cache", False)
+    fs: AbstractFileSystem = fsspec.filesystem(protocol, **options)
+    return fs
+
+
+class Location:
+    """A root URL on one filesystem, with safe joins and atomic writes."""
+
+    def __init__(
+        self,
+        url: str,
+        fs: AbstractFileSystem | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.fs = fs if fs is not None else filesystem_for(self.url, storage_options)
+        self.protocol = urlsplit(self.url).scheme or "file"
+        root = self.fs._strip_protocol(self.url)
+        self.root: str = root.rstrip("/") if root != "/" else root
+        self._storage_options = storage_options
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol in ("file", "local")
+
+    @property
+    def versioned(self) -> bool:
+        checker = getattr(self.fs, "is_bucket_versioned", None)
+        if checker is None:
+            return False
+        bucket = self.root.split("/", 1)[0]
+        return bool(checker(bucket))
+
+    def child(self, *parts: str) -> Location:
+        """A sub-location sharing this filesystem."""
+        return Location(f"{self.url}/{safe_relpath(*parts)}", fs=self.fs)
+
+    def path(self, *parts: str) -> str:
+        """Filesystem path of a relative name (checked)."""
+        return f"{self.root}/{safe_relpath(*parts)}"
+
+    def uri(self, *parts: str) -> str:
+        return f"{self.url}/{safe_relpath(*parts)}"
+
+    def relative(self, path: str) -> str:
+        """The name of an absolute filesystem path below this root (not checked for safety)."""
+        stripped = self.fs._strip_protocol(path)
+        prefix = self.root.rstrip("/") + "/"
+        if not stripped.startswith(prefix):
+            raise UnsafeNameError("path is outside the location")
+        return stripped[len(prefix) :]
+
+    def ensure(self) -> None:
+        """Create the root (a no-op on object stores)."""
+        if self.protocol not in ("s3", "s3a"):
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def _invalidate(self, path: str | None = None) -> None:
+        self.fs.invalidate_cache(path or self.root)
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Every object below ``prefix`` (recursive), with size and mtime. Never cached."""
+        base = f"{self.root}/{safe_relpath(prefix)}" if prefix else self.root
+        self._invalidate(base)
+        if not self.fs.exists(base):
+            return []
+        found = self.fs.find(base, detail=True)
+        entries = []
+        for path, info in sorted(found.items()):
+            if info.get("type") == "directory":
+                continue
+            entries.append(
+                Entry(name=self.relative(path), size=int(info.get("size") or 0), mtime=_mtime(info))
+            )
+        return entries
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Immediate child directory names below ``prefix``."""
+        base = f"{self.root}/{safe_relpath(prefix)}" if prefix else self.root
+        self._invalidate(base)
+        if not self.fs.exists(base):
+            return []
+        names = []
+        for info in self.fs.ls(base, detail=True):
+            if info.get("type") == "directory":
+                names.append(posixpath.basename(info["name"].rstrip("/")))
+        return sorted(names)
+
+    def exists(self, name: str) -> bool:
+        path = self.path(name)
+        self._invalidate(posixpath.dirname(path))
+        return bool(self.fs.exists(path))
+
+    def size(self, name: str) -> int:
+        return int(self.fs.info(self.path(name))["size"])
+
+    def open(self, name: str, mode: str = "rb", *, unchecked: bool = False) -> IO[bytes]:
+        """Streaming read. ``unchecked`` takes a listed raw name as is (quarantine of unsafe names)."""
+        path = f"{self.root}/{name}" if unchecked else self.path(name)
+        handle: IO[bytes] = self.fs.open(path, mode)
+        return handle
+
+    def read_bytes(self, name: str, *, unchecked: bool = False) -> bytes:
+        with self.open(name, unchecked=unchecked) as fh:
+            return fh.read()
+
+    @contextmanager
+    def writer(self, name: str) -> Iterator[IO[bytes]]:
+        """Atomic streaming write: readers see the old object or the whole new one."""
+        final = self.path(name)
+        if self.protocol in ("s3", "s3a"):
+            # One PUT or a completed multipart upload: S3 publishes it whole or not at all.
+            with self.fs.open(final, "wb") as fh:
+                yield fh
+            return
+        parent = posixpath.dirname(final)
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        try:
+            with self.fs.open(tmp, "wb") as fh:
+                yield fh
+            self.fs.mv(tmp, final)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        with self.writer(name) as fh:
+            fh.write(data)
+
+    def put_stream(self, name: str, stream: IO[bytes]) -> int:
+        total = 0
+        with self.writer(name) as fh:
+            while chunk := stream.read(COPY_CHUNK):
+                fh.write(chunk)
+                total += len(chunk)
+        return total
+
+    def move(self, name: str, dest: Location, dest_name: str) -> None:
+        """Move one object, possibly across filesystems (copy, then delete the source)."""
+        if dest.fs is self.fs or (dest.protocol == self.protocol == "file"):
+            dest_path = dest.path(dest_name)
+            if self.protocol != "s3":
+                self.fs.makedirs(posixpath.dirname(dest_path), exist_ok=True)
+            self.fs.mv(self.path(name), dest_path)
+            return
+        with self.open(name) as src:
+            dest.put_stream(dest_name, src)
+        self.delete(name)
+
+    def delete(self, name: str, *, unchecked: bool = False) -> int:
+        """Delete an object and, on a versioned bucket, every version of it.
+
+        Returns how many objects or versions were removed.
+        """
+        path = f"{self.root}/{name}" if unchecked else self.path(name)
+        removed = 0
+        if self.protocol in ("s3", "s3a") and self.versioned:
+            for version in self.versions(name, unchecked=unchecked):
+                self._delete_version(path, version)
+                removed += 1
+            self._invalidate(posixpath.dirname(path))
+            return removed
+        self._invalidate(posixpath.dirname(path))
+        if self.fs.exists(path):
+            self.fs.rm(path)
+            removed = 1
+        return removed
+
+    def versions(self, name: str, *, unchecked: bool = False) -> list[str]:
+        """Every version id (and delete marker) of an object on a versioned bucket."""
+        path = f"{self.root}/{name}" if unchecked else self.path(name)
+        bucket, key = path.split("/", 1)
+        from fsspec.asyn import sync  # local: only object stores need it
+
+        fs: Any = self.fs
+        resp = sync(fs.loop, fs._call_s3, "list_object_versions", Bucket=bucket, Prefix=key)
+        items = resp.get("Versions", []) + resp.get("DeleteMarkers", [])
+        return [item["VersionId"] for item in items if item["Key"] == key]
+
+    def _delete_version(self, path: str, version: str) -> None:
+        from fsspec.asyn import sync
+
+        bucket, key = path.split("/", 1)
+        fs: Any = self.fs
+        sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, VersionId=version)
+
+    def rmdir_empty(self, prefix: str) -> None:
+        """Remove empty directories left below ``prefix`` (local and memory stores)."""
+        if self.protocol in ("s3", "s3a"):
+            return
+        base = self.path(prefix)
+        if self.is_local:
+            root = Path(base)
+            if not root.exists():
+                return
+            for d in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+                if not any(d.iterdir()):
+                    d.rmdir()
+            if not any(root.iterdir()):
+                root.rmdir()
+            return
+        if self.fs.exists(base) and not self.fs.find(base):
+            self.fs.rm(base, recursive=True)

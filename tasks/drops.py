@@ -1,0 +1,162 @@
+"""Finding drops and deciding when each is ready.
+
+A drop is ``{drops}/{facility_id}/{drop_id}/...``. It is ready when:
+
+* it has a ``manifest.json`` and every file the manifest lists is present
+  with the listed size (files the manifest does not list must also be quiet);
+* or it has no manifest and no file in it changed for ``quiet_seconds``.
+
+A manifest drop that is still missing or short of a listed file after
+``incomplete_seconds`` (counted from the manifest's mtime) is *incomplete*:
+its files are quarantined with reason ``incomplete_drop``.
+
+Manifest format (JSON)::
+
+    {"files": [{"path": "series1/img001.dcm", "size": 39206, "sha256": "<hex>"}, ...],
+     "owners": {"<StudyInstanceUID>": "<owner account>", ...}}
+
+``owners`` is optional; a study it does not name is owned by
+``patient:<patient_key>``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.locations import Entry, Location, UnsafeNameError, safe_relpath
+
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+
+DropState = Literal["ready", "waiting", "incomplete"]
+
+
+@dataclass(frozen=True)
+class DropFile:
+    name: str  # as listed, relative to the drops root (may be unsafe: see ``safe``)
+    size: int
+    mtime: float
+    expected_sha256: str | None = None
+    safe: bool = True
+
+
+@dataclass
+class Drop:
+    facility_id: str
+    drop_id: str
+    files: list[DropFile]
+    has_manifest: bool
+    state: DropState
+    why: str = ""  # PHI-free note on a waiting or incomplete drop
+    owners: dict[str, str] = field(default_factory=dict)
+    manifest_name: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.facility_id}/{self.drop_id}"
+
+
+def _is_safe(name: str) -> bool:
+    try:
+        safe_relpath(name)
+    except UnsafeNameError:
+        return False
+    return True
+
+
+def _parse_manifest(raw: bytes) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
+    """``({relative path: (size, sha256)}, owners)``; raises ValueError when malformed."""
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
+        raise ValueError("manifest needs a 'files' list")
+    listed: dict[str, tuple[int, str]] = {}
+    for item in doc["files"]:
+        path, size, sha = item.get("path"), item.get("size"), item.get("sha256")
+        if not isinstance(path, str) or not isinstance(size, int) or not isinstance(sha, str):
+            raise ValueError("each manifest file needs path, size and sha256")
+        listed[path] = (size, sha.lower())
+    owners = doc.get("owners") or {}
+    if not isinstance(owners, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in owners.items()
+    ):
+        raise ValueError("manifest 'owners' must map study UIDs to accounts")
+    return listed, owners
+
+
+def scan_drops(
+    drops: Location,
+    now: float,
+    quiet_seconds: float,
+    incomplete_seconds: float,
+) -> list[Drop]:
+    """Group the drops location's files into drops and decide each drop's state."""
+    grouped: dict[tuple[str, str], list[Entry]] = {}
+    for entry in drops.list():
+        parts = entry.name.split("/")
+        if len(parts) < 3 or parts[-1].startswith(TMP_PREFIX):
+            continue  # not inside a drop folder, or an atomic write still under way
+        grouped.setdefault((parts[0], parts[1]), []).append(entry)
+
+    found = []
+    for (facility_id, drop_id), entries in sorted(grouped.items()):
+        prefix = f"{facility_id}/{drop_id}/"
+        manifest_entry = next((e for e in entries if e.name == prefix + MANIFEST), None)
+        others = [e for e in entries if e is not manifest_entry]
+        newest = max((e.mtime for e in entries), default=0.0)
+        if manifest_entry is None:
+            files = [DropFile(e.name, e.size, e.mtime, None, _is_safe(e.name)) for e in others]
+            quiet = now - newest >= quiet_seconds
+            state: DropState = "ready" if quiet else "waiting"
+            found.append(
+                Drop(facility_id, drop_id, files, False, state, "" if quiet else "not quiet yet")
+            )
+            continue
+        overdue = now - manifest_entry.mtime >= incomplete_seconds
+        try:
+            listed, owners = _parse_manifest(drops.read_bytes(manifest_entry.name, unchecked=True))
+        except (ValueError, UnicodeDecodeError) as exc:
+            files = [DropFile(e.name, e.size, e.mtime, None, _is_safe(e.name)) for e in others]
+            state = "incomplete" if overdue else "waiting"
+            why = f"manifest is malformed ({type(exc).__name__})"
+            found.append(Drop(facility_id, drop_id, files, True, state, why, {}, manifest_entry.name))
+            continue
+        present = {e.name[len(prefix) :]: e for e in others}
+        files = []
+        missing = 0
+        for rel, (size, _sha) in listed.items():
+            entry = present.get(rel)
+            if entry is None or entry.size != size:
+                missing += 1
+        for rel, entry in present.items():
+            expected = listed.get(rel)
+            files.append(
+                DropFile(
+                    entry.name,
+                    entry.size,
+                    entry.mtime,
+                    expected[1] if expected else None,
+                    _is_safe(entry.name),
+                )
+            )
+        unlisted_busy = any(
+            rel not in listed and now - e.mtime < quiet_seconds for rel, e in present.items()
+        )
+        if missing == 0 and not unlisted_busy:
+            state, why = "ready", ""
+        else:
+            state = "incomplete" if overdue else "waiting"
+            why = f"{missing} listed file(s) missing or short" if missing else "unlisted files busy"
+        found.append(
+            Drop(facility_id, drop_id, files, True, state, why, owners, manifest_entry.name)
+        )
+    return found
+
+
+scan_drops_task = task(
+    scan_drops, name="scan-drops", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)

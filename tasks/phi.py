@@ -1,0 +1,48 @@
+"""Pseudonyms and encrypted PHI fields.
+
+* ``patient_key`` is HMAC-SHA256 under a secret pepper of the issuer and the
+  patient ID, so the catalog can group a patient's studies without holding
+  the ID.
+* The identifying header fields (name, birth date, patient ID, issuer) are
+  sealed with AES-256-GCM under a sub-key derived (HKDF) from the study's
+  record key, so destroying that key erases them too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+
+def keyed_hash(pepper: bytes, *parts: str, length: int = 32) -> str:
+    """HMAC-SHA256 of the parts (NUL-separated), hex, cut to ``length`` characters."""
+    message = "\x00".join(parts).encode("utf-8")
+    return hmac.new(pepper, message, hashlib.sha256).hexdigest()[:length]
+
+
+def patient_key(pepper: bytes, issuer: str, patient_id: str) -> str:
+    return "pk_" + keyed_hash(pepper, "patient", issuer, patient_id)
+
+
+def _field_key(record_key: bytes) -> bytes:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"dropvault phi v1")
+    return hkdf.derive(record_key)
+
+
+def seal_fields(record_key: bytes, context: str, fields: dict[str, str]) -> bytes:
+    """Encrypt a small dict; ``context`` (e.g. the study UID) is bound as associated data."""
+    nonce = secrets.token_bytes(12)
+    plain = json.dumps(fields, sort_keys=True).encode("utf-8")
+    return nonce + AESGCM(_field_key(record_key)).encrypt(nonce, plain, context.encode())
+
+
+def open_fields(record_key: bytes, context: str, sealed: bytes) -> dict[str, str]:
+    plain = AESGCM(_field_key(record_key)).decrypt(sealed[:12], sealed[12:], context.encode())
+    data: dict[str, str] = json.loads(plain)
+    return data

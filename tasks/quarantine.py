@@ -1,0 +1,153 @@
+"""Quarantine: files that cannot be cataloged keep their bytes, encrypted, with a reason.
+
+Each quarantined file is stored as a DVLT object under
+``{quarantine}/{facility_id}/{drop_id}/{quarantine_id}.dvlt`` with its own
+record key, beside ``{quarantine_id}.json`` that holds the reason code and
+PHI-free facts (sizes, hashes, times). The original file name can itself
+carry PHI, so it is kept only encrypted in the catalog.
+
+``quarantine_id`` is a keyed hash of facility, drop, name and content, so a
+rerun after a crash finds the same id and never quarantines a file twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+from storage.catalog import Catalog
+from storage.home import Home
+from storage.locations import UnsafeNameError, safe_relpath
+from storage.vault import Vault
+from tasks.phi import keyed_hash, open_fields, seal_fields
+
+REASONS = (
+    "not_dicom",
+    "truncated",
+    "missing_uid",
+    "uid_conflict",
+    "checksum_mismatch",
+    "incomplete_drop",
+    "unsafe_name",
+    "too_large",
+    "unreadable",
+)
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    quarantine_id: str
+    reason: str
+    row: dict[str, Any]
+    object_row: dict[str, Any]
+
+
+def quarantine_id(pepper: bytes, facility_id: str, drop_id: str, name: str, sha256: str) -> str:
+    return "q_" + keyed_hash(pepper, "quarantine", facility_id, drop_id, name, sha256, length=30)
+
+
+def _folder(facility_id: str, drop_id: str) -> str:
+    try:
+        return safe_relpath(facility_id, drop_id)
+    except UnsafeNameError:
+        return "_unsafe"
+
+
+def quarantine_file(
+    home: Home,
+    *,
+    facility_id: str,
+    drop_id: str,
+    source_name: str,
+    src: IO[bytes],
+    size: int,
+    sha256: str,
+    reason: str,
+    detail: str,
+    study_uid: str | None,
+    now: datetime,
+) -> Quarantined:
+    """Encrypt one file into quarantine and write its reason file; returns the catalog rows.
+
+    The caller commits the rows, then removes the source.
+    """
+    if reason not in REASONS:
+        raise ValueError(f"unknown quarantine reason {reason!r}")
+    qid = quarantine_id(home.pepper, facility_id, drop_id, source_name, sha256)
+    folder = _folder(facility_id, drop_id)
+    key_id, record_key = home.keystore.create()
+    store = home.quarantine_store()
+    object_name = f"{folder}/{qid}.dvlt"
+    sealed = store.put(object_name, src, key_id)
+    store.verify(object_name, sealed)
+    facts = {
+        "quarantine_id": qid,
+        "reason": reason,
+        "detail": detail,
+        "facility_id": facility_id if folder != "_unsafe" else None,
+        "drop_id": drop_id if folder != "_unsafe" else None,
+        "size_bytes": size,
+        "sha256": sha256,
+        "format": "DVLT1",
+        "quarantined_at": now.isoformat(),
+    }
+    home.quarantine.put_bytes(f"{folder}/{qid}.json", json.dumps(facts, indent=2).encode())
+    row = {
+        "quarantine_id": qid,
+        "facility_id": facility_id,
+        "drop_id": drop_id,
+        "reason": reason,
+        "detail": detail,
+        "object_id": qid,
+        "study_uid": study_uid,
+        "size_bytes": size,
+        "sha256": sha256,
+        "source_name_enc": seal_fields(record_key, qid, {"name": source_name}),
+        "quarantined_at": now,
+    }
+    object_row = {
+        "object_id": qid,
+        "kind": "quarantine",
+        "location_url": home.quarantine.url,
+        "region": home.region,
+        "name": object_name,
+        "record_key_id": key_id,
+        "plaintext_bytes": sealed.plaintext_bytes,
+        "stored_bytes": sealed.stored_bytes,
+        "created_at": now,
+    }
+    return Quarantined(qid, reason, row, object_row)
+
+
+def quarantine_list(catalog: Catalog) -> pd.DataFrame:
+    """The quarantine, PHI-free (no source names), newest first."""
+    return catalog.query(
+        "SELECT quarantine_id, facility_id, drop_id, reason, detail, size_bytes, sha256,"
+        " quarantined_at FROM quarantine ORDER BY quarantined_at DESC, quarantine_id"
+    )
+
+
+def quarantine_export(home: Home, qid: str, out: Path) -> dict[str, Any]:
+    """Decrypt a quarantined file to ``out`` (for an operator's review)."""
+    rows = home.catalog.query(
+        "SELECT q.facility_id, q.drop_id, q.source_name_enc, o.name, o.record_key_id"
+        " FROM quarantine q JOIN objects o USING (object_id) WHERE q.quarantine_id = ?",
+        [qid],
+    )
+    if rows.empty:
+        raise LookupError(f"no quarantined file {qid}")
+    row = rows.iloc[0]
+    store = Vault(home.quarantine, home.keystore)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with store.open(str(row["name"])) as src, out.open("wb") as dst:
+        while chunk := src.read(1024 * 1024):
+            dst.write(chunk)
+    name = open_fields(
+        home.keystore.unwrap(str(row["record_key_id"])), qid, bytes(row["source_name_enc"])
+    )["name"]
+    return {"quarantine_id": qid, "source_name": name, "out": str(out)}

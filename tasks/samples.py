@@ -1,0 +1,154 @@
+"""Synthetic DICOM built from the samples pydicom ships, for the demo, tests and benchmarks.
+
+Patient identity and UIDs are rewritten, so every file is a new instance of a
+made-up patient. Also here: the bad files a demo drop carries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from dataclasses import dataclass
+from functools import cache
+
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from storage.locations import Location
+
+# Uncompressed, single-frame samples that carry pixel data (all in pydicom's wheel).
+IMAGE_SAMPLES = ("CT_small.dcm", "MR_small.dcm", "SC_rgb_small_odd.dcm", "rtdose_1frame.dcm")
+FIRST = ("ADA", "BEN", "CLEO", "DAN", "EVA", "FINN", "GIA", "HUGO", "IRIS", "JON", "KAI", "LEA")
+LAST = ("SMITH", "NGUYEN", "GARCIA", "MÜLLER", "ROSSI", "KOWALSKI", "TANAKA", "OKAFOR")
+
+
+@cache
+def _sample_bytes(name: str) -> bytes:
+    path = get_testdata_file(name)
+    if path is None:
+        raise FileNotFoundError(f"pydicom sample {name} is not bundled")
+    with open(path, "rb") as fh:  # noqa: PTH123 - path is a str from pydicom
+        return fh.read()
+
+
+def sample_dataset(name: str) -> Dataset:
+    return pydicom.dcmread(io.BytesIO(_sample_bytes(name)))
+
+
+@dataclass(frozen=True)
+class Patient:
+    patient_id: str
+    name: str
+    birth_date: str
+
+
+def make_patient(rng: random.Random, index: int) -> Patient:
+    return Patient(
+        patient_id=f"MRN{rng.randrange(10**7, 10**8)}",
+        name=f"{rng.choice(LAST)}^{rng.choice(FIRST)}^{index}",
+        birth_date=f"{rng.randrange(1930, 2020)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}",
+    )
+
+
+def make_instance(
+    patient: Patient,
+    study_uid: str,
+    series_uid: str,
+    sample: str = "CT_small.dcm",
+    sop_uid: str | None = None,
+) -> bytes:
+    """One DICOM file: ``sample`` with the patient and UIDs replaced."""
+    ds = sample_dataset(sample)
+    ds.PatientID = patient.patient_id
+    ds.PatientName = patient.name
+    ds.PatientBirthDate = patient.birth_date
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, for the names with umlauts
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def make_study(
+    rng: random.Random, patient: Patient, instances: int, sample: str | None = None
+) -> tuple[str, dict[str, bytes]]:
+    """A study of ``instances`` files in one series: ``(study_uid, {name: bytes})``."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    sample = sample or rng.choice(IMAGE_SAMPLES)
+    files = {
+        f"{series_uid[-8:]}/{i:04d}.dcm": make_instance(patient, study_uid, series_uid, sample)
+        for i in range(instances)
+    }
+    return study_uid, files
+
+
+# -- bad files --------------------------------------------------------------
+
+
+def not_dicom() -> bytes:
+    return b"Patient report\nthis is a text file, not DICOM\n"
+
+
+def truncated(data: bytes, keep: float = 0.6) -> bytes:
+    """Cut a file inside its pixel data."""
+    return data[: int(len(data) * keep)]
+
+
+def without(data: bytes, keyword: str) -> bytes:
+    """The same file with one element (e.g. ``SOPInstanceUID``) removed."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    delattr(ds, keyword)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+    return out.getvalue()
+
+
+def with_uid(data: bytes, sop_uid: str, tweak: bytes = b"") -> bytes:
+    """The same file under another SOP Instance UID, optionally with other content."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    if tweak:
+        ds.ImageComments = tweak.decode()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+# -- drops ------------------------------------------------------------------
+
+
+def write_drop(
+    drops: Location,
+    facility_id: str,
+    drop_id: str,
+    files: dict[str, bytes],
+    *,
+    manifest: bool = True,
+    owners: dict[str, str] | None = None,
+    listed: dict[str, bytes] | None = None,
+) -> None:
+    """Write a drop the way a facility would: files first, then ``manifest.json``.
+
+    ``listed`` overrides what the manifest says about the files (for bad-manifest tests).
+    """
+    for name, data in files.items():
+        drops.put_bytes(f"{facility_id}/{drop_id}/{name}", data)
+    if not manifest:
+        return
+    described = listed if listed is not None else files
+    doc = {
+        "files": [
+            {"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in described.items()
+        ],
+        "owners": owners or {},
+    }
+    drops.put_bytes(f"{facility_id}/{drop_id}/manifest.json", json.dumps(doc).encode())
