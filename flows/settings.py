@@ -174,3 +174,16 @@ class Settings(BaseSettings):
             region=self.region,
             **locations,
         )
+
+
+def quiet_prefect_defaults() -> None:
+    """Defaults for running flows from the CLI with no server: no telemetry, quiet logs.
+
+    Only sets what the user has not set.
+    """
+    import os
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")

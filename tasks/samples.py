@@ -110,6 +110,10 @@ def without(data: bytes, keyword: str) -> bytes:
     return out.getvalue()
 
 
+def sop_uid(data: bytes) -> str:
+    return str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+
+
 def with_uid(data: bytes, sop_uid: str, tweak: bytes = b"") -> bytes:
     """The same file under another SOP Instance UID, optionally with other content."""
     ds = pydicom.dcmread(io.BytesIO(data))

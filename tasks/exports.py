@@ -1,0 +1,62 @@
+"""Export: decrypt one cataloged image back to a file, byte-identical to what was dropped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from storage.home import Home
+from storage.keystore import KeyDestroyedError
+from storage.locations import Location
+from storage.vault import IntegrityError, Vault
+
+
+class ExportError(RuntimeError):
+    """The image cannot be exported (unknown, deleted, or failed its integrity check)."""
+
+
+def export_instance(home: Home, sop_instance_uid: str, out: Path, actor: str = "cli") -> dict[str, Any]:
+    """Decrypt an instance to ``out`` (via a temporary file), check its SHA-256, audit it."""
+    rows = home.catalog.query(
+        "SELECT i.sha256, i.size_bytes, o.location_url, o.name FROM instances i"
+        " JOIN objects o USING (object_id) WHERE i.sop_instance_uid = ?",
+        [sop_instance_uid],
+    )
+    if rows.empty:
+        raise ExportError("no cataloged instance with that SOP Instance UID")
+    row = rows.iloc[0]
+    location = home.vault if row["location_url"] == home.vault.url else Location(str(row["location_url"]))
+    vault = Vault(location, home.keystore)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.part")
+    digest = hashlib.sha256()
+    try:
+        with vault.open(str(row["name"])) as src, tmp.open("wb") as dst:
+            while chunk := src.read(1024 * 1024):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != row["sha256"]:
+            raise ExportError("decrypted image does not match its catalog checksum")
+        tmp.replace(out)
+    except KeyDestroyedError as exc:
+        raise ExportError("the image's key was destroyed (the study was deleted)") from exc
+    except IntegrityError as exc:
+        raise ExportError(f"vault object failed its integrity check: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    now = datetime.now(UTC)
+
+    def audit(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(
+            "INSERT INTO audit_log VALUES (?, ?, ?, 'export', ?, ?)",
+            [uuid.uuid4().hex, now, actor, sop_instance_uid, json.dumps({"bytes": int(row["size_bytes"])})],
+        )
+
+    home.catalog.write(audit)
+    return {"sop_instance_uid": sop_instance_uid, "bytes": int(row["size_bytes"]), "out": str(out)}

@@ -1,0 +1,115 @@
+"""Shared fixtures: one Prefect test harness, moto's S3 server, and a fresh home per test.
+
+The ``home`` fixture runs each test that uses it against ``file://``,
+``memory://`` and ``s3://`` (s3fs against moto's server on 127.0.0.1). The
+catalog and the keystore are always local files: DuckDB needs a local file,
+and keys never go to the object store.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import s3fs
+from prefect.testing.utilities import prefect_test_harness
+
+from storage.catalog import Catalog
+from storage.home import LOCATIONS, Home
+from storage.keystore import Keystore, load_or_create_secret
+from storage.locations import Location
+
+BUCKET = "dropvault-test"
+VERSIONED_BUCKET = "dropvault-versioned"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_harness() -> Iterator[None]:
+    """One Prefect API for the whole session (starting one costs ~7 s)."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ["AWS_ACCESS_KEY_ID"] = "foo"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "foo"
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    client.create_bucket(Bucket=VERSIONED_BUCKET)
+    client.put_bucket_versioning(
+        Bucket=VERSIONED_BUCKET, VersioningConfiguration={"Status": "Enabled"}
+    )
+    yield endpoint
+    server.stop()
+
+
+def s3_filesystem(endpoint: str) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(
+        endpoint_url=endpoint,
+        key="foo",
+        secret="foo",
+        use_listings_cache=False,
+        skip_instance_cache=True,
+    )
+
+
+def make_home(kind: str, tmp_path: Path, endpoint: str | None = None, bucket: str = BUCKET) -> Home:
+    """A home whose locations live on ``kind`` (file, memory or s3)."""
+    if kind == "file":
+        return Home.local(tmp_path / "home")
+    prefix = uuid.uuid4().hex[:12]
+    locations: dict[str, Location] = {}
+    if kind == "memory":
+        for name in LOCATIONS:
+            locations[name] = Location(f"memory://{prefix}/{name}")
+    elif kind == "s3":
+        assert endpoint is not None
+        fs = s3_filesystem(endpoint)
+        for name in LOCATIONS:
+            locations[name] = Location(f"s3://{bucket}/{prefix}/{name}", fs=fs)
+    else:
+        raise ValueError(kind)
+    keys = tmp_path / "keys"
+    return Home(
+        catalog=Catalog(tmp_path / "catalog.duckdb"),
+        keystore=Keystore.local(keys),
+        pepper=load_or_create_secret(keys / "pepper.key"),
+        region="test-region" if kind == "s3" else "local",
+        **locations,
+    )
+
+
+@pytest.fixture(
+    params=[
+        "file",
+        "memory",
+        pytest.param("s3", marks=pytest.mark.integration),
+    ]
+)
+def home(request: pytest.FixtureRequest, tmp_path: Path) -> Home:
+    endpoint = request.getfixturevalue("moto_endpoint") if request.param == "s3" else None
+    return make_home(request.param, tmp_path, endpoint)
+
+
+@pytest.fixture
+def local_home(tmp_path: Path) -> Home:
+    return make_home("file", tmp_path)
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(1234)

@@ -1,0 +1,242 @@
+"""The ingest suite, run against file://, memory:// and s3:// (moto) through the ``home`` fixture."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+import flows.ingest as flows_ingest
+from flows.ingest import ingest_drops, reconcile_vault
+from flows.settings import Settings
+from storage.home import Home
+from tasks import ingest as ingest_mod
+from tasks import samples
+from tasks.exports import ExportError, export_instance
+from tasks.quarantine import quarantine_export
+
+
+def run(home: Home, **overrides: object) -> ingest_mod.IngestStats:
+    settings = Settings.load(quiet_seconds=0, **overrides)
+    return ingest_drops(home=home, settings=settings, orphan_grace_seconds=0)
+
+
+def one(home: Home, sql: str, params: list[object] | None = None) -> object:
+    return home.catalog.query(sql, params).iloc[0, 0]
+
+
+def study_drop(rng: random.Random, n: int = 3, sample: str = "CT_small.dcm") -> tuple[str, dict[str, bytes]]:
+    return samples.make_study(rng, samples.make_patient(rng, rng.randrange(1000)), n, sample)
+
+
+def test_ingest_catalogs_encrypts_and_cleans_up(home: Home, rng: random.Random) -> None:
+    study_uid, files = study_drop(rng, 3)
+    samples.write_drop(home.drops, "fac-a", "d1", files, owners={study_uid: "user:alice"})
+    stats = run(home)
+    assert (stats.ingested, stats.duplicates, sum(stats.quarantined.values())) == (3, 0, 0)
+    assert one(home, "SELECT count(*) FROM instances WHERE study_uid = ?", [study_uid]) == 3
+    assert one(home, "SELECT owner FROM studies WHERE study_uid = ?", [study_uid]) == "user:alice"
+    assert one(home, "SELECT status FROM drops WHERE drop_id = 'd1'") == "done"
+    # Every instance has an object, recorded with where it lives (P8).
+    assert one(
+        home,
+        "SELECT count(*) FROM instances i JOIN objects o USING (object_id)"
+        " WHERE o.location_url = ? AND o.kind = 'instance'",
+        [home.vault.url],
+    ) == 3
+    assert home.drops.list() == []  # sources removed, manifest too
+    # Stored bytes are encrypted: no DICM magic, no pixel bytes.
+    for entry in home.vault.list():
+        data = home.vault.read_bytes(entry.name)
+        assert data.startswith(b"DVLT") and b"DICM" not in data
+
+
+def test_owner_defaults_to_patient_pseudonym(home: Home, rng: random.Random) -> None:
+    study_uid, files = study_drop(rng, 1)
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    run(home)
+    owner, pkey = home.catalog.query(
+        "SELECT owner, patient_key FROM studies WHERE study_uid = ?", [study_uid]
+    ).iloc[0]
+    assert owner == f"patient:{pkey}" and pkey.startswith("pk_")
+
+
+def test_export_is_byte_identical_and_audited(home: Home, rng: random.Random, tmp_path: Path) -> None:
+    _, files = study_drop(rng, 2)
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    run(home)
+    for data in files.values():
+        uid = samples.sop_uid(data)
+        out = tmp_path / "out.dcm"
+        export_instance(home, uid, out)
+        assert out.read_bytes() == data
+        assert one(home, "SELECT count(*) FROM audit_log WHERE action = 'export' AND subject = ?", [uid]) == 1
+    with pytest.raises(ExportError, match="no cataloged instance"):
+        export_instance(home, "1.2.3.4", tmp_path / "x.dcm")
+
+
+def test_duplicate_is_counted_and_removed(home: Home, rng: random.Random) -> None:
+    _, files = study_drop(rng, 2)
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    run(home)
+    samples.write_drop(home.drops, "fac-b", "d2", files)  # same files again, another facility
+    stats = run(home)
+    assert stats.duplicates == 2 and stats.ingested == 0
+    assert one(home, "SELECT count(*) FROM instances") == 2
+    assert home.drops.list() == []
+
+
+def test_duplicate_within_one_drop(home: Home, rng: random.Random) -> None:
+    _, files = study_drop(rng, 1)
+    data = next(iter(files.values()))
+    samples.write_drop(home.drops, "fac-a", "d1", {"a.dcm": data, "copy/a.dcm": data})
+    stats = run(home)
+    assert (stats.ingested, stats.duplicates) == (1, 1)
+
+
+def test_conflict_is_quarantined_with_bytes(home: Home, rng: random.Random, tmp_path: Path) -> None:
+    _, files = study_drop(rng, 1)
+    data = next(iter(files.values()))
+    samples.write_drop(home.drops, "fac-a", "d1", {"a.dcm": data})
+    run(home)
+    other = samples.with_uid(data, samples.sop_uid(data), tweak=b"other content")
+    samples.write_drop(home.drops, "fac-a", "d2", {"b.dcm": other})
+    stats = run(home)
+    assert stats.quarantined == {"uid_conflict": 1}
+    qid = one(home, "SELECT quarantine_id FROM quarantine WHERE reason = 'uid_conflict'")
+    out = tmp_path / "q.dcm"
+    result = quarantine_export(home, str(qid), out)
+    assert out.read_bytes() == other
+    assert result["source_name"] == "fac-a/d2/b.dcm"
+
+
+def _bad_files(rng: random.Random) -> dict[str, tuple[str, bytes]]:
+    _, files = study_drop(rng, 1)
+    good = next(iter(files.values()))
+    return {
+        "not_dicom": ("notes.txt", samples.not_dicom()),
+        "truncated": ("cut.dcm", samples.truncated(good)),
+        "missing_uid": ("nouid.dcm", samples.without(good, "StudyInstanceUID")),
+        "unsafe_name": ("evil\\..\\name.dcm", good),
+        "too_large": ("big.dcm", samples.with_uid(good, "1.2.826.0.1.3680043.8.498.1")),
+    }
+
+
+@pytest.mark.parametrize("reason", ["not_dicom", "truncated", "missing_uid", "unsafe_name", "too_large"])
+def test_each_bad_file_is_quarantined_with_reason(
+    home: Home, rng: random.Random, reason: str, tmp_path: Path
+) -> None:
+    name, bad = _bad_files(rng)[reason]
+    _, good_files = study_drop(rng, 2, "MR_small.dcm")  # ~10 kB each; the bad ones are CT (~39 kB)
+    if reason == "unsafe_name":
+        # A facility's client can create such a key; our own writers refuse to.
+        samples.write_drop(home.drops, "fac-a", "d1", good_files, manifest=False)
+        home.drops.fs.pipe_file(f"{home.drops.root}/fac-a/d1/{name}", bad)
+    else:
+        good_files[name] = bad
+        samples.write_drop(home.drops, "fac-a", "d1", good_files)
+    limit = {"max_file_bytes": 20_000} if reason == "too_large" else {}
+    stats = run(home, **limit)
+    assert stats.quarantined == {reason: 1}
+    assert stats.ingested == 2  # the good files of the same drop still commit
+    row = home.catalog.query("SELECT * FROM quarantine").iloc[0]
+    assert row["reason"] == reason and row["sha256"] == hashlib.sha256(bad).hexdigest()
+    # The bytes are kept, encrypted, beside a PHI-free reason file.
+    names = [e.name for e in home.quarantine.list()]
+    assert any(n.endswith(".dvlt") for n in names) and any(n.endswith(".json") for n in names)
+    for n in names:
+        assert bad not in home.quarantine.read_bytes(n)
+    out = tmp_path / "q.bin"
+    quarantine_export(home, str(row["quarantine_id"]), out)
+    assert out.read_bytes() == bad
+    assert home.drops.list() == []
+
+
+def test_checksum_mismatch(home: Home, rng: random.Random) -> None:
+    _, files = study_drop(rng, 2)
+    name, data = next(iter(files.items()))
+    listed = dict(files)
+    listed[name] = data[:-1] + bytes([data[-1] ^ 1])  # same size, other bytes
+    samples.write_drop(home.drops, "fac-a", "d1", files, listed=listed)
+    stats = run(home)
+    assert stats.quarantined == {"checksum_mismatch": 1} and stats.ingested == 1
+
+
+def test_incomplete_manifest_waits_then_quarantines(home: Home, rng: random.Random) -> None:
+    _, files = study_drop(rng, 2)
+    name = next(iter(files))
+    present = {k: v for k, v in files.items() if k != name}
+    samples.write_drop(home.drops, "fac-a", "d1", present, listed=files)
+    stats = run(home)
+    assert stats.drops_waiting == 1 and stats.files_seen == 0
+    assert len(home.drops.list()) == 2  # file and manifest untouched
+    stats = run(home, incomplete_seconds=0.001)
+    assert stats.quarantined == {"incomplete_drop": 1}
+    assert one(home, "SELECT status FROM drops WHERE drop_id = 'd1'") == "incomplete"
+    assert home.drops.list() == []
+
+
+def test_drop_without_manifest_waits_for_quiet(home: Home, rng: random.Random) -> None:
+    _, files = study_drop(rng, 2)
+    samples.write_drop(home.drops, "fac-a", "d1", files, manifest=False)
+    stats = ingest_drops(home=home, settings=Settings.load(quiet_seconds=3600))
+    assert stats.drops_waiting == 1 and stats.ingested == 0
+    assert run(home).ingested == 2
+
+
+@pytest.mark.parametrize("point", ["after_parse", "mid_encrypt", "after_vault_write", "mid_commit", "after_commit"])
+def test_crash_then_rerun_loses_nothing(
+    home: Home, rng: random.Random, point: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, files = study_drop(rng, 3)
+    files["bad.txt"] = samples.not_dicom()
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+
+    def boom() -> None:
+        raise RuntimeError(f"injected crash at {point}")
+
+    monkeypatch.setitem(ingest_mod.FAULTS, point, boom)
+    # A crash is not an I/O error: no retries, so the test sees the interrupted state.
+    monkeypatch.setattr(
+        flows_ingest, "ingest_batch_task", ingest_mod.ingest_batch_task.with_options(retries=0)
+    )
+    with pytest.raises(RuntimeError, match="injected crash"):
+        ingest_drops(home=home, settings=Settings.load(quiet_seconds=0), orphan_grace_seconds=3600)
+    monkeypatch.delitem(ingest_mod.FAULTS, point)
+    run(home)
+    cataloged = home.catalog.query("SELECT sop_instance_uid FROM instances")["sop_instance_uid"]
+    assert sorted(cataloged) == sorted(samples.sop_uid(d) for n, d in files.items() if n != "bad.txt")
+    assert one(home, "SELECT count(*) FROM quarantine") == 1
+    # No orphan: every vault object has exactly one row, every row an object.
+    stored = sorted(e.name for e in home.vault.list())
+    rows = sorted(home.catalog.query("SELECT name FROM objects WHERE kind = 'instance'")["name"])
+    assert stored == rows
+    assert home.drops.list() == []
+
+
+def test_reconcile_removes_orphans_only(home: Home, rng: random.Random) -> None:
+    _, files = study_drop(rng, 2)
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    run(home)
+    home.vault.put_bytes("ab/orphan.dvlt", b"DVLT leftover")
+    stats = reconcile_vault(home=home, min_age_seconds=0)
+    assert stats.vault_orphans_removed == 1 and stats.vault_checked == 3
+    assert len(home.vault.list()) == 2
+
+
+def test_no_phi_in_vault_or_catalog(home: Home, rng: random.Random) -> None:
+    patient = samples.make_patient(rng, 42)
+    study_uid, files = samples.make_study(rng, patient, 3, "MR_small.dcm")
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    bad = samples.truncated(next(iter(files.values())))
+    samples.write_drop(home.drops, "fac-a", "d2", {"cut.dcm": bad})
+    run(home)
+    needles = [patient.patient_id.encode(), patient.name.encode(), patient.name.split("^")[0].encode()]
+    home.catalog.checkpoint()
+    blobs = [home.catalog.path.read_bytes()]
+    blobs += [loc.read_bytes(e.name) for loc in (home.vault, home.quarantine) for e in loc.list()]
+    for blob in blobs:
+        for needle in needles:
+            assert needle not in blob
