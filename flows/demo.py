@@ -90,7 +90,15 @@ def run_demo(settings: Settings | None = None) -> DemoSummary:
     stats = ingest_drops(home=home, settings=settings)
     reader = home.catalog.read_only()
     tables = {}
-    for table in ("facilities", "drops", "studies", "instances", "objects", "quarantine", "audit_log"):
+    for table in (
+        "facilities",
+        "drops",
+        "studies",
+        "instances",
+        "objects",
+        "quarantine",
+        "audit_log",
+    ):
         tables[table] = int(reader.sql(f"SELECT count(*) AS n FROM {table}")["n"].iloc[0])  # noqa: S608
     by_reason: pd.DataFrame = reader.sql("SELECT reason, count(*) AS n FROM quarantine GROUP BY 1")
     return DemoSummary(

@@ -50,11 +50,7 @@ def ingest_drops(
             continue
         stats = IngestStats()
         for files in batches(drop.files, settings.batch_files, settings.batch_bytes):
-            stats.add(
-                ingest_batch_task(
-                    home, drop, files, max_file_bytes=settings.max_file_bytes
-                )
-            )
+            stats.add(ingest_batch_task(home, drop, files, max_file_bytes=settings.max_file_bytes))
         finished = finish_drop_task(home, drop)
         record_drop_task(home, drop, stats, finished, datetime.now(UTC))
         stats.drops_done = int(finished)

@@ -41,10 +41,10 @@ class Home:
             (root / name).mkdir(parents=True, exist_ok=True)
             locations[name] = Location((root / name).as_uri())
         return cls(
+            **locations,  # type: ignore[arg-type]
             catalog=Catalog(root / "catalog.duckdb"),
             keystore=Keystore.local(keys),
             pepper=load_or_create_secret(keys / "pepper.key"),
-            **locations,
         )
 
     def vault_store(self) -> Vault:

@@ -18,7 +18,7 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,10 +60,8 @@ def load_or_create_secret(path: Path, size: int = KEY_BYTES) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        try:
+        with suppress(FileExistsError):  # another process created it first
             write_secret_file(path, secrets.token_bytes(size))
-        except FileExistsError:
-            pass  # another process created it first
         data = path.read_bytes()
     if len(data) != size:
         raise ValueError(f"key file {path.name} must hold exactly {size} bytes")

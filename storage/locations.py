@@ -11,6 +11,7 @@ S3 itself makes visible only when whole.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import posixpath
 import uuid
@@ -184,7 +185,7 @@ class Location:
     def _invalidate(self, path: str | None = None) -> None:
         self.fs.invalidate_cache(path or self.root)
 
-    def list(self, prefix: str = "") -> list[Entry]:
+    def list(self, prefix: str = "") -> builtins.list[Entry]:
         """Every object below ``prefix`` (recursive), with size and mtime. Never cached."""
         base = f"{self.root}/{safe_relpath(prefix)}" if prefix else self.root
         self._invalidate(base)
@@ -200,7 +201,7 @@ class Location:
             )
         return entries
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Immediate child directory names below ``prefix``."""
         base = f"{self.root}/{safe_relpath(prefix)}" if prefix else self.root
         self._invalidate(base)
@@ -221,7 +222,7 @@ class Location:
         return int(self.fs.info(self.path(name))["size"])
 
     def open(self, name: str, mode: str = "rb", *, unchecked: bool = False) -> IO[bytes]:
-        """Streaming read. ``unchecked`` takes a listed raw name as is (quarantine of unsafe names)."""
+        """Streaming read. ``unchecked`` takes a listed raw name as is (for unsafe names)."""
         path = f"{self.root}/{name}" if unchecked else self.path(name)
         handle: IO[bytes] = self.fs.open(path, mode)
         return handle
@@ -236,8 +237,15 @@ class Location:
         final = self.path(name)
         if self.protocol in ("s3", "s3a"):
             # One PUT or a completed multipart upload: S3 publishes it whole or not at all.
-            with self.fs.open(final, "wb") as fh:
-                yield fh
+            handle: Any = self.fs.open(final, "wb")
+            try:
+                yield handle
+            except BaseException:
+                # Closing would PUT the partial buffer: abort the upload instead.
+                handle.discard()
+                handle.closed = True
+                raise
+            handle.close()
             return
         parent = posixpath.dirname(final)
         self.fs.makedirs(parent, exist_ok=True)
@@ -294,7 +302,7 @@ class Location:
             removed = 1
         return removed
 
-    def versions(self, name: str, *, unchecked: bool = False) -> list[str]:
+    def versions(self, name: str, *, unchecked: bool = False) -> builtins.list[str]:
         """Every version id (and delete marker) of an object on a versioned bucket."""
         path = f"{self.root}/{name}" if unchecked else self.path(name)
         bucket, key = path.split("/", 1)

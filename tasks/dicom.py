@@ -99,34 +99,64 @@ def _expected_native_length(ds: Any) -> int | None:
     return (total_bits + 7) // 8
 
 
+LONG_VRS = (
+    b"OB",
+    b"OW",
+    b"OF",
+    b"OD",
+    b"OL",
+    b"UN",
+    b"SQ",
+    b"UT",
+    b"OV",
+    b"UC",
+    b"UR",
+    b"SV",
+    b"UV",
+)
+
+
+def _element_header(fp: IO[bytes], start: int, endian: str, explicit: bool) -> tuple[int, int, int]:
+    """``(tag, value length, value start)`` of the element at ``start``."""
+    fp.seek(start)
+    head = fp.read(12)
+    if len(head) < 8:
+        raise DicomRejected("truncated", "element header cut short")
+    group, elem = struct.unpack(endian + "HH", head[:4])
+    tag = (group << 16) | elem
+    if explicit and group != 0xFFFE:
+        if head[4:6] in LONG_VRS:
+            if len(head) < 12:
+                raise DicomRejected("truncated", "element header cut short")
+            return tag, struct.unpack(endian + "I", head[8:12])[0], start + 12
+        return tag, struct.unpack(endian + "H", head[6:8])[0], start + 8
+    return tag, struct.unpack(endian + "I", head[4:8])[0], start + 8
+
+
+def _check_trailing(fp: IO[bytes], pos: int, size: int, endian: str, explicit: bool) -> None:
+    """Elements after the pixel data (padding, private tags) must also end inside the file."""
+    while pos < size:
+        _tag, length, value_start = _element_header(fp, pos, endian, explicit)
+        if length == UNDEFINED:
+            return  # a sequence after the pixels: accepted without a deeper walk
+        pos = value_start + length
+        if pos > size:
+            raise DicomRejected("truncated", "an element after the pixel data is cut short")
+
+
 def _check_pixel_element(fp: IO[bytes], start: int, size: int, ds: Any, tsyntax: str) -> None:
     """Check the pixel element at ``start`` lies whole inside the file; seeks, never loads."""
     little = tsyntax != "1.2.840.10008.1.2.2"
     explicit = tsyntax != "1.2.840.10008.1.2"
     endian = "<" if little else ">"
-    fp.seek(start)
-    head = fp.read(12)
-    if len(head) < 8:
-        raise DicomRejected("truncated", "pixel data element header cut short")
-    if explicit:
-        vr = head[4:6]
-        if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN", b"SQ", b"UT", b"OV"):
-            if len(head) < 12:
-                raise DicomRejected("truncated", "pixel data element header cut short")
-            (length,) = struct.unpack(endian + "I", head[8:12])
-            value_start = start + 12
-        else:
-            (length,) = struct.unpack(endian + "H", head[6:8])
-            value_start = start + 8
-    else:
-        (length,) = struct.unpack(endian + "I", head[4:8])
-        value_start = start + 8
+    _tag, length, value_start = _element_header(fp, start, endian, explicit)
     if length != UNDEFINED:
         if value_start + length > size:
             raise DicomRejected("truncated", "pixel data runs past the end of the file")
         expected = _expected_native_length(ds) if tsyntax in NATIVE else None
         if expected is not None and length < expected:
             raise DicomRejected("truncated", "pixel data shorter than rows x columns x frames")
+        _check_trailing(fp, value_start + length, size, endian, explicit)
         return
     # Encapsulated: walk the items (basic offset table, then fragments) to the delimiter.
     pos = value_start
@@ -138,6 +168,7 @@ def _check_pixel_element(fp: IO[bytes], start: int, size: int, ds: Any, tsyntax:
         group, elem, item_len = struct.unpack(endian + "HHI", item)
         tag = (group << 16) | elem
         if tag == SEQ_DELIM:
+            _check_trailing(fp, pos + 8, size, endian, explicit)
             return
         if tag != ITEM or item_len == UNDEFINED:
             raise DicomRejected("not_dicom", "encapsulated pixel data has a bad item")
@@ -146,16 +177,26 @@ def _check_pixel_element(fp: IO[bytes], start: int, size: int, ds: Any, tsyntax:
             raise DicomRejected("truncated", "pixel data fragment runs past the end of the file")
 
 
+def _is_image_class(ds: Any) -> bool:
+    """Image storage SOP classes must carry pixel data; a clean cut before it is truncation."""
+    sop_class = _text(ds, "SOPClassUID")
+    return bool(sop_class) and "Image Storage" in UID(sop_class).name
+
+
 def read_header(fp: IO[bytes], size: int) -> DicomHeader:
     """Parse and validate one file's header from a seekable stream of ``size`` bytes."""
     if size == 0:
         raise DicomRejected("not_dicom", "empty file")
+    head = fp.read(132)
+    fp.seek(0)
+    # A DICM preamble with nothing usable after it is a cut file, not a foreign one.
+    cut_reason = "truncated" if head[128:132] == b"DICM" else "not_dicom"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except InvalidDicomError as exc:
-        raise DicomRejected("not_dicom", "no DICM prefix or file meta") from exc
+        raise DicomRejected(cut_reason, "no DICM prefix or file meta") from exc
     except (EOFError, struct.error) as exc:
         raise DicomRejected("truncated", "header ends inside an element") from exc
     except Exception as exc:  # noqa: BLE001 - any other parser failure is malformed input
@@ -164,9 +205,10 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not tsyntax:
-        raise DicomRejected("not_dicom", "file meta has no transfer syntax")
+        reason = cut_reason if fp.tell() >= size else "not_dicom"
+        raise DicomRejected(reason, "file meta has no transfer syntax")
     if tsyntax != DEFLATED:
-        for tag in ds.keys():
+        for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts every element
             elem = ds.get_item(tag)
             if (
                 isinstance(elem, RawDataElement)
@@ -174,10 +216,15 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
                 and elem.value_tell + elem.length > size
             ):
                 raise DicomRejected("truncated", "a header element runs past the end of the file")
-    ended_early = pixel_start >= size and (len(ds) == 0 or _int(ds, "Rows") is not None)
+    ended_early = pixel_start >= size and (
+        len(ds) == 0
+        or _int(ds, "Rows") is not None
+        or _is_image_class(ds)
+        or not _text(ds, "SOPClassUID")
+    )
     uids: dict[str, str] = {}
-    for keyword, tag in REQUIRED_UIDS.items():
-        value = _text(ds, keyword) if ds.get_item(tag) is not None else ""
+    for keyword, uid_tag in REQUIRED_UIDS.items():
+        value = _text(ds, keyword) if ds.get_item(uid_tag) is not None else ""
         if not value:
             # A UID missing because the file stops before it is truncation, not a bad header.
             raise DicomRejected("truncated" if ended_early else "missing_uid", f"no {keyword}")
@@ -187,8 +234,8 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
     has_pixels = pixel_start < size and tsyntax != DEFLATED
     if has_pixels:
         _check_pixel_element(fp, pixel_start, size, ds, tsyntax)
-    elif _int(ds, "Rows") and tsyntax != DEFLATED:
-        raise DicomRejected("truncated", "image header without pixel data")
+    elif tsyntax != DEFLATED and (_int(ds, "Rows") or _is_image_class(ds)):
+        raise DicomRejected("truncated", "image without pixel data")
     return DicomHeader(
         sop_instance_uid=uids["SOPInstanceUID"],
         study_uid=uids["StudyInstanceUID"],

@@ -123,24 +123,26 @@ def scan_drops(
             files = [DropFile(e.name, e.size, e.mtime, None, _is_safe(e.name)) for e in others]
             state = "incomplete" if overdue else "waiting"
             why = f"manifest is malformed ({type(exc).__name__})"
-            found.append(Drop(facility_id, drop_id, files, True, state, why, {}, manifest_entry.name))
+            found.append(
+                Drop(facility_id, drop_id, files, True, state, why, {}, manifest_entry.name)
+            )
             continue
         present = {e.name[len(prefix) :]: e for e in others}
         files = []
         missing = 0
         for rel, (size, _sha) in listed.items():
-            entry = present.get(rel)
-            if entry is None or entry.size != size:
+            got = present.get(rel)
+            if got is None or got.size != size:
                 missing += 1
-        for rel, entry in present.items():
+        for rel, item in present.items():
             expected = listed.get(rel)
             files.append(
                 DropFile(
-                    entry.name,
-                    entry.size,
-                    entry.mtime,
+                    item.name,
+                    item.size,
+                    item.mtime,
                     expected[1] if expected else None,
-                    _is_safe(entry.name),
+                    _is_safe(item.name),
                 )
             )
         unlisted_busy = any(
@@ -158,5 +160,5 @@ def scan_drops(
 
 
 scan_drops_task = task(
-    scan_drops, name="scan-drops", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
-)
+    name="scan-drops", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(scan_drops)

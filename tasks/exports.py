@@ -21,7 +21,9 @@ class ExportError(RuntimeError):
     """The image cannot be exported (unknown, deleted, or failed its integrity check)."""
 
 
-def export_instance(home: Home, sop_instance_uid: str, out: Path, actor: str = "cli") -> dict[str, Any]:
+def export_instance(
+    home: Home, sop_instance_uid: str, out: Path, actor: str = "cli"
+) -> dict[str, Any]:
     """Decrypt an instance to ``out`` (via a temporary file), check its SHA-256, audit it."""
     rows = home.catalog.query(
         "SELECT i.sha256, i.size_bytes, o.location_url, o.name FROM instances i"
@@ -31,7 +33,9 @@ def export_instance(home: Home, sop_instance_uid: str, out: Path, actor: str = "
     if rows.empty:
         raise ExportError("no cataloged instance with that SOP Instance UID")
     row = rows.iloc[0]
-    location = home.vault if row["location_url"] == home.vault.url else Location(str(row["location_url"]))
+    location = (
+        home.vault if row["location_url"] == home.vault.url else Location(str(row["location_url"]))
+    )
     vault = Vault(location, home.keystore)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.part")
@@ -55,7 +59,13 @@ def export_instance(home: Home, sop_instance_uid: str, out: Path, actor: str = "
     def audit(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(
             "INSERT INTO audit_log VALUES (?, ?, ?, 'export', ?, ?)",
-            [uuid.uuid4().hex, now, actor, sop_instance_uid, json.dumps({"bytes": int(row["size_bytes"])})],
+            [
+                uuid.uuid4().hex,
+                now,
+                actor,
+                sop_instance_uid,
+                json.dumps({"bytes": int(row["size_bytes"])}),
+            ],
         )
 
     home.catalog.write(audit)

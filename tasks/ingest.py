@@ -85,7 +85,9 @@ class IngestStats:
             for k, v in self.as_dict().items()
             if k != "quarantined_by_reason"
         ]
-        rows += [{"metric": f"quarantined:{r}", "value": n} for r, n in sorted(self.quarantined.items())]
+        rows += [
+            {"metric": f"quarantined:{r}", "value": n} for r, n in sorted(self.quarantined.items())
+        ]
         return rows
 
     def _repr_html_(self) -> str:
@@ -134,7 +136,9 @@ class _Batch:
             return io.BytesIO(item.data)
         return self.home.drops.open(item.file.name, unchecked=True)
 
-    def quarantine(self, item: _Read, reason: str, detail: str, study_uid: str | None = None) -> None:
+    def quarantine(
+        self, item: _Read, reason: str, detail: str, study_uid: str | None = None
+    ) -> None:
         qid = quarantine_id(
             self.home.pepper, self.drop.facility_id, self.drop.drop_id, item.file.name, item.sha256
         )
@@ -169,9 +173,9 @@ class _Batch:
             return _Read(f, _hash_stream(src), None)
 
 
-def _existing(home: Home, uids: list[str], studies: list[str], qids: list[str]) -> tuple[
-    dict[str, str], dict[str, str], set[str]
-]:
+def _existing(
+    home: Home, uids: list[str], studies: list[str], qids: list[str]
+) -> tuple[dict[str, str], dict[str, str], set[str]]:
     """Catalog look-ups for a batch: instance sha by UID, record key by study, known quarantine."""
     cat = home.catalog
     if not uids and not studies and not qids:
@@ -258,7 +262,9 @@ def ingest_batch(
             batch.to_remove.append(item.file.name)
         else:
             batch.quarantine(
-                item, "uid_conflict", "SOP Instance UID known with other content",
+                item,
+                "uid_conflict",
+                "SOP Instance UID known with other content",
                 item.header.study_uid,
             )
 
@@ -455,11 +461,11 @@ def finish_drop(home: Home, drop: Drop) -> bool:
 # Prefect wrappers: one task run per batch (a task run costs ~5 ms; per-file work is plain
 # Python). Batches are idempotent, so retrying one after an I/O error is safe.
 ingest_batch_task = task(
-    ingest_batch, name="ingest-batch", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
-)
+    name="ingest-batch", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+)(ingest_batch)
 record_drop_task = task(
-    record_drop, name="record-drop", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
-)
+    name="record-drop", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(record_drop)
 finish_drop_task = task(
-    finish_drop, name="finish-drop", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
-)
+    name="finish-drop", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(finish_drop)

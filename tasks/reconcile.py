@@ -25,7 +25,9 @@ class ReconcileStats:
     quarantine_orphans_removed: int = 0
 
 
-def _orphans(location: Location, known: set[str], min_age: float, now: float) -> tuple[int, list[str]]:
+def _orphans(
+    location: Location, known: set[str], min_age: float, now: float
+) -> tuple[int, list[str]]:
     entries = location.list()
     names = {e.name for e in entries}
     orphans = []
@@ -57,7 +59,9 @@ def reconcile_vault(home: Home, min_age_seconds: float = 3600.0) -> ReconcileSta
         ("instance", home.vault, "vault"),
         ("quarantine", home.quarantine, "quarantine"),
     ):
-        known = set(rows.loc[(rows["kind"] == kind) & (rows["location_url"] == location.url), "name"])
+        known = set(
+            rows.loc[(rows["kind"] == kind) & (rows["location_url"] == location.url), "name"]
+        )
         checked, orphans = _orphans(location, known, min_age_seconds, now)
         for name in orphans:
             location.delete(name, unchecked=True)
@@ -67,9 +71,5 @@ def reconcile_vault(home: Home, min_age_seconds: float = 3600.0) -> ReconcileSta
 
 
 reconcile_vault_task = task(
-    reconcile_vault,
-    name="reconcile-vault",
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    cache_policy=NO_CACHE,
-)
+    name="reconcile-vault", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+)(reconcile_vault)

@@ -16,7 +16,7 @@ from functools import cache
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from storage.locations import Location
 
@@ -50,7 +50,8 @@ def make_patient(rng: random.Random, index: int) -> Patient:
     return Patient(
         patient_id=f"MRN{rng.randrange(10**7, 10**8)}",
         name=f"{rng.choice(LAST)}^{rng.choice(FIRST)}^{index}",
-        birth_date=f"{rng.randrange(1930, 2020)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}",
+        birth_date=f"{rng.randrange(1930, 2020)}{rng.randrange(1, 13):02d}"
+        f"{rng.randrange(1, 29):02d}",
     )
 
 
@@ -68,7 +69,7 @@ def make_instance(
     ds.PatientBirthDate = patient.birth_date
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.SOPInstanceUID = UID(sop_uid) if sop_uid else generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, for the names with umlauts
     out = io.BytesIO()
@@ -117,8 +118,8 @@ def sop_uid(data: bytes) -> str:
 def with_uid(data: bytes, sop_uid: str, tweak: bytes = b"") -> bytes:
     """The same file under another SOP Instance UID, optionally with other content."""
     ds = pydicom.dcmread(io.BytesIO(data))
-    ds.SOPInstanceUID = sop_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPInstanceUID = UID(sop_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     if tweak:
         ds.ImageComments = tweak.decode()
     out = io.BytesIO()

@@ -41,7 +41,7 @@ def moto_endpoint() -> Iterator[str]:
 
     os.environ.pop("AWS_PROFILE", None)
     os.environ["AWS_ACCESS_KEY_ID"] = "foo"
-    os.environ["AWS_SECRET_ACCESS_KEY"] = "foo"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "foo"  # noqa: S105 - moto test credentials
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -61,7 +61,7 @@ def s3_filesystem(endpoint: str) -> s3fs.S3FileSystem:
     return s3fs.S3FileSystem(
         endpoint_url=endpoint,
         key="foo",
-        secret="foo",
+        secret="foo",  # noqa: S106 - moto test credentials
         use_listings_cache=False,
         skip_instance_cache=True,
     )

@@ -1,4 +1,4 @@
-"""The ingest suite, run against file://, memory:// and s3:// (moto) through the ``home`` fixture."""
+"""The ingest suite, on file://, memory:// and s3:// (moto) through the ``home`` fixture."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def one(home: Home, sql: str, params: list[object] | None = None) -> object:
     return home.catalog.query(sql, params).iloc[0, 0]
 
 
-def study_drop(rng: random.Random, n: int = 3, sample: str = "CT_small.dcm") -> tuple[str, dict[str, bytes]]:
+def study_drop(
+    rng: random.Random, n: int = 3, sample: str = "CT_small.dcm"
+) -> tuple[str, dict[str, bytes]]:
     return samples.make_study(rng, samples.make_patient(rng, rng.randrange(1000)), n, sample)
 
 
@@ -40,12 +42,15 @@ def test_ingest_catalogs_encrypts_and_cleans_up(home: Home, rng: random.Random) 
     assert one(home, "SELECT owner FROM studies WHERE study_uid = ?", [study_uid]) == "user:alice"
     assert one(home, "SELECT status FROM drops WHERE drop_id = 'd1'") == "done"
     # Every instance has an object, recorded with where it lives (P8).
-    assert one(
-        home,
-        "SELECT count(*) FROM instances i JOIN objects o USING (object_id)"
-        " WHERE o.location_url = ? AND o.kind = 'instance'",
-        [home.vault.url],
-    ) == 3
+    assert (
+        one(
+            home,
+            "SELECT count(*) FROM instances i JOIN objects o USING (object_id)"
+            " WHERE o.location_url = ? AND o.kind = 'instance'",
+            [home.vault.url],
+        )
+        == 3
+    )
     assert home.drops.list() == []  # sources removed, manifest too
     # Stored bytes are encrypted: no DICM magic, no pixel bytes.
     for entry in home.vault.list():
@@ -63,7 +68,9 @@ def test_owner_defaults_to_patient_pseudonym(home: Home, rng: random.Random) -> 
     assert owner == f"patient:{pkey}" and pkey.startswith("pk_")
 
 
-def test_export_is_byte_identical_and_audited(home: Home, rng: random.Random, tmp_path: Path) -> None:
+def test_export_is_byte_identical_and_audited(
+    home: Home, rng: random.Random, tmp_path: Path
+) -> None:
     _, files = study_drop(rng, 2)
     samples.write_drop(home.drops, "fac-a", "d1", files)
     run(home)
@@ -72,7 +79,14 @@ def test_export_is_byte_identical_and_audited(home: Home, rng: random.Random, tm
         out = tmp_path / "out.dcm"
         export_instance(home, uid, out)
         assert out.read_bytes() == data
-        assert one(home, "SELECT count(*) FROM audit_log WHERE action = 'export' AND subject = ?", [uid]) == 1
+        assert (
+            one(
+                home,
+                "SELECT count(*) FROM audit_log WHERE action = 'export' AND subject = ?",
+                [uid],
+            )
+            == 1
+        )
     with pytest.raises(ExportError, match="no cataloged instance"):
         export_instance(home, "1.2.3.4", tmp_path / "x.dcm")
 
@@ -124,7 +138,9 @@ def _bad_files(rng: random.Random) -> dict[str, tuple[str, bytes]]:
     }
 
 
-@pytest.mark.parametrize("reason", ["not_dicom", "truncated", "missing_uid", "unsafe_name", "too_large"])
+@pytest.mark.parametrize(
+    "reason", ["not_dicom", "truncated", "missing_uid", "unsafe_name", "too_large"]
+)
 def test_each_bad_file_is_quarantined_with_reason(
     home: Home, rng: random.Random, reason: str, tmp_path: Path
 ) -> None:
@@ -186,7 +202,9 @@ def test_drop_without_manifest_waits_for_quiet(home: Home, rng: random.Random) -
     assert run(home).ingested == 2
 
 
-@pytest.mark.parametrize("point", ["after_parse", "mid_encrypt", "after_vault_write", "mid_commit", "after_commit"])
+@pytest.mark.parametrize(
+    "point", ["after_parse", "mid_encrypt", "after_vault_write", "mid_commit", "after_commit"]
+)
 def test_crash_then_rerun_loses_nothing(
     home: Home, rng: random.Random, point: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,7 +225,9 @@ def test_crash_then_rerun_loses_nothing(
     monkeypatch.delitem(ingest_mod.FAULTS, point)
     run(home)
     cataloged = home.catalog.query("SELECT sop_instance_uid FROM instances")["sop_instance_uid"]
-    assert sorted(cataloged) == sorted(samples.sop_uid(d) for n, d in files.items() if n != "bad.txt")
+    assert sorted(cataloged) == sorted(
+        samples.sop_uid(d) for n, d in files.items() if n != "bad.txt"
+    )
     assert one(home, "SELECT count(*) FROM quarantine") == 1
     # No orphan: every vault object has exactly one row, every row an object.
     stored = sorted(e.name for e in home.vault.list())
@@ -233,7 +253,11 @@ def test_no_phi_in_vault_or_catalog(home: Home, rng: random.Random) -> None:
     bad = samples.truncated(next(iter(files.values())))
     samples.write_drop(home.drops, "fac-a", "d2", {"cut.dcm": bad})
     run(home)
-    needles = [patient.patient_id.encode(), patient.name.encode(), patient.name.split("^")[0].encode()]
+    needles = [
+        patient.patient_id.encode(),
+        patient.name.encode(),
+        patient.name.split("^")[0].encode(),
+    ]
     home.catalog.checkpoint()
     blobs = [home.catalog.path.read_bytes()]
     blobs += [loc.read_bytes(e.name) for loc in (home.vault, home.quarantine) for e in loc.list()]

@@ -1,0 +1,87 @@
+"""Header validation: the samples pydicom ships pass; files broken in code fail with a reason."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+
+from tasks import samples
+from tasks.dicom import DicomRejected, read_header
+
+GOOD = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_implicit.dcm",
+    "SC_rgb_rle.dcm",
+    "JPEG2000.dcm",
+    "rtplan.dcm",
+    "image_dfl.dcm",
+    "examples_overlay.dcm",
+]
+
+
+def header_of(data: bytes):  # type: ignore[no-untyped-def]
+    return read_header(io.BytesIO(data), len(data))
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_bundled_samples_validate(name: str) -> None:
+    data = samples._sample_bytes(name)
+    header = header_of(data)
+    assert header.sop_instance_uid and header.study_uid and header.series_uid
+
+
+def test_phi_is_not_in_repr() -> None:
+    patient = samples.make_patient(random.Random(3), 1)
+    data = samples.make_instance(patient, "1.2.3", "1.2.3.4")
+    header = header_of(data)
+    assert header.patient_id == patient.patient_id
+    assert patient.patient_id not in repr(header) and patient.name not in repr(header)
+
+
+@pytest.mark.parametrize(
+    ("maker", "reason"),
+    [
+        (lambda d: b"", "not_dicom"),
+        (lambda d: b"just some text\n" * 20, "not_dicom"),
+        (lambda d: b"MZ" + b"\x00" * 200, "not_dicom"),
+        (lambda d: d[:100], "not_dicom"),
+        (lambda d: d[:132], "truncated"),
+        (lambda d: d[: len(d) // 2], "truncated"),
+        (lambda d: d[:-1], "truncated"),
+        (lambda d: samples.without(d, "SOPInstanceUID"), "missing_uid"),
+        (lambda d: samples.without(d, "SeriesInstanceUID"), "missing_uid"),
+        (lambda d: samples.without(d, "StudyInstanceUID"), "missing_uid"),
+    ],
+)
+def test_bad_files_are_rejected_with_reason(maker, reason: str) -> None:  # type: ignore[no-untyped-def]
+    data = samples._sample_bytes("CT_small.dcm")
+    with pytest.raises(DicomRejected) as info:
+        header_of(maker(data))
+    assert info.value.reason == reason
+
+
+def test_every_cut_is_caught() -> None:
+    """Truncation at any byte offset past the preamble is rejected, never accepted."""
+    data = samples._sample_bytes("MR_small.dcm")
+    for cut in range(0, len(data) - 1, 37):
+        with pytest.raises(DicomRejected):
+            header_of(data[:cut])
+
+
+def test_bundled_truncated_samples() -> None:
+    for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
+        data = samples._sample_bytes(name)
+        with pytest.raises(DicomRejected) as info:
+            header_of(data)
+        assert info.value.reason == "truncated"
+
+
+def test_encapsulated_fragment_cut() -> None:
+    data = samples._sample_bytes("SC_rgb_rle.dcm")
+    with pytest.raises(DicomRejected) as info:
+        header_of(data[:-20])
+    assert info.value.reason == "truncated"

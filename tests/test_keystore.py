@@ -1,0 +1,74 @@
+"""Keystore: 0600 files, rotation without re-encryption, destruction that leaves no bytes."""
+
+from __future__ import annotations
+
+import io
+import stat
+from pathlib import Path
+
+import pytest
+
+from storage.keystore import KeyDestroyedError, Keystore, UnknownKeyError, WrongKEKError
+from storage.vault import decrypt_segments, encrypt_stream
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_key_files_are_created_0600(tmp_path: Path) -> None:
+    store = Keystore.local(tmp_path / "keys")
+    store.create()
+    assert mode(tmp_path / "keys" / "kek.key") == 0o600
+    assert mode(store.path) == 0o600
+
+
+def test_rotate_then_decrypt_without_reencrypting(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    store = Keystore.local(keys)
+    key_id, key = store.create()
+    blob = io.BytesIO()
+    encrypt_stream(io.BytesIO(b"image bytes"), blob, key_id, key)
+    old_kek = (keys / "kek.key").read_bytes()
+    assert store.rotate_local() == 1
+    assert (keys / "kek.key").read_bytes() != old_kek
+    assert mode(keys / "kek.key") == 0o600
+    fresh = Keystore.local(keys)  # a new process: only the files
+    assert b"".join(decrypt_segments(io.BytesIO(blob.getvalue()), fresh)) == b"image bytes"
+    with pytest.raises(WrongKEKError):
+        Keystore(keys, old_kek).unwrap(key_id)
+
+
+def test_interrupted_rotation_recovers_the_new_kek(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    store = Keystore.local(keys)
+    key_id, key = store.create()
+    new_kek = b"\x11" * 32
+    store.rotate(new_kek)  # committed, but the key file was never swapped
+    (keys / "kek.key.new").write_bytes(new_kek)
+    assert Keystore.local(keys).unwrap(key_id) == key
+    assert not (keys / "kek.key.new").exists()
+
+
+def test_destroy_then_decrypt_fails_and_bytes_are_gone(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    store = Keystore.local(keys)
+    keep_id, _ = store.create()
+    key_id, key = store.create()
+    wrapped = store.wrapped_bytes(key_id)
+    assert wrapped is not None
+    blob = io.BytesIO()
+    encrypt_stream(io.BytesIO(b"secret study"), blob, key_id, key)
+    assert store.destroy([key_id]) == 1
+    fresh = Keystore.local(keys)
+    with pytest.raises(KeyDestroyedError):
+        fresh.unwrap(key_id)
+    with pytest.raises(KeyDestroyedError):
+        b"".join(decrypt_segments(io.BytesIO(blob.getvalue()), fresh))
+    fresh.unwrap(keep_id)  # other keys unaffected
+    for path in keys.iterdir():
+        data = path.read_bytes()
+        assert wrapped not in data, path.name
+        assert key not in data, path.name
+    with pytest.raises(UnknownKeyError):
+        fresh.unwrap("rk_missing")

@@ -1,0 +1,64 @@
+"""Settings: derived locations, per-location overrides, and errors that name the setting."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from flows.settings import Settings, SettingsError
+
+
+def test_locations_derive_from_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DROPVAULT_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("DROPVAULT_ARCHIVE_URL", "memory://elsewhere/archive")
+    settings = Settings.load()
+    assert settings.location_url("drops") == (tmp_path / "h" / "drops").as_uri()
+    assert settings.location_url("archive") == "memory://elsewhere/archive"
+    assert settings.catalog_path() == tmp_path / "h" / "catalog.duckdb"
+    assert settings.quiet_seconds == 120
+    home = settings.build_home()
+    assert (tmp_path / "h" / "keys" / "kek.key").exists()
+    assert home.archive.url == "memory://elsewhere/archive"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "named"),
+    [
+        ("DROPVAULT_QUIET_SECONDS", "soon", "DROPVAULT_QUIET_SECONDS"),
+        ("DROPVAULT_QUIET_SECONDS", "-5", "DROPVAULT_QUIET_SECONDS"),
+        ("DROPVAULT_DROPS_URL", "ftp://host/x", "DROPVAULT_DROPS_URL"),
+        ("DROPVAULT_S3_ENDPOINT_URL", "http://s3.example.org", "DROPVAULT_S3_ENDPOINT_URL"),
+        ("DROPVAULT_KEK", "not base64!", "DROPVAULT_KEK"),
+        ("DROPVAULT_KEK", base64.b64encode(b"short").decode(), "DROPVAULT_KEK"),
+        ("DROPVAULT_MAX_FILE_BYTES", "0", "DROPVAULT_MAX_FILE_BYTES"),
+    ],
+)
+def test_bad_setting_names_itself(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as info:
+        Settings.load()
+    assert named in str(info.value)
+    if env == "DROPVAULT_KEK":
+        assert value not in str(info.value)  # never echo key material
+
+
+def test_catalog_must_be_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DROPVAULT_CATALOG_URL", "s3://bucket/catalog.duckdb")
+    with pytest.raises(SettingsError, match="DROPVAULT_CATALOG_URL"):
+        Settings.load().catalog_path()
+
+
+def test_production_keys_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kek = base64.b64encode(b"k" * 32).decode()
+    monkeypatch.setenv("DROPVAULT_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("DROPVAULT_KEK", kek)
+    monkeypatch.setenv("DROPVAULT_PEPPER", base64.b64encode(b"p" * 32).decode())
+    home = Settings.load().build_home()
+    assert home.pepper == b"p" * 32
+    assert not (tmp_path / "h" / "keys" / "kek.key").exists()
+    key_id, key = home.keystore.create()
+    assert home.keystore.unwrap(key_id) == key
