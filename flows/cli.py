@@ -94,7 +94,7 @@ def ingest() -> None:
     """Run one ingest pass over every ready drop and print its summary."""
     from flows.ingest import ingest_drops
 
-    stats = ingest_drops()
+    stats = ingest_drops(settings=Settings.load())
     for key, value in stats.as_dict().items():
         typer.echo(f"{key}: {value}")
 
@@ -107,7 +107,7 @@ def reconcile(
     """Remove vault objects that have no catalog row."""
     from flows.ingest import reconcile_vault
 
-    stats = reconcile_vault(min_age_seconds=min_age)
+    stats = reconcile_vault(settings=Settings.load(), min_age_seconds=min_age)
     typer.echo(json.dumps(stats.__dict__))
 
 
@@ -165,6 +165,7 @@ def quarantine_export_cmd(
 def main() -> None:
     quiet_prefect_defaults()
     try:
+        Settings.load()  # a wrong setting fails here, before any flow starts
         app()
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -85,6 +85,11 @@ class CatalogReader:
         with self._catalog._connect(read_only=True) as con:
             return con.execute(query, params).df() if params else con.sql(query).df()
 
+    def many(self, queries: Sequence[tuple[str, Sequence[Any] | None]]) -> list[pd.DataFrame]:
+        """Several queries on one short-lived connection (one open, one close)."""
+        with self._catalog._connect(read_only=True) as con:
+            return [con.execute(q, p).df() if p else con.sql(q).df() for q, p in queries]
+
     def table(self, name: str) -> pd.DataFrame:
         if not name.isidentifier():
             raise ValueError("table names are identifiers")

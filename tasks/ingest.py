@@ -180,15 +180,22 @@ def _existing(
     cat = home.catalog
     if not uids and not studies and not qids:
         return {}, {}, set()
-    inst = cat.query(
-        "SELECT sop_instance_uid, sha256 FROM instances WHERE list_contains(?, sop_instance_uid)",
-        [uids],
-    )
-    stud = cat.query(
-        "SELECT study_uid, record_key_id FROM studies WHERE list_contains(?, study_uid)", [studies]
-    )
-    quar = cat.query(
-        "SELECT quarantine_id FROM quarantine WHERE list_contains(?, quarantine_id)", [qids]
+    inst, stud, quar = cat.read_only().many(
+        [
+            (
+                "SELECT sop_instance_uid, sha256 FROM instances"
+                " WHERE list_contains(?, sop_instance_uid)",
+                [uids],
+            ),
+            (
+                "SELECT study_uid, record_key_id FROM studies WHERE list_contains(?, study_uid)",
+                [studies],
+            ),
+            (
+                "SELECT quarantine_id FROM quarantine WHERE list_contains(?, quarantine_id)",
+                [qids],
+            ),
+        ]
     )
     return (
         dict(zip(inst["sop_instance_uid"], inst["sha256"], strict=True)),

@@ -14,15 +14,21 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
-import pytest
-import s3fs
-from prefect.testing.utilities import prefect_test_harness
+# Quiet, offline Prefect for a plain `pytest` run (CI sets the same).
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from storage.catalog import Catalog
-from storage.home import LOCATIONS, Home
-from storage.keystore import Keystore, load_or_create_secret
-from storage.locations import Location
+import boto3  # noqa: E402
+import pytest  # noqa: E402
+import s3fs  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from storage.catalog import Catalog  # noqa: E402
+from storage.home import LOCATIONS, Home  # noqa: E402
+from storage.keystore import Keystore, load_or_create_secret  # noqa: E402
+from storage.locations import Location  # noqa: E402
 
 BUCKET = "dropvault-test"
 VERSIONED_BUCKET = "dropvault-versioned"

@@ -1,0 +1,104 @@
+"""Ingest throughput against a plain fsspec copy of the same files, measured in the same run.
+
+    python benchmarks/ingest.py            # 2,000 files (~39 kB CT samples)
+    python benchmarks/ingest.py -n 10000   # the headline figure
+    python benchmarks/ingest.py --quick    # 200 files, what CI runs to keep this working
+
+The baseline copies every file with ``fsspec`` ``cp_file`` from one local folder
+to another. dropvault runs the ``ingest_drops`` flow on identical drops: header
+parse and validation, SHA-256, AES-256-GCM encryption, read-back verification,
+a DuckDB commit per batch and source removal. Not a timed test: the machines
+are shared, so only the ratio means something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import fsspec  # noqa: E402
+
+from flows.ingest import ingest_drops  # noqa: E402
+from flows.settings import Settings  # noqa: E402
+from storage.home import Home  # noqa: E402
+from tasks import samples  # noqa: E402
+
+
+def make_files(n: int, per_drop: int, seed: int = 1) -> list[tuple[str, bytes]]:
+    rng = random.Random(seed)
+    files: list[tuple[str, bytes]] = []
+    drop = 0
+    while len(files) < n:
+        patient = samples.make_patient(rng, drop)
+        _, study = samples.make_study(rng, patient, min(per_drop, n - len(files)), "CT_small.dcm")
+        files += [(f"fac-{drop % 3}/drop-{drop:05d}/{name}", data) for name, data in study.items()]
+        drop += 1
+    return files
+
+
+def write_tree(root: Path, files: list[tuple[str, bytes]]) -> None:
+    for name, data in files:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def plain_copy(src: Path, dst: Path) -> float:
+    fs = fsspec.filesystem("file")
+    started = time.perf_counter()
+    for path in sorted(src.rglob("*.dcm")):
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.cp_file(str(path), str(target))
+    return time.perf_counter() - started
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=2000, help="number of files")
+    parser.add_argument("--per-drop", type=int, default=50, help="files per drop")
+    parser.add_argument("--quick", action="store_true", help="200 files (CI)")
+    args = parser.parse_args()
+    n = 200 if args.quick else args.n
+    files = make_files(n, args.per_drop)
+    total_bytes = sum(len(d) for _, d in files)
+    with tempfile.TemporaryDirectory(prefix="dv-bench-") as tmp:
+        root = Path(tmp)
+        write_tree(root / "source", files)
+        copy_s = plain_copy(root / "source", root / "copy")
+        home = Home.local(root / "home")
+        shutil.copytree(root / "source", root / "home" / "drops", dirs_exist_ok=True)
+        settings = Settings.load(quiet_seconds=0, home=root / "home")
+        started = time.perf_counter()
+        stats = ingest_drops(home=home, settings=settings)
+        ingest_s = time.perf_counter() - started
+        assert stats.ingested == n, stats.as_dict()
+    mb = total_bytes / 1e6
+    rows = [
+        ("plain fsspec copy", n / copy_s, mb / copy_s),
+        ("dropvault ingest", n / ingest_s, mb / ingest_s),
+    ]
+    print(f"files: {n}  bytes: {total_bytes:,}  cores: {os.cpu_count()}")
+    print(f"{'run':<20}{'files/s':>12}{'MB/s':>10}")
+    for name, fps, mbps in rows:
+        print(f"{name:<20}{fps:>12.0f}{mbps:>10.1f}")
+    print(f"ratio ingest / plain copy: {copy_s / ingest_s:.3f}  (goal >= 0.6)")
+    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

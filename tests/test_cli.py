@@ -1,0 +1,113 @@
+"""The command line, run as a user would: a real ``dropvault`` process on a demo home."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+pytestmark = pytest.mark.integration
+
+EXE = shutil.which("dropvault") or str(Path(sys.executable).with_name("dropvault"))
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DROPVAULT_")}
+    env["DROPVAULT_HOME"] = str(home)
+    api = PREFECT_API_URL.value()  # the session's test server: no ephemeral one per call
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+def dv(home: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [EXE, *args],
+        env={**cli_env(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dropvault {args} failed: {proc.stderr[-2000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("demo") / ".dropvault"
+    proc = dv(home, "demo")
+    assert "ingested" in proc.stdout and "quarantine by reason" in proc.stdout
+    return home
+
+
+def test_demo_fills_the_catalog(demo_home: Path) -> None:
+    rows = json.loads(
+        dv(
+            demo_home,
+            "sql",
+            "SELECT count(DISTINCT facility_id) AS f, count(*) AS n,"
+            " count(DISTINCT patient_key) AS p FROM studies",
+            "--json",
+        ).stdout
+    )
+    assert rows[0]["f"] == 3 and rows[0]["p"] >= 20
+    reasons = {
+        r["reason"] for r in json.loads(dv(demo_home, "quarantine", "list", "--json").stdout)
+    }
+    assert {"not_dicom", "truncated", "missing_uid", "uid_conflict"} <= reasons
+
+
+def test_sql_json_is_array_of_objects(demo_home: Path) -> None:
+    out = json.loads(
+        dv(
+            demo_home,
+            "sql",
+            "SELECT facility_id, first_seen_at FROM facilities ORDER BY 1",
+            "--json",
+        ).stdout
+    )
+    assert isinstance(out, list) and set(out[0]) == {"facility_id", "first_seen_at"}
+
+
+def test_sql_is_read_only(demo_home: Path) -> None:
+    proc = dv(demo_home, "sql", "DELETE FROM instances", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_export_round_trip(demo_home: Path, tmp_path: Path) -> None:
+    uid = json.loads(
+        dv(
+            demo_home, "sql", "SELECT sop_instance_uid, sha256 FROM instances LIMIT 1", "--json"
+        ).stdout
+    )[0]
+    out = tmp_path / "img.dcm"
+    dv(demo_home, "export", uid["sop_instance_uid"], "--out", str(out))
+    import hashlib
+
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == uid["sha256"]
+    missing = dv(demo_home, "export", "1.2.3", "--out", str(tmp_path / "x"), check=False)
+    assert missing.returncode == 1 and "no cataloged instance" in missing.stderr
+
+
+def test_quarantine_export(demo_home: Path, tmp_path: Path) -> None:
+    rows = json.loads(dv(demo_home, "quarantine", "list", "--json").stdout)
+    text = next(r for r in rows if r["reason"] == "not_dicom")
+    out = tmp_path / "q.bin"
+    dv(demo_home, "quarantine", "export", text["quarantine_id"], "--out", str(out))
+    assert out.read_bytes().startswith(b"Patient report")
+
+
+def test_bad_setting_fails_at_start_naming_it(tmp_path: Path) -> None:
+    proc = dv(tmp_path / "h", "ingest", check=False, DROPVAULT_QUIET_SECONDS="soon")
+    assert proc.returncode == 1
+    assert "DROPVAULT_QUIET_SECONDS" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
