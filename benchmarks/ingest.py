@@ -22,16 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+import fsspec
 
-import fsspec  # noqa: E402
-
-from flows.ingest import ingest_drops  # noqa: E402
-from flows.settings import Settings  # noqa: E402
-from storage.home import Home  # noqa: E402
-from tasks import samples  # noqa: E402
+from flows.ingest import ingest_drops
+from flows.settings import Settings, quiet_prefect_defaults
+from storage.home import Home
+from tasks import samples
 
 
 def make_files(n: int, per_drop: int, seed: int = 1) -> list[tuple[str, bytes]]:
@@ -68,6 +64,7 @@ def peak_rss_mb() -> float:
 
 
 def main() -> None:
+    quiet_prefect_defaults()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2000, help="number of files")
     parser.add_argument("--per-drop", type=int, default=50, help="files per drop")
