@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import pandas as pd
 import typer
 
-from flows.settings import Settings, SettingsError, quiet_prefect_defaults
+from flows.settings import Settings, SettingsError, embedded_prefect_home, quiet_prefect_defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 quarantine_app = typer.Typer(no_args_is_help=True, help="Review quarantined files.")
@@ -81,9 +81,11 @@ def _home() -> Any:
 @one_line_errors
 def demo() -> None:
     """Make demo drops under DROPVAULT_HOME (default ./.dropvault) and run every flow."""
+    settings = Settings.load()
+    embedded_prefect_home(settings.home)
     from flows.demo import run_demo
 
-    summary = run_demo()
+    summary = run_demo(settings)
     for line in summary.lines():
         typer.echo(line)
 

@@ -189,3 +189,15 @@ def quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     # The first start of the embedded server migrates its database: slow on a new machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def embedded_prefect_home(home: Path) -> None:
+    """For the demo: keep Prefect's own database under the dropvault home.
+
+    The demo then needs no server and no state outside its home, and a database
+    left in ``~/.prefect`` by another Prefect version cannot stop it. Must run
+    before Prefect is imported; an explicit ``PREFECT_HOME`` wins.
+    """
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str(home.resolve() / "prefect"))
