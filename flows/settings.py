@@ -200,4 +200,7 @@ def embedded_prefect_home(home: Path) -> None:
     """
     import os
 
-    os.environ.setdefault("PREFECT_HOME", str(home.resolve() / "prefect"))
+    if "PREFECT_HOME" not in os.environ:
+        prefect_home = home.resolve() / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(prefect_home)
