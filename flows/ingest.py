@@ -20,9 +20,9 @@ from tasks.drops import scan_drops_task
 from tasks.ingest import (
     IngestStats,
     batches,
-    finish_drop_task,
+    finish_drops_task,
     ingest_batch_task,
-    record_drop_task,
+    record_drops_task,
 )
 from tasks.reconcile import ReconcileStats, reconcile_vault_task
 
@@ -43,25 +43,26 @@ def ingest_drops(
     drops = scan_drops_task(
         home.drops, time.time(), settings.quiet_seconds, settings.incomplete_seconds
     )
+    ready = [d for d in drops if d.state != "waiting"]
     for drop in drops:
         if drop.state == "waiting":
             totals.drops_waiting += 1
             logger.info("drop %s waits: %s", drop.key, drop.why)
-            continue
-        stats = IngestStats()
-        for files in batches(drop.files, settings.batch_files, settings.batch_bytes):
-            stats.add(ingest_batch_task(home, drop, files, max_file_bytes=settings.max_file_bytes))
-        finished = finish_drop_task(home, drop)
-        record_drop_task(home, drop, stats, finished, datetime.now(UTC))
-        stats.drops_done = int(finished)
-        totals.add(stats)
-        logger.info(
-            "drop %s: %d ingested, %d duplicates, %d quarantined",
-            drop.key,
-            stats.ingested,
-            stats.duplicates,
-            sum(stats.quarantined.values()),
-        )
+    # Batches cut across drops: one task run and one catalog commit per batch.
+    work = [(drop, f) for drop in ready for f in drop.files]
+    for chunk in batches(work, settings.batch_files, settings.batch_bytes):
+        totals.add(ingest_batch_task(home, chunk, max_file_bytes=settings.max_file_bytes))
+    finished = finish_drops_task(home, ready)
+    record_drops_task(home, ready, totals, finished, datetime.now(UTC))
+    totals.drops_done = sum(finished.values())
+    logger.info(
+        "%d drops: %d ingested, %d duplicates, %d quarantined, %d waiting",
+        len(ready),
+        totals.ingested,
+        totals.duplicates,
+        sum(totals.quarantined.values()),
+        totals.drops_waiting,
+    )
     grace = settings.orphan_grace_seconds if orphan_grace_seconds is None else orphan_grace_seconds
     reconcile_vault_task(home, grace)
     totals.seconds = time.perf_counter() - started

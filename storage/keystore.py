@@ -136,17 +136,23 @@ class Keystore:
 
     def create(self) -> tuple[str, bytes]:
         """A new record key: returns ``(key_id, key)``."""
-        key = secrets.token_bytes(KEY_BYTES)
-        key_id = "rk_" + secrets.token_hex(12)
-        wrapped = aes_key_wrap(self._kek, key)
+        return self.create_many(1)[0]
+
+    def create_many(self, count: int) -> list[tuple[str, bytes]]:
+        """``count`` new record keys in one transaction."""
+        if count == 0:
+            return []
         now = datetime.now(UTC).isoformat()
+        made = [
+            ("rk_" + secrets.token_hex(12), secrets.token_bytes(KEY_BYTES)) for _ in range(count)
+        ]
         with self._connect() as con:
-            con.execute(
+            con.executemany(
                 "INSERT INTO record_keys (key_id, wrapped, kek_id, created_at) VALUES (?,?,?,?)",
-                (key_id, wrapped, self.kek_id, now),
+                [(kid, aes_key_wrap(self._kek, key), self.kek_id, now) for kid, key in made],
             )
-        self._cache[key_id] = key
-        return key_id, key
+        self._cache.update(made)
+        return made
 
     def unwrap(self, key_id: str) -> bytes:
         """The record key, or :class:`KeyDestroyedError` / :class:`UnknownKeyError`."""

@@ -1,4 +1,4 @@
-"""Ingest one batch of a drop's files: validate, dedupe, encrypt, commit, then remove sources.
+"""Ingest a batch of dropped files: validate, dedupe, encrypt, commit, then remove sources.
 
 The order is what makes a crash safe at any point:
 
@@ -45,8 +45,17 @@ IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept 
 
 
 @dataclass
+class DropCounts:
+    files_seen: int = 0
+    ingested: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    bytes: int = 0
+
+
+@dataclass
 class IngestStats:
-    """Counters for one run; ``quarantined`` is by reason code."""
+    """Counters for one run; ``quarantined`` is by reason code, ``drops`` by drop key."""
 
     files_seen: int = 0
     ingested: int = 0
@@ -56,6 +65,11 @@ class IngestStats:
     seconds: float = 0.0
     drops_done: int = 0
     drops_waiting: int = 0
+    drops: dict[str, DropCounts] = field(default_factory=dict)
+
+    def count(self, drop: Drop, what: str, n: int = 1) -> None:
+        counts = self.drops.setdefault(drop.key, DropCounts())
+        setattr(counts, what, getattr(counts, what) + n)
 
     def add(self, other: IngestStats) -> None:
         self.files_seen += other.files_seen
@@ -65,6 +79,10 @@ class IngestStats:
         self.bytes += other.bytes
         self.drops_done += other.drops_done
         self.drops_waiting += other.drops_waiting
+        for key, counts in other.drops.items():
+            mine = self.drops.setdefault(key, DropCounts())
+            for name in ("files_seen", "ingested", "duplicates", "quarantined", "bytes"):
+                setattr(mine, name, getattr(mine, name) + getattr(counts, name))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -96,10 +114,12 @@ class IngestStats:
 
 @dataclass
 class _Read:
+    drop: Drop
     file: DropFile
     sha256: str
     data: bytes | None  # None: too big to keep, re-read from the source
     header: DicomHeader | None = None
+    quarantine_id: str = ""  # deterministic, so a rerun finds an earlier quarantine
 
 
 # Fault-injection points for crash tests: name -> callable run at that point.
@@ -120,11 +140,9 @@ def _hash_stream(src: IO[bytes]) -> str:
 
 
 class _Batch:
-    def __init__(self, home: Home, drop: Drop, now: datetime, max_file_bytes: int) -> None:
+    def __init__(self, home: Home, now: datetime) -> None:
         self.home = home
-        self.drop = drop
         self.now = now
-        self.max_file_bytes = max_file_bytes
         self.vault: Vault = home.vault_store()
         self.stats = IngestStats()
         self.quarantined: list[Quarantined] = []
@@ -139,19 +157,17 @@ class _Batch:
     def quarantine(
         self, item: _Read, reason: str, detail: str, study_uid: str | None = None
     ) -> None:
-        qid = quarantine_id(
-            self.home.pepper, self.drop.facility_id, self.drop.drop_id, item.file.name, item.sha256
-        )
         self.stats.quarantined[reason] += 1
+        self.stats.count(item.drop, "quarantined")
         self.to_remove.append(item.file.name)
-        if qid in self.known_quarantine:
+        if item.quarantine_id in self.known_quarantine:
             return  # quarantined by an earlier, interrupted run
         with self.open_source(item) as src:
             self.quarantined.append(
                 quarantine_file(
                     self.home,
-                    facility_id=self.drop.facility_id,
-                    drop_id=self.drop.drop_id,
+                    facility_id=item.drop.facility_id,
+                    drop_id=item.drop.drop_id,
                     source_name=item.file.name,
                     src=src,
                     size=item.file.size,
@@ -162,25 +178,29 @@ class _Batch:
                     now=self.now,
                 )
             )
-        self.known_quarantine.add(qid)
+        self.known_quarantine.add(item.quarantine_id)
 
-    def read(self, f: DropFile) -> _Read:
+    def read(self, drop: Drop, f: DropFile) -> _Read:
         drops = self.home.drops
         if f.size <= IN_MEMORY_MAX:
             data = drops.read_bytes(f.name, unchecked=True)
-            return _Read(f, hashlib.sha256(data).hexdigest(), data)
-        with drops.open(f.name, unchecked=True) as src:
-            return _Read(f, _hash_stream(src), None)
+            item = _Read(drop, f, hashlib.sha256(data).hexdigest(), data)
+        else:
+            with drops.open(f.name, unchecked=True) as src:
+                item = _Read(drop, f, _hash_stream(src), None)
+        item.quarantine_id = quarantine_id(
+            self.home.pepper, drop.facility_id, drop.drop_id, f.name, item.sha256
+        )
+        return item
 
 
 def _existing(
     home: Home, uids: list[str], studies: list[str], qids: list[str]
 ) -> tuple[dict[str, str], dict[str, str], set[str]]:
     """Catalog look-ups for a batch: instance sha by UID, record key by study, known quarantine."""
-    cat = home.catalog
     if not uids and not studies and not qids:
         return {}, {}, set()
-    inst, stud, quar = cat.read_only().many(
+    inst, stud, quar = home.catalog.read_only().many(
         [
             (
                 "SELECT sop_instance_uid, sha256 FROM instances"
@@ -204,100 +224,111 @@ def _existing(
     )
 
 
+def _check(item: _Read, max_file_bytes: int) -> tuple[str, str] | None:
+    """The quarantine reason for a file, or None when it is a valid DICOM file."""
+    drop, f = item.drop, item.file
+    if not f.safe:
+        return "unsafe_name", "file name escapes its drop"
+    if f.size > max_file_bytes:
+        return "too_large", f"file is over the {max_file_bytes}-byte limit"
+    if drop.state == "incomplete":
+        return "incomplete_drop", drop.why or "manifest never completed"
+    if f.expected_sha256 and f.expected_sha256 != item.sha256:
+        return "checksum_mismatch", "SHA-256 differs from the manifest"
+    return None
+
+
 def ingest_batch(
     home: Home,
-    drop: Drop,
-    files: list[DropFile],
+    work: list[tuple[Drop, DropFile]],
     *,
     max_file_bytes: int,
     now: datetime | None = None,
 ) -> IngestStats:
-    """Ingest ``files`` (all from ``drop``). Safe to rerun after a crash at any point."""
+    """Ingest a batch of files (from one or more drops). Safe to rerun after a crash anywhere."""
     started = time.perf_counter()
     now = now or datetime.now(UTC)
-    batch = _Batch(home, drop, now, max_file_bytes)
+    batch = _Batch(home, now)
     stats = batch.stats
-    stats.files_seen = len(files)
 
     # 1. Read, hash and parse.
     reads: list[_Read] = []
-    for f in files:
+    for drop, f in work:
         try:
-            reads.append(batch.read(f))
+            reads.append(batch.read(drop, f))
         except FileNotFoundError:
-            stats.files_seen -= 1  # vanished since the listing (another run took it)
-    qids = [
-        quarantine_id(home.pepper, drop.facility_id, drop.drop_id, r.file.name, r.sha256)
-        for r in reads
-    ]
+            continue  # vanished since the listing (another run took it)
+        stats.files_seen += 1
+        stats.count(drop, "files_seen")
     parsed: list[_Read] = []
     rejected: list[tuple[_Read, str, str]] = []
     for item in reads:
-        if not item.file.safe:
-            rejected.append((item, "unsafe_name", "file name escapes its drop"))
-        elif item.file.size > max_file_bytes:
-            rejected.append((item, "too_large", f"file is over the {max_file_bytes}-byte limit"))
-        elif drop.state == "incomplete":
-            rejected.append((item, "incomplete_drop", drop.why or "manifest never completed"))
-        elif item.file.expected_sha256 and item.file.expected_sha256 != item.sha256:
-            rejected.append((item, "checksum_mismatch", "SHA-256 differs from the manifest"))
-        else:
-            try:
-                with batch.open_source(item) as fp:
-                    item.header = read_header(fp, item.file.size)
-                parsed.append(item)
-            except DicomRejected as exc:
-                rejected.append((item, exc.reason, exc.detail))
+        problem = _check(item, max_file_bytes)
+        if problem is not None:
+            rejected.append((item, *problem))
+            continue
+        try:
+            with batch.open_source(item) as fp:
+                item.header = read_header(fp, item.file.size)
+            parsed.append(item)
+        except DicomRejected as exc:
+            rejected.append((item, exc.reason, exc.detail))
     _fault("after_parse")
 
     # 2. Dedupe against the catalog and within the batch.
-    uids = [r.header.sop_instance_uid for r in parsed if r.header]
-    studies = sorted({r.header.study_uid for r in parsed if r.header})
-    known_sha, study_keys, batch.known_quarantine = _existing(home, uids, studies, qids)
+    headers = [r.header for r in parsed if r.header is not None]
+    known_sha, study_keys, batch.known_quarantine = _existing(
+        home,
+        [h.sop_instance_uid for h in headers],
+        sorted({h.study_uid for h in headers}),
+        [r.quarantine_id for r in reads],
+    )
     for item, reason, detail in rejected:
         batch.quarantine(item, reason, detail)
-    fresh: list[_Read] = []
+    fresh: list[tuple[_Read, DicomHeader]] = []
     seen: dict[str, str] = dict(known_sha)
     for item in parsed:
-        assert item.header is not None  # noqa: S101 - parsed items have headers
-        prior = seen.get(item.header.sop_instance_uid)
+        header = item.header
+        assert header is not None  # noqa: S101 - parsed items have headers
+        prior = seen.get(header.sop_instance_uid)
         if prior is None:
-            seen[item.header.sop_instance_uid] = item.sha256
-            fresh.append(item)
+            seen[header.sop_instance_uid] = item.sha256
+            fresh.append((item, header))
         elif prior == item.sha256:
             stats.duplicates += 1
+            stats.count(item.drop, "duplicates")
             batch.to_remove.append(item.file.name)
         else:
             batch.quarantine(
-                item,
-                "uid_conflict",
-                "SOP Instance UID known with other content",
-                item.header.study_uid,
+                item, "uid_conflict", "SOP Instance UID known with other content", header.study_uid
             )
 
-    # 3. Encrypt and verify. New studies get a record key now.
+    # 3. New studies get a record key (one keystore transaction), then encrypt and verify.
+    new_study_uids = sorted({h.study_uid for _, h in fresh} - set(study_keys))
+    new_keys = dict(
+        zip(new_study_uids, home.keystore.create_many(len(new_study_uids)), strict=True)
+    )
     new_studies: dict[str, dict[str, Any]] = {}
-    instance_rows: list[dict[str, Any]] = []
-    object_rows: list[dict[str, Any]] = []
-    source_of: dict[str, str] = {}  # object id -> source name
-    for item in fresh:
-        header = item.header
-        assert header is not None  # noqa: S101
-        key_id = study_keys.get(header.study_uid)
-        if key_id is None:
-            key_id, record_key = home.keystore.create()
+    for item, header in fresh:
+        if header.study_uid in new_keys and header.study_uid not in new_studies:
+            key_id, record_key = new_keys[header.study_uid]
             study_keys[header.study_uid] = key_id
             pkey = patient_key(home.pepper, header.issuer, header.patient_id)
             new_studies[header.study_uid] = {
                 "study_uid": header.study_uid,
                 "patient_key": pkey,
-                "owner": drop.owners.get(header.study_uid) or f"patient:{pkey}",
-                "facility_id": drop.facility_id,
+                "owner": item.drop.owners.get(header.study_uid) or f"patient:{pkey}",
+                "facility_id": item.drop.facility_id,
                 "record_key_id": key_id,
                 "phi_enc": seal_fields(record_key, header.study_uid, header.phi()),
                 "status": "active",
                 "created_at": now,
             }
+    instance_rows: list[dict[str, Any]] = []
+    object_rows: list[dict[str, Any]] = []
+    source_of: dict[str, _Read] = {}  # object id -> what it was read from
+    for item, header in fresh:
+        key_id = study_keys[header.study_uid]
         object_id = uuid.uuid4().hex
         name = Vault.object_name(object_id)
         try:
@@ -309,7 +340,7 @@ def ingest_batch(
             continue  # left in the drop; the next run tries again
         if sealed.sha256 != item.sha256:
             continue  # the source changed while we read it: try again next run
-        source_of[object_id] = item.file.name
+        source_of[object_id] = item
         object_rows.append(
             {
                 "object_id": object_id,
@@ -334,8 +365,8 @@ def ingest_batch(
                 "rows": header.rows,
                 "columns": header.columns,
                 "frames": header.frames,
-                "facility_id": drop.facility_id,
-                "drop_id": drop.drop_id,
+                "facility_id": item.drop.facility_id,
+                "drop_id": item.drop.drop_id,
                 "object_id": object_id,
                 "sha256": item.sha256,
                 "size_bytes": item.file.size,
@@ -345,7 +376,9 @@ def ingest_batch(
     _fault("after_vault_write")
 
     # 4. Commit the batch in one transaction.
-    def commit(con: duckdb.DuckDBPyConnection) -> list[str]:
+    facilities = sorted({d.facility_id for d, _ in work})
+
+    def commit(con: duckdb.DuckDBPyConnection) -> set[str]:
         # Re-check inside the transaction: a concurrent run may have cataloged a UID since.
         uids_now = [r["sop_instance_uid"] for r in instance_rows]
         taken = {
@@ -360,7 +393,7 @@ def ingest_batch(
         insert_rows(
             con,
             "facilities",
-            [{"facility_id": drop.facility_id, "first_seen_at": now}],
+            [{"facility_id": f, "first_seen_at": now} for f in facilities],
             ignore_existing=True,
         )
         insert_rows(con, "studies", list(new_studies.values()), ignore_existing=True)
@@ -374,7 +407,7 @@ def ingest_batch(
             [
                 uuid.uuid4().hex,
                 now,
-                drop.key,
+                ",".join(sorted(stats.drops)),
                 json.dumps(
                     {
                         "files": stats.files_seen,
@@ -385,47 +418,75 @@ def ingest_batch(
                 ),
             ],
         )
-        return sorted(taken)
+        return taken
 
-    raced = set(home.catalog.write(commit))
+    raced = home.catalog.write(commit)
     committed = [r for r in instance_rows if r["sop_instance_uid"] not in raced]
     for row in instance_rows:
         if row["sop_instance_uid"] in raced:
             # Another run cataloged it meanwhile; drop our copy and let the next run
             # classify the source (duplicate or conflict).
             batch.vault.location.delete(Vault.object_name(row["object_id"]))
+    for row in committed:
+        item = source_of[row["object_id"]]
+        stats.count(item.drop, "ingested")
+        stats.count(item.drop, "bytes", row["size_bytes"])
     stats.ingested = len(committed)
     stats.bytes = sum(r["size_bytes"] for r in committed)
     _fault("after_commit")
 
     # 5. Only now remove the sources.
-    done_names = [source_of[r["object_id"]] for r in committed]
+    done_names = [source_of[r["object_id"]].file.name for r in committed]
     for name in batch.to_remove + done_names:
         home.drops.delete(name, unchecked=True)
     stats.seconds = time.perf_counter() - started
     return stats
 
 
-def batches(files: list[DropFile], max_files: int, max_bytes: int) -> Iterator[list[DropFile]]:
-    """Split a drop's files into batches bounded by count and in-memory bytes."""
-    current: list[DropFile] = []
+def batches(
+    work: list[tuple[Drop, DropFile]], max_files: int, max_bytes: int
+) -> Iterator[list[tuple[Drop, DropFile]]]:
+    """Split files (of any number of drops) into batches bounded by count and in-memory bytes."""
+    current: list[tuple[Drop, DropFile]] = []
     size = 0
-    for f in files:
+    for drop, f in work:
         held = f.size if f.size <= IN_MEMORY_MAX else 0
         if current and (len(current) >= max_files or size + held > max_bytes):
             yield current
             current, size = [], 0
-        current.append(f)
+        current.append((drop, f))
         size += held
     if current:
         yield current
 
 
-def record_drop(home: Home, drop: Drop, stats: IngestStats, finished: bool, now: datetime) -> None:
-    """Upsert the drop's row with this run's counts."""
+def record_drops(
+    home: Home, drops: list[Drop], stats: IngestStats, finished: dict[str, bool], now: datetime
+) -> None:
+    """Upsert every processed drop's row with this run's counts, in one transaction."""
+    rows = []
+    for drop in drops:
+        c = stats.drops.get(drop.key, DropCounts())
+        done = finished.get(drop.key, False)
+        status = ("incomplete" if drop.state == "incomplete" else "done") if done else "partial"
+        rows.append(
+            [
+                drop.facility_id,
+                drop.drop_id,
+                drop.has_manifest,
+                status,
+                c.files_seen,
+                c.ingested,
+                c.duplicates,
+                c.quarantined,
+                c.bytes,
+                now,
+                now if done else None,
+            ]
+        )
 
     def work(con: duckdb.DuckDBPyConnection) -> None:
-        con.execute(
+        con.executemany(
             "INSERT INTO drops (facility_id, drop_id, has_manifest, status, files_seen, ingested,"
             " duplicates, quarantined, bytes, first_seen_at, completed_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -435,34 +496,27 @@ def record_drop(home: Home, drop: Drop, stats: IngestStats, finished: bool, now:
             " duplicates = drops.duplicates + excluded.duplicates,"
             " quarantined = drops.quarantined + excluded.quarantined,"
             " bytes = drops.bytes + excluded.bytes, completed_at = excluded.completed_at",
-            [
-                drop.facility_id,
-                drop.drop_id,
-                drop.has_manifest,
-                ("incomplete" if drop.state == "incomplete" else "done") if finished else "partial",
-                stats.files_seen,
-                stats.ingested,
-                stats.duplicates,
-                sum(stats.quarantined.values()),
-                stats.bytes,
-                now,
-                now if finished else None,
-            ],
+            rows,
         )
 
-    home.catalog.write(work)
+    if rows:
+        home.catalog.write(work)
 
 
-def finish_drop(home: Home, drop: Drop) -> bool:
-    """Remove the manifest and empty folders once every file of the drop is handled."""
-    prefix = f"{drop.facility_id}/{drop.drop_id}"
-    left = [e for e in home.drops.list(prefix) if e.name != drop.manifest_name]
-    if left:
-        return False
-    if drop.manifest_name:
-        home.drops.delete(drop.manifest_name, unchecked=True)
-    home.drops.rmdir_empty(prefix)
-    return True
+def finish_drops(home: Home, drops: list[Drop]) -> dict[str, bool]:
+    """Remove manifests and empty folders of drops whose every file is handled."""
+    finished = {}
+    for drop in drops:
+        prefix = f"{drop.facility_id}/{drop.drop_id}"
+        left = [e for e in home.drops.list(prefix) if e.name != drop.manifest_name]
+        if left:
+            finished[drop.key] = False
+            continue
+        if drop.manifest_name:
+            home.drops.delete(drop.manifest_name, unchecked=True)
+        home.drops.rmdir_empty(prefix)
+        finished[drop.key] = True
+    return finished
 
 
 # Prefect wrappers: one task run per batch (a task run costs ~5 ms; per-file work is plain
@@ -470,9 +524,9 @@ def finish_drop(home: Home, drop: Drop) -> bool:
 ingest_batch_task = task(
     name="ingest-batch", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
 )(ingest_batch)
-record_drop_task = task(
-    name="record-drop", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
-)(record_drop)
-finish_drop_task = task(
-    name="finish-drop", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
-)(finish_drop)
+record_drops_task = task(
+    name="record-drops", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(record_drops)
+finish_drops_task = task(
+    name="finish-drops", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(finish_drops)
