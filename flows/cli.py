@@ -77,6 +77,13 @@ def _home() -> Any:
     return Settings.load().build_home()
 
 
+def _catalog() -> Any:
+    from storage.catalog import Catalog
+
+    settings = Settings.load()
+    return Catalog(settings.catalog_path(), lock_timeout=settings.lock_timeout_seconds)
+
+
 @app.command()
 @one_line_errors
 def demo() -> None:
@@ -133,11 +140,88 @@ def sql(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """Run a read-only SQL query against the catalog."""
-    from storage.catalog import Catalog
+    _print_frame(_catalog().query(query), as_json)
 
-    settings = Settings.load()
-    catalog = Catalog(settings.catalog_path(), lock_timeout=settings.lock_timeout_seconds)
-    _print_frame(catalog.query(query), as_json)
+
+@app.command()
+@one_line_errors
+def shares(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the diff; write and move nothing.")
+    ] = False,
+) -> None:
+    """Apply the pending share/revoke/disclose manifests under {manifests}/shares/."""
+    from flows.sharing import apply_share_manifests
+
+    result = apply_share_manifests(settings=Settings.load(), dry_run=dry_run)
+    if dry_run:
+        typer.echo("dry run: nothing was written or moved")
+    for grant in result.added:
+        typer.echo(f"+ {grant['owner']} -> {grant['grantee']} {grant['study_uid']}")
+    for grant in result.revoked:
+        typer.echo(f"- {grant['owner']} -> {grant['grantee']} {grant['study_uid']}")
+    for manifest, rows in sorted(result.outcomes.items()):
+        for row in rows:
+            if row["outcome"].startswith("rejected:"):
+                typer.echo(f"! {manifest} line {row['line']}: {row['outcome']}")
+    typer.echo(json.dumps(result.summary()))
+
+
+@app.command("access-list")
+@one_line_errors
+def access_list_cmd(
+    owner: str,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """Everyone OWNER has shared with, and each grant's status (active|revoked|expired)."""
+    from tasks.sharing import access_list
+
+    _print_frame(access_list(_catalog(), owner), as_json)
+
+
+@app.command("who-can-access")
+@one_line_errors
+def who_can_access_cmd(
+    study_uid: str,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """Who can access a study now: its owner and every active grant covering it."""
+    from tasks.sharing import who_can_access
+
+    _print_frame(who_can_access(_catalog(), study_uid), as_json)
+
+
+@app.command()
+@one_line_errors
+def disclosures(
+    owner: str,
+    since: Annotated[str | None, typer.Option(help="ISO date; default: 6 years ago.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """The accounting of disclosures made for OWNER's records."""
+    from tasks.manifests import parse_time
+    from tasks.sharing import disclosures_for
+
+    start = parse_time(since) if since else None
+    _print_frame(disclosures_for(_catalog(), owner, start), as_json)
+
+
+@app.command()
+@one_line_errors
+def incident(
+    user: Annotated[str, typer.Option("--user", help="The account that saw the records.")],
+    study: Annotated[str, typer.Option("--study", help="The study's UID.")],
+    reported_at: Annotated[
+        str | None, typer.Option("--reported-at", help="ISO time of the report (default now).")
+    ] = None,
+) -> None:
+    """Record a wrong-access report: revoke the user's grants and print the breach worksheet."""
+    from flows.sharing import report_wrong_access
+    from tasks.manifests import parse_time
+
+    when = parse_time(reported_at) if reported_at else None
+    result = report_wrong_access(user, study, when, settings=Settings.load())
+    typer.echo(result.report_md)
 
 
 @quarantine_app.command("list")

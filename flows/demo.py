@@ -1,23 +1,28 @@
 """``dropvault demo``: fill a home with demo drops and run every flow on it.
 
-The drops come from 3 facilities and 24 patients, built from pydicom's bundled
+The drops come from 3 facilities and 26 patients, built from pydicom's bundled
 samples with rewritten patient identities and UIDs; a few files are bad on
 purpose (not DICOM, truncated, missing a UID, a UID conflict, a short
-manifest) so the quarantine has something to show.
+manifest) so the quarantine has something to show. Then share, revoke and
+disclose manifests (with a few bad rows) are applied.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
 
 from flows.ingest import ingest_drops
 from flows.settings import Settings
+from flows.sharing import apply_share_manifests
 from storage.home import Home
 from tasks import samples
+from tasks.sharing import access_list
 
 FACILITIES = ("st-olav", "north-imaging", "harbor-clinic")
 
@@ -30,6 +35,9 @@ class DemoSummary:
     ingest: dict[str, Any]
     tables: dict[str, int] = field(default_factory=dict)
     quarantine: dict[str, int] = field(default_factory=dict)
+    sharing: dict[str, Any] = field(default_factory=dict)
+    access_owner: str = ""
+    access: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def lines(self) -> list[str]:
         out = [f"dropvault demo home: {self.home}"]
@@ -44,21 +52,37 @@ class DemoSummary:
             "quarantine by reason: "
             + (", ".join(f"{r}={n}" for r, n in sorted(self.quarantine.items())) or "none")
         )
+        sh = self.sharing
+        out.append(
+            f"sharing: {sh.get('applied', 0)} applied, {sh.get('rejected', 0)} rejected "
+            f"{sh.get('rejected_by_reason', {})}, {sh.get('disclosures', 0)} disclosures"
+        )
+        out.append(f"access list of {self.access_owner}:")
+        view = self.access[["grantee", "scope", "status", "granted_at", "expires_at"]]
+        out += ["  " + line for line in view.to_string(index=False).splitlines()]
         return out
 
     def _repr_html_(self) -> str:
         return "<pre>" + "\n".join(self.lines()) + "</pre>"
 
 
-def write_demo_drops(home: Home, seed: int = 7, patients: int = 24) -> tuple[int, int]:
-    """Write the demo drops; returns ``(drops, files)``."""
+def write_demo_drops(
+    home: Home, seed: int = 7, patients: int = 24
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """Write the demo drops; returns ``(drops, files, [(owner, study_uid), ...])``.
+
+    Odd-numbered patients have an account named in the manifest (``user:demo-NNN``); the
+    others own their studies through their pseudonym.
+    """
     rng = random.Random(seed)  # noqa: S311 - demo data, not secrets
     drops = files = 0
+    owned: list[tuple[str, str]] = []
     for index in range(patients):
         facility = FACILITIES[index % len(FACILITIES)]
         patient = samples.make_patient(rng, index)
         study_uid, study = samples.make_study(rng, patient, rng.randint(2, 4))
-        owners = {study_uid: f"user:{patient.patient_id.lower()}"} if index % 2 else {}
+        owners = {study_uid: f"user:demo-{index:03d}"} if index % 2 else {}
+        owned += list(owners.items())
         samples.write_drop(home.drops, facility, f"drop-{index:03d}", study, owners=owners)
         drops += 1
         files += len(study)
@@ -79,15 +103,69 @@ def write_demo_drops(home: Home, seed: int = 7, patients: int = 24) -> tuple[int
     patient = samples.make_patient(rng, 1000)
     _, study = samples.make_study(rng, patient, 2, "MR_small.dcm")
     samples.write_drop(home.drops, FACILITIES[2], "drop-nomanifest", study, manifest=False)
-    return drops + 3, files + len(bad) + 2 + 1 + 2
+    return drops + 3, files + len(bad) + 2 + 1 + 2, [(o, s) for s, o in owned]
+
+
+def write_demo_share_manifests(home: Home, owned: list[tuple[str, str]]) -> int:
+    """Share, revoke and disclose requests for the demo owners, with a few bad rows."""
+    now = datetime.now(UTC)
+
+    def at(days: float) -> str:
+        return (now - timedelta(days=days)).isoformat()
+
+    rows: list[dict[str, str]] = []
+    for i, (owner, study) in enumerate(owned):
+        rows.append(_share(f"demo-s{i}", "share", owner, "dr:house", study, at(30 - i)))
+        if i % 3 == 0:
+            rows.append(_share(f"demo-w{i}", "share", owner, "clinic:north", "*", at(20)))
+        if i % 4 == 1:
+            rows.append(_share(f"demo-r{i}", "revoke", owner, "dr:house", study, at(5)))
+        if i % 5 == 2:
+            rows.append(
+                {
+                    **_share(f"demo-d{i}", "disclose", owner, "court:oslo", study, at(40)),
+                    "purpose": "court order",
+                }
+            )
+    owner, study = owned[0]
+    rows += [
+        _share("demo-bad-1", "share", owner, "dr:who", "1.2.3.4.5.404", at(1)),  # unknown study
+        _share("demo-bad-2", "share", owner, owner, study, at(1)),  # grantee is the owner
+        {**_share("demo-bad-3", "share", owner, "dr:who", study, at(1)), "requested_at": "soon"},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    home.manifests.put_bytes("shares/demo-requests.jsonl", text.encode())
+    csv_rows = [
+        "request_id,action,owner,grantee,study_uid,requested_at,expires_at,purpose",
+        f"demo-c1,share,{owner},dr:temp,{study},{at(3)},{at(1)},",  # already expired
+        "demo-c2,share,this line is broken",
+    ]
+    home.manifests.put_bytes("shares/demo-requests.csv", ("\n".join(csv_rows) + "\n").encode())
+    return len(rows) + len(csv_rows) - 1
+
+
+def _share(
+    rid: str, action: str, owner: str, grantee: str, study: str, when: str
+) -> dict[str, str]:
+    return {
+        "request_id": rid,
+        "action": action,
+        "owner": owner,
+        "grantee": grantee,
+        "study_uid": study,
+        "requested_at": when,
+    }
 
 
 def run_demo(settings: Settings | None = None) -> DemoSummary:
     """Write demo drops under the settings' home and run every flow that exists."""
     settings = (settings or Settings.load()).model_copy(update={"quiet_seconds": 0.0})
     home = settings.build_home()
-    drops, files = write_demo_drops(home)
+    drops, files, owned = write_demo_drops(home)
     stats = ingest_drops(home=home, settings=settings)
+    write_demo_share_manifests(home, owned)
+    sharing = apply_share_manifests(home=home, settings=settings)
+    sample_owner = owned[0][0]
     reader = home.catalog.read_only()
     tables = {}
     for table in (
@@ -97,6 +175,9 @@ def run_demo(settings: Settings | None = None) -> DemoSummary:
         "instances",
         "objects",
         "quarantine",
+        "grants",
+        "grant_events",
+        "disclosures",
         "audit_log",
     ):
         tables[table] = int(reader.sql(f"SELECT count(*) AS n FROM {table}")["n"].iloc[0])  # noqa: S608
@@ -108,4 +189,7 @@ def run_demo(settings: Settings | None = None) -> DemoSummary:
         ingest=stats.as_dict(),
         tables=tables,
         quarantine=dict(zip(by_reason["reason"], by_reason["n"].astype(int), strict=True)),
+        sharing=sharing.summary(),
+        access_owner=sample_owner,
+        access=access_list(home.catalog, sample_owner),
     )

@@ -185,6 +185,17 @@ class Catalog:
                         raise
             time.sleep(0.05 * attempt)
 
+    def simulate(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run ``work(con)`` in a transaction and roll it back: a dry run that writes nothing."""
+        if not self._migrated:
+            self.migrate()
+        with self._connect(read_only=False) as con:
+            con.execute("BEGIN")
+            try:
+                return work(con)
+            finally:
+                con.execute("ROLLBACK")
+
     def read_only(self) -> CatalogReader:
         return CatalogReader(self)
 

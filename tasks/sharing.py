@@ -1,0 +1,539 @@
+"""Share, revoke and disclose requests; access readers; wrong-access incidents.
+
+State model. Every share or revoke is an event in ``grant_events``. The
+``grants`` row of a key (owner, grantee, study_uid) is derived from that
+key's events alone: the latest by ``(requested_at, request_id)`` wins, and a
+revoke of ``'*'`` counts as a revoke of every key of that owner and grantee.
+So the result is the same whatever order manifests arrive in and however the
+rows are split among them, a replay changes nothing, and a revoke older than
+a later share does not cancel it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.catalog import Catalog, insert_rows
+from tasks.manifests import (
+    ManifestRow,
+    archive_manifests,
+    content_hash,
+    parse_time,
+    read_pending,
+)
+
+SHARE_FIELDS = (
+    "request_id",
+    "action",
+    "owner",
+    "grantee",
+    "study_uid",
+    "expires_at",
+    "requested_at",
+    "purpose",
+)
+REQUIRED = ("request_id", "action", "owner", "grantee", "study_uid", "requested_at")
+ACTIONS = ("share", "revoke", "disclose")
+NOTIFY_WITHIN = timedelta(days=60)
+
+Key = tuple[str, str, str]  # owner, grantee, study_uid
+
+
+@dataclass(frozen=True)
+class ShareRequest:
+    request_id: str
+    action: str
+    owner: str
+    grantee: str
+    study_uid: str
+    requested_at: datetime
+    expires_at: datetime | None
+    purpose: str | None
+    row: ManifestRow
+    digest: str
+
+
+@dataclass
+class ShareResult:
+    """Outcome of one application (or dry run)."""
+
+    outcomes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by manifest
+    applied: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    added: list[dict[str, Any]] = field(default_factory=list)  # grants now active, newly
+    revoked: list[dict[str, Any]] = field(default_factory=list)  # grants no longer active
+    disclosures: int = 0
+
+    def outcome(self, row: ManifestRow, request_id: str | None, result: str) -> None:
+        self.outcomes.setdefault(row.manifest, []).append(
+            {"line": row.line, "request_id": request_id, "outcome": result}
+        )
+        if result == "applied":
+            self.applied += 1
+        elif result == "duplicate":
+            self.duplicates += 1
+        else:
+            reason = result.removeprefix("rejected:")
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "applied": self.applied,
+            "duplicates": self.duplicates,
+            "rejected": sum(self.rejected.values()),
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
+            "grants_added": len(self.added),
+            "grants_revoked": len(self.revoked),
+            "disclosures": self.disclosures,
+        }
+
+
+class Rejected(ValueError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def validate_fields(row: ManifestRow) -> ShareRequest:
+    """Syntax checks that need no catalog; raises :class:`Rejected`."""
+    if row.fields is None:
+        raise Rejected(row.error or "malformed")
+    f = row.fields
+    for name in REQUIRED:
+        if not f.get(name):
+            raise Rejected("missing_field")
+    action = f["action"].lower()
+    if action not in ACTIONS:
+        raise Rejected("unknown_action")
+    if action == "disclose" and not f.get("purpose"):
+        raise Rejected("missing_field")
+    try:
+        requested_at = parse_time(f["requested_at"])
+        expires_at = parse_time(f["expires_at"]) if f.get("expires_at") else None
+    except ValueError as exc:
+        raise Rejected("bad_timestamp") from exc
+    if expires_at is not None and expires_at <= requested_at:
+        raise Rejected("bad_timestamp")
+    if f["grantee"] == f["owner"]:
+        raise Rejected("grantee_is_owner")
+    return ShareRequest(
+        request_id=f["request_id"],
+        action=action,
+        owner=f["owner"],
+        grantee=f["grantee"],
+        study_uid=f["study_uid"],
+        requested_at=requested_at,
+        expires_at=expires_at,
+        purpose=f.get("purpose") or None,
+        row=row,
+        digest=content_hash(f, SHARE_FIELDS),
+    )
+
+
+# -- grants derived from events ---------------------------------------------------------
+
+
+def _grants_of(con: duckdb.DuckDBPyConnection, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
+    pairs_df = pd.DataFrame(list(pairs), columns=["owner", "grantee"]).drop_duplicates()
+    con.register("_pairs", pairs_df)
+    try:
+        return con.execute("SELECT g.* FROM grants g JOIN _pairs p USING (owner, grantee)").df()
+    finally:
+        con.unregister("_pairs")
+
+
+def recompute_grants(con: duckdb.DuckDBPyConnection, pairs: set[tuple[str, str]]) -> None:
+    """Rebuild the grants of these (owner, grantee) pairs from their events."""
+    if not pairs:
+        return
+    pairs_df = pd.DataFrame(sorted(pairs), columns=["owner", "grantee"])
+    con.register("_pairs", pairs_df)
+    try:
+        events = con.execute(
+            "SELECT e.* FROM grant_events e JOIN _pairs p USING (owner, grantee)"
+            " ORDER BY requested_at, event_id"
+        ).fetchall()
+        cols = [d[0] for d in con.description or []]
+        con.execute(
+            "DELETE FROM grants WHERE (owner, grantee) IN (SELECT (owner, grantee) FROM _pairs)"
+        )
+    finally:
+        con.unregister("_pairs")
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for values in events:
+        ev = dict(zip(cols, values, strict=True))
+        by_pair.setdefault((ev["owner"], ev["grantee"]), []).append(ev)
+    rows = []
+    for (owner, grantee), evs in by_pair.items():
+        studies = {e["study_uid"] for e in evs if e["action"] == "share"}
+        for study in studies:
+            relevant = [
+                e
+                for e in evs
+                if e["study_uid"] == study or (e["study_uid"] == "*" and e["action"] == "revoke")
+            ]  # already in (requested_at, event_id) order
+            last = relevant[-1]
+            shares = [e for e in relevant if e["action"] == "share"]
+            share = last if last["action"] == "share" else shares[-1]
+            revoked = last["action"] == "revoke"
+            rows.append(
+                {
+                    "owner": owner,
+                    "grantee": grantee,
+                    "study_uid": study,
+                    "grant_request_id": share["event_id"],
+                    "granted_at": share["requested_at"],
+                    "expires_at": share["expires_at"],
+                    "revoked_at": last["requested_at"] if revoked else None,
+                    "revoked_by": last["actor"] if revoked else None,
+                    "revoke_reason": last["reason"] if revoked else None,
+                    "revoke_request_id": last["event_id"] if revoked else None,
+                }
+            )
+    insert_rows(con, "grants", rows)
+
+
+def _active(df: pd.DataFrame, now: datetime) -> set[Key]:
+    if df.empty:
+        return set()
+    live = df[df["revoked_at"].isna() & (df["expires_at"].isna() | (df["expires_at"] > now))]
+    return {
+        (str(o), str(g), str(s))
+        for o, g, s in zip(live["owner"], live["grantee"], live["study_uid"], strict=True)
+    }
+
+
+def apply_requests(
+    con: duckdb.DuckDBPyConnection, rows: list[ManifestRow], now: datetime
+) -> ShareResult:
+    """Validate and apply manifest rows inside the caller's transaction."""
+    result = ShareResult()
+    valid: list[ShareRequest] = []
+    for row in rows:
+        try:
+            valid.append(validate_fields(row))
+        except Rejected as exc:
+            rid = (row.fields or {}).get("request_id") or None
+            result.outcome(row, rid, f"rejected:{exc.reason}")
+            _record(con, row, None, f"rejected:{exc.reason}", now)
+    ids = [r.request_id for r in valid]
+    known = dict(
+        con.execute(
+            "SELECT request_id, content_hash FROM share_requests"
+            " WHERE list_contains(?, request_id)",
+            [ids],
+        ).fetchall()
+    )
+    study_ids = sorted({r.study_uid for r in valid if r.study_uid != "*"})
+    owners = dict(
+        con.execute(
+            "SELECT study_uid, owner FROM studies WHERE list_contains(?, study_uid)"
+            " AND status = 'active'",
+            [study_ids],
+        ).fetchall()
+    )
+    todo: list[ShareRequest] = []
+    for req in sorted(valid, key=lambda r: (r.requested_at, r.request_id)):
+        if req.request_id in known:
+            outcome = (
+                "duplicate"
+                if known[req.request_id] == req.digest
+                else ("rejected:duplicate_request_id")
+            )
+            result.outcome(req.row, req.request_id, outcome)
+            if outcome != "duplicate":
+                _record(con, req.row, req, outcome, now)
+            continue
+        if req.study_uid != "*" and req.study_uid not in owners:
+            reject = "unknown_study"
+        elif req.study_uid != "*" and owners[req.study_uid] != req.owner:
+            reject = "not_owner"
+        else:
+            reject = ""
+        outcome = f"rejected:{reject}" if reject else "applied"
+        known[req.request_id] = req.digest
+        result.outcome(req.row, req.request_id, outcome)
+        _record(con, req.row, req, outcome, now)
+        if not reject:
+            todo.append(req)
+
+    pairs = {(r.owner, r.grantee) for r in todo if r.action != "disclose"}
+    before = _active(_grants_of(con, pairs), now) if pairs else set()
+    events = [
+        {
+            "event_id": r.request_id,
+            "action": r.action,
+            "owner": r.owner,
+            "grantee": r.grantee,
+            "study_uid": r.study_uid,
+            "requested_at": r.requested_at,
+            "expires_at": r.expires_at,
+            "actor": r.owner,
+            "reason": "manifest",
+            "recorded_at": now,
+        }
+        for r in todo
+        if r.action != "disclose"
+    ]
+    insert_rows(con, "grant_events", events)
+    disclosures = [
+        {
+            "disclosure_id": r.request_id,
+            "owner": r.owner,
+            "recipient": r.grantee,
+            "study_uid": r.study_uid,
+            "description": "all studies of the owner" if r.study_uid == "*" else "one study",
+            "purpose": r.purpose,
+            "disclosed_at": r.requested_at,
+            "recorded_at": now,
+        }
+        for r in todo
+        if r.action == "disclose"
+    ]
+    insert_rows(con, "disclosures", disclosures)
+    result.disclosures = len(disclosures)
+    recompute_grants(con, pairs)
+    after = _active(_grants_of(con, pairs), now) if pairs else set()
+    result.added = [
+        dict(zip(("owner", "grantee", "study_uid"), k, strict=True)) for k in sorted(after - before)
+    ]
+    result.revoked = [
+        dict(zip(("owner", "grantee", "study_uid"), k, strict=True)) for k in sorted(before - after)
+    ]
+    return result
+
+
+def _record(
+    con: duckdb.DuckDBPyConnection,
+    row: ManifestRow,
+    req: ShareRequest | None,
+    outcome: str,
+    now: datetime,
+) -> None:
+    f = row.fields or {}
+    insert_rows(
+        con,
+        "share_requests",
+        [
+            {
+                "request_id": req.request_id if req and outcome == "applied" else f"{row.ref}",
+                "content_hash": req.digest if req else None,
+                "action": (f.get("action") or None),
+                "owner": f.get("owner") or None,
+                "grantee": f.get("grantee") or None,
+                "study_uid": f.get("study_uid") or None,
+                "requested_at": req.requested_at if req else None,
+                "expires_at": req.expires_at if req else None,
+                "purpose": f.get("purpose") or None,
+                "manifest": row.manifest,
+                "line": row.line,
+                "outcome": outcome,
+                "processed_at": now,
+            }
+        ],
+        ignore_existing=True,
+    )
+
+
+def apply_share_rows(
+    catalog: Catalog, rows: list[ManifestRow], now: datetime, dry_run: bool = False
+) -> ShareResult:
+    """Apply rows in one transaction; with ``dry_run`` roll it back and only report the diff."""
+    run = catalog.simulate if dry_run else catalog.write
+    return run(lambda con: apply_requests(con, rows, now))
+
+
+def report_incident(
+    catalog: Catalog, user: str, study_uid: str, reported_at: datetime, now: datetime
+) -> Incident:
+    return catalog.write(lambda con: open_incident(con, user, study_uid, reported_at, now))
+
+
+read_pending_task = task(
+    name="read-manifests", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(read_pending)
+archive_manifests_task = task(
+    name="archive-manifests", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(archive_manifests)
+apply_share_rows_task = task(
+    name="apply-share-rows", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+)(apply_share_rows)
+report_incident_task = task(name="report-incident", cache_policy=NO_CACHE)(report_incident)
+
+
+# -- readers ---------------------------------------------------------------------------
+
+
+def access_list(catalog: Catalog, owner: str) -> pd.DataFrame:
+    """Everyone the owner has shared with: one row a grant, with status active|revoked|expired."""
+    return catalog.query(
+        "SELECT owner, grantee, scope, study_uid, granted_at, expires_at, status"
+        " FROM access_list WHERE owner = ? ORDER BY grantee, study_uid",
+        [owner],
+    )
+
+
+def who_can_access(catalog: Catalog, study_uid: str) -> pd.DataFrame:
+    """Who can access a study now: its owner and every active grant covering it."""
+    return catalog.query(
+        "SELECT study_uid, user_id, via, expires_at FROM study_access WHERE study_uid = ?"
+        " ORDER BY via DESC, user_id",
+        [study_uid],
+    )
+
+
+def can_access(catalog: Catalog, user: str, study_uid: str) -> bool:
+    df = catalog.query(
+        "SELECT count(*) AS n FROM study_access WHERE study_uid = ? AND user_id = ?",
+        [study_uid, user],
+    )
+    return bool(df["n"].iloc[0])
+
+
+def disclosures_for(catalog: Catalog, owner: str, since: datetime | None = None) -> pd.DataFrame:
+    """The accounting of disclosures for an owner over the last 6 years (or since ``since``)."""
+    since = since or datetime.now(UTC) - timedelta(days=6 * 365 + 2)
+    return catalog.query(
+        "SELECT disclosed_at, recipient, study_uid, description, purpose FROM disclosures"
+        " WHERE owner = ? AND disclosed_at >= ? ORDER BY disclosed_at",
+        [owner, since],
+    )
+
+
+# -- incidents -------------------------------------------------------------------------
+
+
+@dataclass
+class Incident:
+    incident_id: str
+    reported_user: str
+    study_uid: str
+    reported_at: datetime
+    notify_by: datetime
+    revoked: list[dict[str, Any]]
+    people: list[dict[str, Any]]
+    report_md: str
+
+
+def open_incident(
+    con: duckdb.DuckDBPyConnection, user: str, study_uid: str, reported_at: datetime, now: datetime
+) -> Incident:
+    """Trace and revoke every grant that gave ``user`` access to the study; write the incident."""
+    found = con.execute("SELECT owner FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
+    if found is None:
+        raise LookupError("no such study in the catalog")
+    owner = found[0]
+    incident_id = "inc_" + uuid.uuid4().hex[:16]
+    grants = con.execute(
+        "SELECT owner, grantee, study_uid, granted_at, expires_at, grant_request_id FROM grants"
+        " WHERE owner = ? AND grantee = ? AND (study_uid = ? OR study_uid = '*')"
+        " AND revoked_at IS NULL",
+        [owner, user, study_uid],
+    ).df()
+    events = [
+        {
+            "event_id": f"incident:{incident_id}:{i}",
+            "action": "revoke",
+            "owner": g.owner,
+            "grantee": g.grantee,
+            "study_uid": g.study_uid,
+            "requested_at": now,
+            "expires_at": None,
+            "actor": "incident",
+            "reason": "incident",
+            "recorded_at": now,
+        }
+        for i, g in enumerate(grants.itertuples())
+    ]
+    insert_rows(con, "grant_events", events)
+    recompute_grants(con, {(owner, user)})
+    people = con.execute(
+        "SELECT grantee AS user_id, min(requested_at) AS first_granted,"
+        " max(requested_at) AS last_event FROM grant_events"
+        " WHERE owner = ? AND (study_uid = ? OR study_uid = '*') AND action = 'share'"
+        " GROUP BY 1 ORDER BY 1",
+        [owner, study_uid],
+    ).df()
+    access_now = con.execute(
+        "SELECT user_id, via FROM study_access WHERE study_uid = ? ORDER BY 1", [study_uid]
+    ).df()
+    notify_by = reported_at + NOTIFY_WITHIN
+    involved: list[dict[str, Any]] = [
+        {str(k): (None if pd.isna(v) else v) for k, v in g.items()}
+        for g in grants.to_dict(orient="records")
+    ]
+    had_access: list[dict[str, Any]] = [
+        {str(k): v for k, v in p.items()} for p in people.to_dict(orient="records")
+    ]
+    lines = [
+        f"# Incident {incident_id}",
+        "",
+        f"- Study: `{study_uid}` (owner `{owner}`)",
+        f"- Reported user: `{user}`",
+        f"- Reported / discovered: {reported_at.isoformat()}",
+        f"- Notification deadline (discovery + 60 days): **{notify_by.date().isoformat()}**",
+        "",
+        "## Timeline",
+        "",
+        f"- {reported_at.isoformat()}: access reported",
+        f"- {now.isoformat()}: {len(events)} grant(s) revoked (reason `incident`)",
+        "",
+        "## Grants involved",
+        "",
+        "| owner | grantee | scope | granted_at | expires_at |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {g['owner']} | {g['grantee']} | {'all' if g['study_uid'] == '*' else 'study'}"
+        f" | {g['granted_at']} | {g['expires_at'] or ''} |"
+        for g in involved
+    ] or ["| (none active) | | | | |"]
+    lines += [
+        "",
+        "## People who had access",
+        "",
+        "| user | first granted | last event |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {p.user_id} | {p.first_granted} | {p.last_event} |" for p in people.itertuples()]
+    lines += ["", "## Access now", "", "| user | via |", "|---|---|"]
+    lines += [f"| {a.user_id} | {a.via} |" for a in access_now.itertuples()]
+    report = "\n".join(lines) + "\n"
+    con.execute(
+        "INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            incident_id,
+            user,
+            study_uid,
+            reported_at,
+            reported_at,
+            notify_by,
+            len(events),
+            len(people),
+            report,
+        ],
+    )
+    con.execute(
+        "INSERT INTO audit_log VALUES (?, ?, 'incident', 'revoke_grants', ?, ?)",
+        [uuid.uuid4().hex, now, incident_id, f'{{"grants_revoked": {len(events)}}}'],
+    )
+    return Incident(
+        incident_id,
+        user,
+        study_uid,
+        reported_at,
+        notify_by,
+        involved,
+        had_access,
+        report,
+    )
