@@ -111,3 +111,62 @@ def test_bad_setting_fails_at_start_naming_it(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "DROPVAULT_QUIET_SECONDS" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sharing_commands(demo_home: Path) -> None:
+    acl = json.loads(dv(demo_home, "access-list", "user:demo-001", "--json").stdout)
+    assert acl and set(acl[0]) == {
+        "owner",
+        "grantee",
+        "scope",
+        "study_uid",
+        "granted_at",
+        "expires_at",
+        "status",
+    }
+    assert {r["status"] for r in acl} >= {"active", "expired"}
+    study = next(r["study_uid"] for r in acl if r["scope"] == "study")
+    who = json.loads(dv(demo_home, "who-can-access", study, "--json").stdout)
+    assert {"user:demo-001", "dr:house"} <= {r["user_id"] for r in who}
+    assert "court:oslo" in dv(demo_home, "disclosures", "user:demo-005").stdout
+
+
+def test_shares_dry_run_then_apply(demo_home: Path) -> None:
+    acl = json.loads(dv(demo_home, "access-list", "user:demo-003", "--json").stdout)
+    study = next(r["study_uid"] for r in acl if r["scope"] == "study")
+    line = json.dumps(
+        {
+            "request_id": "cli-1",
+            "action": "share",
+            "owner": "user:demo-003",
+            "grantee": "dr:cli",
+            "study_uid": study,
+            "requested_at": "2026-11-01T00:00:00Z",
+        }
+    )
+    manifest = demo_home / "manifests" / "shares" / "cli.jsonl"
+    manifest.write_text(line + "\n")
+    dry = dv(demo_home, "shares", "--dry-run").stdout
+    assert "dry run" in dry and "+ user:demo-003 -> dr:cli" in dry and manifest.exists()
+    assert "dr:cli" not in dv(demo_home, "access-list", "user:demo-003").stdout
+    dv(demo_home, "shares")
+    assert not manifest.exists()
+    assert "dr:cli" in dv(demo_home, "access-list", "user:demo-003").stdout
+
+
+def test_incident_command(demo_home: Path) -> None:
+    acl = json.loads(dv(demo_home, "access-list", "user:demo-007", "--json").stdout)
+    study = next(r["study_uid"] for r in acl if r["grantee"] == "dr:house")
+    out = dv(
+        demo_home,
+        "incident",
+        "--user",
+        "dr:house",
+        "--study",
+        study,
+        "--reported-at",
+        "2026-11-20T10:00:00Z",
+    ).stdout
+    assert "Notification deadline" in out and "2027-01-19" in out
+    who = json.loads(dv(demo_home, "who-can-access", study, "--json").stdout)
+    assert "dr:house" not in {r["user_id"] for r in who}

@@ -177,7 +177,8 @@ def test_every_rejection_reason_while_good_rows_apply(
         ["applied", "rejected:malformed"] + [f"rejected:{r}" for r in bad]
     )
     rejected = home.catalog.query(
-        "SELECT outcome FROM share_requests WHERE outcome LIKE 'rejected:%' AND manifest LIKE '%mixed%'"
+        "SELECT outcome FROM share_requests"
+        " WHERE outcome LIKE 'rejected:%' AND manifest LIKE '%mixed%'"
     )
     assert len(rejected) == len(bad) + 1
 
@@ -278,12 +279,12 @@ STUDIES = {"o:1": ["1.2.1", "1.2.2"], "o:2": ["1.2.3"]}
 def fresh_catalog(tmp: Path) -> Catalog:
     catalog = Catalog(tmp / f"{uuid.uuid4().hex}.duckdb")
     catalog.migrate()
-    rows = [
-        f"('{s}', 'pk', '{o}', 'fac', 'rk', NULL, 'active', now())"
-        for o, studies in STUDIES.items()
-        for s in studies
-    ]
-    catalog.write(lambda con: con.execute("INSERT INTO studies VALUES " + ",".join(rows)))
+    rows = [(s, "pk", o, "fac", "rk") for o, studies in STUDIES.items() for s in studies]
+    catalog.write(
+        lambda con: con.executemany(
+            "INSERT INTO studies VALUES (?, ?, ?, ?, ?, NULL, 'active', now())", rows
+        )
+    )
     return catalog
 
 
