@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     orphan_grace_seconds: float = Field(default=3600.0, ge=0)
     lock_timeout_seconds: float = Field(default=120.0, gt=0)
     region: str = "local"
+    deletion_at_risk_hours: float = Field(default=6.0, gt=0)
+    sweep_batch: int = Field(default=500, gt=0)
 
     kek: SecretStr | None = None
     pepper: SecretStr | None = None

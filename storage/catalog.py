@@ -203,6 +203,24 @@ class Catalog:
         """Shorthand for ``read_only().sql(...)``."""
         return self.read_only().sql(sql, params)
 
+    def rewrite(self) -> None:
+        """Copy the live data into a fresh file and swap it in (drops every dead block).
+
+        Holds the write lock while copying; the swap itself is an atomic rename.
+        """
+        fresh = self.path.with_name(self.path.name + ".rewrite")
+        fresh.unlink(missing_ok=True)
+        with self._connect(read_only=False) as con:
+            source = con.execute("SELECT current_database()").fetchone()
+            con.execute(f"ATTACH '{fresh}' AS rewrite_target")
+            con.execute(
+                f'COPY FROM DATABASE "{source[0] if source else self.path.stem}" TO rewrite_target'
+            )
+            con.execute("DETACH rewrite_target")
+            con.execute("CHECKPOINT")
+            fresh.replace(self.path)
+        self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
+
     def checkpoint(self) -> None:
         with self._connect(read_only=False) as con:
             con.execute("CHECKPOINT")

@@ -38,10 +38,17 @@ from storage.home import Home
 from storage.vault import IntegrityError, Vault
 from tasks.dicom import DicomHeader, DicomRejected, read_header
 from tasks.drops import Drop, DropFile
-from tasks.phi import patient_key, seal_fields
+from tasks.phi import keyed_hash, patient_key, seal_fields
 from tasks.quarantine import Quarantined, quarantine_file, quarantine_id
 
-IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept for the batch
+IN_MEMORY_MAX = 8 * 1024 * 1024
+
+
+def study_key(pepper: bytes, study_uid: str) -> str:
+    """The tombstone key of a study (a keyed hash: the catalog never keeps a deleted UID)."""
+    return "st_" + keyed_hash(
+        pepper, "study", study_uid
+    )  # files up to this size are read once and kept for the batch
 
 
 @dataclass
@@ -196,11 +203,13 @@ class _Batch:
 
 def _existing(
     home: Home, uids: list[str], studies: list[str], qids: list[str]
-) -> tuple[dict[str, str], dict[str, str], set[str]]:
-    """Catalog look-ups for a batch: instance sha by UID, record key by study, known quarantine."""
+) -> tuple[dict[str, str], dict[str, str], set[str], set[str]]:
+    """Catalog look-ups for a batch: instance sha by UID, record key by study, known
+    quarantine ids, and the studies an owner deleted (tombstoned)."""
     if not uids and not studies and not qids:
-        return {}, {}, set()
-    inst, stud, quar = home.catalog.read_only().many(
+        return {}, {}, set(), set()
+    keys = {study_key(home.pepper, s): s for s in studies}
+    inst, stud, quar, tomb = home.catalog.read_only().many(
         [
             (
                 "SELECT sop_instance_uid, sha256 FROM instances"
@@ -215,12 +224,17 @@ def _existing(
                 "SELECT quarantine_id FROM quarantine WHERE list_contains(?, quarantine_id)",
                 [qids],
             ),
+            (
+                "SELECT study_key FROM tombstones WHERE list_contains(?, study_key)",
+                [list(keys)],
+            ),
         ]
     )
     return (
         dict(zip(inst["sop_instance_uid"], inst["sha256"], strict=True)),
         dict(zip(stud["study_uid"], stud["record_key_id"], strict=True)),
         set(quar["quarantine_id"]),
+        {keys[k] for k in tomb["study_key"]},
     )
 
 
@@ -277,7 +291,7 @@ def ingest_batch(
 
     # 2. Dedupe against the catalog and within the batch.
     headers = [r.header for r in parsed if r.header is not None]
-    known_sha, study_keys, batch.known_quarantine = _existing(
+    known_sha, study_keys, batch.known_quarantine, deleted = _existing(
         home,
         [h.sop_instance_uid for h in headers],
         sorted({h.study_uid for h in headers}),
@@ -291,7 +305,10 @@ def ingest_batch(
         header = item.header
         assert header is not None  # noqa: S101 - parsed items have headers
         prior = seen.get(header.sop_instance_uid)
-        if prior is None:
+        if header.study_uid in deleted:
+            # The owner deleted this study while the file was on its way: the tombstone wins.
+            batch.quarantine(item, "deleted_by_owner", "study was deleted by its owner")
+        elif prior is None:
             seen[header.sop_instance_uid] = item.sha256
             fresh.append((item, header))
         elif prior == item.sha256:
@@ -387,6 +404,19 @@ def ingest_batch(
                 "SELECT sop_instance_uid FROM instances WHERE list_contains(?, sop_instance_uid)",
                 [uids_now],
             ).fetchall()
+        }
+        tombstoned = {
+            row[0]
+            for row in con.execute(
+                "SELECT study_key FROM tombstones WHERE list_contains(?, study_key)",
+                [[study_key(home.pepper, r["study_uid"]) for r in instance_rows]],
+            ).fetchall()
+        }
+        # A deletion that landed since step 2: leave these sources for the next run.
+        taken |= {
+            r["sop_instance_uid"]
+            for r in instance_rows
+            if study_key(home.pepper, r["study_uid"]) in tombstoned
         }
         keep = [r for r in instance_rows if r["sop_instance_uid"] not in taken]
         keep_ids = {r["object_id"] for r in keep}

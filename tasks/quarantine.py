@@ -35,7 +35,7 @@ REASONS = (
     "incomplete_drop",
     "unsafe_name",
     "too_large",
-    "unreadable",
+    "deleted_by_owner",
 )
 
 

@@ -1,0 +1,69 @@
+"""``deletion_sweep``: carry out owners' deletion requests within 24 hours (promise P3)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.settings import Settings
+from storage.home import Home
+from tasks.deletion import (
+    SweepResult,
+    compact_catalog_task,
+    deletion_sla,
+    dry_run_sweep,
+    pending_requests,
+    register_requests_task,
+    sweep_requests_task,
+)
+from tasks.sharing import archive_manifests_task, read_pending_task
+
+
+class DeletionSLABreached(RuntimeError):
+    """A deletion request took (or is taking) longer than its 24 hours."""
+
+
+@flow(name="deletion-sweep", validate_parameters=False)
+def deletion_sweep(
+    home: Home | None = None, settings: Settings | None = None, dry_run: bool = False
+) -> SweepResult:
+    """Take new requests from ``{manifests}/deletions/`` and carry out every pending one."""
+    settings = settings or Settings.load()
+    home = home or settings.build_home()
+    home.catalog.migrate()
+    logger = get_run_logger()
+    names, rows = read_pending_task(home.manifests, "deletions")
+    now = datetime.now(UTC)
+    if dry_run:
+        return dry_run_sweep(home.catalog, rows, now)
+    intake = register_requests_task(home.catalog, rows, now)
+    archive_manifests_task(home.manifests, "deletions", names, intake.outcomes)
+    pending = pending_requests(home.catalog)
+    result = SweepResult(intake=intake)
+    for start in range(0, len(pending), settings.sweep_batch):
+        part = sweep_requests_task(home, pending.iloc[start : start + settings.sweep_batch], now)
+        result.requests_done += part.requests_done
+        result.studies += part.studies
+    deleted = [s.study_uid for s in result.studies if s.outcome == "deleted"]
+    result.compacted = compact_catalog_task(home.catalog, deleted)
+    sla = deletion_sla(home.catalog, settings.deletion_at_risk_hours)
+    result.sla = {str(k): int(v) for k, v in sla["sla_state"].value_counts().items()}
+    create_table_artifact(
+        key="deletion-sweep",
+        table=[{"metric": k, "value": str(v)} for k, v in result.summary().items()],
+        description="deletion sweep: requests, studies, verification and SLA",
+    )
+    done_now = set(pending["request_id"])
+    late = sla[
+        (sla["sla_state"] == "breached")
+        & (sla["request_id"].isin(done_now) | sla["completed_at"].isna())
+    ]
+    logger.info("deletion sweep: %s", result.summary())
+    if len(late):
+        raise DeletionSLABreached(
+            f"{len(late)} deletion request(s) breached the 24 h promise: "
+            + ", ".join(sorted(map(str, late["request_id"]))[:10])
+        )
+    return result
