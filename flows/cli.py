@@ -224,6 +224,43 @@ def incident(
     typer.echo(result.report_md)
 
 
+@app.command()
+@one_line_errors
+def sweep(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be deleted or archived.")
+    ] = False,
+) -> None:
+    """Take new deletion requests and carry out every pending one (fails on an SLA breach)."""
+    from flows.deletion import deletion_sweep
+
+    result = deletion_sweep(settings=Settings.load(), dry_run=dry_run)
+    if dry_run:
+        typer.echo("dry run: nothing was deleted, written or moved")
+        for item in result.planned:
+            typer.echo(
+                f"{item['action']} {item['request_id']}: {item['studies']} studies, "
+                f"{item['instances']} instances, due {item['due_at']}"
+            )
+    for manifest, rows in sorted(result.intake.outcomes.items()):
+        for row in rows:
+            if row["outcome"].startswith("rejected:"):
+                typer.echo(f"! {manifest} line {row['line']}: {row['outcome']}")
+    typer.echo(json.dumps(result.summary(), default=str))
+
+
+@app.command()
+@one_line_errors
+def deletions(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """Deletion requests with their SLA state (pending, at_risk, completed, breached)."""
+    from tasks.deletion import deletion_sla
+
+    settings = Settings.load()
+    _print_frame(deletion_sla(_catalog(), settings.deletion_at_risk_hours), as_json)
+
+
 @quarantine_app.command("list")
 @one_line_errors
 def quarantine_list_cmd(

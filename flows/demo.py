@@ -17,11 +17,13 @@ from typing import Any
 
 import pandas as pd
 
+from flows.deletion import deletion_sweep
 from flows.ingest import ingest_drops
 from flows.settings import Settings
 from flows.sharing import apply_share_manifests
 from storage.home import Home
 from tasks import samples
+from tasks.deletion import deletion_sla
 from tasks.sharing import access_list
 
 FACILITIES = ("st-olav", "north-imaging", "harbor-clinic")
@@ -38,6 +40,8 @@ class DemoSummary:
     sharing: dict[str, Any] = field(default_factory=dict)
     access_owner: str = ""
     access: pd.DataFrame = field(default_factory=pd.DataFrame)
+    deletion: dict[str, Any] = field(default_factory=dict)
+    sla: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def lines(self) -> list[str]:
         out = [f"dropvault demo home: {self.home}"]
@@ -60,6 +64,16 @@ class DemoSummary:
         out.append(f"access list of {self.access_owner}:")
         view = self.access[["grantee", "scope", "status", "granted_at", "expires_at"]]
         out += ["  " + line for line in view.to_string(index=False).splitlines()]
+        d = self.deletion
+        out.append(
+            f"deletion sweep: {d.get('studies_deleted', 0)} studies deleted, "
+            f"{d.get('studies_archived', 0)} archived, verified={d.get('all_verified')}, "
+            f"{d.get('requests_rejected', 0)} request(s) rejected, "
+            f"catalog compaction: {d.get('catalog_compaction')}"
+        )
+        out.append("deletion SLA:")
+        sla = self.sla[["request_id", "requested_at", "due_at", "completed_at", "sla_state"]]
+        out += ["  " + line for line in sla.to_string(index=False).splitlines()]
         return out
 
     def _repr_html_(self) -> str:
@@ -144,6 +158,36 @@ def write_demo_share_manifests(home: Home, owned: list[tuple[str, str]]) -> int:
     return len(rows) + len(csv_rows) - 1
 
 
+def write_demo_deletions(home: Home, owned: list[tuple[str, str]]) -> None:
+    """Two deletions (one keeping an archive) and one bad request."""
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "request_id": "demo-del-1",
+            "owner": owned[-1][0],
+            "study_uid": owned[-1][1],
+            "requested_at": (now - timedelta(hours=2)).isoformat(),
+            "keep_archive": "false",
+        },
+        {
+            "request_id": "demo-del-2",
+            "owner": owned[-2][0],
+            "study_uid": owned[-2][1],
+            "requested_at": (now - timedelta(hours=20)).isoformat(),
+            "keep_archive": "true",
+        },
+        {
+            "request_id": "demo-del-bad",
+            "owner": owned[0][0],
+            "study_uid": owned[1][1],
+            "requested_at": now.isoformat(),
+            "keep_archive": "false",
+        },  # not the owner's study
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    home.manifests.put_bytes("deletions/demo-deletions.jsonl", text.encode())
+
+
 def _share(
     rid: str, action: str, owner: str, grantee: str, study: str, when: str
 ) -> dict[str, str]:
@@ -166,6 +210,8 @@ def run_demo(settings: Settings | None = None) -> DemoSummary:
     write_demo_share_manifests(home, owned)
     sharing = apply_share_manifests(home=home, settings=settings)
     sample_owner = owned[0][0]
+    write_demo_deletions(home, owned)
+    sweep = deletion_sweep(home=home, settings=settings)
     reader = home.catalog.read_only()
     tables = {}
     for table in (
@@ -178,6 +224,8 @@ def run_demo(settings: Settings | None = None) -> DemoSummary:
         "grants",
         "grant_events",
         "disclosures",
+        "deletion_requests",
+        "tombstones",
         "audit_log",
     ):
         tables[table] = int(reader.sql(f"SELECT count(*) AS n FROM {table}")["n"].iloc[0])  # noqa: S608
@@ -192,4 +240,6 @@ def run_demo(settings: Settings | None = None) -> DemoSummary:
         sharing=sharing.summary(),
         access_owner=sample_owner,
         access=access_list(home.catalog, sample_owner),
+        deletion=sweep.summary(),
+        sla=deletion_sla(home.catalog, settings.deletion_at_risk_hours),
     )

@@ -170,3 +170,36 @@ def test_incident_command(demo_home: Path) -> None:
     assert "Notification deadline" in out and "2027-01-19" in out
     who = json.loads(dv(demo_home, "who-can-access", study, "--json").stdout)
     assert "dr:house" not in {r["user_id"] for r in who}
+
+
+def test_deletion_commands(demo_home: Path) -> None:
+    rows = json.loads(dv(demo_home, "deletions", "--json").stdout)
+    assert {r["request_id"] for r in rows} == {"demo-del-1", "demo-del-2"}
+    assert {r["sla_state"] for r in rows} == {"completed"}
+    acl = json.loads(dv(demo_home, "access-list", "user:demo-009", "--json").stdout)
+    study = next(r["study_uid"] for r in acl if r["scope"] == "study")
+    (demo_home / "manifests" / "deletions" / "cli.jsonl").write_text(
+        json.dumps(
+            {
+                "request_id": "cli-del",
+                "owner": "user:demo-009",
+                "study_uid": study,
+                "requested_at": "2026-11-27T00:00:00Z",
+                "keep_archive": "false",
+            }
+        )
+        + "\n"
+    )
+    dry = dv(demo_home, "sweep", "--dry-run").stdout
+    assert "delete cli-del: 1 studies" in dry
+    assert (
+        json.loads(
+            dv(
+                demo_home,
+                "sql",
+                "SELECT count(*) AS n FROM studies WHERE study_uid = '" + study + "'",  # noqa: S608
+                "--json",
+            ).stdout
+        )[0]["n"]
+        == 1
+    )

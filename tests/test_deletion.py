@@ -126,8 +126,9 @@ def test_proof_of_deletion(dhome: Home, rng: random.Random, tmp_path: Path) -> N
     )
     apply_share_manifests(home=home)
     key_ids = home.catalog.query(
-        "SELECT DISTINCT record_key_id FROM objects WHERE object_id IN (SELECT object_id FROM instances"
-        " WHERE study_uid = ? UNION SELECT object_id FROM quarantine WHERE study_uid = ?)",
+        "SELECT DISTINCT record_key_id FROM objects WHERE object_id IN"
+        " (SELECT object_id FROM instances WHERE study_uid = ?"
+        " UNION SELECT object_id FROM quarantine WHERE study_uid = ?)",
         [gone_uid, gone_uid],
     )["record_key_id"].tolist()
     wrapped = [home.keystore.wrapped_bytes(k) for k in key_ids]
