@@ -64,7 +64,11 @@ def insert_rows(
     """Insert dicts by column name in one statement (Arrow, not row-by-row executemany)."""
     if not rows:
         return 0
-    data = pa.Table.from_pylist(list(rows))
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    # from_pylist takes its columns from the first row: give every row every column.
+    data = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
     view = f"_rows_{table}"
     con.register(view, data)
     try:

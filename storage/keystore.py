@@ -175,6 +175,24 @@ class Keystore:
         self._cache[key_id] = key
         return key
 
+    def live(self, key_ids: list[str]) -> set[str]:
+        """Which of these keys still unwrap (one read; for proofs of destruction)."""
+        wanted = set(key_ids)
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT key_id, wrapped FROM record_keys WHERE destroyed_at IS NULL"
+            ).fetchall()
+        alive = set()
+        for key_id, wrapped in rows:
+            if key_id not in wanted:
+                continue
+            try:
+                aes_key_unwrap(self._kek, wrapped)
+                alive.add(key_id)
+            except InvalidUnwrap:
+                continue
+        return alive
+
     def wrapped_bytes(self, key_id: str) -> bytes | None:
         """The stored wrapped key (for proofs of destruction in tests and audits)."""
         with self._connect() as con:
