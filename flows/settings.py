@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     archive_url: str | None = None
     manifests_url: str | None = None
     beacons_url: str | None = None
+    exports_url: str | None = None
     catalog_url: str | None = None  # a local DuckDB file path or file:// URL
     keys_dir: Path | None = None
 
@@ -76,6 +77,8 @@ class Settings(BaseSettings):
     region: str = "local"
     deletion_at_risk_hours: float = Field(default=6.0, gt=0)
     sweep_batch: int = Field(default=500, gt=0)
+    beacon_retention: Literal["delete", "keep"] = "delete"
+    beacon_memory_limit: str = "1GB"
 
     kek: SecretStr | None = None
     pepper: SecretStr | None = None
@@ -86,7 +89,13 @@ class Settings(BaseSettings):
     s3_region: str | None = None
 
     @field_validator(
-        "drops_url", "vault_url", "quarantine_url", "archive_url", "manifests_url", "beacons_url"
+        "drops_url",
+        "vault_url",
+        "quarantine_url",
+        "archive_url",
+        "manifests_url",
+        "beacons_url",
+        "exports_url",
     )
     @classmethod
     def _url(cls, value: str | None, info: Any) -> str | None:

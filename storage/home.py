@@ -15,7 +15,7 @@ from storage.keystore import Keystore, load_or_create_secret
 from storage.locations import Location
 from storage.vault import Vault
 
-LOCATIONS = ("drops", "vault", "quarantine", "archive", "manifests", "beacons")
+LOCATIONS = ("drops", "vault", "quarantine", "archive", "manifests", "beacons", "exports")
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Home:
     archive: Location
     manifests: Location
     beacons: Location
+    exports: Location
     catalog: Catalog
     keystore: Keystore
     pepper: bytes  # HMAC key for patient_key and other pseudonyms

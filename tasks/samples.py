@@ -157,3 +157,69 @@ def write_drop(
         "owners": owners or {},
     }
     drops.put_bytes(f"{facility_id}/{drop_id}/manifest.json", json.dumps(doc).encode())
+
+
+# -- beacon hits ------------------------------------------------------------
+
+
+PAGES = ("/", "/studies", "/share", "/help", "/pricing", "/about")
+CAMPAIGNS = ("nl-2026-11", "nl-2026-12", "promo-winter")
+PARTNERS = ("", "acme-imaging", "north-labs")
+AGENTS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) Firefox/133.0",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) Safari/605.1.15",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0) Mobile/15E148",
+)
+
+
+def make_hit(rng: random.Random, day: str, visitors: int = 500) -> dict[str, object]:
+    """One realistic hit; now and then with an identifier where none belongs."""
+    kind = rng.choices(
+        ("page_view", "email_open", "cobrand", "unsubscribe"), weights=(70, 20, 8, 2)
+    )[0]
+    target = rng.choice(PAGES) if kind in ("page_view", "cobrand") else rng.choice(CAMPAIGNS)
+    roll = rng.random()
+    if roll < 0.01:
+        target = f"/studies/1.2.840.113619.2.55.{rng.randrange(10**6)}"
+    elif roll < 0.02:
+        target = f"/patient/MRN{rng.randrange(10**7, 10**8)}"
+    elif roll < 0.025:
+        target = f"/share?to=someone{rng.randrange(99)}@example.org"
+    agent = rng.choice(AGENTS)
+    ip = f"{rng.randrange(1, 223)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}"
+    if rng.random() < 0.03:
+        agent = "Googlebot/2.1 (+http://www.google.com/bot.html)"
+    if kind == "email_open" and rng.random() < 0.4:
+        agent, ip = "Mozilla/5.0", f"17.{rng.randrange(256)}.{rng.randrange(256)}.1"
+    return {
+        "ts": f"{day}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z",
+        "beacon": kind,
+        "target": target,
+        "partner": rng.choice(PARTNERS) if kind == "cobrand" else "",
+        "visitor_id": f"v{rng.randrange(visitors)}",
+        "ip": ip,
+        "user_agent": agent,
+        "url": f"https://share.example.org{target}?session={rng.randrange(10**9)}",
+        "referrer": "https://www.example.org/?q=mri",
+        "third_party": rng.random() < 0.05,
+    }
+
+
+def write_hits(
+    beacons: Location, day: str, hits: list[dict[str, object]], name: str = "hits.jsonl"
+) -> None:
+    """Write hits as JSON Lines (``.jsonl``, optionally ``.gz``) or CSV (``.csv``)."""
+    import csv
+    import gzip
+
+    if ".csv" in name:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(hits[0]))
+        writer.writeheader()
+        writer.writerows(hits)
+        data = buffer.getvalue().encode()
+    else:
+        data = "".join(json.dumps(h) + "\n" for h in hits).encode()
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+    beacons.put_bytes(f"{day}/{name}", data)

@@ -1,0 +1,40 @@
+"""``compile_beacon_stats``: daily aggregates of beacon and e-mail hits, PHI-free (P7)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.settings import Settings
+from storage.home import Home
+from tasks.beacons import DayStats, compile_day_task, pending_days_task
+
+
+@flow(name="compile-beacon-stats", validate_parameters=False)
+def compile_beacon_stats(
+    home: Home | None = None, settings: Settings | None = None, day: str | None = None
+) -> list[DayStats]:
+    """Compile every day folder under ``{beacons}`` (or one ``day``), replacing its rows."""
+    settings = settings or Settings.load()
+    home = home or settings.build_home()
+    home.catalog.migrate()
+    days = [day] if day else pending_days_task(home.beacons)
+    results = []
+    for one in days:
+        stats = compile_day_task(
+            home.beacons,
+            home.exports,
+            home.catalog,
+            home.pepper,
+            one,
+            settings.beacon_retention,
+            settings.beacon_memory_limit,
+        )
+        results.append(stats)
+        get_run_logger().info("beacons %s: %s", one, stats.row())
+    create_table_artifact(
+        key="beacon-stats",
+        table=[s.row() for s in results] or [{"day": "none", "files": 0}],
+        description="beacon days compiled: lines, malformed, rejected, scrubbed, bots, cells",
+    )
+    return results

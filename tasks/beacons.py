@@ -1,0 +1,358 @@
+"""Beacon and e-mail statistics with no patient information (promise P7).
+
+The heavy lifting is DuckDB SQL over the day's hit logs (JSON Lines or CSV,
+plain or gzip, local or through fsspec): identifiers are scrubbed before
+anything is counted, then hits and exact unique visitors are aggregated per
+beacon, target and partner with their margins (GROUPING SETS), and
+:mod:`tasks.suppression` hides every small cell and its complements.
+
+Scrubbing, in order: the IP is never selected; query strings and fragments are
+cut from targets; e-mail addresses, DICOM-style UIDs, patient keys and digit
+runs of 6 or more (MRN-like) become placeholders; rows from third-party beacons
+keep no visitor identifier. Bots and prefetching proxies are counted apart and
+left out. Apple Mail Privacy Protection opens (Apple's 17.0.0.0/8 proxies or
+the bare ``Mozilla/5.0`` agent) are counted as ``email_open_mpp``, so opens are
+reported both with and without them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.catalog import Catalog, insert_rows
+from storage.locations import Location
+from tasks.phi import keyed_hash
+from tasks.suppression import TOTAL, audit, suppress, with_margins
+
+KINDS = ("page_view", "email_open", "cobrand", "unsubscribe")
+FIELDS = (
+    "ts",
+    "beacon",
+    "target",
+    "partner",
+    "visitor_id",
+    "ip",
+    "user_agent",
+    "url",
+    "referrer",
+    "third_party",
+)
+SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".csv", ".csv.gz")
+BOTS = r"bot|crawler|spider|slurp|prefetch|preview|headless|python-requests|curl/|wget"
+SCRUB = r"""
+regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(
+    coalesce({col}, ''), '[?#].*$', ''),
+    '[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{{2,}}', '{{email}}', 'g'),
+    '[0-9]+(\.[0-9]+){{3,}}', '{{uid}}', 'g'),
+    'pk_[0-9a-f]{{32}}', '{{patient}}', 'g'),
+    '[0-9]{{6,}}', '{{id}}', 'g')
+"""
+
+
+@dataclass
+class DayStats:
+    day: str
+    files: int = 0
+    lines: int = 0
+    malformed: int = 0
+    rejected: int = 0
+    scrubbed: int = 0
+    bots: int = 0
+    mpp_opens: int = 0
+    third_party: int = 0
+    counted: int = 0
+    cells: int = 0
+    suppressed: int = 0
+    unsubscribes: int = 0
+    malformed_lines: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("malformed_lines")
+        return out
+
+
+def pending_days(beacons: Location) -> list[str]:
+    """Day folders (YYYY-MM-DD) that hold logs."""
+    days = []
+    for name in beacons.list_dirs():
+        try:
+            date.fromisoformat(name)
+        except ValueError:
+            continue
+        if any(e.name.endswith(SUFFIXES) for e in beacons.list(name)):
+            days.append(name)
+    return days
+
+
+def _source(con: duckdb.DuckDBPyConnection, location: Location, name: str) -> str:
+    """A path DuckDB can read: local paths as they are, others through fsspec."""
+    if location.is_local:
+        return location.path(name)
+    name_of = (
+        location.fs.protocol if isinstance(location.fs.protocol, str) else location.fs.protocol[0]
+    )
+    if name_of not in con.list_filesystems():
+        con.register_filesystem(location.fs)
+    proto = location.protocol
+    return f"{proto}://{location.path(name).lstrip('/')}"
+
+
+IS_OBJECT = "CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE false END"
+# Each line as one string (the path is bound as a parameter, never spliced in).
+LINES = (
+    "read_csv($path, columns={'line': 'VARCHAR'}, header=false, delim=chr(31),"
+    " quote='', escape='', auto_detect=false)"
+)
+
+
+def compile_day(
+    beacons: Location,
+    exports: Location,
+    catalog: Catalog,
+    pepper: bytes,
+    day: str,
+    retention: str = "delete",
+    memory_limit: str = "1GB",
+) -> DayStats:
+    """Compile one day (idempotently: the day's rows are replaced)."""
+    stats = DayStats(day=day)
+    names = [e.name for e in beacons.list(day) if e.name.endswith(SUFFIXES)]
+    stats.files = len(names)
+    with tempfile.TemporaryDirectory(prefix="dv-beacons-") as tmp:
+        con = duckdb.connect()
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET temp_directory = '{tmp}'")
+        cols = ", ".join(f"{f} VARCHAR" for f in FIELDS)
+        con.execute(f"CREATE TABLE raw (file VARCHAR, line_no BIGINT, {cols})")
+        con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
+        struct = json.dumps(dict.fromkeys(FIELDS, "VARCHAR"))
+        for name in names:
+            path = _source(con, beacons, name)
+            short = name.rsplit("/", 1)[-1]
+            if ".csv" in short:
+                _insert_csv(con, short, path)
+                continue
+            con.execute(
+                f"""
+                INSERT INTO bad
+                SELECT $file, line_no, 'malformed' FROM (
+                    SELECT row_number() OVER () AS line_no, line FROM {LINES}
+                ) WHERE NOT ({IS_OBJECT}) AND trim(line) <> ''
+                """,
+                {"file": short, "path": path},
+            )
+            selects = ", ".join(f"j.{f}" for f in FIELDS)
+            con.execute(
+                f"""
+                INSERT INTO raw SELECT $file, NULL, {selects} FROM (
+                    SELECT json_transform(line, '{struct}') AS j FROM {LINES}
+                    WHERE {IS_OBJECT}
+                )
+                """,
+                {"file": short, "path": path},
+            )
+        scrub_target = SCRUB.format(col="target")
+        scrub_partner = SCRUB.format(col="partner")
+        con.execute(
+            f"""
+            CREATE TABLE hits AS
+            SELECT
+                CASE
+                    WHEN beacon = 'email_open'
+                     AND (ip LIKE '17.%' OR trim(user_agent) = 'Mozilla/5.0')
+                    THEN 'email_open_mpp' ELSE beacon
+                END AS beacon,
+                {scrub_target} AS target,
+                {scrub_partner} AS partner,
+                CASE WHEN lower(coalesce(third_party, '')) IN ('true', '1', 'yes')
+                     THEN NULL ELSE visitor_id END AS visitor,
+                lower(coalesce(third_party, '')) IN ('true', '1', 'yes') AS third_party,
+                regexp_matches(lower(coalesce(user_agent, '')), '{BOTS}') AS bot,
+                ({scrub_target}) <> regexp_replace(coalesce(target, ''), '[?#].*$', '')
+                  OR ({scrub_partner}) <> regexp_replace(coalesce(partner, ''), '[?#].*$', '')
+                  AS scrubbed,
+                beacon IN {KINDS} AS known
+            FROM raw
+            """
+        )
+        counts = con.execute(
+            "SELECT count(*), count(*) FILTER (NOT known), count(*) FILTER (scrubbed),"
+            " count(*) FILTER (known AND bot), count(*) FILTER (known AND NOT bot AND"
+            " beacon = 'email_open_mpp'), count(*) FILTER (third_party),"
+            " count(*) FILTER (known AND NOT bot) FROM hits"
+        ).fetchone()
+        assert counts is not None  # noqa: S101 - an aggregate always returns a row
+        (
+            parsed,
+            stats.rejected,
+            stats.scrubbed,
+            stats.bots,
+            stats.mpp_opens,
+            stats.third_party,
+            stats.counted,
+        ) = (int(c) for c in counts)
+        bad = con.execute("SELECT file, line_no, reason FROM bad ORDER BY 1, 2").fetchall()
+        stats.malformed = len(bad)
+        stats.malformed_lines = [{"file": f, "line": n, "reason": r} for f, n, r in bad]
+        stats.lines = parsed + stats.malformed
+        agg = con.execute(
+            """
+            SELECT beacon, coalesce(target, '*') AS target, coalesce(partner, '*') AS partner,
+                   count(*) AS hits, count(DISTINCT visitor) AS unique_visitors,
+                   grouping(target) AS gt, grouping(partner) AS gp
+            FROM hits WHERE known AND NOT bot
+            GROUP BY GROUPING SETS ((beacon, target, partner), (beacon, target),
+                                    (beacon, partner), (beacon))
+            """
+        ).df()
+        unsubscribers = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT visitor FROM hits WHERE beacon = 'unsubscribe' AND known"
+                " AND NOT bot AND visitor IS NOT NULL"
+            ).fetchall()
+        ]
+        rows = _suppressed_rows(agg, day)
+        stats.cells = len(rows)
+        stats.suppressed = sum(1 for r in rows if r["suppressed"])
+        parquet = Path(tmp) / "beacon_stats.parquet"
+        frame = pd.DataFrame(rows)
+        con.register("_out", frame)
+        con.execute(f"COPY (SELECT * FROM _out) TO '{parquet}' (FORMAT parquet)")
+        con.close()
+        exports.put_bytes(f"beacon_stats/day={day}/beacon_stats.parquet", parquet.read_bytes())
+    now = datetime.now(UTC)
+    stats.unsubscribes = len(unsubscribers)
+
+    def store(c: duckdb.DuckDBPyConnection) -> None:
+        c.execute("DELETE FROM beacon_stats WHERE day = ?", [day])
+        insert_rows(c, "beacon_stats", rows)
+        c.execute("DELETE FROM beacon_days WHERE day = ?", [day])
+        insert_rows(c, "beacon_days", [{**stats.row(), "compiled_at": now}])
+        c.execute("DELETE FROM beacon_rejects WHERE day = ?", [day])
+        insert_rows(c, "beacon_rejects", [{"day": day, **m} for m in stats.malformed_lines])
+        insert_rows(
+            c,
+            "newsletter_suppression",
+            [
+                {
+                    "address_key": "nl_" + keyed_hash(pepper, "newsletter", v.strip().lower()),
+                    "first_seen": now,
+                    "source": "unsubscribe",
+                }
+                for v in unsubscribers
+            ],
+            ignore_existing=True,
+        )
+        c.execute(
+            "INSERT INTO audit_log VALUES (?, ?, 'beacons', 'compile_day', ?, ?)",
+            [uuid.uuid4().hex, now, day, json.dumps(stats.row())],
+        )
+
+    catalog.write(store)
+    for name in names:
+        if retention == "keep":
+            beacons.move(name, beacons, f"processed/{name}")
+        else:
+            beacons.delete(name)
+    return stats
+
+
+def _insert_csv(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:
+    """CSV logs: DuckDB's reader, with rejected lines (and their numbers) kept."""
+    for table in ("csv_rejects", "csv_scans", "_csv"):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+    con.execute(
+        "CREATE TEMP TABLE _csv AS SELECT * FROM read_csv(?, all_varchar=true, header=true,"
+        " store_rejects=true, rejects_table='csv_rejects', rejects_scan='csv_scans')",
+        [path],
+    )
+    have = {r[0] for r in con.execute("SELECT column_name FROM (DESCRIBE _csv)").fetchall()}
+    selects = ", ".join(f'"{f}"' if f in have else f"NULL AS {f}" for f in FIELDS)
+    con.execute(f"INSERT INTO raw SELECT ?, NULL, {selects} FROM _csv", [short])  # noqa: S608
+    con.execute("INSERT INTO bad SELECT ?, line, 'malformed' FROM csv_rejects", [short])
+
+
+def _suppressed_rows(agg: pd.DataFrame, day: str) -> list[dict[str, Any]]:
+    """Rows for ``beacon_stats``: cells and margins, small and complementary cells hidden."""
+    rows: list[dict[str, Any]] = []
+    for beacon, group in agg.groupby("beacon"):
+        hits: dict[tuple[str, str], int] = {}
+        visitors: dict[tuple[str, str], int] = {}
+        for target, partner, n, uv, gt, gp in zip(
+            group["target"],
+            group["partner"],
+            group["hits"],
+            group["unique_visitors"],
+            group["gt"],
+            group["gp"],
+            strict=True,
+        ):
+            key = (TOTAL if gt else str(target), TOTAL if gp else str(partner))
+            hits[key] = int(n)
+            visitors[key] = int(uv)
+        inner = {k: v for k, v in hits.items() if TOTAL not in k}
+        table = with_margins(inner)
+        # Unique visitors of a cell are hidden with it: small ones start hidden too.
+        hidden = suppress(table, {k for k, v in visitors.items() if 1 <= v <= 10})
+        problems = audit(table, hidden)
+        if problems:
+            raise RuntimeError(f"suppression left derivable cells: {problems[:3]}")
+        for cell, value in table.items():
+            key = (str(cell[0]), str(cell[1]))
+            secret = cell in hidden
+            rows.append(
+                {
+                    "day": date.fromisoformat(day),
+                    "beacon": str(beacon),
+                    "target": key[0],
+                    "partner": key[1],
+                    "hits": None if secret else value,
+                    "unique_visitors": None if secret else visitors.get(key, 0),
+                    "suppressed": secret,
+                }
+            )
+    return rows
+
+
+def newsletter_suppression(catalog: Catalog) -> pd.DataFrame:
+    """The mailer's suppression list: keyed hashes, never addresses."""
+    return catalog.query(
+        "SELECT address_key, first_seen, source FROM newsletter_suppression ORDER BY 2, 1"
+    )
+
+
+def beacon_stats(
+    catalog: Catalog, since: str | None = None, day: str | None = None
+) -> pd.DataFrame:
+    where, params = "", []
+    if day:
+        where, params = "WHERE day = ?", [day]
+    elif since:
+        where, params = "WHERE day >= ?", [since]
+    return catalog.query(
+        "SELECT day, beacon, target, partner, hits, unique_visitors, suppressed FROM beacon_stats "
+        + where
+        + " ORDER BY day, beacon, target = '*', target, partner = '*', partner",
+        params,
+    )
+
+
+pending_days_task = task(
+    name="pending-beacon-days", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(pending_days)
+compile_day_task = task(
+    name="compile-beacon-day", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+)(compile_day)

@@ -1,0 +1,171 @@
+"""Beacon statistics: scrubbing, suppression, bad input, formats, idempotence, S3."""
+
+from __future__ import annotations
+
+import gzip
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flows.beacons import compile_beacon_stats
+from flows.settings import Settings
+from storage.home import Home
+from tasks import samples
+from tasks.beacons import beacon_stats, newsletter_suppression
+from tasks.suppression import audit, suppress, with_margins
+
+DAY = "2026-11-20"
+
+
+def hit(
+    beacon: str, target: str, visitor: str, partner: str = "", **extra: object
+) -> dict[str, object]:
+    return {
+        "ts": f"{DAY}T10:00:00Z",
+        "beacon": beacon,
+        "target": target,
+        "partner": partner,
+        "visitor_id": visitor,
+        "ip": "203.0.113.7",
+        "user_agent": samples.AGENTS[0],
+        "url": f"https://x.org{target}?token=abc",
+        "referrer": "",
+        "third_party": False,
+        **extra,
+    }
+
+
+def published_tables(home: Home) -> dict[str, dict[tuple[str, str], int | None]]:
+    df = beacon_stats(home.catalog, day=DAY)
+    tables: dict[str, dict[tuple[str, str], int | None]] = {}
+    for r in df.itertuples():
+        tables.setdefault(r.beacon, {})[(r.target, r.partner)] = (
+            None if r.suppressed else int(r.hits)
+        )
+    return tables
+
+
+def test_counts_small_cells_and_complements(home: Home) -> None:
+    hits = [hit("page_view", "/", f"v{i}") for i in range(40)]
+    hits += [hit("page_view", "/help", f"w{i}") for i in range(3)]  # small cell
+    hits += [hit("page_view", "/about", f"x{i}") for i in range(25)]
+    hits += [hit("cobrand", "/", f"y{i}", partner=p) for i in range(15) for p in ("acme", "north")]
+    hits += [hit("cobrand", "/share", "z1", partner="acme") for _ in range(12)]
+    samples.write_hits(home.beacons, DAY, hits)
+    [stats] = compile_beacon_stats(home=home)
+    assert stats.counted == len(hits) and stats.malformed == 0
+    tables = published_tables(home)
+    pv = tables["page_view"]
+    assert pv[("/", "*")] == 40 and pv[("/help", "*")] is None
+    # /help is hidden, so one more page must be hidden with it; the total stays published.
+    assert sum(1 for k, v in pv.items() if v is None and "*" not in k[0]) >= 2
+    co = tables["cobrand"]
+    # unique visitors of /share x acme is 1: that cell is hidden though it has 12 hits.
+    assert co[("/share", "acme")] is None
+    for table in tables.values():
+        hidden = {k for k, v in table.items() if v is None}
+        values = {k: (v if v is not None else 5) for k, v in table.items()}
+        assert not [p for p in audit(values, hidden) if "published" in p or "derivable" in p]
+        assert all(v is None or not 1 <= v <= 10 for v in table.values())
+
+
+def test_identifiers_are_scrubbed_everywhere(home: Home) -> None:
+    planted = [
+        "1.2.840.113619.2.55.3.604688119",
+        "MRN12345678",
+        "jane.doe@example.com",
+        "pk_" + "ab" * 16,
+    ]
+    hits = [
+        hit("page_view", f"/studies/{p}", f"v{i}-{j}")
+        for j, p in enumerate(planted)
+        for i in range(15)
+    ]
+    hits += [hit("page_view", "/", f"v{i}", visitor_id="jane.doe@example.com") for i in range(3)]
+    samples.write_hits(home.beacons, DAY, hits)
+    [stats] = compile_beacon_stats(home=home)
+    assert stats.scrubbed == 60
+    targets = set(beacon_stats(home.catalog, day=DAY)["target"])
+    expected = {"/studies/{uid}", "/studies/MRN{id}", "/studies/{email}", "/studies/{patient}"}
+    assert expected <= targets
+    home.catalog.checkpoint()
+    blobs = [home.catalog.path.read_bytes()] + [
+        home.exports.read_bytes(e.name) for e in home.exports.list()
+    ]
+    for blob in blobs:
+        for needle in [*planted, "203.0.113.7", "token=abc", "jane.doe"]:
+            assert needle.encode() not in blob
+
+
+def test_bad_lines_bots_mpp_third_party_and_unknown_kinds(home: Home) -> None:
+    hits = [hit("page_view", "/", f"v{i}") for i in range(20)]
+    hits += [hit("page_view", "/", f"b{i}", user_agent="Googlebot/2.1") for i in range(30)]
+    hits += [
+        hit("email_open", "nl-1", f"m{i}", user_agent="Mozilla/5.0", ip="17.1.2.3")
+        for i in range(12)
+    ]
+    hits += [hit("email_open", "nl-1", f"o{i}") for i in range(11)]
+    hits += [hit("page_view", "/tp", f"t{i}", third_party=True) for i in range(20)]
+    hits += [hit("hover", "/", "v1")]
+    text = (
+        "".join(__import__("json").dumps(h) + "\n" for h in hits[:10])
+        + "{broken\n"
+        + "".join(__import__("json").dumps(h) + "\n" for h in hits[10:])
+        + "[1, 2]\n"
+    )
+    home.beacons.put_bytes(f"{DAY}/a.jsonl.gz", gzip.compress(text.encode()))
+    [stats] = compile_beacon_stats(home=home)
+    assert stats.malformed == 2 and stats.rejected == 1 and stats.bots == 30
+    assert stats.mpp_opens == 12 and stats.third_party == 20
+    rejects = home.catalog.query("SELECT file, line FROM beacon_rejects ORDER BY line")
+    assert rejects.values.tolist() == [["a.jsonl.gz", 11], ["a.jsonl.gz", len(hits) + 2]]
+    df = beacon_stats(home.catalog, day=DAY).set_index(["beacon", "target", "partner"])
+    assert df.loc[("page_view", "/", "*"), "hits"] == 20  # bots left out
+    assert df.loc[("email_open_mpp", "nl-1", "*"), "hits"] == 12
+    assert df.loc[("email_open", "nl-1", "*"), "hits"] == 11
+    assert df.loc[("page_view", "/tp", "*"), "unique_visitors"] == 0  # no visitor id kept
+
+
+def test_csv_input_and_idempotent_recompile(home: Home) -> None:
+    rng = random.Random(9)
+    hits = [samples.make_hit(rng, DAY) for _ in range(3000)]
+    samples.write_hits(home.beacons, DAY, hits, name="hits.csv")
+    home.beacons.put_bytes(f"{DAY}/more.csv", b"ts,beacon,target\n1,page_view,/x,extra\n")
+    settings_keep = Settings.load(beacon_retention="keep")
+    [first] = compile_beacon_stats(home=home, settings=settings_keep)
+    assert first.lines == 3001 and first.malformed == 1
+    before = beacon_stats(home.catalog, day=DAY)
+    assert home.beacons.list(DAY) == []  # moved to processed/
+    for entry in home.beacons.list(f"processed/{DAY}"):
+        home.beacons.move(entry.name, home.beacons, entry.name.removeprefix("processed/"))
+    compile_beacon_stats(home=home, settings=settings_keep)
+    after = beacon_stats(home.catalog, day=DAY)
+    assert before.equals(after)
+    assert len(after) == home.catalog.query("SELECT count(*) AS n FROM beacon_stats")["n"][0]
+
+
+def test_default_retention_deletes_raw_logs_and_newsletter_list_is_hashed(home: Home) -> None:
+    hits = [hit("unsubscribe", "nl-1", f"reader{i}@example.org") for i in range(4)]
+    samples.write_hits(home.beacons, DAY, hits)
+    compile_beacon_stats(home=home)
+    assert home.beacons.list() == []
+    nl = newsletter_suppression(home.catalog)
+    assert len(nl) == 4 and all(k.startswith("nl_") for k in nl["address_key"])
+    assert "reader" not in nl.to_string()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(
+        st.tuples(st.sampled_from("abcde"), st.sampled_from("xyz")),
+        st.integers(1, 60),
+        min_size=1,
+        max_size=15,
+    )
+)
+def test_suppression_property(cells: dict[tuple[str, str], int]) -> None:
+    table = with_margins(cells)
+    hidden = suppress(table)
+    assert audit(table, hidden) == []
+    assert all(not 1 <= table[k] <= 10 for k in table if k not in hidden)
