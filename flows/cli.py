@@ -261,6 +261,37 @@ def deletions(
     _print_frame(deletion_sla(_catalog(), settings.deletion_at_risk_hours), as_json)
 
 
+@app.command()
+@one_line_errors
+def beacons(
+    day: Annotated[str | None, typer.Option(help="One day, YYYY-MM-DD.")] = None,
+    since: Annotated[str | None, typer.Option(help="Every day from YYYY-MM-DD on.")] = None,
+    compile_first: Annotated[
+        bool, typer.Option("--compile", help="Compile pending day folders first.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """Beacon statistics per day, beacon, target and partner (suppressed cells show no count)."""
+    from tasks.beacons import beacon_stats
+
+    if compile_first:
+        from flows.beacons import compile_beacon_stats
+
+        compile_beacon_stats(settings=Settings.load())
+    _print_frame(beacon_stats(_catalog(), since=since, day=day), as_json)
+
+
+@app.command("newsletter-suppression")
+@one_line_errors
+def newsletter_suppression_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """The mailer's suppression list (keyed hashes of addresses, never the addresses)."""
+    from tasks.beacons import newsletter_suppression
+
+    _print_frame(newsletter_suppression(_catalog()), as_json)
+
+
 @quarantine_app.command("list")
 @one_line_errors
 def quarantine_list_cmd(

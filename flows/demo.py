@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from flows.beacons import compile_beacon_stats
 from flows.deletion import deletion_sweep
 from flows.ingest import ingest_drops
 from flows.settings import Settings
@@ -42,6 +43,7 @@ class DemoSummary:
     access: pd.DataFrame = field(default_factory=pd.DataFrame)
     deletion: dict[str, Any] = field(default_factory=dict)
     sla: pd.DataFrame = field(default_factory=pd.DataFrame)
+    beacons: dict[str, Any] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [f"dropvault demo home: {self.home}"]
@@ -74,6 +76,12 @@ class DemoSummary:
         out.append("deletion SLA:")
         sla = self.sla[["request_id", "requested_at", "due_at", "completed_at", "sla_state"]]
         out += ["  " + line for line in sla.to_string(index=False).splitlines()]
+        b = self.beacons
+        out.append(
+            f"beacons: {b.get('days')} days, {b.get('lines')} hits, {b.get('malformed')} malformed,"
+            f" {b.get('scrubbed')} scrubbed, {b.get('bots')} bots; {b.get('cells')} cells, "
+            f"{b.get('suppressed')} suppressed (see: dropvault beacons --day {b.get('first_day')})"
+        )
         return out
 
     def _repr_html_(self) -> str:
@@ -188,6 +196,21 @@ def write_demo_deletions(home: Home, owned: list[tuple[str, str]]) -> None:
     home.manifests.put_bytes("deletions/demo-deletions.jsonl", text.encode())
 
 
+def write_demo_hits(home: Home, days: int = 30, per_day: int = 1500) -> list[str]:
+    """A month of realistic hits, some with identifiers in them and some small cells."""
+    rng = random.Random(11)  # noqa: S311 - demo data
+    start = datetime.now(UTC).date() - timedelta(days=days)
+    names = []
+    for i in range(days):
+        day = (start + timedelta(days=i)).isoformat()
+        hits = [samples.make_hit(rng, day) for _ in range(rng.randint(per_day // 2, per_day))]
+        kind = ("hits.jsonl", "hits.jsonl.gz", "hits.csv")[i % 3]
+        samples.write_hits(home.beacons, day, hits, name=kind)
+        names.append(day)
+    home.beacons.put_bytes(f"{names[0]}/broken.jsonl", b'{"beacon": "page_view"\nnot json\n')
+    return names
+
+
 def _share(
     rid: str, action: str, owner: str, grantee: str, study: str, when: str
 ) -> dict[str, str]:
@@ -212,6 +235,8 @@ def run_demo(settings: Settings | None = None) -> DemoSummary:
     sample_owner = owned[0][0]
     write_demo_deletions(home, owned)
     sweep = deletion_sweep(home=home, settings=settings)
+    beacon_days = write_demo_hits(home)
+    days = compile_beacon_stats(home=home, settings=settings)
     reader = home.catalog.read_only()
     tables = {}
     for table in (
@@ -241,5 +266,15 @@ def run_demo(settings: Settings | None = None) -> DemoSummary:
         access_owner=sample_owner,
         access=access_list(home.catalog, sample_owner),
         deletion=sweep.summary(),
+        beacons={
+            "days": len(days),
+            "lines": sum(d.lines for d in days),
+            "malformed": sum(d.malformed for d in days),
+            "scrubbed": sum(d.scrubbed for d in days),
+            "bots": sum(d.bots for d in days),
+            "cells": sum(d.cells for d in days),
+            "suppressed": sum(d.suppressed for d in days),
+            "first_day": beacon_days[0],
+        },
         sla=deletion_sla(home.catalog, settings.deletion_at_risk_hours),
     )

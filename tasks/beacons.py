@@ -109,6 +109,7 @@ def _source(con: duckdb.DuckDBPyConnection, location: Location, name: str) -> st
     return f"{proto}://{location.path(name).lstrip('/')}"
 
 
+JSON_COLUMNS = "{" + ", ".join(f"'{f}': 'VARCHAR'" for f in FIELDS) + "}"
 IS_OBJECT = "CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE false END"
 # Each line as one string (the path is bound as a parameter, never spliced in).
 LINES = (
@@ -137,7 +138,6 @@ def compile_day(
         cols = ", ".join(f"{f} VARCHAR" for f in FIELDS)
         con.execute(f"CREATE TABLE raw (file VARCHAR, line_no BIGINT, {cols})")
         con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
-        struct = json.dumps(dict.fromkeys(FIELDS, "VARCHAR"))
         for name in names:
             path = _source(con, beacons, name)
             short = name.rsplit("/", 1)[-1]
@@ -153,38 +153,50 @@ def compile_day(
                 """,
                 {"file": short, "path": path},
             )
-            selects = ", ".join(f"j.{f}" for f in FIELDS)
+            # DuckDB's JSON reader; a malformed line reads as all-NULL and is dropped here
+            # (it was counted, with its line number, just above).
+            none = " AND ".join(f"{f} IS NULL" for f in FIELDS)
             con.execute(
                 f"""
-                INSERT INTO raw SELECT $file, NULL, {selects} FROM (
-                    SELECT json_transform(line, '{struct}') AS j FROM {LINES}
-                    WHERE {IS_OBJECT}
-                )
+                INSERT INTO raw SELECT $file, NULL, {", ".join(FIELDS)}
+                FROM read_json($path, format='newline_delimited', records=true,
+                               columns={JSON_COLUMNS}, ignore_errors=true)
+                WHERE NOT ({none})
                 """,
                 {"file": short, "path": path},
             )
-        scrub_target = SCRUB.format(col="target")
-        scrub_partner = SCRUB.format(col="partner")
+        # Scrub each distinct value once (a day has few distinct targets and partners).
+        scrub = SCRUB.format(col="value")
+        con.execute(
+            f"""
+            CREATE TABLE cleaned AS
+            SELECT value, {scrub} AS clean,
+                   {scrub} <> regexp_replace(coalesce(value, ''), '[?#].*$', '') AS changed
+            FROM (SELECT DISTINCT target AS value FROM raw
+                  UNION SELECT DISTINCT partner FROM raw)
+            """
+        )
         con.execute(
             f"""
             CREATE TABLE hits AS
             SELECT
                 CASE
-                    WHEN beacon = 'email_open'
-                     AND (ip LIKE '17.%' OR trim(user_agent) = 'Mozilla/5.0')
-                    THEN 'email_open_mpp' ELSE beacon
+                    WHEN r.beacon = 'email_open'
+                     AND (r.ip LIKE '17.%' OR trim(r.user_agent) = 'Mozilla/5.0')
+                    THEN 'email_open_mpp' ELSE r.beacon
                 END AS beacon,
-                {scrub_target} AS target,
-                {scrub_partner} AS partner,
-                CASE WHEN lower(coalesce(third_party, '')) IN ('true', '1', 'yes')
-                     THEN NULL ELSE visitor_id END AS visitor,
-                lower(coalesce(third_party, '')) IN ('true', '1', 'yes') AS third_party,
-                regexp_matches(lower(coalesce(user_agent, '')), '{BOTS}') AS bot,
-                ({scrub_target}) <> regexp_replace(coalesce(target, ''), '[?#].*$', '')
-                  OR ({scrub_partner}) <> regexp_replace(coalesce(partner, ''), '[?#].*$', '')
-                  AS scrubbed,
-                beacon IN {KINDS} AS known
-            FROM raw
+                ct.clean AS target,
+                cp.clean AS partner,
+                CASE WHEN tp THEN NULL ELSE r.visitor_id END AS visitor,
+                tp AS third_party,
+                regexp_matches(lower(coalesce(r.user_agent, '')), '{BOTS}') AS bot,
+                coalesce(ct.changed, false) OR coalesce(cp.changed, false) AS scrubbed,
+                r.beacon IN {KINDS} AS known
+            FROM (
+                SELECT *, lower(coalesce(third_party, '')) IN ('true', '1', 'yes') AS tp FROM raw
+            ) r
+            LEFT JOIN cleaned ct ON ct.value IS NOT DISTINCT FROM r.target
+            LEFT JOIN cleaned cp ON cp.value IS NOT DISTINCT FROM r.partner
             """
         )
         counts = con.execute(
