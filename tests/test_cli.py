@@ -203,3 +203,23 @@ def test_deletion_commands(demo_home: Path) -> None:
         )[0]["n"]
         == 1
     )
+
+
+def test_beacon_commands(demo_home: Path) -> None:
+    day = json.loads(
+        dv(demo_home, "sql", "SELECT min(day)::VARCHAR AS d FROM beacon_stats", "--json").stdout
+    )[0]["d"]
+    rows = json.loads(dv(demo_home, "beacons", "--day", day, "--json").stdout)
+    assert rows and set(rows[0]) == {
+        "day",
+        "beacon",
+        "target",
+        "partner",
+        "hits",
+        "unique_visitors",
+        "suppressed",
+    }
+    assert all(r["hits"] is None for r in rows if r["suppressed"])
+    assert all(not 1 <= r["hits"] <= 10 for r in rows if not r["suppressed"])
+    nl = json.loads(dv(demo_home, "newsletter-suppression", "--json").stdout)
+    assert nl and all(r["address_key"].startswith("nl_") for r in nl)
