@@ -206,6 +206,8 @@ def write_demo_hits(home: Home, days: int = 30, per_day: int = 1500) -> list[str
         hits = [samples.make_hit(rng, day) for _ in range(rng.randint(per_day // 2, per_day))]
         kind = ("hits.jsonl", "hits.jsonl.gz", "hits.csv")[i % 3]
         samples.write_hits(home.beacons, day, hits, name=kind)
+        sends = "".join(f"{c},{rng.randint(400, 900)}\n" for c in samples.CAMPAIGNS)
+        home.beacons.put_bytes(f"{day}/sends.csv", ("campaign,sends\n" + sends).encode())
         names.append(day)
     home.beacons.put_bytes(f"{names[0]}/broken.jsonl", b'{"beacon": "page_view"\nnot json\n')
     return names

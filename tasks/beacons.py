@@ -48,6 +48,7 @@ FIELDS = (
     "referrer",
     "third_party",
 )
+SENDS = "sends.csv"  # optional: campaign,sends for the day's newsletters
 SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".csv", ".csv.gz")
 BOTS = r"bot|crawler|spider|slurp|prefetch|preview|headless|python-requests|curl/|wget"
 SCRUB = r"""
@@ -129,7 +130,9 @@ def compile_day(
 ) -> DayStats:
     """Compile one day (idempotently: the day's rows are replaced)."""
     stats = DayStats(day=day)
-    names = [e.name for e in beacons.list(day) if e.name.endswith(SUFFIXES)]
+    listed = [e.name for e in beacons.list(day)]
+    sends_name = f"{day}/{SENDS}" if f"{day}/{SENDS}" in listed else None
+    names = [n for n in listed if n.endswith(SUFFIXES) and n != sends_name]
     stats.files = len(names)
     with tempfile.TemporaryDirectory(prefix="dv-beacons-") as tmp:
         con = duckdb.connect()
@@ -229,6 +232,7 @@ def compile_day(
                                     (beacon, partner), (beacon))
             """
         ).df()
+        campaigns = _campaign_rows(con, beacons, sends_name, day)
         unsubscribers = [
             r[0]
             for r in con.execute(
@@ -251,6 +255,8 @@ def compile_day(
     def store(c: duckdb.DuckDBPyConnection) -> None:
         c.execute("DELETE FROM beacon_stats WHERE day = ?", [day])
         insert_rows(c, "beacon_stats", rows)
+        c.execute("DELETE FROM email_campaigns WHERE day = ?", [day])
+        insert_rows(c, "email_campaigns", campaigns)
         c.execute("DELETE FROM beacon_days WHERE day = ?", [day])
         insert_rows(c, "beacon_days", [{**stats.row(), "compiled_at": now}])
         c.execute("DELETE FROM beacon_rejects WHERE day = ?", [day])
@@ -274,7 +280,7 @@ def compile_day(
         )
 
     catalog.write(store)
-    for name in names:
+    for name in names + ([sends_name] if sends_name else []):
         if retention == "keep":
             beacons.move(name, beacons, f"processed/{name}")
         else:
@@ -295,6 +301,49 @@ def _insert_csv(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:
     selects = ", ".join(f'"{f}"' if f in have else f"NULL AS {f}" for f in FIELDS)
     con.execute(f"INSERT INTO raw SELECT ?, NULL, {selects} FROM _csv", [short])  # noqa: S608
     con.execute("INSERT INTO bad SELECT ?, line, 'malformed' FROM csv_rejects", [short])
+
+
+def _campaign_rows(
+    con: duckdb.DuckDBPyConnection, beacons: Location, sends_name: str | None, day: str
+) -> list[dict[str, Any]]:
+    """Open rate per campaign, with and without MPP opens, where a sends file is given."""
+    if sends_name is None:
+        return []
+    path = _source(con, beacons, sends_name)
+    rows = con.execute(
+        """
+        WITH sends AS (
+            SELECT campaign, sum(TRY_CAST(sends AS BIGINT)) AS sends
+            FROM read_csv($path, all_varchar=true, header=true) GROUP BY 1
+        ), opens AS (
+            SELECT target AS campaign,
+                   count(DISTINCT visitor) FILTER (beacon = 'email_open') AS opens,
+                   count(DISTINCT visitor) FILTER (beacon IN ('email_open', 'email_open_mpp'))
+                       AS opens_with_mpp
+            FROM hits WHERE known AND NOT bot GROUP BY 1
+        )
+        SELECT s.campaign, s.sends, coalesce(o.opens, 0), coalesce(o.opens_with_mpp, 0)
+        FROM sends s LEFT JOIN opens o USING (campaign) ORDER BY 1
+        """,
+        {"path": path},
+    ).fetchall()
+    out = []
+    for campaign, sends, opens, with_mpp in rows:
+        # The same small-cell rule: an open count from 1 to 10 is not published.
+        small = any(1 <= v <= 10 for v in (opens, with_mpp))
+        out.append(
+            {
+                "day": date.fromisoformat(day),
+                "campaign": campaign,
+                "sends": sends,
+                "opens": None if small else opens,
+                "opens_with_mpp": None if small else with_mpp,
+                "open_rate": None if small or not sends else round(opens / sends, 4),
+                "open_rate_with_mpp": None if small or not sends else round(with_mpp / sends, 4),
+                "suppressed": small,
+            }
+        )
+    return out
 
 
 def _suppressed_rows(agg: pd.DataFrame, day: str) -> list[dict[str, Any]]:

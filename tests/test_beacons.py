@@ -169,3 +169,18 @@ def test_suppression_property(cells: dict[tuple[str, str], int]) -> None:
     hidden = suppress(table)
     assert audit(table, hidden) == []
     assert all(not 1 <= table[k] <= 10 for k in table if k not in hidden)
+
+
+def test_open_rate_per_campaign_with_and_without_mpp(home: Home) -> None:
+    hits = [hit("email_open", "nl-a", f"o{i}") for i in range(30)]
+    hits += [hit("email_open", "nl-a", f"m{i}", user_agent="Mozilla/5.0") for i in range(20)]
+    hits += [hit("email_open", "nl-b", f"s{i}") for i in range(4)]  # small: not published
+    samples.write_hits(home.beacons, DAY, hits)
+    home.beacons.put_bytes(f"{DAY}/sends.csv", b"campaign,sends\nnl-a,200\nnl-b,100\n")
+    [stats] = compile_beacon_stats(home=home)
+    assert stats.malformed == 0 and stats.lines == len(hits)  # sends.csv is not a hit log
+    df = home.catalog.query("SELECT * FROM email_campaigns ORDER BY campaign")
+    a, b = df.to_dict(orient="records")
+    assert (a["opens"], a["opens_with_mpp"], a["open_rate"]) == (30, 50, 0.15)
+    assert a["open_rate_with_mpp"] == 0.25
+    assert b["suppressed"] and b["opens"] is None

@@ -25,3 +25,16 @@ CREATE TABLE newsletter_suppression (
     first_seen  TIMESTAMPTZ NOT NULL,
     source      VARCHAR NOT NULL
 );
+
+-- Open rate per campaign where a sends file was given; opens are distinct visitors.
+CREATE TABLE email_campaigns (
+    day                DATE NOT NULL,
+    campaign           VARCHAR NOT NULL,
+    sends              BIGINT,
+    opens              BIGINT,               -- without Apple MPP proxy opens
+    opens_with_mpp     BIGINT,
+    open_rate          DOUBLE,
+    open_rate_with_mpp DOUBLE,
+    suppressed         BOOLEAN NOT NULL,
+    PRIMARY KEY (day, campaign)
+);
