@@ -37,7 +37,7 @@ from storage.catalog import Catalog, insert_rows
 from storage.home import Home
 from storage.locations import Location
 from tasks.ingest import study_key
-from tasks.manifests import ManifestRow, content_hash, parse_time
+from tasks.manifests import ManifestRow, RowOutcomes, content_hash, parse_time
 from tasks.sharing import recompute_grants
 
 DELETION_FIELDS = ("request_id", "owner", "study_uid", "requested_at", "keep_archive")
@@ -55,24 +55,8 @@ def _fault(point: str) -> None:
         hook()
 
 
-@dataclass
-class IntakeResult:
-    outcomes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    accepted: int = 0
-    duplicates: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    def note(self, row: ManifestRow, request_id: str | None, outcome: str) -> None:
-        self.outcomes.setdefault(row.manifest, []).append(
-            {"line": row.line, "request_id": request_id, "outcome": outcome}
-        )
-        if outcome == "applied":
-            self.accepted += 1
-        elif outcome == "duplicate":
-            self.duplicates += 1
-        else:
-            reason = outcome.removeprefix("rejected:")
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+class IntakeResult(RowOutcomes):
+    """Outcomes of the deletion rows taken in by one sweep."""
 
 
 def _validate(row: ManifestRow) -> dict[str, Any]:
@@ -437,7 +421,7 @@ class SweepResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "requests_received": self.intake.accepted,
+            "requests_received": self.intake.applied,
             "requests_rejected": sum(self.intake.rejected.values()),
             "requests_completed": self.requests_done,
             "studies_deleted": sum(1 for s in self.studies if s.outcome == "deleted"),

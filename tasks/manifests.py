@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +33,28 @@ class ManifestRow:
     @property
     def ref(self) -> str:
         return f"{self.manifest}#{self.line}"
+
+
+@dataclass
+class RowOutcomes:
+    """Each row's outcome (``applied``, ``duplicate``, ``rejected:<reason>``), by manifest."""
+
+    outcomes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    applied: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def note(self, row: ManifestRow, request_id: str | None, outcome: str) -> None:
+        self.outcomes.setdefault(row.manifest, []).append(
+            {"line": row.line, "request_id": request_id, "outcome": outcome}
+        )
+        if outcome == "applied":
+            self.applied += 1
+        elif outcome == "duplicate":
+            self.duplicates += 1
+        else:
+            reason = outcome.removeprefix("rejected:")
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 def pending_manifests(location: Location, kind: str) -> list[str]:

@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.catalog import Catalog, insert_rows
 from tasks.manifests import (
     ManifestRow,
+    RowOutcomes,
     archive_manifests,
     content_hash,
     parse_time,
@@ -63,28 +64,12 @@ class ShareRequest:
 
 
 @dataclass
-class ShareResult:
+class ShareResult(RowOutcomes):
     """Outcome of one application (or dry run)."""
 
-    outcomes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by manifest
-    applied: int = 0
-    duplicates: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
     added: list[dict[str, Any]] = field(default_factory=list)  # grants now active, newly
     revoked: list[dict[str, Any]] = field(default_factory=list)  # grants no longer active
     disclosures: int = 0
-
-    def outcome(self, row: ManifestRow, request_id: str | None, result: str) -> None:
-        self.outcomes.setdefault(row.manifest, []).append(
-            {"line": row.line, "request_id": request_id, "outcome": result}
-        )
-        if result == "applied":
-            self.applied += 1
-        elif result == "duplicate":
-            self.duplicates += 1
-        else:
-            reason = result.removeprefix("rejected:")
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -224,7 +209,7 @@ def apply_requests(
             valid.append(validate_fields(row))
         except Rejected as exc:
             rid = (row.fields or {}).get("request_id") or None
-            result.outcome(row, rid, f"rejected:{exc.reason}")
+            result.note(row, rid, f"rejected:{exc.reason}")
             _record(con, row, None, f"rejected:{exc.reason}", now)
     ids = [r.request_id for r in valid]
     known = dict(
@@ -250,7 +235,7 @@ def apply_requests(
                 if known[req.request_id] == req.digest
                 else ("rejected:duplicate_request_id")
             )
-            result.outcome(req.row, req.request_id, outcome)
+            result.note(req.row, req.request_id, outcome)
             if outcome != "duplicate":
                 _record(con, req.row, req, outcome, now)
             continue
@@ -262,7 +247,7 @@ def apply_requests(
             reject = ""
         outcome = f"rejected:{reject}" if reject else "applied"
         known[req.request_id] = req.digest
-        result.outcome(req.row, req.request_id, outcome)
+        result.note(req.row, req.request_id, outcome)
         _record(con, req.row, req, outcome, now)
         if not reject:
             todo.append(req)
