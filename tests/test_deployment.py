@@ -1,0 +1,140 @@
+"""Deployment end to end: a real ``prefect server start``, ``prefect deploy --all``, a worker,
+and a run of ``ingest-drops`` against a home with drops; then SQL against its catalog."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from storage.catalog import Catalog
+from storage.home import Home
+from tasks import samples
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DROPVAULT_"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_LOGGING_LEVEL="CRITICAL",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        DO_NOT_TRACK="1",
+    )
+    proc = subprocess.Popen(
+        [
+            PREFECT,
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-ui",
+            "--no-scheduler",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("prefect server did not become healthy")
+            time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(env: dict[str, str], *args: str, timeout: float = 180) -> str:
+    proc = subprocess.run(
+        [PREFECT, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"prefect {args}: {proc.stdout[-1500:]} {proc.stderr[-1500:]}"
+    return proc.stdout
+
+
+def test_every_entrypoint_imports_and_every_schedule_parses() -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    names = set()
+    for dep in doc["deployments"]:
+        path, fn = dep["entrypoint"].split(":")
+        module = path.removesuffix(".py").replace("/", ".")
+        flow = getattr(__import__(module, fromlist=[fn]), fn)
+        assert flow.name == dep["name"]
+        names.add(dep["name"])
+        assert dep["work_pool"]["name"] == "dropvault"
+        for schedule in dep["schedules"]:
+            CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    assert names == {
+        "ingest-drops",
+        "apply-share-manifests",
+        "deletion-sweep",
+        "compile-beacon-stats",
+        "reconcile-vault",
+    }
+
+
+def test_deploy_and_run_ingest_on_a_worker(server: dict[str, str], tmp_path: Path) -> None:
+    home_dir = tmp_path / "home"
+    home = Home.local(home_dir)
+    rng = random.Random(4)
+    uid, files = samples.make_study(rng, samples.make_patient(rng, 1), 3, "CT_small.dcm")
+    samples.write_drop(home.drops, "fac-deploy", "d1", files)
+    env = {**server, "DROPVAULT_HOME": str(home_dir), "DROPVAULT_PROJECT_DIR": str(ROOT)}
+    run(env, "work-pool", "create", "dropvault", "--type", "process")
+    run(env, "--no-prompt", "deploy", "--all")
+    out = run(env, "deployment", "run", "ingest-drops/ingest-drops")
+    assert "ingest-drops" in out
+    run(env, "worker", "start", "--pool", "dropvault", "--run-once", timeout=300)
+    runs = httpx.post(
+        f"{env['PREFECT_API_URL']}/flow_runs/filter", json={"limit": 5}, timeout=10
+    ).json()
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
+    n = Catalog(home_dir / "catalog.duckdb").query(
+        "SELECT count(*) AS n FROM instances WHERE study_uid = ?", [uid]
+    )["n"][0]
+    assert n == 3
+    assert home.drops.list() == []
