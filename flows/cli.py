@@ -292,6 +292,21 @@ def newsletter_suppression_cmd(
     _print_frame(newsletter_suppression(_catalog()), as_json)
 
 
+@app.command()
+@one_line_errors
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """Counts per table, pending drops and manifests, deletion SLA, and each flow's last run."""
+    import pandas as pd
+
+    from tasks.status import home_status
+
+    settings = Settings.load()
+    rows = home_status(settings.build_home(), settings.quiet_seconds, settings.incomplete_seconds)
+    _print_frame(pd.DataFrame(rows), as_json)
+
+
 @quarantine_app.command("list")
 @one_line_errors
 def quarantine_list_cmd(

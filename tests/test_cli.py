@@ -223,3 +223,11 @@ def test_beacon_commands(demo_home: Path) -> None:
     assert all(not 1 <= r["hits"] <= 10 for r in rows if not r["suppressed"])
     nl = json.loads(dv(demo_home, "newsletter-suppression", "--json").stdout)
     assert nl and all(r["address_key"].startswith("nl_") for r in nl)
+
+
+def test_status(demo_home: Path) -> None:
+    rows = json.loads(dv(demo_home, "status", "--json").stdout)
+    by = {(r["section"], r["name"]): r["value"] for r in rows}
+    assert int(by[("table", "instances")]) > 0 and int(by[("table", "tombstones")]) == 1
+    assert by[("last_run", "ingest-drops")] != "never"
+    assert ("deletion_sla", "completed") in by and ("drops", "waiting") in by

@@ -1,0 +1,75 @@
+"""One look at a home: table counts, waiting work, deletion SLA, and each flow's last run."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from storage.home import Home
+from tasks.drops import scan_drops
+from tasks.manifests import pending_manifests
+
+TABLES = (
+    "facilities",
+    "drops",
+    "studies",
+    "instances",
+    "objects",
+    "quarantine",
+    "grants",
+    "grant_events",
+    "disclosures",
+    "incidents",
+    "deletion_requests",
+    "tombstones",
+    "beacon_stats",
+    "newsletter_suppression",
+    "audit_log",
+)
+LAST_RUN = {
+    "ingest-drops": "SELECT max(occurred_at) FROM audit_log WHERE action = 'ingest_batch'",
+    "apply-share-manifests": "SELECT max(processed_at) FROM share_requests",
+    "deletion-sweep": "SELECT max(received_at) FROM deletion_requests",
+    "compile-beacon-stats": "SELECT max(compiled_at) FROM beacon_days",
+}
+
+
+def home_status(
+    home: Home, quiet_seconds: float, incomplete_seconds: float
+) -> list[dict[str, Any]]:
+    """Rows of ``{section, name, value}`` (values as text)."""
+    rows: list[dict[str, Any]] = []
+    reader = home.catalog.read_only()
+    existing = set(reader.tables())
+    queries = [(f"SELECT count(*) FROM {t}", None) for t in TABLES if t in existing]  # noqa: S608
+    queries += [(q, None) for q in LAST_RUN.values()]
+    queries.append(("SELECT sla_state, count(*) FROM deletion_sla GROUP BY 1 ORDER BY 1", None))
+    results = reader.many(queries)
+    present = [t for t in TABLES if t in existing]
+    for table, df in zip(present, results, strict=False):
+        rows.append({"section": "table", "name": table, "value": str(df.iloc[0, 0])})
+    for name, df in zip(LAST_RUN, results[len(present) :], strict=False):
+        value = df.iloc[0, 0]
+        rows.append(
+            {
+                "section": "last_run",
+                "name": name,
+                "value": "never" if value is None or str(value) == "NaT" else str(value),
+            }
+        )
+    sla = results[-1]
+    for state, count in zip(sla.iloc[:, 0], sla.iloc[:, 1], strict=True):
+        rows.append({"section": "deletion_sla", "name": str(state), "value": str(count)})
+    drops = scan_drops(home.drops, time.time(), quiet_seconds, incomplete_seconds)
+    for state in ("ready", "waiting", "incomplete"):
+        n = sum(1 for d in drops if d.state == state)
+        rows.append({"section": "drops", "name": state, "value": str(n)})
+    for kind in ("shares", "deletions"):
+        rows.append(
+            {
+                "section": "manifests_pending",
+                "name": kind,
+                "value": str(len(pending_manifests(home.manifests, kind))),
+            }
+        )
+    return rows
