@@ -92,7 +92,7 @@ def demo() -> None:
     embedded_prefect_home(settings.home)
     from flows.demo import run_demo
 
-    summary = run_demo(settings)
+    summary = run_demo(settings, progress=lambda msg: typer.echo(msg, err=True))
     for line in summary.lines():
         typer.echo(line)
 
@@ -103,7 +103,8 @@ def ingest() -> None:
     """Run one ingest pass over every ready drop and print its summary."""
     from flows.ingest import ingest_drops
 
-    stats = ingest_drops(settings=Settings.load())
+    settings = Settings.load()
+    stats = ingest_drops(home=settings.build_home(), settings=settings)
     for key, value in stats.as_dict().items():
         typer.echo(f"{key}: {value}")
 
@@ -116,7 +117,8 @@ def reconcile(
     """Remove vault objects that have no catalog row."""
     from flows.ingest import reconcile_vault
 
-    stats = reconcile_vault(settings=Settings.load(), min_age_seconds=min_age)
+    settings = Settings.load()
+    stats = reconcile_vault(home=settings.build_home(), settings=settings, min_age_seconds=min_age)
     typer.echo(json.dumps(stats.__dict__))
 
 
@@ -153,7 +155,8 @@ def shares(
     """Apply the pending share/revoke/disclose manifests under {manifests}/shares/."""
     from flows.sharing import apply_share_manifests
 
-    result = apply_share_manifests(settings=Settings.load(), dry_run=dry_run)
+    settings = Settings.load()
+    result = apply_share_manifests(home=settings.build_home(), settings=settings, dry_run=dry_run)
     if dry_run:
         typer.echo("dry run: nothing was written or moved")
     for grant in result.added:
@@ -234,7 +237,8 @@ def sweep(
     """Take new deletion requests and carry out every pending one (fails on an SLA breach)."""
     from flows.deletion import deletion_sweep
 
-    result = deletion_sweep(settings=Settings.load(), dry_run=dry_run)
+    settings = Settings.load()
+    result = deletion_sweep(home=settings.build_home(), settings=settings, dry_run=dry_run)
     if dry_run:
         typer.echo("dry run: nothing was deleted, written or moved")
         for item in result.planned:
@@ -277,7 +281,8 @@ def beacons(
     if compile_first:
         from flows.beacons import compile_beacon_stats
 
-        compile_beacon_stats(settings=Settings.load())
+        settings = Settings.load()
+        compile_beacon_stats(home=settings.build_home(), settings=settings)
     _print_frame(beacon_stats(_catalog(), since=since, day=day), as_json)
 
 

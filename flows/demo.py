@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -226,17 +227,28 @@ def _share(
     }
 
 
-def run_demo(settings: Settings | None = None) -> DemoSummary:
-    """Write demo drops under the settings' home and run every flow that exists."""
+def run_demo(
+    settings: Settings | None = None, progress: Callable[[str], None] | None = None
+) -> DemoSummary:
+    """Write demo drops under the settings' home and run every flow that exists.
+
+    ``progress`` is told what each step is about to do (the CLI prints it).
+    """
+    say = progress or (lambda _msg: None)
     settings = (settings or Settings.load()).model_copy(update={"quiet_seconds": 0.0})
     home = settings.build_home()
+    say("1/5 writing demo drops from pydicom's samples")
     drops, files, owned = write_demo_drops(home)
+    say("2/5 ingest-drops: validate, encrypt, catalog")
     stats = ingest_drops(home=home, settings=settings)
+    say("3/5 apply-share-manifests")
     write_demo_share_manifests(home, owned)
     sharing = apply_share_manifests(home=home, settings=settings)
     sample_owner = owned[0][0]
+    say("4/5 deletion-sweep")
     write_demo_deletions(home, owned)
     sweep = deletion_sweep(home=home, settings=settings)
+    say("5/5 compile-beacon-stats over a month of hits")
     beacon_days = write_demo_hits(home)
     days = compile_beacon_stats(home=home, settings=settings)
     reader = home.catalog.read_only()

@@ -47,6 +47,10 @@ class WrongKEKError(KeyError_):
     """The KEK does not unwrap this keystore's record keys."""
 
 
+class MissingKEKError(KeyError_):
+    """The keystore holds record keys but the KEK that wraps them is not there."""
+
+
 def write_secret_file(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the start (no window where it is readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +99,18 @@ class Keystore:
                 " key_id TEXT PRIMARY KEY, wrapped BLOB, kek_id TEXT NOT NULL,"
                 " created_at TEXT NOT NULL, destroyed_at TEXT)"
             )
+            sample = con.execute(
+                "SELECT wrapped FROM record_keys WHERE destroyed_at IS NULL LIMIT 1"
+            ).fetchone()
+        if sample is not None:
+            # Fail at start, not at the first image, when the KEK is not this keystore's.
+            try:
+                aes_key_unwrap(kek, sample[0])
+            except InvalidUnwrap:
+                raise WrongKEKError(
+                    "the KEK does not unwrap this keystore's record keys (wrong DROPVAULT_KEK"
+                    " or key file?)"
+                ) from None
 
     @classmethod
     def local(cls, directory: Path) -> Keystore:
@@ -104,6 +120,23 @@ class Keystore:
         it is promoted when the keystore's keys are already wrapped by it.
         """
         directory = Path(directory)
+        store_file = directory / cls.FILE
+        if (
+            not (directory / "kek.key").exists()
+            and not (directory / "kek.key.new").exists()
+            and store_file.exists()
+            and store_file.stat().st_size > 0
+        ):
+            with closing(sqlite3.connect(store_file)) as con:
+                live = con.execute(
+                    "SELECT count(*) FROM record_keys WHERE destroyed_at IS NULL"
+                ).fetchone()[0]
+            if live:
+                # Making a fresh KEK here would orphan every existing key: refuse instead.
+                raise MissingKEKError(
+                    f"the keystore holds {live} record keys but {directory.name}/kek.key is"
+                    " missing: restore the key file or set DROPVAULT_KEK"
+                )
         pending = directory / "kek.key.new"
         if pending.exists():
             store = cls(directory, pending.read_bytes())

@@ -83,6 +83,11 @@ class DayStats:
         out.pop("malformed_lines")
         return out
 
+    def _repr_html_(self) -> str:
+        """A table for notebooks."""
+        rows = [{"metric": k, "value": str(v)} for k, v in self.row().items()]
+        return pd.DataFrame(rows).to_html(index=False)
+
 
 def pending_days(beacons: Location) -> list[str]:
     """Day folders (YYYY-MM-DD) that hold logs."""

@@ -432,6 +432,11 @@ class SweepResult:
             **{f"sla_{k}": v for k, v in sorted(self.sla.items())},
         }
 
+    def _repr_html_(self) -> str:
+        """A table for notebooks."""
+        rows = [{"metric": k, "value": str(v)} for k, v in self.summary().items()]
+        return pd.DataFrame(rows).to_html(index=False)
+
 
 def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepResult:
     """Carry out a batch of pending requests; each is completed once all its studies are."""

@@ -82,6 +82,11 @@ class ShareResult(RowOutcomes):
             "disclosures": self.disclosures,
         }
 
+    def _repr_html_(self) -> str:
+        """A table for notebooks."""
+        rows = [{"metric": k, "value": str(v)} for k, v in self.summary().items()]
+        return pd.DataFrame(rows).to_html(index=False)
+
 
 class Rejected(ValueError):
     def __init__(self, reason: str) -> None:

@@ -231,3 +231,17 @@ def test_status(demo_home: Path) -> None:
     assert int(by[("table", "instances")]) > 0 and int(by[("table", "tombstones")]) == 1
     assert by[("last_run", "ingest-drops")] != "never"
     assert ("deletion_sla", "completed") in by and ("drops", "waiting") in by
+
+
+def test_missing_kek_fails_at_start_with_one_line(tmp_path: Path) -> None:
+    from storage.home import Home
+
+    home = tmp_path / "h"
+    Home.local(home).keystore.create()
+    (home / "keys" / "kek.key").unlink()
+    proc = dv(home, "ingest", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    ]
+    assert "kek.key is missing" in proc.stderr and not (home / "keys" / "kek.key").exists()

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from storage.keystore import KeyDestroyedError, Keystore, UnknownKeyError, WrongKEKError
+from storage.keystore import (
+    KeyDestroyedError,
+    Keystore,
+    MissingKEKError,
+    UnknownKeyError,
+    WrongKEKError,
+)
 from storage.vault import decrypt_segments, encrypt_stream
 
 
@@ -72,3 +78,17 @@ def test_destroy_then_decrypt_fails_and_bytes_are_gone(tmp_path: Path) -> None:
         assert key not in data, path.name
     with pytest.raises(UnknownKeyError):
         fresh.unwrap("rk_missing")
+
+
+def test_missing_or_wrong_kek_fails_at_start_and_changes_nothing(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    store = Keystore.local(keys)
+    key_id, key = store.create()
+    (keys / "kek.key").rename(tmp_path / "kek.backup")
+    with pytest.raises(MissingKEKError, match="restore the key file or set DROPVAULT_KEK"):
+        Keystore.local(keys)
+    assert not (keys / "kek.key").exists()  # no fresh KEK was made over the old keys
+    with pytest.raises(WrongKEKError, match="does not unwrap"):
+        Keystore(keys, b"\x07" * 32)
+    (tmp_path / "kek.backup").rename(keys / "kek.key")
+    assert Keystore.local(keys).unwrap(key_id) == key
