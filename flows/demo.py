@@ -27,6 +27,7 @@ from storage.home import Home
 from tasks import samples
 from tasks.deletion import deletion_sla
 from tasks.sharing import access_list
+from tasks.status import table_counts
 
 FACILITIES = ("st-olav", "north-imaging", "harbor-clinic")
 
@@ -252,22 +253,7 @@ def run_demo(
     beacon_days = write_demo_hits(home)
     days = compile_beacon_stats(home=home, settings=settings)
     reader = home.catalog.read_only()
-    tables = {}
-    for table in (
-        "facilities",
-        "drops",
-        "studies",
-        "instances",
-        "objects",
-        "quarantine",
-        "grants",
-        "grant_events",
-        "disclosures",
-        "deletion_requests",
-        "tombstones",
-        "audit_log",
-    ):
-        tables[table] = int(reader.sql(f"SELECT count(*) AS n FROM {table}")["n"].iloc[0])  # noqa: S608
+    tables = table_counts(home.catalog)
     by_reason: pd.DataFrame = reader.sql("SELECT reason, count(*) AS n FROM quarantine GROUP BY 1")
     return DemoSummary(
         home=str(settings.home.resolve()),

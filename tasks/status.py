@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from storage.catalog import Catalog
 from storage.home import Home
 from tasks.drops import scan_drops
 from tasks.manifests import pending_manifests
@@ -34,21 +35,27 @@ LAST_RUN = {
 }
 
 
+def table_counts(catalog: Catalog) -> dict[str, int]:
+    """Rows per catalog table (one read-only connection)."""
+    reader = catalog.read_only()
+    present = [t for t in TABLES if t in set(reader.tables())]
+    frames = reader.many([(f"SELECT count(*) FROM {t}", None) for t in present])  # noqa: S608
+    return {t: int(str(df.iloc[0, 0])) for t, df in zip(present, frames, strict=True)}
+
+
 def home_status(
     home: Home, quiet_seconds: float, incomplete_seconds: float
 ) -> list[dict[str, Any]]:
     """Rows of ``{section, name, value}`` (values as text)."""
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = [
+        {"section": "table", "name": t, "value": str(n)}
+        for t, n in table_counts(home.catalog).items()
+    ]
     reader = home.catalog.read_only()
-    existing = set(reader.tables())
-    queries = [(f"SELECT count(*) FROM {t}", None) for t in TABLES if t in existing]  # noqa: S608
-    queries += [(q, None) for q in LAST_RUN.values()]
+    queries: list[tuple[str, None]] = [(q, None) for q in LAST_RUN.values()]
     queries.append(("SELECT sla_state, count(*) FROM deletion_sla GROUP BY 1 ORDER BY 1", None))
     results = reader.many(queries)
-    present = [t for t in TABLES if t in existing]
-    for table, df in zip(present, results, strict=False):
-        rows.append({"section": "table", "name": table, "value": str(df.iloc[0, 0])})
-    for name, df in zip(LAST_RUN, results[len(present) :], strict=False):
+    for name, df in zip(LAST_RUN, results, strict=False):
         value = df.iloc[0, 0]
         rows.append(
             {
