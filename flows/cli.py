@@ -10,7 +10,8 @@ import base64
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -73,6 +74,29 @@ def _print_frame(df: pd.DataFrame, as_json: bool) -> None:
             typer.echo(df.to_string(index=False))
 
 
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A bar on stderr (stdout stays clean for ``--json``); ``update(done, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        f"[bold]{label}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
 def _home() -> Any:
     return Settings.load().build_home()
 
@@ -104,7 +128,9 @@ def ingest() -> None:
     from flows.ingest import ingest_drops
 
     settings = Settings.load()
-    stats = ingest_drops(home=settings.build_home(), settings=settings)
+    home = settings.build_home()
+    with progress_bar("ingest") as update:
+        stats = ingest_drops(home=home, settings=settings, progress=update)
     for key, value in stats.as_dict().items():
         typer.echo(f"{key}: {value}")
 
@@ -238,7 +264,9 @@ def sweep(
     from flows.deletion import deletion_sweep
 
     settings = Settings.load()
-    result = deletion_sweep(home=settings.build_home(), settings=settings, dry_run=dry_run)
+    home = settings.build_home()
+    with progress_bar("sweep") as update:
+        result = deletion_sweep(home=home, settings=settings, dry_run=dry_run, progress=update)
     if dry_run:
         typer.echo("dry run: nothing was deleted, written or moved")
         for item in result.planned:

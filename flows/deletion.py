@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.ingest import Progress
 from flows.settings import Settings
 from storage.home import Home
 from tasks.deletion import (
@@ -27,9 +28,15 @@ class DeletionSLABreached(RuntimeError):
 
 @flow(name="deletion-sweep", validate_parameters=False)
 def deletion_sweep(
-    home: Home | None = None, settings: Settings | None = None, dry_run: bool = False
+    home: Home | None = None,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> SweepResult:
-    """Take new requests from ``{manifests}/deletions/`` and carry out every pending one."""
+    """Take new requests from ``{manifests}/deletions/`` and carry out every pending one.
+
+    ``progress(done, total)`` is called after each batch with requests handled so far.
+    """
     settings = settings or Settings.load()
     home = home or settings.build_home()
     home.catalog.migrate()
@@ -46,6 +53,8 @@ def deletion_sweep(
         part = sweep_requests_task(home, pending.iloc[start : start + settings.sweep_batch], now)
         result.requests_done += part.requests_done
         result.studies += part.studies
+        if progress:
+            progress(min(start + settings.sweep_batch, len(pending)), len(pending))
     deleted = [s.study_uid for s in result.studies if s.outcome == "deleted"]
     result.compacted = compact_catalog_task(home.catalog, deleted)
     sla = deletion_sla(home.catalog, settings.deletion_at_risk_hours)

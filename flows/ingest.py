@@ -8,6 +8,7 @@ from the environment through :class:`~flows.settings.Settings`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 
@@ -26,14 +27,21 @@ from tasks.ingest import (
 )
 from tasks.reconcile import ReconcileStats, reconcile_vault_task
 
+Progress = Callable[[int, int], None]
+
 
 @flow(name="ingest-drops", validate_parameters=False)
 def ingest_drops(
     home: Home | None = None,
     settings: Settings | None = None,
     orphan_grace_seconds: float | None = None,
+    progress: Progress | None = None,
 ) -> IngestStats:
-    """One ingest pass over every drop; returns (and publishes) the run's counts."""
+    """One ingest pass over every drop; returns (and publishes) the run's counts.
+
+    ``progress(done, total)`` is called after each batch with files handled so far
+    (the CLI draws a bar with it; deployments pass nothing).
+    """
     settings = settings or Settings.load()
     home = home or settings.build_home()
     logger = get_run_logger()
@@ -50,8 +58,12 @@ def ingest_drops(
             logger.info("drop %s waits: %s", drop.key, drop.why)
     # Batches cut across drops: one task run and one catalog commit per batch.
     work = [(drop, f) for drop in ready for f in drop.files]
+    done = 0
     for chunk in batches(work, settings.batch_files, settings.batch_bytes):
         totals.add(ingest_batch_task(home, chunk, max_file_bytes=settings.max_file_bytes))
+        done += len(chunk)
+        if progress:
+            progress(done, len(work))
     finished = finish_drops_task(home, ready)
     record_drops_task(home, ready, totals, finished, datetime.now(UTC))
     totals.drops_done = sum(finished.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.limits import catalog_write_slot
 from storage.catalog import Catalog
 from storage.home import LOCATIONS, Home
 from storage.keystore import Keystore, load_or_create_secret
@@ -179,7 +181,11 @@ class Settings(BaseSettings):
             keys / "pepper.key"
         )
         return Home(
-            catalog=Catalog(self.catalog_path(), lock_timeout=self.lock_timeout_seconds),
+            catalog=Catalog(
+                self.catalog_path(),
+                lock_timeout=self.lock_timeout_seconds,
+                write_guard=functools.partial(catalog_write_slot, self.lock_timeout_seconds),
+            ),
             keystore=keystore,
             pepper=pepper,
             region=self.region,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +29,10 @@ T = TypeVar("T")
 
 class CatalogBusyError(RuntimeError):
     """The catalog stayed locked by another process for longer than the lock timeout."""
+
+
+class CatalogUnreadableError(RuntimeError):
+    """The catalog file exists but DuckDB cannot open it (corrupt, truncated, not DuckDB)."""
 
 
 class CatalogMissingError(FileNotFoundError):
@@ -107,9 +111,17 @@ class CatalogReader:
 class Catalog:
     """One DuckDB file. Cheap to construct; holds no connection."""
 
-    def __init__(self, path: Path | str, lock_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        lock_timeout: float = 120.0,
+        write_guard: Callable[[], AbstractContextManager[object]] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.lock_timeout = lock_timeout
+        # Entered around every write connection; the flows pass a Prefect global
+        # concurrency slot so writers queue on the server instead of spinning on the lock.
+        self.write_guard = write_guard
         self._migrated = False
 
     def __repr__(self) -> str:
@@ -126,12 +138,15 @@ class Catalog:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
             except duckdb.IOException as exc:
-                if not _is_lock_error(exc) or time.monotonic() > deadline:
-                    if _is_lock_error(exc):
-                        raise CatalogBusyError(
-                            f"catalog {self.path.name} stayed locked for {self.lock_timeout:.0f}s"
-                        ) from exc
-                    raise
+                if not _is_lock_error(exc):
+                    raise CatalogUnreadableError(
+                        f"catalog {self.path} cannot be opened"
+                        f" ({str(exc).splitlines()[0]}); restore it from a backup"
+                    ) from exc
+                if time.monotonic() > deadline:
+                    raise CatalogBusyError(
+                        f"catalog {self.path.name} stayed locked for {self.lock_timeout:.0f}s"
+                    ) from exc
                 time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
                 delay = min(delay * 2, 0.5)
         try:
@@ -139,11 +154,18 @@ class Catalog:
         finally:
             con.close()
 
+    @contextmanager
+    def _writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A write connection, inside the write guard when there is one."""
+        guard = self.write_guard() if self.write_guard else nullcontext()
+        with guard, self._connect(read_only=False) as con:
+            yield con
+
     def migrate(self) -> list[int]:
         """Apply the migrations not yet applied; returns their versions."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         applied: list[int] = []
-        with self._connect(read_only=False) as con:
+        with self._writer() as con:
             con.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMPTZ DEFAULT now())"
@@ -176,7 +198,7 @@ class Catalog:
             self.migrate()
         attempt = 0
         while True:
-            with self._connect(read_only=False) as con:
+            with self._writer() as con:
                 con.execute("BEGIN")
                 try:
                     result = work(con)
@@ -193,7 +215,7 @@ class Catalog:
         """Run ``work(con)`` in a transaction and roll it back: a dry run that writes nothing."""
         if not self._migrated:
             self.migrate()
-        with self._connect(read_only=False) as con:
+        with self._writer() as con:
             con.execute("BEGIN")
             try:
                 return work(con)
@@ -214,7 +236,7 @@ class Catalog:
         """
         fresh = self.path.with_name(self.path.name + ".rewrite")
         fresh.unlink(missing_ok=True)
-        with self._connect(read_only=False) as con:
+        with self._writer() as con:
             source = con.execute("SELECT current_database()").fetchone()
             con.execute(f"ATTACH '{fresh}' AS rewrite_target")
             con.execute(
@@ -226,5 +248,5 @@ class Catalog:
         self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
 
     def checkpoint(self) -> None:
-        with self._connect(read_only=False) as con:
+        with self._writer() as con:
             con.execute("CHECKPOINT")

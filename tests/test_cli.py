@@ -245,3 +245,31 @@ def test_missing_kek_fails_at_start_with_one_line(tmp_path: Path) -> None:
         next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
     ]
     assert "kek.key is missing" in proc.stderr and not (home / "keys" / "kek.key").exists()
+
+
+def test_unreadable_catalog_fails_with_no_partial_state(tmp_path: Path) -> None:
+    """A corrupt catalog stops ingest before it touches a drop, the vault or the keystore."""
+    import random
+
+    from storage.home import Home
+    from tasks import samples
+
+    home_dir = tmp_path / "h"
+    home = Home.local(home_dir)
+    rng = random.Random(3)
+    _, files = samples.make_study(rng, samples.make_patient(rng, 1), 3, "CT_small.dcm")
+    samples.write_drop(home.drops, "fac", "d1", files)
+    dropped = sorted(e.name for e in home.drops.list())
+    catalog = home_dir / "catalog.duckdb"
+    garbage = random.Random(4).randbytes(20_000)
+    catalog.write_bytes(garbage)
+
+    proc = dv(home_dir, "ingest", check=False, DROPVAULT_QUIET_SECONDS="0")
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: catalog ") and "cannot be opened" in error, proc.stderr[-500:]
+    assert sorted(e.name for e in home.drops.list()) == dropped
+    assert home.vault.list() == [] and home.quarantine.list() == []
+    assert catalog.read_bytes() == garbage
+    with home.keystore._connect() as con:  # noqa: SLF001 - the test looks inside on purpose
+        assert con.execute("SELECT count(*) FROM record_keys").fetchone() == (0,)

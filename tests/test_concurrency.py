@@ -92,3 +92,34 @@ def test_ingest_and_sweep_in_parallel_with_a_reader(tmp_path: Path) -> None:
     stored = sorted(e.name for e in home.vault.list())
     assert stored == sorted(q("SELECT name FROM objects WHERE kind = 'instance'")["name"])
     assert q("SELECT count(*) AS n FROM deletion_requests WHERE status = 'completed'")["n"][0] == 6
+
+
+def test_catalog_writes_take_the_global_concurrency_slot(tmp_path: Path) -> None:
+    """Writers through a home built from settings never overlap, and the limit is on the server."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+
+    from flows.limits import CATALOG_WRITE_LIMIT
+    from flows.settings import Settings
+
+    catalog = Settings.load(home=tmp_path).build_home().catalog
+    catalog.migrate()
+    spans: list[tuple[float, float]] = []
+
+    def work(con: object) -> None:
+        start = time.perf_counter()
+        time.sleep(0.3)
+        spans.append((start, time.perf_counter()))
+
+    threads = [threading.Thread(target=catalog.write, args=(work,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert len(spans) == 3
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(CATALOG_WRITE_LIMIT)
+    assert limit.limit == 1 and limit.active
