@@ -62,6 +62,24 @@ def plain_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - started
 
 
+def encrypt_floor(src: Path, dst: Path) -> float:
+    """The least any encrypting ingest must do: read each file, AES-256-GCM it, write it.
+
+    No parse, hash, key wrap, read-back, catalog or source removal. It shows how much of
+    the gap to a plain copy is the encryption promise itself rather than our code.
+    """
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+    started = time.perf_counter()
+    for i, path in enumerate(sorted(src.rglob("*.dcm"))):
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nonce = i.to_bytes(12, "big")
+        target.write_bytes(nonce + aead.encrypt(nonce, path.read_bytes(), None))
+    return time.perf_counter() - started
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -80,6 +98,7 @@ def main() -> None:
         write_tree(root / "source", files)
         # The copy is cheap and noisy (page-cache writeback): best of three.
         copy_s = min(plain_copy(root / "source", root / f"copy{i}") for i in range(3))
+        floor_s = min(encrypt_floor(root / "source", root / f"floor{i}") for i in range(3))
         # Warm-up on an empty home: starts Prefect's embedded server outside the timing.
         ingest_drops(home=Home.local(root / "empty"), settings=Settings.load(quiet_seconds=0))
         home = Home.local(root / "home")
@@ -92,12 +111,14 @@ def main() -> None:
     mb = total_bytes / 1e6
     rows = [
         ("plain fsspec copy", n / copy_s, mb / copy_s),
+        ("encrypt-only floor", n / floor_s, mb / floor_s),
         ("dropvault ingest", n / ingest_s, mb / ingest_s),
     ]
     print(f"files: {n}  bytes: {total_bytes:,}  cores: {os.cpu_count()}")
     print(f"{'run':<20}{'files/s':>12}{'MB/s':>10}")
     for name, fps, mbps in rows:
         print(f"{name:<20}{fps:>12.0f}{mbps:>10.1f}")
+    print(f"ratio encrypt-only floor / plain copy: {copy_s / floor_s:.3f}")
     print(f"ratio ingest / plain copy: {copy_s / ingest_s:.3f}  (goal >= 0.6)")
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
 

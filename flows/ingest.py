@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import TypeVar, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.utilities.annotations import quote
 
 from flows.settings import Settings
 from storage.home import Home
@@ -28,6 +30,13 @@ from tasks.ingest import (
 from tasks.reconcile import ReconcileStats, reconcile_vault_task
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
+
+
+def opaque(value: T) -> T:
+    """Pass ``value`` to a task without Prefect walking it for futures (costly for a batch of
+    thousands of files); the task receives it unchanged."""
+    return cast(T, quote(value))
 
 
 @flow(name="ingest-drops", validate_parameters=False)
@@ -60,12 +69,14 @@ def ingest_drops(
     work = [(drop, f) for drop in ready for f in drop.files]
     done = 0
     for chunk in batches(work, settings.batch_files, settings.batch_bytes):
-        totals.add(ingest_batch_task(home, chunk, max_file_bytes=settings.max_file_bytes))
+        totals.add(
+            ingest_batch_task(opaque(home), opaque(chunk), max_file_bytes=settings.max_file_bytes)
+        )
         done += len(chunk)
         if progress:
             progress(done, len(work))
-    finished = finish_drops_task(home, ready)
-    record_drops_task(home, ready, totals, finished, datetime.now(UTC))
+    finished = finish_drops_task(opaque(home), opaque(ready))
+    record_drops_task(opaque(home), opaque(ready), opaque(totals), finished, datetime.now(UTC))
     totals.drops_done = sum(finished.values())
     logger.info(
         "%d drops: %d ingested, %d duplicates, %d quarantined, %d waiting",

@@ -232,9 +232,11 @@ class Vault:
         """Where an object id lives: fanned out by its first two characters."""
         return f"{object_id[:2]}/{object_id}.dvlt"
 
-    def put(self, name: str, src: IO[bytes], key_id: str) -> Sealed:
+    def put(self, name: str, src: IO[bytes], key_id: str, *, fresh: bool = False) -> Sealed:
+        """Encrypt ``src`` to ``name``. ``fresh``: a new name nothing reads until cataloged
+        (see :meth:`Location.writer`)."""
         record_key = self.keystore.unwrap(key_id)
-        with self.location.writer(name) as dst:
+        with self.location.writer(name, fresh=fresh) as dst:
             return encrypt_stream(src, dst, key_id, record_key, self.segment_size)
 
     def open(self, name: str) -> DecryptingReader:

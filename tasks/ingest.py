@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.catalog import insert_rows
 from storage.home import Home
 from storage.vault import IntegrityError, Vault
-from tasks.dicom import DicomHeader, DicomRejected, read_header
+from tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
 from tasks.drops import Drop, DropFile
 from tasks.phi import keyed_hash, patient_key, seal_fields
 from tasks.quarantine import Quarantined, quarantine_file, quarantine_id
@@ -282,8 +282,11 @@ def ingest_batch(
             rejected.append((item, *problem))
             continue
         try:
-            with batch.open_source(item) as fp:
-                item.header = read_header(fp, item.file.size)
+            if item.data is not None:
+                item.header = header_from_bytes(item.data)
+            else:
+                with batch.open_source(item) as fp:
+                    item.header = read_header(fp, item.file.size)
             parsed.append(item)
         except DicomRejected as exc:
             rejected.append((item, exc.reason, exc.detail))
@@ -351,7 +354,7 @@ def ingest_batch(
         try:
             with batch.open_source(item) as src:
                 _fault("mid_encrypt")
-                sealed = batch.vault.put(name, src, key_id)
+                sealed = batch.vault.put(name, src, key_id, fresh=True)
             batch.vault.verify(name, sealed)
         except IntegrityError:
             continue  # left in the drop; the next run tries again
@@ -391,6 +394,10 @@ def ingest_batch(
             }
         )
     _fault("after_vault_write")
+    # Durable before cataloged: the sources go once the commit lands.
+    home.vault.flush()
+    if batch.quarantined:
+        home.quarantine.flush()
 
     # 4. Commit the batch in one transaction.
     facilities = sorted({d.facility_id for d, _ in work})
