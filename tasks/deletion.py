@@ -352,6 +352,7 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
                 "DELETE FROM objects WHERE list_contains(?, object_id)", [list(doomed["object_id"])]
             )
             con.execute("DELETE FROM studies WHERE list_contains(?, study_uid)", [delete])
+            _fault("mid_finish")
             for table in (
                 "grants",
                 "grant_events",
