@@ -16,12 +16,13 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
 REQUIRED_UIDS = {
@@ -34,6 +35,8 @@ UNDEFINED = 0xFFFFFFFF
 DEFLATED = "1.2.840.10008.1.2.1.99"
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", DEFLATED}
 ITEM, SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
+# A deflated dataset may inflate to at most this much (pydicom inflates it whole in memory).
+MAX_INFLATED = 64 * 1024 * 1024
 
 
 class DicomRejected(Exception):
@@ -188,26 +191,35 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
     """Parse and validate one file's header from a seekable stream of ``size`` bytes."""
     if size == 0:
         raise DicomRejected("not_dicom", "empty file")
-    head = fp.read(132)
+    head = fp.read(136)
     fp.seek(0)
     # A DICM preamble with nothing usable after it is a cut file, not a foreign one.
     cut_reason = "truncated" if head[128:132] == b"DICM" else "not_dicom"
+    _check_preamble(head)
+    if size > 133 and head[128:132] == b"DICM" and head[132:134] != b"\x02\x00":
+        raise DicomRejected("not_dicom", "no file meta after the DICM prefix")
+    _check_meta_whole(fp, size)
+    _check_inflated_size(fp, size)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except InvalidDicomError as exc:
         raise DicomRejected(cut_reason, "no DICM prefix or file meta") from exc
-    except (EOFError, struct.error) as exc:
-        raise DicomRejected("truncated", "header ends inside an element") from exc
+    except (EOFError, struct.error, OSError, BytesLengthException) as exc:
+        raise DicomRejected(cut_reason, "header ends inside an element") from exc
     except Exception as exc:  # noqa: BLE001 - any other parser failure is malformed input
         raise DicomRejected("not_dicom", f"header does not parse ({type(exc).__name__})") from exc
+    if any("before delimiter" in str(w.message) for w in caught):
+        raise DicomRejected("truncated", "the file ends inside an undefined-length element")
     pixel_start = fp.tell()
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not tsyntax:
         reason = cut_reason if fp.tell() >= size else "not_dicom"
         raise DicomRejected(reason, "file meta has no transfer syntax")
+    if not UID(tsyntax).is_transfer_syntax:
+        raise DicomRejected("not_dicom", "unknown transfer syntax")
     if tsyntax != DEFLATED:
         for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts every element
             elem = ds.get_item(tag)
@@ -426,10 +438,9 @@ def lean_header(data: bytes) -> DicomHeader | None:
         return None
 
 
-def _lean_header(data: bytes) -> DicomHeader | None:
+def _file_meta(data: bytes) -> tuple[dict[int, bytes], int]:
+    """The group 0002 values (always explicit VR little endian) and where the dataset starts."""
     size = len(data)
-    if size < 144 or data[128:132] != b"DICM":
-        return None
     meta: dict[int, bytes] = {}
     pos = 132
     while pos + 8 <= size and data[pos : pos + 2] == b"\x02\x00":
@@ -439,9 +450,81 @@ def _lean_header(data: bytes) -> DicomHeader | None:
         else:
             length, value = _U16["<"].unpack_from(data, pos + 6)[0], pos + 8
         if length == UNDEFINED or value + length > size:
-            return None
+            raise _Decline
         meta[tag] = data[value : value + length]
         pos = value + length
+    return meta, pos
+
+
+EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xfe\xed\xfa\xcf", b"#!")
+
+
+def _check_preamble(head: bytes) -> None:
+    """A preamble that is an executable header makes a DICOM/PE or DICOM/ELF polyglot
+    (CVE-2019-11687): such a file is refused even when the rest is a valid image."""
+    if head.startswith(EXECUTABLE_MAGIC):
+        raise DicomRejected("not_dicom", "the preamble is an executable header")
+
+
+def _check_meta_whole(fp: IO[bytes], size: int) -> None:
+    """A file meta element that runs past the end of the file is a cut file (pydicom would
+    read the cut transfer syntax as an unknown one)."""
+    head = fp.read(min(size, 65536))
+    fp.seek(0)
+    if head[128:132] != b"DICM":
+        return
+    try:
+        _file_meta(head)
+    except _Decline:
+        if len(head) == size:
+            raise DicomRejected("truncated", "file meta is cut short") from None
+    except struct.error:
+        raise DicomRejected("truncated", "file meta is cut short") from None
+
+
+def _check_inflated_size(fp: IO[bytes], size: int) -> None:
+    """Refuse a deflated dataset that inflates past :data:`MAX_INFLATED` (a deflate bomb).
+
+    pydicom inflates the whole dataset in memory, so this runs first, streaming and
+    counting without keeping the output.
+    """
+    head = fp.read(min(size, 65536))
+    fp.seek(0)
+    if DEFLATED.encode() not in head:
+        return
+    try:
+        meta, start = _file_meta(head)
+    except (_Decline, struct.error):
+        return  # pydicom reports the broken meta
+    if meta.get(0x00020010, b"").rstrip(b" \x00") != DEFLATED.encode():
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    fp.seek(start)
+    total = 0
+    pending = b""
+    while not inflater.eof:
+        if not pending:
+            pending = fp.read(1024 * 1024)
+            if not pending:
+                break
+        # At most 1 MiB out per step: the memory stays bounded whatever the ratio.
+        try:
+            total += len(inflater.decompress(pending, 1024 * 1024))
+        except zlib.error as exc:
+            fp.seek(0)
+            raise DicomRejected("not_dicom", "deflated dataset does not inflate") from exc
+        pending = inflater.unconsumed_tail
+        if total > MAX_INFLATED:
+            fp.seek(0)
+            raise DicomRejected("not_dicom", "deflated dataset inflates past the limit")
+    fp.seek(0)
+
+
+def _lean_header(data: bytes) -> DicomHeader | None:
+    size = len(data)
+    if size < 144 or data[128:132] != b"DICM":
+        return None
+    meta, pos = _file_meta(data)
     tsyntax = _lean_text(meta.get(0x00020010, b""))
     if tsyntax in _LEAN_SYNTAXES:
         endian, explicit = _LEAN_SYNTAXES[tsyntax]
@@ -498,4 +581,5 @@ def _lean_header(data: bytes) -> DicomHeader | None:
 
 def header_from_bytes(data: bytes) -> DicomHeader:
     """Parse and validate a file held in memory: the lean walk, else the pydicom path."""
+    _check_preamble(data[:8])
     return lean_header(data) or read_header(io.BytesIO(data), len(data))

@@ -157,8 +157,9 @@ def test_sweep_killed_mid_study_then_rerun(tmp_path: Path, point: str) -> None:
         ).encode(),
     )
     key_ids = home.catalog.query(
-        f"SELECT DISTINCT record_key_id FROM objects JOIN instances USING (object_id)"
-        f" WHERE study_uid = '{doomed_uid}'"  # noqa: S608 - a UID made by the test
+        "SELECT DISTINCT record_key_id FROM objects JOIN instances USING (object_id)"
+        " WHERE study_uid = ?",
+        [doomed_uid],
     )["record_key_id"].tolist()
 
     run_killed(home_dir, "sweep", point)

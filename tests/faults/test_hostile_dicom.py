@@ -1,0 +1,115 @@
+"""A hostile DICOM corpus (tests/faults/hostile.py): each file is quarantined with the right
+reason in bounded time and memory, and the good files of the same drop still commit."""
+
+from __future__ import annotations
+
+import random
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from flows.ingest import ingest_drops
+from flows.settings import Settings
+from storage.home import Home
+from tasks import samples
+from tasks.dicom import DicomRejected, header_from_bytes
+from tests.conftest import make_home
+from tests.faults.hostile import corpus, element_starts
+
+pytestmark = pytest.mark.integration
+
+CORPUS = corpus()
+SECONDS_PER_FILE = 5.0
+PEAK_BYTES = 32 * 1024 * 1024
+
+
+def test_the_corpus_is_big_enough() -> None:
+    assert len(CORPUS) >= 30
+    assert len({label for label, _, _ in CORPUS}) == len(CORPUS)
+
+
+@pytest.mark.parametrize(("label", "data", "reason"), CORPUS, ids=[c[0] for c in CORPUS])
+def test_hostile_file_gets_its_reason_in_bounded_time_and_memory(
+    label: str, data: bytes, reason: str
+) -> None:
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DicomRejected) as info:
+            header_from_bytes(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.reason == reason, info.value.detail
+    assert time.perf_counter() - started < SECONDS_PER_FILE
+    assert peak < PEAK_BYTES, f"{label}: {peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("sample", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm"])
+def test_truncation_at_every_structural_boundary(sample: str) -> None:
+    """Cut at every element start, inside every element header and inside every value."""
+    data = samples._sample_bytes(sample)
+    starts = element_starts(data)
+    cuts = sorted({c for s in starts for c in (s, s + 2, s + 6, s + 9)} - {0})
+    cuts += [(a + b) // 2 for a, b in zip(starts, starts[1:], strict=False)]
+    tried = 0
+    for cut in cuts:
+        if cut >= len(data):
+            continue
+        with pytest.raises(DicomRejected) as info:
+            header_from_bytes(data[:cut])
+        assert info.value.reason == "truncated", (cut, info.value.detail)
+        tried += 1
+    assert tried >= 2 * len(starts)
+
+
+def test_hostile_drop_quarantines_each_file_and_commits_the_good_ones(tmp_path: Path) -> None:
+    home = Home.local(tmp_path / "home")
+    rng = random.Random(11)
+    study_uid, good = samples.make_study(rng, samples.make_patient(rng, 1), 3, "MR_small.dcm")
+    files = dict(good)
+    expected: dict[str, str] = {}
+    for i, (_label, data, reason) in enumerate(CORPUS):
+        files[f"hostile/{i:02d}.dcm"] = data
+        expected[f"{i:02d}"] = reason
+    samples.write_drop(home.drops, "fac", "hostile", files)
+    started = time.perf_counter()
+    stats = ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
+    assert time.perf_counter() - started < 120
+    assert stats.ingested == 3
+    assert home.catalog.query("SELECT DISTINCT study_uid FROM instances")["study_uid"].tolist() == [
+        study_uid
+    ]
+    got = (
+        home.catalog.query("SELECT reason, count(*) AS n FROM quarantine GROUP BY 1 ORDER BY 1")
+        .set_index("reason")["n"]
+        .to_dict()
+    )
+    want: dict[str, int] = {}
+    for reason in expected.values():
+        want[reason] = want.get(reason, 0) + 1
+    assert got == want
+    assert home.drops.list() == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../escape.dcm", "..\\..\\escape.dcm", "a\x00b.dcm", "/etc/passwd.dcm", "x/../../../y.dcm"],
+)
+def test_names_that_escape_are_quarantined_not_followed(tmp_path: Path, name: str) -> None:
+    """A facility's client can create any key on an object store; none may escape its drop."""
+    home = make_home("memory", tmp_path)
+    rng = random.Random(12)
+    _, good = samples.make_study(rng, samples.make_patient(rng, 2), 2, "MR_small.dcm")
+    samples.write_drop(home.drops, "fac", "d1", good, manifest=False)
+    evil = samples.make_instance(samples.make_patient(rng, 3), "1.2.3.4", "1.2.3.4.5")
+    home.drops.fs.pipe_file(f"{home.drops.root}/fac/d1/{name}", evil)
+    stats = ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
+    assert stats.ingested == 2
+    assert dict(stats.quarantined) == {"unsafe_name": 1}
+    every = [
+        p for p in home.drops.fs.find("/") if "escape" in p or "passwd" in p or p.endswith("y.dcm")
+    ]
+    assert all(p.startswith(home.drops.root) for p in every)  # nothing was written outside
