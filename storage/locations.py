@@ -99,6 +99,54 @@ class Entry:
     name: str
     size: int
     mtime: float  # seconds since the epoch, UTC
+    tag: str = ""  # the object store's ETag, when it has one (mtime is only to the second)
+
+
+class FullReads:
+    """A read stream whose ``read(n)`` returns ``n`` bytes unless the object ends.
+
+    A remote stream may return fewer bytes than asked (a short read); parsers such as
+    pydicom take a short read for the end of the file.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._raw.read()
+        parts = []
+        while size > 0:
+            chunk = self._raw.read(size)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size -= len(chunk)
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> FullReads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -199,7 +247,12 @@ class Location:
             if info.get("type") == "directory":
                 continue
             entries.append(
-                Entry(name=self.relative(path), size=int(info.get("size") or 0), mtime=_mtime(info))
+                Entry(
+                    name=self.relative(path),
+                    size=int(info.get("size") or 0),
+                    mtime=_mtime(info),
+                    tag=str(info.get("ETag") or ""),
+                )
             )
         return entries
 
@@ -234,6 +287,8 @@ class Location:
         if mode == "rb" and self._on_local_disk:
             return Path(path).open("rb")
         handle: IO[bytes] = self.fs.open(path, mode)
+        if mode == "rb":
+            return FullReads(handle)  # type: ignore[return-value]
         return handle
 
     def read_bytes(self, name: str, *, unchecked: bool = False) -> bytes:

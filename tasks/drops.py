@@ -43,6 +43,16 @@ class DropFile:
     mtime: float
     expected_sha256: str | None = None
     safe: bool = True
+    tag: str = ""  # ETag as listed: with size and mtime, tells a replaced object apart
+
+    def unchanged(self, entry: Entry) -> bool:
+        """Whether a fresh listing still shows the object this file was listed as."""
+        return (entry.size, entry.mtime, entry.tag) == (self.size, self.mtime, self.tag)
+
+
+def _unlisted(entry: Entry) -> DropFile:
+    """A file of a drop without a (readable) manifest: nothing to check it against."""
+    return DropFile(entry.name, entry.size, entry.mtime, None, _is_safe(entry.name), entry.tag)
 
 
 @dataclass
@@ -109,7 +119,7 @@ def scan_drops(
         others = [e for e in entries if e is not manifest_entry]
         newest = max((e.mtime for e in entries), default=0.0)
         if manifest_entry is None:
-            files = [DropFile(e.name, e.size, e.mtime, None, _is_safe(e.name)) for e in others]
+            files = [_unlisted(e) for e in others]
             quiet = now - newest >= quiet_seconds
             state: DropState = "ready" if quiet else "waiting"
             found.append(
@@ -120,7 +130,7 @@ def scan_drops(
         try:
             listed, owners = _parse_manifest(drops.read_bytes(manifest_entry.name, unchecked=True))
         except (ValueError, UnicodeDecodeError) as exc:
-            files = [DropFile(e.name, e.size, e.mtime, None, _is_safe(e.name)) for e in others]
+            files = [_unlisted(e) for e in others]
             state = "incomplete" if overdue else "waiting"
             why = f"manifest is malformed ({type(exc).__name__})"
             found.append(
@@ -143,6 +153,7 @@ def scan_drops(
                     item.mtime,
                     expected[1] if expected else None,
                     _is_safe(item.name),
+                    item.tag,
                 )
             )
         unlisted_busy = any(

@@ -72,6 +72,7 @@ class IngestStats:
     seconds: float = 0.0
     drops_done: int = 0
     drops_waiting: int = 0
+    sources_changed: int = 0  # replaced while being ingested: left for the next run
     drops: dict[str, DropCounts] = field(default_factory=dict)
 
     def count(self, drop: Drop, what: str, n: int = 1) -> None:
@@ -86,6 +87,7 @@ class IngestStats:
         self.bytes += other.bytes
         self.drops_done += other.drops_done
         self.drops_waiting += other.drops_waiting
+        self.sources_changed += other.sources_changed
         for key, counts in other.drops.items():
             mine = self.drops.setdefault(key, DropCounts())
             for name in ("files_seen", "ingested", "duplicates", "quarantined", "bytes"):
@@ -102,6 +104,7 @@ class IngestStats:
             "seconds": round(self.seconds, 3),
             "drops_done": self.drops_done,
             "drops_waiting": self.drops_waiting,
+            "sources_changed": self.sources_changed,
         }
 
     def table(self) -> list[dict[str, Any]]:
@@ -199,6 +202,26 @@ class _Batch:
             self.home.pepper, drop.facility_id, drop.drop_id, f.name, item.sha256
         )
         return item
+
+
+def remove_sources(home: Home, work: list[tuple[Drop, DropFile]], names: list[str]) -> int:
+    """Delete the handled sources that a fresh listing shows unchanged; returns how many
+    were left in place because they changed since they were listed."""
+    if not names:
+        return 0
+    listed: dict[str, DropFile] = {f.name: f for _, f in work}
+    prefixes = sorted({f"{d.facility_id}/{d.drop_id}" for d, _ in work})
+    current = {e.name: e for prefix in prefixes for e in home.drops.list(prefix)}
+    changed = 0
+    for name in names:
+        now = current.get(name)
+        if now is None:
+            continue  # already gone (another run, or an earlier attempt of this one)
+        if not listed[name].unchanged(now):
+            changed += 1
+            continue
+        home.drops.delete(name, unchecked=True)
+    return changed
 
 
 def _existing(
@@ -472,10 +495,10 @@ def ingest_batch(
     stats.bytes = sum(r["size_bytes"] for r in committed)
     _fault("after_commit")
 
-    # 5. Only now remove the sources.
+    # 5. Only now remove the sources, and only those still as they were listed: a facility
+    # may have replaced one meanwhile, and the new object is the next run's to ingest.
     done_names = [source_of[r["object_id"]].file.name for r in committed]
-    for name in batch.to_remove + done_names:
-        home.drops.delete(name, unchecked=True)
+    stats.sources_changed = remove_sources(home, work, batch.to_remove + done_names)
     stats.seconds = time.perf_counter() - started
     return stats
 

@@ -10,13 +10,15 @@ import hashlib
 import io
 import json
 import random
+import struct
 from dataclasses import dataclass
 from functools import cache
+from typing import IO
 
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from storage.locations import Location
 
@@ -88,6 +90,42 @@ def make_study(
         for i in range(instances)
     }
     return study_uid, files
+
+
+def write_multiframe(
+    dst: IO[bytes],
+    patient: Patient,
+    study_uid: str,
+    series_uid: str,
+    frames: int,
+    rows: int = 512,
+    columns: int = 512,
+    seed: int = 0,
+) -> str:
+    """Stream a large multi-frame 16-bit MR image to ``dst`` without holding its pixels in
+    memory; returns its SOP Instance UID. ``frames`` of 512 x 512 are 512 KiB each."""
+    ds = sample_dataset("MR_small.dcm")
+    ds.PatientID = patient.patient_id
+    ds.PatientName = patient.name
+    ds.PatientBirthDate = patient.birth_date
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel = 16, 16, 15, 1
+    del ds.PixelData
+    head = io.BytesIO()
+    ds.save_as(head, enforce_file_format=True)
+    dst.write(head.getvalue())
+    frame_bytes = rows * columns * 2
+    dst.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frame_bytes * frames))
+    pattern = random.Random(seed).randbytes(frame_bytes + frames)  # noqa: S311 - test pixels
+    for i in range(frames):
+        dst.write(pattern[i : i + frame_bytes])  # every frame differs; none held twice
+    return str(ds.SOPInstanceUID)
 
 
 # -- bad files --------------------------------------------------------------
