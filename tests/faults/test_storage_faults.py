@@ -44,15 +44,18 @@ def faulty_home(tmp_path: Path) -> tuple[Home, FaultyFileSystem]:
     fs = FaultyFileSystem(skip_instance_cache=True)
     prefix = uuid.uuid4().hex[:12]
     locations = {name: Location(f"faulty://{prefix}/{name}", fs=fs) for name in LOCATIONS}
+    return home_on(locations, tmp_path), fs
+
+
+def home_on(locations: dict[str, Location], tmp_path: Path) -> Home:
     keys = tmp_path / "keys"
-    home = Home(
+    return Home(
         catalog=Catalog(tmp_path / "catalog.duckdb"),
         keystore=Keystore.local(keys),
         pepper=load_or_create_secret(keys / "pepper.key"),
         region="local",
         **locations,
     )
-    return home, fs
 
 
 def drop_studies(home: Home, seed: int, drops: int = 3, per: int = 3) -> set[str]:
@@ -165,14 +168,7 @@ def test_failed_multipart_upload_is_aborted_and_retried(
         name: Location(f"s3://{BUCKET}/{prefix}/{name}", fs=vault_fs if name == "vault" else fs)
         for name in LOCATIONS
     }
-    keys = tmp_path / "keys"
-    home = Home(
-        catalog=Catalog(tmp_path / "catalog.duckdb"),
-        keystore=Keystore.local(keys),
-        pepper=load_or_create_secret(keys / "pepper.key"),
-        region="test-region",
-        **locations,
-    )
+    home = home_on(locations, tmp_path)
     big = io.BytesIO()
     uid = samples.write_multiframe(
         big, samples.make_patient(random.Random(6), 1), "1.2.826.0.1.3680043.8.498.8", "1.2.3.8", 24
