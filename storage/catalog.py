@@ -40,7 +40,11 @@ class CatalogMissingError(FileNotFoundError):
 
 
 def _is_lock_error(exc: Exception) -> bool:
+    """Another process holds the file, or this process has it open the other way (DuckDB
+    refuses a read-only and a read-write connection to one file in the same process)."""
     text = str(exc)
+    if isinstance(exc, duckdb.ConnectionException):
+        return "different configuration" in text
     return "lock" in text.lower() and isinstance(exc, duckdb.IOException)
 
 
@@ -137,7 +141,7 @@ class Catalog:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
-            except duckdb.IOException as exc:
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_error(exc):
                     raise CatalogUnreadableError(
                         f"catalog {self.path} cannot be opened"

@@ -37,7 +37,7 @@ from storage.catalog import Catalog, insert_rows
 from storage.home import Home
 from storage.locations import Location
 from tasks.ingest import study_key
-from tasks.manifests import ManifestRow, RowOutcomes, content_hash, parse_time
+from tasks.manifests import ManifestRow, RowOutcomes, content_hash, parse_request_time
 from tasks.sharing import recompute_grants
 
 DELETION_FIELDS = ("request_id", "owner", "study_uid", "requested_at", "keep_archive")
@@ -59,7 +59,7 @@ class IntakeResult(RowOutcomes):
     """Outcomes of the deletion rows taken in by one sweep."""
 
 
-def _validate(row: ManifestRow) -> dict[str, Any]:
+def _validate(row: ManifestRow, now: datetime) -> dict[str, Any]:
     if row.fields is None:
         raise ValueError(row.error or "malformed")
     f = row.fields
@@ -67,7 +67,7 @@ def _validate(row: ManifestRow) -> dict[str, Any]:
         if not f.get(name):
             raise ValueError("missing_field")
     try:
-        requested_at = parse_time(f["requested_at"])
+        requested_at = parse_request_time(f["requested_at"], now)
     except ValueError as exc:
         raise ValueError("bad_timestamp") from exc
     keep = (f.get("keep_archive") or "").lower()
@@ -96,7 +96,7 @@ def register_requests(
     for row in rows:
         base = {"manifest": row.manifest, "line": row.line, "received_at": now}
         try:
-            valid.append((row, _validate(row)))
+            valid.append((row, _validate(row, now)))
         except ValueError as exc:
             rid = (row.fields or {}).get("request_id") or None
             result.note(row, rid, f"rejected:{exc}")
@@ -245,10 +245,14 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
         )
         recompute_grants(con, {(o, g) for o, g, _ in grants})
         con.execute(
-            "UPDATE studies SET status = 'archived' WHERE list_contains(?, study_uid)", [archive]
+            "UPDATE studies SET status = 'archived', rev = rev + 1"
+            " WHERE list_contains(?, study_uid)",
+            [archive],
         )
         con.execute(
-            "UPDATE studies SET status = 'deleting' WHERE list_contains(?, study_uid)", [delete]
+            "UPDATE studies SET status = 'deleting', rev = rev + 1"
+            " WHERE list_contains(?, study_uid)",
+            [delete],
         )
         insert_rows(
             con,

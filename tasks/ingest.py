@@ -450,6 +450,13 @@ def ingest_batch(
         }
         keep = [r for r in instance_rows if r["sop_instance_uid"] not in taken]
         keep_ids = {r["object_id"] for r in keep}
+        # Bump the studies we add to: a sweep marking one of them conflicts with this
+        # transaction instead of racing it (see schema/005_study_revision.sql).
+        grown = sorted({r["study_uid"] for r in keep} - set(new_studies))
+        if grown:
+            con.execute(
+                "UPDATE studies SET rev = rev + 1 WHERE list_contains(?, study_uid)", [grown]
+            )
         insert_rows(
             con,
             "facilities",

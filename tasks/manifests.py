@@ -14,7 +14,7 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storage.locations import Location
@@ -140,6 +140,19 @@ def parse_time(value: str | None) -> datetime:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
+
+
+# How far ahead of the sweep's clock a request may be dated. A share dated a year ahead
+# would otherwise outrank every revoke until then, so a revoke could not take effect.
+MAX_CLOCK_SKEW = timedelta(minutes=10)
+
+
+def parse_request_time(value: str | None, now: datetime) -> datetime:
+    """:func:`parse_time`, refusing a time more than :data:`MAX_CLOCK_SKEW` ahead of ``now``."""
+    parsed = parse_time(value)
+    if parsed > now + MAX_CLOCK_SKEW:
+        raise ValueError("requested_at is in the future")
+    return parsed
 
 
 def content_hash(fields: dict[str, str], names: tuple[str, ...]) -> str:

@@ -28,6 +28,7 @@ from tasks.manifests import (
     RowOutcomes,
     archive_manifests,
     content_hash,
+    parse_request_time,
     parse_time,
     read_pending,
 )
@@ -94,7 +95,7 @@ class Rejected(ValueError):
         self.reason = reason
 
 
-def validate_fields(row: ManifestRow) -> ShareRequest:
+def validate_fields(row: ManifestRow, now: datetime) -> ShareRequest:
     """Syntax checks that need no catalog; raises :class:`Rejected`."""
     if row.fields is None:
         raise Rejected(row.error or "malformed")
@@ -108,7 +109,7 @@ def validate_fields(row: ManifestRow) -> ShareRequest:
     if action == "disclose" and not f.get("purpose"):
         raise Rejected("missing_field")
     try:
-        requested_at = parse_time(f["requested_at"])
+        requested_at = parse_request_time(f["requested_at"], now)
         expires_at = parse_time(f["expires_at"]) if f.get("expires_at") else None
     except ValueError as exc:
         raise Rejected("bad_timestamp") from exc
@@ -211,7 +212,7 @@ def apply_requests(
     valid: list[ShareRequest] = []
     for row in rows:
         try:
-            valid.append(validate_fields(row))
+            valid.append(validate_fields(row, now))
         except Rejected as exc:
             rid = (row.fields or {}).get("request_id") or None
             result.note(row, rid, f"rejected:{exc.reason}")

@@ -282,7 +282,9 @@ def fresh_catalog(tmp: Path) -> Catalog:
     rows = [(s, "pk", o, "fac", "rk") for o, studies in STUDIES.items() for s in studies]
     catalog.write(
         lambda con: con.executemany(
-            "INSERT INTO studies VALUES (?, ?, ?, ?, ?, NULL, 'active', now())", rows
+            "INSERT INTO studies (study_uid, patient_key, owner, facility_id, record_key_id,"
+            " status, created_at) VALUES (?, ?, ?, ?, ?, 'active', now())",
+            rows,
         )
     )
     return catalog
