@@ -7,20 +7,37 @@ from prefect.artifacts import create_table_artifact
 
 from flows.settings import Settings
 from storage.home import Home
-from tasks.beacons import DayStats, compile_day_task, pending_days_task
+from tasks.beacons import (
+    DayStats,
+    compile_day_task,
+    hold_late_files_task,
+    pending_days_task,
+    published_days,
+)
 
 
 @flow(name="compile-beacon-stats", validate_parameters=False)
 def compile_beacon_stats(
     home: Home | None = None, settings: Settings | None = None, day: str | None = None
 ) -> list[DayStats]:
-    """Compile every day folder under ``{beacons}`` (or one ``day``), replacing its rows."""
+    """Compile every new day folder under ``{beacons}``, or one ``day`` by name.
+
+    A day already published is not compiled again by the scheduled pass: its late files
+    are set aside under ``late/`` and counted (see :func:`tasks.beacons.hold_late_files`).
+    Naming the ``day`` recompiles it and replaces its rows.
+    """
     settings = settings or Settings.load()
     home = home or settings.build_home()
     home.catalog.migrate()
     days = [day] if day else pending_days_task(home.beacons)
+    published = set() if day else published_days(home.catalog)
     results = []
     for one in days:
+        if one in published:
+            held = hold_late_files_task(home.beacons, one)
+            results.append(held)
+            get_run_logger().warning("beacons %s: %d late file(s) set aside", one, held.held_late)
+            continue
         stats = compile_day_task(
             home.beacons,
             home.exports,

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from storage.keystore import Keystore
+from storage.keystore import Keystore, UnknownKeyError
 from storage.locations import Location
 
 MAGIC = b"DVLT"
@@ -159,7 +159,10 @@ def encrypt_stream(
 def decrypt_segments(src: IO[bytes], keystore: Keystore) -> Iterator[bytes]:
     """Yield plaintext segments, authenticating each; raise :class:`IntegrityError` on any fault."""
     header = Header.read(src)
-    record_key = keystore.unwrap(header.key_id)
+    try:
+        record_key = keystore.unwrap(header.key_id)
+    except UnknownKeyError as exc:  # a key id no one issued: the header was altered
+        raise IntegrityError("DVLT header names an unknown record key") from exc
     try:
         data_key = aes_key_unwrap(record_key, header.wrapped_key)
     except (InvalidUnwrap, ValueError) as exc:

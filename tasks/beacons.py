@@ -76,6 +76,7 @@ class DayStats:
     cells: int = 0
     suppressed: int = 0
     unsubscribes: int = 0
+    held_late: int = 0  # files that came after the day was published: set aside, not merged
     malformed_lines: list[dict[str, Any]] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
@@ -122,6 +123,27 @@ LINES = (
     "read_csv($path, columns={'line': 'VARCHAR'}, header=false, delim=chr(31),"
     " quote='', escape='', auto_detect=false)"
 )
+
+
+def published_days(catalog: Catalog) -> set[str]:
+    """Days whose statistics are already published."""
+    if "beacon_stats" not in catalog.read_only().tables():
+        return set()
+    days = catalog.query("SELECT DISTINCT strftime(day, '%Y-%m-%d') AS day FROM beacon_stats")
+    return set(days["day"])
+
+
+def hold_late_files(beacons: Location, day: str) -> DayStats:
+    """Set aside logs that arrive for a day already published (under ``late/{day}/``).
+
+    Recompiling would replace the day with the late files alone once the first logs are
+    deleted, and comparing the two publications would single out the late visitors
+    (differencing). An operator who means to republish a day compiles it by name.
+    """
+    names = [e.name for e in beacons.list(day)]
+    for name in names:
+        beacons.move(name, beacons, f"late/{name}")
+    return DayStats(day=day, held_late=len(names))
 
 
 def compile_day(
@@ -263,7 +285,8 @@ def compile_day(
         c.execute("DELETE FROM email_campaigns WHERE day = ?", [day])
         insert_rows(c, "email_campaigns", campaigns)
         c.execute("DELETE FROM beacon_days WHERE day = ?", [day])
-        insert_rows(c, "beacon_days", [{**stats.row(), "compiled_at": now}])
+        compiled = {k: v for k, v in stats.row().items() if k != "held_late"}
+        insert_rows(c, "beacon_days", [{**compiled, "compiled_at": now}])
         c.execute("DELETE FROM beacon_rejects WHERE day = ?", [day])
         insert_rows(c, "beacon_rejects", [{"day": day, **m} for m in stats.malformed_lines])
         insert_rows(
@@ -419,6 +442,9 @@ def beacon_stats(
 pending_days_task = task(
     name="pending-beacon-days", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
 )(pending_days)
+hold_late_files_task = task(
+    name="hold-late-beacon-files", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+)(hold_late_files)
 compile_day_task = task(
     name="compile-beacon-day", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
 )(compile_day)

@@ -139,7 +139,7 @@ def test_csv_input_and_idempotent_recompile(home: Home) -> None:
     assert home.beacons.list(DAY) == []  # moved to processed/
     for entry in home.beacons.list(f"processed/{DAY}"):
         home.beacons.move(entry.name, home.beacons, entry.name.removeprefix("processed/"))
-    compile_beacon_stats(home=home, settings=settings_keep)
+    compile_beacon_stats(home=home, settings=settings_keep, day=DAY)  # a deliberate recompile
     after = beacon_stats(home.catalog, day=DAY)
     assert before.equals(after)
     assert len(after) == home.catalog.query("SELECT count(*) AS n FROM beacon_stats")["n"][0]
