@@ -51,9 +51,15 @@ class MissingKEKError(KeyError_):
     """The keystore holds record keys but the KEK that wraps them is not there."""
 
 
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) and make it 0700: only the owner may list the keys."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
 def write_secret_file(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the start (no window where it is readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -86,7 +92,7 @@ class Keystore:
         if len(kek) != KEY_BYTES:
             raise ValueError("the KEK must be 32 bytes (AES-256)")
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         self.path = self.directory / self.FILE
         self._kek = kek
         self._cache: dict[str, bytes] = {}
