@@ -238,6 +238,8 @@ class Location:
     def list(self, prefix: str = "") -> builtins.list[Entry]:
         """Every object below ``prefix`` (recursive), with size and mtime. Never cached."""
         base = f"{self.root}/{safe_relpath(prefix)}" if prefix else self.root
+        if self._on_local_disk:
+            return self._list_local(base)
         self._invalidate(base)
         if not self.fs.exists(base):
             return []
@@ -255,6 +257,25 @@ class Location:
                 )
             )
         return entries
+
+    def _list_local(self, base: str) -> builtins.list[Entry]:
+        """:meth:`list` on a local disk with ``os.scandir`` (fsspec adds ~100 us a file)."""
+        entries = []
+        start = len(self.root.rstrip("/")) + 1
+        stack = [base]
+        while stack:
+            folder = stack.pop()
+            try:
+                items = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for item in items:
+                if item.is_dir(follow_symlinks=False):
+                    stack.append(item.path)
+                elif item.is_file(follow_symlinks=False):
+                    info = item.stat(follow_symlinks=False)
+                    entries.append(Entry(item.path[start:], info.st_size, info.st_mtime))
+        return sorted(entries, key=lambda e: e.name)
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Immediate child directory names below ``prefix``."""

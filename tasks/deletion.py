@@ -106,20 +106,20 @@ def register_requests(
     known = dict(
         con.execute(
             "SELECT request_id, content_hash FROM deletion_requests"
-            " WHERE list_contains(?, request_id)",
+            " WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
             [[req["request_id"] for _, req in valid]],
         ).fetchall()
     )
     study_owner = dict(
         con.execute(
-            "SELECT study_uid, owner FROM studies WHERE list_contains(?, study_uid)",
+            "SELECT study_uid, owner FROM studies WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
             [[req["study_uid"] for _, req in valid]],
         ).fetchall()
     )
     owners_with_studies = {
         r[0]
         for r in con.execute(
-            "SELECT DISTINCT owner FROM studies WHERE list_contains(?, owner)",
+            "SELECT DISTINCT owner FROM studies WHERE owner IN (SELECT unnest(?::VARCHAR[]))",
             [[req["owner"] for _, req in valid if req["study_uid"] == "*"]],
         ).fetchall()
     }
@@ -220,7 +220,7 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
         grants = con.execute(
             "SELECT g.owner, g.grantee, g.study_uid FROM grants g"
             " JOIN studies s ON s.study_uid = g.study_uid AND s.owner = g.owner"
-            " WHERE list_contains(?, g.study_uid) AND g.revoked_at IS NULL",
+            " WHERE g.study_uid IN (SELECT unnest(?::VARCHAR[])) AND g.revoked_at IS NULL",
             [uids],
         ).fetchall()
         insert_rows(
@@ -246,12 +246,12 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
         recompute_grants(con, {(o, g) for o, g, _ in grants})
         con.execute(
             "UPDATE studies SET status = 'archived', rev = rev + 1"
-            " WHERE list_contains(?, study_uid)",
+            " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
             [archive],
         )
         con.execute(
             "UPDATE studies SET status = 'deleting', rev = rev + 1"
-            " WHERE list_contains(?, study_uid)",
+            " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
             [delete],
         )
         insert_rows(
@@ -270,17 +270,18 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
         )
         objects = con.execute(
             "SELECT i.study_uid, o.object_id, o.kind, o.location_url, o.name, o.record_key_id"
-            " FROM objects o JOIN instances i USING (object_id) WHERE list_contains(?, i.study_uid)"
+            " FROM objects o JOIN instances i USING (object_id) WHERE i.study_uid"
+            " IN (SELECT unnest(?::VARCHAR[]))"
             " UNION ALL"
             " SELECT q.study_uid, o.object_id, o.kind, o.location_url, o.name, o.record_key_id"
             " FROM objects o JOIN quarantine q USING (object_id)"
-            " WHERE list_contains(?, q.study_uid)",
+            " WHERE q.study_uid IN (SELECT unnest(?::VARCHAR[]))",
             [uids, uids],
         ).df()
         studies = con.execute(
             "SELECT s.study_uid, s.record_key_id, count(i.sop_instance_uid) AS instances"
             " FROM studies s LEFT JOIN instances i USING (study_uid)"
-            " WHERE list_contains(?, s.study_uid) GROUP BY 1, 2",
+            " WHERE s.study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1, 2",
             [uids],
         ).df()
         return objects, studies
@@ -302,7 +303,8 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
         moved = list(to_archive["object_id"])
         home.catalog.write(
             lambda con: con.execute(
-                "UPDATE objects SET location_url = ? WHERE list_contains(?, object_id)",
+                "UPDATE objects SET location_url = ? WHERE object_id"
+                " IN (SELECT unnest(?::VARCHAR[]))",
                 [home.archive.url, moved],
             )
         )
@@ -350,12 +352,19 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
                 "UPDATE audit_log SET subject = d.replacement FROM instances i"
                 " JOIN _deleted d USING (study_uid) WHERE audit_log.subject = i.sop_instance_uid"
             )
-            con.execute("DELETE FROM instances WHERE list_contains(?, study_uid)", [delete])
-            con.execute("DELETE FROM quarantine WHERE list_contains(?, study_uid)", [delete])
             con.execute(
-                "DELETE FROM objects WHERE list_contains(?, object_id)", [list(doomed["object_id"])]
+                "DELETE FROM instances WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))", [delete]
             )
-            con.execute("DELETE FROM studies WHERE list_contains(?, study_uid)", [delete])
+            con.execute(
+                "DELETE FROM quarantine WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))", [delete]
+            )
+            con.execute(
+                "DELETE FROM objects WHERE object_id IN (SELECT unnest(?::VARCHAR[]))",
+                [list(doomed["object_id"])],
+            )
+            con.execute(
+                "DELETE FROM studies WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))", [delete]
+            )
             _fault("mid_finish")
             for table in (
                 "grants",

@@ -236,19 +236,21 @@ def _existing(
         [
             (
                 "SELECT sop_instance_uid, sha256 FROM instances"
-                " WHERE list_contains(?, sop_instance_uid)",
+                " WHERE sop_instance_uid IN (SELECT unnest(?::VARCHAR[]))",
                 [uids],
             ),
             (
-                "SELECT study_uid, record_key_id FROM studies WHERE list_contains(?, study_uid)",
+                "SELECT study_uid, record_key_id FROM studies WHERE study_uid"
+                " IN (SELECT unnest(?::VARCHAR[]))",
                 [studies],
             ),
             (
-                "SELECT quarantine_id FROM quarantine WHERE list_contains(?, quarantine_id)",
+                "SELECT quarantine_id FROM quarantine WHERE quarantine_id"
+                " IN (SELECT unnest(?::VARCHAR[]))",
                 [qids],
             ),
             (
-                "SELECT study_key FROM tombstones WHERE list_contains(?, study_key)",
+                "SELECT study_key FROM tombstones WHERE study_key IN (SELECT unnest(?::VARCHAR[]))",
                 [list(keys)],
             ),
         ]
@@ -431,14 +433,15 @@ def ingest_batch(
         taken = {
             row[0]
             for row in con.execute(
-                "SELECT sop_instance_uid FROM instances WHERE list_contains(?, sop_instance_uid)",
+                "SELECT sop_instance_uid FROM instances WHERE sop_instance_uid"
+                " IN (SELECT unnest(?::VARCHAR[]))",
                 [uids_now],
             ).fetchall()
         }
         tombstoned = {
             row[0]
             for row in con.execute(
-                "SELECT study_key FROM tombstones WHERE list_contains(?, study_key)",
+                "SELECT study_key FROM tombstones WHERE study_key IN (SELECT unnest(?::VARCHAR[]))",
                 [[study_key(home.pepper, r["study_uid"]) for r in instance_rows]],
             ).fetchall()
         }
@@ -455,7 +458,8 @@ def ingest_batch(
         grown = sorted({r["study_uid"] for r in keep} - set(new_studies))
         if grown:
             con.execute(
-                "UPDATE studies SET rev = rev + 1 WHERE list_contains(?, study_uid)", [grown]
+                "UPDATE studies SET rev = rev + 1 WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
+                [grown],
             )
         insert_rows(
             con,

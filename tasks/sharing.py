@@ -221,14 +221,14 @@ def apply_requests(
     known = dict(
         con.execute(
             "SELECT request_id, content_hash FROM share_requests"
-            " WHERE list_contains(?, request_id)",
+            " WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
             [ids],
         ).fetchall()
     )
     study_ids = sorted({r.study_uid for r in valid if r.study_uid != "*"})
     owners = dict(
         con.execute(
-            "SELECT study_uid, owner FROM studies WHERE list_contains(?, study_uid)"
+            "SELECT study_uid, owner FROM studies WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))"
             " AND status = 'active'",
             [study_ids],
         ).fetchall()
