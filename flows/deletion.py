@@ -53,10 +53,11 @@ def deletion_sweep(
         part = sweep_requests_task(home, pending.iloc[start : start + settings.sweep_batch], now)
         result.requests_done += part.requests_done
         result.studies += part.studies
+        result.resumed += part.resumed
         if progress:
             progress(min(start + settings.sweep_batch, len(pending)), len(pending))
     deleted = [s.study_uid for s in result.studies if s.outcome == "deleted"]
-    result.compacted = compact_catalog_task(home.catalog, deleted)
+    result.compacted = compact_catalog_task(home.catalog, deleted, resumed=result.resumed)
     sla = deletion_sla(home.catalog, settings.deletion_at_risk_hours)
     result.sla = {str(k): int(v) for k, v in sla["sla_state"].value_counts().items()}
     create_table_artifact(

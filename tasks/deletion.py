@@ -284,6 +284,46 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
             " WHERE s.study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1, 2",
             [uids],
         ).df()
+        # What step 6 must find gone, kept past step 5 (which deletes these rows).
+        to_check = [
+            (
+                by_uid[str(r.study_uid)].request_id,
+                keys[str(r.study_uid)],
+                r.location_url,
+                r.name,
+                r.record_key_id,
+            )
+            for r in objects.itertuples()
+            if r.study_uid in delete_set
+        ] + [
+            (
+                by_uid[str(r.study_uid)].request_id,
+                keys[str(r.study_uid)],
+                None,
+                None,
+                r.record_key_id,
+            )
+            for r in studies.itertuples()
+            if r.study_uid in delete_set
+        ]
+        con.execute(
+            "DELETE FROM deletion_objects WHERE study_key IN (SELECT unnest(?::VARCHAR[]))",
+            [[keys[u] for u in delete]],
+        )
+        insert_rows(
+            con,
+            "deletion_objects",
+            [
+                dict(
+                    zip(
+                        ("request_id", "study_key", "location_url", "name", "record_key_id"),
+                        t,
+                        strict=True,
+                    )
+                )
+                for t in to_check
+            ],
+        )
         return objects, studies
 
     objects, studies = home.catalog.write(start)
@@ -405,6 +445,7 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
             con.unregister("_deleted")
 
     home.catalog.write(finish)
+    _fault("after_finish")
 
     # 6. Verify: no version of any former object, no key that unwraps.
     left: dict[str, int] = {}
@@ -424,12 +465,36 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
     return list(outcomes.values())
 
 
+def verify_recorded(home: Home, request_ids: list[str]) -> dict[str, bool]:
+    """For each request with recorded objects: is every one gone and every key dead?"""
+    rows = home.catalog.query(
+        "SELECT request_id, location_url, name, record_key_id FROM deletion_objects"
+        " WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
+        [request_ids],
+    )
+    if rows.empty:
+        return {}
+    live = home.keystore.live(sorted(set(rows["record_key_id"])))
+    ok: dict[str, bool] = {}
+    for rid, url, name, key_id in rows.itertuples(index=False):
+        gone = key_id not in live
+        if gone and isinstance(name, str):
+            location = _location_for(home, str(url))
+            if location.protocol in ("s3", "s3a") and location.versioned:
+                gone = not location.versions(name)
+            else:
+                gone = not location.exists(name)
+        ok[str(rid)] = ok.get(str(rid), True) and gone
+    return ok
+
+
 @dataclass
 class SweepResult:
     requests_done: int = 0
     studies: list[StudyOutcome] = field(default_factory=list)
     intake: IntakeResult = field(default_factory=IntakeResult)
     compacted: str = ""
+    resumed: int = 0  # requests whose rows an interrupted run deleted, verified by this one
     sla: dict[str, int] = field(default_factory=dict)
     planned: list[dict[str, Any]] = field(default_factory=list)  # dry run only
 
@@ -491,15 +556,23 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
     per_request: dict[str, list[StudyOutcome]] = {str(r.request_id): [] for r in reqs}
     for outcome in done:
         per_request[outcome.request_id].append(outcome)
+    # Also what earlier, interrupted runs of these requests recorded (step 1 of delete_studies).
+    recorded = verify_recorded(home, list(per_request))
     rows = [
         (
             finished,
-            finished if all(o.verified for o in outs) else None,
+            finished if all(o.verified for o in outs) and recorded.get(rid, True) else None,
             len(outs),
             sum(o.objects for o in outs),
             rid,
         )
         for rid, outs in per_request.items()
+    ]
+    result.resumed = sum(1 for rid, outs in per_request.items() if not outs and rid in recorded)
+    verified = [
+        rid
+        for rid, outs in per_request.items()
+        if all(o.verified for o in outs) and recorded.get(rid, True)
     ]
 
     def complete(con: duckdb.DuckDBPyConnection) -> None:
@@ -508,13 +581,19 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
             " verified_at = ?, studies = ?, objects = ? WHERE request_id = ?",
             rows,
         )
+        con.execute(
+            "DELETE FROM deletion_objects WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
+            [verified],
+        )
 
     home.catalog.write(complete)
     result.requests_done = len(rows)
     return result
 
 
-def compact_catalog(catalog: Catalog, deleted_uids: list[str], sample: int = 256) -> str:
+def compact_catalog(
+    catalog: Catalog, deleted_uids: list[str], sample: int = 256, resumed: int = 0
+) -> str:
     """Make deleted rows' bytes leave the DuckDB file.
 
     DuckDB does not zero the blocks of deleted rows, and a CHECKPOINT alone was seen
@@ -522,12 +601,14 @@ def compact_catalog(catalog: Catalog, deleted_uids: list[str], sample: int = 256
     deleted something; then a byte scan for the deleted UIDs (all of them, or a
     sample of ``sample`` on a large sweep) must find none.
     """
-    if not deleted_uids:
+    if not deleted_uids and not resumed:
         return "nothing deleted"
-    catalog.rewrite()
+    catalog.rewrite()  # also after a resumed deletion: its rows went in the interrupted run
     needles = deleted_uids if len(deleted_uids) <= sample else random.sample(deleted_uids, sample)
-    if _file_holds(catalog, needles):
+    if needles and _file_holds(catalog, needles):
         raise RuntimeError("deleted identifiers are still in the catalog file after a rewrite")
+    if not needles:
+        return f"rewrite after {resumed} resumed deletion(s)"
     return f"rewrite, byte scan of {len(needles)} UIDs clean"
 
 

@@ -61,7 +61,7 @@ print("not killed")
 """
 
 INGEST_POINTS = ["after_parse", "mid_encrypt", "after_vault_write", "mid_commit", "after_commit"]
-SWEEP_POINTS = ["after_mark", "after_shred", "after_objects", "mid_finish"]
+SWEEP_POINTS = ["after_mark", "after_shred", "after_objects", "mid_finish", "after_finish"]
 
 
 def run_killed(home_dir: Path, flow: str, point: str) -> None:
@@ -167,6 +167,9 @@ def test_sweep_killed_mid_study_then_rerun(tmp_path: Path, point: str) -> None:
 
     q = home.catalog.query
     assert q("SELECT status FROM deletion_requests")["status"].tolist() == ["completed"]
+    # Verified by the rerun even when the first run died after deleting the rows it needed.
+    assert q("SELECT verified_at FROM deletion_requests")["verified_at"].notna().all()
+    assert one(home, "SELECT count(*) FROM deletion_objects") == 0
     assert q("SELECT study_uid FROM studies")["study_uid"].tolist() == [kept_uid]
     assert one(home, "SELECT count(*) FROM instances") == 2
     assert home.keystore.live(key_ids) == set()
