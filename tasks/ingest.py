@@ -41,14 +41,12 @@ from tasks.drops import Drop, DropFile
 from tasks.phi import keyed_hash, patient_key, seal_fields
 from tasks.quarantine import Quarantined, quarantine_file, quarantine_id
 
-IN_MEMORY_MAX = 8 * 1024 * 1024
+IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept for the batch
 
 
 def study_key(pepper: bytes, study_uid: str) -> str:
     """The tombstone key of a study (a keyed hash: the catalog never keeps a deleted UID)."""
-    return "st_" + keyed_hash(
-        pepper, "study", study_uid
-    )  # files up to this size are read once and kept for the batch
+    return "st_" + keyed_hash(pepper, "study", study_uid)
 
 
 @dataclass

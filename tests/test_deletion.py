@@ -318,3 +318,22 @@ def test_dry_run_deletes_nothing(local_home: Home, rng: random.Random) -> None:
     assert home.manifests.exists("deletions/d.jsonl")
     assert home.catalog.query("SELECT count(*) AS n FROM deletion_requests")["n"][0] == 0
     assert len(home.vault.list()) == 2
+
+
+def test_sweep_progress_is_reported_per_batch(local_home: Home, rng: random.Random) -> None:
+    from flows.settings import Settings
+
+    uids = [add_patient(local_home, rng, f"user:{i}")[1] for i in range(3)]
+    ingest_all(local_home)
+    request_deletion(
+        local_home,
+        "d.jsonl",
+        [deletion(f"p{i}", f"user:{i}", uid) for i, uid in enumerate(uids)],
+    )
+    calls: list[tuple[int, int]] = []
+    deletion_sweep(
+        home=local_home,
+        settings=Settings.load(sweep_batch=2),
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert calls == [(2, 3), (3, 3)]

@@ -264,3 +264,16 @@ def test_no_phi_in_vault_or_catalog(home: Home, rng: random.Random) -> None:
     for blob in blobs:
         for needle in needles:
             assert needle not in blob
+
+
+def test_progress_is_reported_per_batch(local_home: Home, rng: random.Random) -> None:
+    for i in range(3):
+        _, files = study_drop(rng, 2, "MR_small.dcm")
+        samples.write_drop(local_home.drops, "fac-a", f"p{i}", files)
+    calls: list[tuple[int, int]] = []
+    ingest_drops(
+        home=local_home,
+        settings=Settings.load(quiet_seconds=0, batch_files=2),
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert calls == [(2, 6), (4, 6), (6, 6)]
