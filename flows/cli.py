@@ -105,7 +105,7 @@ def _catalog() -> Any:
     from storage.catalog import Catalog
 
     settings = Settings.load()
-    return Catalog(settings.catalog_path(), lock_timeout=settings.lock_timeout_seconds)
+    return Catalog(settings.catalog_target(), lock_timeout=settings.lock_timeout_seconds)
 
 
 @app.command()
@@ -123,14 +123,24 @@ def demo() -> None:
 
 @app.command()
 @one_line_errors
-def ingest() -> None:
+def ingest(
+    shard: Annotated[
+        str | None, typer.Option(help="Take only share i of n of the drops, as 'i/n'.")
+    ] = None,
+) -> None:
     """Run one ingest pass over every ready drop and print its summary."""
     from flows.ingest import ingest_drops
+    from tasks.drops import parse_shard
 
+    if shard is not None:
+        try:
+            parse_shard(shard)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--shard") from None
     settings = Settings.load()
     home = settings.build_home()
     with progress_bar("ingest") as update:
-        stats = ingest_drops(home=home, settings=settings, progress=update)
+        stats = ingest_drops(home=home, settings=settings, progress=update, shard=shard)
     for key, value in stats.as_dict().items():
         typer.echo(f"{key}: {value}")
 

@@ -19,7 +19,7 @@ from prefect.utilities.annotations import quote
 
 from flows.settings import Settings
 from storage.home import Home
-from tasks.drops import scan_drops_task
+from tasks.drops import in_shard, parse_shard, scan_drops_task
 from tasks.ingest import (
     IngestStats,
     batches,
@@ -45,12 +45,16 @@ def ingest_drops(
     settings: Settings | None = None,
     orphan_grace_seconds: float | None = None,
     progress: Progress | None = None,
+    shard: str | None = None,
 ) -> IngestStats:
     """One ingest pass over every drop; returns (and publishes) the run's counts.
 
     ``progress(done, total)`` is called after each batch with files handled so far
-    (the CLI draws a bar with it; deployments pass nothing).
+    (the CLI draws a bar with it; deployments pass nothing). ``shard="i/n"`` takes
+    only this worker's share of the drops, so n workers can split one drop zone.
     """
+    if shard is not None:
+        parse_shard(shard)  # a bad value fails before any work
     settings = settings or Settings.load()
     home = home or settings.build_home()
     logger = get_run_logger()
@@ -60,6 +64,7 @@ def ingest_drops(
     drops = scan_drops_task(
         home.drops, time.time(), settings.quiet_seconds, settings.incomplete_seconds
     )
+    drops = [d for d in drops if in_shard(d.key, shard)]
     ready = [d for d in drops if d.state != "waiting"]
     for drop in drops:
         if drop.state == "waiting":

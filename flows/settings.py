@@ -23,11 +23,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.limits import catalog_write_slot
 from storage.catalog import Catalog
+from storage.ducklake import EXTENSIONS, Lake, LakeSetupError, extension_path
 from storage.home import LOCATIONS, Home
 from storage.keystore import Keystore, load_or_create_secret
 from storage.locations import InsecureEndpointError, Location, check_endpoint_tls
 
 SCHEMES = {"file", "memory", "s3", "s3a"}
+DUCKLAKE_PREFIX = "ducklake:postgres:"
 
 
 class SettingsError(ValueError):
@@ -66,7 +68,10 @@ class Settings(BaseSettings):
     manifests_url: str | None = None
     beacons_url: str | None = None
     exports_url: str | None = None
-    catalog_url: str | None = None  # a local DuckDB file path or file:// URL
+    # A local DuckDB file path or file:// URL, or ducklake:postgres:<libpq conninfo>
+    catalog_url: str | None = None
+    catalog_data_url: str | None = None  # DuckLake's Parquet files: s3://bucket/prefix/
+    catalog_schema: str | None = None  # DuckLake's metadata schema in PostgreSQL
     keys_dir: Path | None = None
 
     quiet_seconds: float = Field(default=120.0, ge=0)
@@ -103,6 +108,25 @@ class Settings(BaseSettings):
     def _url(cls, value: str | None, info: Any) -> str | None:
         return _check_url(value, f"DROPVAULT_{info.field_name.upper()}")
 
+    @field_validator("catalog_url")
+    @classmethod
+    def _catalog_url(cls, value: str | None) -> str | None:
+        if value is None or value.startswith(DUCKLAKE_PREFIX):
+            return value
+        if urlsplit(value).scheme not in ("", "file"):
+            raise ValueError(
+                "DROPVAULT_CATALOG_URL must be a DuckDB file path, a file:// URL"
+                f" or {DUCKLAKE_PREFIX}<conninfo>"
+            )
+        return value
+
+    @field_validator("catalog_data_url")
+    @classmethod
+    def _catalog_data_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("file", "s3", "s3a"):
+            raise ValueError("DROPVAULT_CATALOG_DATA_URL must be an s3:// or file:// URL")
+        return value
+
     @field_validator("s3_endpoint_url")
     @classmethod
     def _tls(cls, value: str | None) -> str | None:
@@ -116,6 +140,15 @@ class Settings(BaseSettings):
     def _keys(self) -> Settings:
         _decode_key(self.kek, "DROPVAULT_KEK")
         _decode_key(self.pepper, "DROPVAULT_PEPPER")
+        lake = bool(self.catalog_url and self.catalog_url.startswith(DUCKLAKE_PREFIX))
+        if lake and not self.catalog_data_url:
+            raise SettingsError(
+                "DROPVAULT_CATALOG_DATA_URL must be set (s3://...) for a DuckLake catalog"
+            )
+        if self.catalog_data_url and not lake:
+            raise SettingsError(
+                "DROPVAULT_CATALOG_DATA_URL is only for DROPVAULT_CATALOG_URL=ducklake:postgres:..."
+            )
         return self
 
     @classmethod
@@ -155,6 +188,24 @@ class Settings(BaseSettings):
         url: str | None = getattr(self, f"{name}_url")
         return url or (self.home.resolve() / name).as_uri()
 
+    def catalog_target(self) -> Path | Lake:
+        """The DuckDB file, or the DuckLake (checked to be loadable offline)."""
+        if self.catalog_url and self.catalog_url.startswith(DUCKLAKE_PREFIX):
+            assert self.catalog_data_url is not None  # noqa: S101 - checked by _keys
+            try:
+                for package, name in EXTENSIONS.items():
+                    extension_path(package, name)
+            except LakeSetupError as exc:
+                raise SettingsError(f"invalid setting: DROPVAULT_CATALOG_URL: {exc}") from None
+            data = self.catalog_data_url
+            return Lake(
+                metadata=self.catalog_url.removeprefix(DUCKLAKE_PREFIX),
+                data_url=data,
+                s3=self.storage_options() if urlsplit(data).scheme.startswith("s3") else {},
+                schema=self.catalog_schema,
+            )
+        return self.catalog_path()
+
     def catalog_path(self) -> Path:
         if self.catalog_url is None:
             return self.home.resolve() / "catalog.duckdb"
@@ -162,7 +213,7 @@ class Settings(BaseSettings):
         if parts.scheme in ("", "file"):
             return Path(parts.path if parts.scheme else self.catalog_url)
         raise SettingsError(
-            "invalid setting: DROPVAULT_CATALOG_URL must be a local DuckDB file path or file:// URL"
+            "invalid setting: DROPVAULT_CATALOG_URL names a DuckLake, not a DuckDB file"
         )
 
     def build_home(self) -> Home:
@@ -182,7 +233,7 @@ class Settings(BaseSettings):
         )
         return Home(
             catalog=Catalog(
-                self.catalog_path(),
+                self.catalog_target(),
                 lock_timeout=self.lock_timeout_seconds,
                 write_guard=functools.partial(catalog_write_slot, self.lock_timeout_seconds),
             ),

@@ -1,4 +1,8 @@
-"""The DuckDB catalog: numbered migrations, short-lived writers, read-only readers.
+"""The catalog: numbered migrations, short-lived writers, read-only readers.
+
+Two backends behind one API and one copy of the SQL: an embedded DuckDB file (the
+default), or DuckLake with its metadata in PostgreSQL and its data as Parquet on
+S3 (``storage/ducklake.py``), for several workers on several machines.
 
 DuckDB allows one writing process, and while a process holds the file
 read-write no other process can open it at all (TRAPS). So:
@@ -8,14 +12,19 @@ read-write no other process can open it at all (TRAPS). So:
 * readers (:meth:`Catalog.read_only`) open read-only, copy the result into
   pandas and close at once, retrying on the lock; they never hold a
   connection, so a notebook cannot block a flow.
+
+DuckLake has no file lock: a catalog object keeps one in-memory DuckDB with the
+lake attached (opening one costs ~400 ms) and gives each call its own cursor.
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +32,9 @@ from typing import Any, TypeVar
 import duckdb
 import pandas as pd
 import pyarrow as pa
+
+from storage import ducklake
+from storage.ducklake import Lake
 
 T = TypeVar("T")
 
@@ -52,6 +64,12 @@ def _is_conflict(exc: Exception) -> bool:
     return isinstance(exc, duckdb.TransactionException) or "Conflict" in str(exc)
 
 
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back if a transaction is still open (a failed COMMIT has already ended it)."""
+    with suppress(duckdb.TransactionException):
+        con.execute("ROLLBACK")
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """``(version, name, sql)`` for every file in ``storage/schema``, in order."""
     found = []
@@ -60,6 +78,20 @@ def migrations() -> list[tuple[int, str, str]]:
             version = int(item.name.split("_", 1)[0])
             found.append((version, item.name, item.read_text(encoding="utf-8")))
     return sorted(found)
+
+
+@functools.cache
+def key_columns() -> dict[str, tuple[str, ...]]:
+    """Each table's primary key, read from the migrations themselves (applied to an
+    in-memory DuckDB), so DuckLake, which has no keys, still knows them."""
+    with duckdb.connect() as con:
+        for _, _, sql in migrations():
+            con.execute(sql)
+        rows = con.execute(
+            "SELECT table_name, constraint_column_names FROM duckdb_constraints()"
+            " WHERE constraint_type = 'PRIMARY KEY'"
+        ).fetchall()
+    return {table: tuple(columns) for table, columns in rows}
 
 
 def insert_rows(
@@ -80,8 +112,17 @@ def insert_rows(
     view = f"_rows_{table}"
     con.register(view, data)
     try:
-        verb = "INSERT OR IGNORE INTO" if ignore_existing else "INSERT INTO"
-        con.execute(f"{verb} {table} BY NAME SELECT * FROM {view}")  # noqa: S608 - table names are ours
+        select = f"SELECT * FROM {view}"  # noqa: S608 - table names are ours
+        if ignore_existing:
+            # An anti-join rather than INSERT OR IGNORE: DuckLake has no keys to ignore on.
+            keys = key_columns()[table]
+            match = " AND ".join(f"t.{k} = v.{k}" for k in keys)
+            select = (
+                f"SELECT * FROM {view} v WHERE NOT EXISTS"  # noqa: S608 - names are ours
+                f" (SELECT 1 FROM {table} t WHERE {match})"
+                f" QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)}) = 1"
+            )
+        con.execute(f"INSERT INTO {table} BY NAME {select}")
     finally:
         con.unregister(view)
     return len(rows)
@@ -108,31 +149,85 @@ class CatalogReader:
         return self.sql(f"SELECT * FROM {name}")  # noqa: S608 - checked identifier
 
     def tables(self) -> list[str]:
-        df = self.sql("SELECT table_name FROM information_schema.tables ORDER BY 1")
+        df = self.sql(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_catalog = current_database() ORDER BY 1"
+        )
         return [str(t) for t in df["table_name"]]
 
 
 class Catalog:
-    """One DuckDB file. Cheap to construct; holds no connection."""
+    """One DuckDB file, or one DuckLake. Cheap to construct.
+
+    A DuckDB catalog holds no connection; a DuckLake one opens its lake on first use.
+    """
 
     def __init__(
         self,
-        path: Path | str,
+        target: Path | str | Lake,
         lock_timeout: float = 120.0,
         write_guard: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.lake = target if isinstance(target, Lake) else None
+        self._path = None if isinstance(target, Lake) else Path(target)
         self.lock_timeout = lock_timeout
         # Entered around every write connection; the flows pass a Prefect global
         # concurrency slot so writers queue on the server instead of spinning on the lock.
         self.write_guard = write_guard
         self._migrated = False
+        self._db: duckdb.DuckDBPyConnection | None = None
+        self._db_lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """The DuckDB file (a DuckLake catalog has none)."""
+        if self._path is None:
+            raise AttributeError("a DuckLake catalog has no local file")
+        return self._path
+
+    @property
+    def backend(self) -> str:
+        return "ducklake" if self.lake else "duckdb"
 
     def __repr__(self) -> str:
-        return f"Catalog({str(self.path)!r})"
+        return f"Catalog({self.lake!r})" if self.lake else f"Catalog({str(self._path)!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Connections do not pickle; a copy opens its own.
+        state = dict(self.__dict__)
+        state["_db"] = None
+        state.pop("_db_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._db_lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    @contextmanager
+    def _lake_cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        assert self.lake is not None  # noqa: S101 - callers check
+        with self._db_lock:
+            if self._db is None:
+                self._db = ducklake.open_lake(self.lake)
+            cursor = self._db.cursor()
+        try:
+            cursor.execute(f"USE {ducklake.ALIAS}")
+            yield cursor
+        finally:
+            cursor.close()
 
     @contextmanager
     def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        if self.lake is not None:
+            with self._lake_cursor() as cursor:
+                yield cursor
+            return
         if read_only and not self.path.exists():
             raise CatalogMissingError(f"no catalog at {self.path}: run a flow first")
         deadline = time.monotonic() + self.lock_timeout
@@ -165,32 +260,55 @@ class Catalog:
         with guard, self._connect(read_only=False) as con:
             yield con
 
-    def migrate(self) -> list[int]:
-        """Apply the migrations not yet applied; returns their versions."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def migrate(self, retries: int = 8) -> list[int]:
+        """Apply the migrations not yet applied; returns their versions.
+
+        Two workers starting on a new lake race here; the loser's transaction
+        conflicts, and it retries and finds the work done.
+        """
+        if self._path is not None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(retries + 1):
+            try:
+                applied = self._migrate_once()
+                break
+            except Exception as exc:
+                if not _is_conflict(exc) or attempt == retries:
+                    raise
+                time.sleep(0.05 * (attempt + 1) * (1 + random.random()))  # noqa: S311 - jitter
+        self._migrated = True
+        return applied
+
+    def _migrate_once(self) -> list[int]:
+        adapt = ducklake.portable_sql if self.lake else (lambda sql: sql)
         applied: list[int] = []
         with self._writer() as con:
             con.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMPTZ DEFAULT now())"
+                adapt(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMPTZ)"
+                )
             )
-            done = {r[0] for r in con.execute("SELECT version FROM schema_migrations").fetchall()}
             for version, name, sql in migrations():
-                if version in done:
-                    continue
                 con.execute("BEGIN")
                 try:
-                    con.execute(sql)
+                    done = con.execute(
+                        "SELECT count(*) FROM schema_migrations WHERE version = ?", [version]
+                    ).fetchone()
+                    if done and done[0]:
+                        con.execute("ROLLBACK")
+                        continue
+                    con.execute(adapt(sql))
                     con.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES (?, ?)",
+                        "INSERT INTO schema_migrations (version, name, applied_at)"
+                        " VALUES (?, ?, now())",
                         [version, name],
                     )
                     con.execute("COMMIT")
                 except Exception:
-                    con.execute("ROLLBACK")
+                    _rollback(con)
                     raise
                 applied.append(version)
-        self._migrated = True
         return applied
 
     def write(self, work: Callable[[duckdb.DuckDBPyConnection], T], retries: int = 8) -> T:
@@ -205,11 +323,13 @@ class Catalog:
             with self._writer() as con:
                 con.execute("BEGIN")
                 try:
+                    # Makes any two overlapping writes conflict (migration 007).
+                    con.execute("UPDATE catalog_writes SET writes = writes + 1")
                     result = work(con)
                     con.execute("COMMIT")
                     return result
                 except Exception as exc:
-                    con.execute("ROLLBACK")
+                    _rollback(con)
                     attempt += 1
                     if not _is_conflict(exc) or attempt > retries:
                         raise
@@ -233,6 +353,31 @@ class Catalog:
         """Shorthand for ``read_only().sql(...)``."""
         return self.read_only().sql(sql, params)
 
+    def compact(self) -> None:
+        """Make the bytes of deleted rows leave every file the catalog keeps."""
+        if self.lake is None:
+            self.rewrite()
+            return
+        with self._writer() as con:
+            ducklake.compact(con)
+
+    def stored_files(self) -> Iterator[tuple[str, bytes]]:
+        """``(name, bytes)`` of everything the catalog keeps at rest: the DuckDB file and
+        its WAL; or the lake's Parquet files and the text of its metadata tables."""
+        if self.lake is None:
+            for path in (self.path, self.path.with_name(self.path.name + ".wal")):
+                if path.exists():
+                    yield str(path), path.read_bytes()
+            return
+        yield from ducklake.data_files(self.lake)
+        with self._lake_cursor() as con:
+            yield from ducklake.metadata_text(con, self.lake)
+
+    def holds(self, needles: Sequence[str]) -> bool:
+        """Whether any of ``needles`` is in the catalog's stored bytes (a byte scan)."""
+        encoded = [n.encode() for n in needles]
+        return any(n in data for _, data in self.stored_files() for n in encoded)
+
     def rewrite(self) -> None:
         """Copy the live data into a fresh file and swap it in (drops every dead block).
 
@@ -252,5 +397,7 @@ class Catalog:
         self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
 
     def checkpoint(self) -> None:
+        if self.lake is not None:
+            return  # every DuckLake commit is already durable in PostgreSQL and Parquet
         with self._writer() as con:
             con.execute("CHECKPOINT")

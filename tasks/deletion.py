@@ -594,33 +594,23 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
 def compact_catalog(
     catalog: Catalog, deleted_uids: list[str], sample: int = 256, resumed: int = 0
 ) -> str:
-    """Make deleted rows' bytes leave the DuckDB file.
+    """Make deleted rows' bytes leave the catalog's files.
 
     DuckDB does not zero the blocks of deleted rows, and a CHECKPOINT alone was seen
-    to leave them, so the file is rewritten (``Catalog.rewrite``) whenever a sweep
-    deleted something; then a byte scan for the deleted UIDs (all of them, or a
+    to leave them, so the file is rewritten; on DuckLake the data files holding
+    deletes are rewritten and older snapshots expired and cleaned up
+    (``Catalog.compact``). Then a byte scan for the deleted UIDs (all of them, or a
     sample of ``sample`` on a large sweep) must find none.
     """
     if not deleted_uids and not resumed:
         return "nothing deleted"
-    catalog.rewrite()  # also after a resumed deletion: its rows went in the interrupted run
+    catalog.compact()  # also after a resumed deletion: its rows went in the interrupted run
     needles = deleted_uids if len(deleted_uids) <= sample else random.sample(deleted_uids, sample)
-    if needles and _file_holds(catalog, needles):
-        raise RuntimeError("deleted identifiers are still in the catalog file after a rewrite")
+    if needles and catalog.holds(needles):
+        raise RuntimeError("deleted identifiers are still in the catalog's files after compaction")
     if not needles:
-        return f"rewrite after {resumed} resumed deletion(s)"
-    return f"rewrite, byte scan of {len(needles)} UIDs clean"
-
-
-def _file_holds(catalog: Catalog, needles: list[str]) -> bool:
-    paths = [catalog.path, catalog.path.with_name(catalog.path.name + ".wal")]
-    encoded = [n.encode() for n in needles]
-    for path in paths:
-        if path.exists():
-            data = path.read_bytes()
-            if any(n in data for n in encoded):
-                return True
-    return False
+        return f"compacted after {resumed} resumed deletion(s)"
+    return f"compacted, byte scan of {len(needles)} UIDs clean"
 
 
 def deletion_sla(catalog: Catalog, at_risk_hours: float = 6.0) -> pd.DataFrame:

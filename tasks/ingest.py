@@ -555,17 +555,19 @@ def record_drops(
         )
 
     def work(con: duckdb.DuckDBPyConnection) -> None:
+        # Update, then insert the new ones: DuckLake has no keys for ON CONFLICT.
         con.executemany(
-            "INSERT INTO drops (facility_id, drop_id, has_manifest, status, files_seen, ingested,"
-            " duplicates, quarantined, bytes, first_seen_at, completed_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (facility_id, drop_id) DO UPDATE SET"
-            " status = excluded.status, files_seen = drops.files_seen + excluded.files_seen,"
-            " ingested = drops.ingested + excluded.ingested,"
-            " duplicates = drops.duplicates + excluded.duplicates,"
-            " quarantined = drops.quarantined + excluded.quarantined,"
-            " bytes = drops.bytes + excluded.bytes, completed_at = excluded.completed_at",
-            rows,
+            "UPDATE drops SET status = ?, files_seen = files_seen + ?, ingested = ingested + ?,"
+            " duplicates = duplicates + ?, quarantined = quarantined + ?, bytes = bytes + ?,"
+            " completed_at = ? WHERE facility_id = ? AND drop_id = ?",
+            [[r[3], r[4], r[5], r[6], r[7], r[8], r[10], r[0], r[1]] for r in rows],
+        )
+        names = (
+            *("facility_id", "drop_id", "has_manifest", "status", "files_seen", "ingested"),
+            *("duplicates", "quarantined", "bytes", "first_seen_at", "completed_at"),
+        )
+        insert_rows(
+            con, "drops", [dict(zip(names, r, strict=True)) for r in rows], ignore_existing=True
         )
 
     if rows:

@@ -2,8 +2,13 @@
 
 The ``home`` fixture runs each test that uses it against ``file://``,
 ``memory://`` and ``s3://`` (s3fs against moto's server on 127.0.0.1). The
-catalog and the keystore are always local files: DuckDB needs a local file,
-and keys never go to the object store.
+catalog is a local DuckDB file and the keystore is always local: keys never go
+to the object store.
+
+With ``DROPVAULT_TEST_CATALOG=ducklake`` every home's catalog is instead a fresh
+DuckLake: metadata in its own schema of a real PostgreSQL server started for the
+session on loopback, data as Parquet on moto's S3. ``.ci/run`` runs the ingest,
+sharing and deletion suites once that way (``home`` then runs on ``s3://`` only).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Quiet, offline Prefect for a plain `pytest` run (CI sets the same).
@@ -26,12 +31,19 @@ import s3fs  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from storage.catalog import Catalog  # noqa: E402
+from storage.ducklake import Lake  # noqa: E402
 from storage.home import LOCATIONS, Home  # noqa: E402
 from storage.keystore import Keystore, load_or_create_secret  # noqa: E402
 from storage.locations import Location  # noqa: E402
+from tests.postgres import PostgresServer  # noqa: E402
 
 BUCKET = "dropvault-test"
 VERSIONED_BUCKET = "dropvault-versioned"
+LAKE_BUCKET = "dropvault-lake"
+ON_DUCKLAKE = os.environ.get("DROPVAULT_TEST_CATALOG", "duckdb") == "ducklake"
+
+# Set per test in DuckLake mode: returns a fresh, empty lake.
+_new_lake: Callable[[], Lake] | None = None
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,12 +67,50 @@ def moto_endpoint() -> Iterator[str]:
     endpoint = f"http://{host}:{port}"
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=BUCKET)
+    client.create_bucket(Bucket=LAKE_BUCKET)
     client.create_bucket(Bucket=VERSIONED_BUCKET)
     client.put_bucket_versioning(
         Bucket=VERSIONED_BUCKET, VersioningConfiguration={"Status": "Enabled"}
     )
     yield endpoint
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on loopback with a temporary data folder."""
+    with PostgresServer.start() as server:
+        yield server
+
+
+def lake_factory(postgres: PostgresServer, moto_endpoint: str) -> Callable[[], Lake]:
+    """Fresh lakes: a new metadata schema and a new S3 prefix each."""
+
+    def new() -> Lake:
+        name = "t" + uuid.uuid4().hex[:12]
+        return Lake(
+            metadata=postgres.conninfo,
+            data_url=f"s3://{LAKE_BUCKET}/{name}/",
+            s3={"endpoint_url": moto_endpoint, "key": "foo", "secret": "foo"},
+            schema=name,
+        )
+
+    return new
+
+
+@pytest.fixture(autouse=ON_DUCKLAKE)
+def ducklake_catalogs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In DuckLake mode, make every home built by ``make_home`` use a fresh lake."""
+    global _new_lake
+    _new_lake = lake_factory(
+        request.getfixturevalue("postgres"), request.getfixturevalue("moto_endpoint")
+    )
+    yield
+    _new_lake = None
+
+
+def new_catalog(path: Path) -> Catalog:
+    return Catalog(_new_lake()) if _new_lake else Catalog(path)
 
 
 def s3_filesystem(endpoint: str) -> s3fs.S3FileSystem:
@@ -76,7 +126,9 @@ def s3_filesystem(endpoint: str) -> s3fs.S3FileSystem:
 def make_home(kind: str, tmp_path: Path, endpoint: str | None = None, bucket: str = BUCKET) -> Home:
     """A home whose locations live on ``kind`` (file, memory or s3)."""
     if kind == "file":
-        return Home.local(tmp_path / "home")
+        home = Home.local(tmp_path / "home")
+        home.catalog = new_catalog(home.catalog.path)
+        return home
     prefix = uuid.uuid4().hex[:12]
     locations: dict[str, Location] = {}
     if kind == "memory":
@@ -91,7 +143,7 @@ def make_home(kind: str, tmp_path: Path, endpoint: str | None = None, bucket: st
         raise ValueError(kind)
     keys = tmp_path / "keys"
     return Home(
-        catalog=Catalog(tmp_path / "catalog.duckdb"),
+        catalog=new_catalog(tmp_path / "catalog.duckdb"),
         keystore=Keystore.local(keys),
         pepper=load_or_create_secret(keys / "pepper.key"),
         region="test-region" if kind == "s3" else "local",
@@ -100,7 +152,9 @@ def make_home(kind: str, tmp_path: Path, endpoint: str | None = None, bucket: st
 
 
 @pytest.fixture(
-    params=[
+    params=[pytest.param("s3", marks=pytest.mark.integration)]
+    if ON_DUCKLAKE
+    else [
         "file",
         "memory",
         pytest.param("s3", marks=pytest.mark.integration),

@@ -90,7 +90,7 @@ def test_identifiers_are_scrubbed_everywhere(home: Home) -> None:
     expected = {"/studies/{uid}", "/studies/MRN{id}", "/studies/{email}", "/studies/{patient}"}
     assert expected <= targets
     home.catalog.checkpoint()
-    blobs = [home.catalog.path.read_bytes()] + [
+    blobs = [data for _, data in home.catalog.stored_files()] + [
         home.exports.read_bytes(e.name) for e in home.exports.list()
     ]
     for blob in blobs:

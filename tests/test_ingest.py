@@ -259,7 +259,7 @@ def test_no_phi_in_vault_or_catalog(home: Home, rng: random.Random) -> None:
         patient.name.split("^")[0].encode(),
     ]
     home.catalog.checkpoint()
-    blobs = [home.catalog.path.read_bytes()]
+    blobs = [data for _, data in home.catalog.stored_files()]
     blobs += [loc.read_bytes(e.name) for loc in (home.vault, home.quarantine) for e in loc.list()]
     for blob in blobs:
         for needle in needles:

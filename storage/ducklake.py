@@ -1,0 +1,195 @@
+"""The DuckLake backend of the catalog: metadata in PostgreSQL, data as Parquet files.
+
+Why the extensions load from wheels: DuckDB's ``INSTALL`` fetches extensions from
+the network, which production workers and CI machines may not reach. The PyPI
+wheels ``duckdb-extension-ducklake``, ``-postgres-scanner`` and ``-httpfs`` at the
+exact DuckDB version (1.5.5, pinned in ``pyproject.toml``) carry the binaries
+under ``extensions/v<version>/``, so :func:`load_extensions` ``LOAD``\\ s them by
+path, with autoinstall and autoload turned off: no step can reach the network.
+
+What DuckLake lacks and how the catalog copes (``storage/catalog.py``):
+
+* no PRIMARY KEY, UNIQUE or index: :func:`portable_sql` strips them from the
+  migrations (one copy of the SQL); inserts that must not double go through an
+  anti-join on the key columns, which are read from the migrations themselves;
+* snapshot isolation with automatic retry of non-conflicting commits: two commits
+  that each read, then insert, could both succeed on stale reads. Every catalog
+  write bumps the one row of ``catalog_writes`` (migration 007), so two writes
+  that overlap always conflict and the later one reruns on fresh data;
+* deleted rows stay in old Parquet files, inlined rows and snapshots until the
+  maintenance calls in :func:`compact` rewrite, expire and clean them up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import duckdb
+import fsspec
+
+# package name on PyPI (import name) -> extension name
+EXTENSIONS = {
+    "duckdb_extension_postgres_scanner": "postgres_scanner",
+    "duckdb_extension_httpfs": "httpfs",
+    "duckdb_extension_ducklake": "ducklake",
+}
+ALIAS = "lake"  # the name the lake is attached under in every connection
+
+
+class LakeSetupError(RuntimeError):
+    """The lake cannot be opened: an extension, the metadata server or the data path."""
+
+
+@dataclass(frozen=True)
+class Lake:
+    """Where a DuckLake catalog lives.
+
+    ``metadata`` is a libpq connection string (``dbname=... host=... user=...``);
+    a password is best given as ``PGPASSWORD`` so it never sits in a URL.
+    ``data_url`` is ``s3://bucket/prefix/`` in production, ``file://`` in a test.
+    ``schema`` puts the metadata tables in their own PostgreSQL schema.
+    """
+
+    metadata: str
+    data_url: str
+    s3: dict[str, Any] = field(default_factory=dict)  # fsspec/s3fs storage options
+    schema: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Lake({redact(self.metadata)!r}, {self.data_url!r})"
+
+
+def redact(conninfo: str) -> str:
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", conninfo)
+
+
+def extension_path(package: str, name: str) -> Path:
+    version = duckdb.__version__
+    try:
+        root = resources.files(package)
+    except ModuleNotFoundError as exc:
+        raise LakeSetupError(
+            f"the DuckLake catalog needs the wheel {package.replace('_', '-')}=={version}"
+            " (pip install 'dropvault[lake]')"
+        ) from exc
+    path = Path(str(root)) / "extensions" / f"v{version}" / f"{name}.duckdb_extension"
+    if not path.exists():
+        raise LakeSetupError(f"{path.name} for DuckDB {version} is not in {package}")
+    return path
+
+
+def load_extensions(con: duckdb.DuckDBPyConnection) -> None:
+    for package, name in EXTENSIONS.items():
+        con.execute(f"LOAD '{extension_path(package, name)}'")
+
+
+def _s3_secret(con: duckdb.DuckDBPyConnection, options: dict[str, Any]) -> None:
+    """An in-memory S3 secret for httpfs, built from the same options s3fs gets."""
+    parts = ["TYPE s3", "PROVIDER config"]
+    params: list[str] = []
+    if options.get("key"):
+        parts.append("KEY_ID ?")
+        params.append(options["key"])
+    if options.get("secret"):
+        parts.append("SECRET ?")
+        params.append(options["secret"])
+    region = (options.get("client_kwargs") or {}).get("region_name")
+    if region:
+        parts.append("REGION ?")
+        params.append(region)
+    endpoint = options.get("endpoint_url")
+    if endpoint:
+        split = urlsplit(endpoint)
+        parts += ["ENDPOINT ?", "URL_STYLE 'path'", f"USE_SSL {split.scheme == 'https'}"]
+        params.append(split.netloc)
+    # CREATE SECRET takes no prepared parameters: quote the literals ourselves.
+    sql = "CREATE OR REPLACE SECRET dropvault_s3 (" + ", ".join(parts) + ")"
+    for value in params:
+        sql = sql.replace("?", "'" + str(value).replace("'", "''") + "'", 1)
+    con.execute(sql)
+
+
+def _data_path(data_url: str) -> str:
+    scheme = urlsplit(data_url).scheme
+    path = urlsplit(data_url).path if scheme == "file" else data_url
+    return path.rstrip("/") + "/"
+
+
+def open_lake(lake: Lake) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB with the lake attached as ``lake`` and in use."""
+    con = duckdb.connect(
+        config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    )
+    try:
+        load_extensions(con)
+        if urlsplit(lake.data_url).scheme in ("s3", "s3a"):
+            _s3_secret(con, lake.s3)
+        options = [f"DATA_PATH '{_data_path(lake.data_url)}'"]
+        if lake.schema:
+            options.append(f"METADATA_SCHEMA '{lake.schema}'")
+        target = "ducklake:postgres:" + lake.metadata
+        con.execute(f"ATTACH '{target}' AS {ALIAS} ({', '.join(options)})")
+        con.execute(f"USE {ALIAS}")
+    except duckdb.Error as exc:
+        con.close()
+        # The first line only: DuckDB's messages can carry the connection string.
+        first = redact(str(exc).splitlines()[0])
+        raise LakeSetupError(f"cannot open the DuckLake catalog {lake!r}: {first}") from exc
+    return con
+
+
+_PK_INLINE = re.compile(r"\s+PRIMARY KEY\b(?!\s*\()", re.IGNORECASE)
+_PK_CLAUSE = re.compile(r",\s*PRIMARY KEY\s*\([^)]*\)", re.IGNORECASE)
+_INDEX = re.compile(r"CREATE\s+(UNIQUE\s+)?INDEX\b[^;]*;", re.IGNORECASE)
+
+
+def portable_sql(sql: str) -> str:
+    """A migration as DuckLake takes it: no PRIMARY KEY, UNIQUE or index."""
+    sql = _INDEX.sub("", sql)
+    sql = _PK_CLAUSE.sub("", sql)
+    return _PK_INLINE.sub("", sql)
+
+
+def compact(con: duckdb.DuckDBPyConnection) -> None:
+    """Make deleted rows leave every file: flush inlined rows, rewrite data files that
+    carry deletes, expire every older snapshot, then delete the files no snapshot uses."""
+    con.execute(f"CALL ducklake_flush_inlined_data('{ALIAS}')")
+    con.execute(f"CALL ducklake_rewrite_data_files('{ALIAS}', delete_threshold => 0)")
+    con.execute(f"CALL ducklake_expire_snapshots('{ALIAS}', older_than => now())")
+    con.execute(f"CALL ducklake_cleanup_old_files('{ALIAS}', cleanup_all => true)")
+    con.execute(f"CALL ducklake_delete_orphaned_files('{ALIAS}', cleanup_all => true)")
+
+
+def data_files(lake: Lake) -> Iterator[tuple[str, bytes]]:
+    """Every file under the data path, with its bytes."""
+    scheme = urlsplit(lake.data_url).scheme or "file"
+    options = lake.s3 if scheme in ("s3", "s3a") else {}
+    fs = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+    root = _data_path(lake.data_url)
+    if not fs.exists(root):
+        return
+    for path in fs.find(root):
+        yield path, fs.cat_file(path)
+
+
+def metadata_text(con: duckdb.DuckDBPyConnection, lake: Lake) -> Iterator[tuple[str, bytes]]:
+    """Every metadata table in PostgreSQL, rendered as text (what a dump would hold)."""
+    con.execute(f"ATTACH '{lake.metadata}' AS lake_meta (TYPE postgres, READ_ONLY)")
+    try:
+        schema = lake.schema or "public"
+        tables = con.execute(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_catalog = 'lake_meta' AND table_schema = ?",
+            [schema],
+        ).fetchall()
+        for (table,) in tables:
+            rows = con.execute(f'SELECT * FROM lake_meta."{schema}"."{table}"').fetchall()  # noqa: S608
+            yield table, repr(rows).encode()
+    finally:
+        con.execute("DETACH lake_meta")

@@ -1,0 +1,168 @@
+"""Scale-out on DuckLake: several workers, one catalog (metadata in a real PostgreSQL,
+Parquet on moto's S3)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from storage.catalog import Catalog
+from storage.ducklake import Lake, portable_sql
+from storage.locations import Location
+from tasks import samples
+from tasks.drops import in_shard
+from tests.conftest import lake_factory
+from tests.postgres import PostgresServer
+from tests.test_cli import EXE, cli_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def new_lake(postgres: PostgresServer, moto_endpoint: str) -> Callable[[], Lake]:
+    return lake_factory(postgres, moto_endpoint)
+
+
+def lake_env(lake: Lake) -> dict[str, str]:
+    return {
+        "DROPVAULT_CATALOG_URL": "ducklake:postgres:" + lake.metadata,
+        "DROPVAULT_CATALOG_DATA_URL": lake.data_url,
+        "DROPVAULT_CATALOG_SCHEMA": lake.schema or "",
+        "DROPVAULT_S3_ENDPOINT_URL": lake.s3["endpoint_url"],
+        "DROPVAULT_S3_KEY": "foo",
+        "DROPVAULT_S3_SECRET": "foo",
+        "DROPVAULT_QUIET_SECONDS": "0",
+        "DROPVAULT_BATCH_FILES": "8",
+    }
+
+
+def test_two_workers_ingest_different_drops_at_once(
+    tmp_path: Path, new_lake: Callable[[], Lake]
+) -> None:
+    """``dropvault ingest --shard 0/2`` and ``--shard 1/2`` run at the same time on one lake.
+    One file is dropped twice, once in each shard: it must be cataloged once."""
+    rng = random.Random(7)
+    home_dir = tmp_path / "home"
+    drops = Location((home_dir / "drops").as_uri())
+    drops.ensure()
+    expected: set[str] = set()
+    keys = [f"fac-{i % 3}/d{i}" for i in range(12)]
+    shard0 = [k for k in keys if in_shard(k, "0/2")]
+    shard1 = [k for k in keys if in_shard(k, "1/2")]
+    assert shard0 and shard1  # both workers have work
+    twice = b""
+    for key in sorted(keys, key=lambda k: k != shard0[0]):  # shard 0's first drop first
+        patient = samples.make_patient(rng, rng.randrange(10**6))
+        _, files = samples.make_study(rng, patient, 4, "MR_small.dcm")
+        if key == shard1[0]:
+            files["again.dcm"] = twice  # the same bytes as a file in shard 0
+        facility, drop_id = key.split("/")
+        samples.write_drop(drops, facility, drop_id, files)
+        expected |= {samples.sop_uid(d) for d in files.values() if d}
+        if key == shard0[0]:
+            twice = next(iter(files.values()))
+    lake = new_lake()
+    env = {**cli_env(home_dir), **lake_env(lake)}
+    workers = [
+        subprocess.Popen(  # noqa: S603
+            [EXE, "ingest", "--shard", shard],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for shard in ("0/2", "1/2")
+    ]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-2000:]
+        assert "ingested: 0" not in out  # each worker did its share
+
+    catalog = Catalog(lake)
+    assert (
+        catalog.query(
+            "SELECT sop_instance_uid FROM instances GROUP BY 1 HAVING count(*) > 1"
+        ).empty
+    )
+    got = set(catalog.query("SELECT sop_instance_uid FROM instances")["sop_instance_uid"])
+    assert got == expected
+    counts = catalog.query(
+        "SELECT count(*)::INT AS drops, sum(ingested)::INT AS ingested,"
+        " sum(duplicates)::INT AS duplicates"
+        " FROM drops"
+    )
+    assert counts.to_dict("records") == [
+        {"drops": len(keys), "ingested": len(expected), "duplicates": 1}
+    ]
+    objects = catalog.query(
+        "SELECT count(*) AS n FROM objects o JOIN instances i USING (object_id)"
+    )["n"][0]
+    assert objects == len(expected)
+    assert list(drops.list()) == []  # every source removed once cataloged
+    catalog.close()
+
+
+def test_overlapping_writes_serialise_without_prefect(new_lake: Callable[[], Lake]) -> None:
+    """Two processes' worth of catalogs (two DuckDB instances on one lake), no concurrency
+    slot: each write reads, waits, then inserts what it did not find. DuckLake alone would
+    commit both (its retry sees no conflict between two inserts); the ``catalog_writes``
+    row makes the later one conflict, rerun and find the other's row."""
+    lake = new_lake()
+    Catalog(lake).migrate()
+    attempts: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def claim(con: duckdb.DuckDBPyConnection) -> None:
+        attempts.append(1)
+        found = con.execute("SELECT count(*) FROM facilities WHERE facility_id = 'f'").fetchone()
+        if len(attempts) <= 2:
+            barrier.wait(timeout=30)  # both have read before either commits
+        time.sleep(0.2)
+        if found and found[0] == 0:
+            con.execute("INSERT INTO facilities VALUES ('f', now())")
+
+    catalogs = [Catalog(lake), Catalog(lake)]
+    threads = [threading.Thread(target=c.write, args=(claim,)) for c in catalogs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    n = Catalog(lake).query("SELECT count(*) AS n FROM facilities WHERE facility_id = 'f'")
+    assert n["n"][0] == 1
+    assert len(attempts) == 3  # the loser ran again
+    for c in catalogs:
+        c.close()
+
+
+def test_migrations_are_portable() -> None:
+    """The one copy of the SQL, as DuckLake takes it: keys and indexes stripped, nothing else."""
+    sql = (
+        "CREATE TABLE a (x VARCHAR PRIMARY KEY, y INT);\n"
+        "CREATE TABLE b (d DATE NOT NULL, k VARCHAR, PRIMARY KEY (d, k));\n"
+        "CREATE INDEX b_k ON b (k);\n"
+    )
+    assert portable_sql(sql) == (
+        "CREATE TABLE a (x VARCHAR, y INT);\nCREATE TABLE b (d DATE NOT NULL, k VARCHAR);\n\n"
+    )
+
+
+def test_lake_settings_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.settings import Settings, SettingsError
+
+    monkeypatch.setenv("DROPVAULT_CATALOG_URL", "ducklake:postgres:dbname=x password=hunter2")
+    with pytest.raises(SettingsError, match="DROPVAULT_CATALOG_DATA_URL"):
+        Settings.load()
+    monkeypatch.setenv("DROPVAULT_CATALOG_DATA_URL", "ftp://somewhere/")
+    with pytest.raises(SettingsError, match="DROPVAULT_CATALOG_DATA_URL"):
+        Settings.load()
+    monkeypatch.setenv("DROPVAULT_CATALOG_DATA_URL", "s3://bucket/lake/")
+    target = Settings.load().catalog_target()
+    assert isinstance(target, Lake) and target.metadata == "dbname=x password=hunter2"
+    assert "hunter2" not in repr(Catalog(target))
