@@ -86,11 +86,9 @@ def test_two_workers_ingest_different_drops_at_once(
         assert "ingested: 0" not in out  # each worker did its share
 
     catalog = Catalog(lake)
-    assert (
-        catalog.query(
-            "SELECT sop_instance_uid FROM instances GROUP BY 1 HAVING count(*) > 1"
-        ).empty
-    )
+    assert catalog.query(
+        "SELECT sop_instance_uid FROM instances GROUP BY 1 HAVING count(*) > 1"
+    ).empty
     got = set(catalog.query("SELECT sop_instance_uid FROM instances")["sop_instance_uid"])
     assert got == expected
     counts = catalog.query(
