@@ -5,10 +5,11 @@ The ``home`` fixture runs each test that uses it against ``file://``,
 catalog is a local DuckDB file and the keystore is always local: keys never go
 to the object store.
 
-With ``DROPVAULT_TEST_CATALOG=ducklake`` every home's catalog is instead a fresh
-DuckLake: metadata in its own schema of a real PostgreSQL server started for the
-session on loopback, data as Parquet on moto's S3. ``.ci/run`` runs the ingest,
-sharing and deletion suites once that way (``home`` then runs on ``s3://`` only).
+The ingest, sharing and deletion suites also run once on DuckLake: each of their
+tests gets a ``catalog_backend`` of ``duckdb`` and ``ducklake``, and in the
+DuckLake run every home's catalog is a fresh lake (metadata in its own schema of
+a real PostgreSQL server started for the session on loopback, data as Parquet on
+moto's S3), with the locations on ``s3://`` only.
 """
 
 from __future__ import annotations
@@ -40,10 +41,35 @@ from tests.postgres import PostgresServer  # noqa: E402
 BUCKET = "dropvault-test"
 VERSIONED_BUCKET = "dropvault-versioned"
 LAKE_BUCKET = "dropvault-lake"
-ON_DUCKLAKE = os.environ.get("DROPVAULT_TEST_CATALOG", "duckdb") == "ducklake"
+LAKE_SUITES = {"test_ingest", "test_sharing", "test_deletion"}
+HOME_FIXTURES = ("home", "dhome")
 
-# Set per test in DuckLake mode: returns a fresh, empty lake.
+# Set per test in a DuckLake run: returns a fresh, empty lake.
 _new_lake: Callable[[], Lake] | None = None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in LAKE_SUITES:
+        metafunc.parametrize(
+            "catalog_backend",
+            ["duckdb", pytest.param("ducklake", marks=pytest.mark.integration)],
+            indirect=True,
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The DuckLake run of a suite uses s3:// locations only (file and memory are the
+    DuckDB run's business): deselect its other combinations."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        params = params.params if params else {}
+        lake = params.get("catalog_backend") == "ducklake"
+        local = any(params.get(f, "s3") != "s3" for f in HOME_FIXTURES)
+        (drop if lake and local else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -98,15 +124,19 @@ def lake_factory(postgres: PostgresServer, moto_endpoint: str) -> Callable[[], L
     return new
 
 
-@pytest.fixture(autouse=ON_DUCKLAKE)
-def ducklake_catalogs(request: pytest.FixtureRequest) -> Iterator[None]:
-    """In DuckLake mode, make every home built by ``make_home`` use a fresh lake."""
+@pytest.fixture(autouse=True)
+def catalog_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``ducklake``: every home built by ``make_home`` in this test gets a fresh lake."""
     global _new_lake
-    _new_lake = lake_factory(
-        request.getfixturevalue("postgres"), request.getfixturevalue("moto_endpoint")
-    )
-    yield
-    _new_lake = None
+    backend = getattr(request, "param", "duckdb")
+    if backend == "ducklake":
+        _new_lake = lake_factory(
+            request.getfixturevalue("postgres"), request.getfixturevalue("moto_endpoint")
+        )
+    try:
+        yield backend
+    finally:
+        _new_lake = None
 
 
 def new_catalog(path: Path) -> Catalog:
@@ -152,9 +182,7 @@ def make_home(kind: str, tmp_path: Path, endpoint: str | None = None, bucket: st
 
 
 @pytest.fixture(
-    params=[pytest.param("s3", marks=pytest.mark.integration)]
-    if ON_DUCKLAKE
-    else [
+    params=[
         "file",
         "memory",
         pytest.param("s3", marks=pytest.mark.integration),

@@ -20,17 +20,12 @@ from tasks.drops import scan_drops
 from tasks.exports import ExportError, export_instance
 from tasks.ingest import ingest_batch
 from tasks.sharing import access_list, who_can_access
-from tests.conftest import ON_DUCKLAKE, VERSIONED_BUCKET, make_home
+from tests.conftest import VERSIONED_BUCKET, make_home
 
 NOW = datetime.now(UTC)
 
 
-@pytest.fixture(
-    params=[
-        *([] if ON_DUCKLAKE else ["file"]),
-        pytest.param("s3", marks=pytest.mark.integration),
-    ]
-)
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.integration)])
 def dhome(request: pytest.FixtureRequest, tmp_path: Path) -> Home:
     """A home on file://, or on moto S3 with a *versioned* bucket."""
     if request.param == "file":
