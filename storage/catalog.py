@@ -231,7 +231,7 @@ class Catalog:
         if read_only and not self.path.exists():
             raise CatalogMissingError(f"no catalog at {self.path}: run a flow first")
         deadline = time.monotonic() + self.lock_timeout
-        delay = 0.01
+        delay = 0.002  # short, capped waits: a DuckDB commit holds the lock for ~10-50 ms
         while True:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)
@@ -247,7 +247,7 @@ class Catalog:
                         f"catalog {self.path.name} stayed locked for {self.lock_timeout:.0f}s"
                     ) from exc
                 time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
-                delay = min(delay * 2, 0.5)
+                delay = min(delay * 2, 0.05)
         try:
             yield con
         finally:
