@@ -10,6 +10,9 @@ from nbclient import NotebookClient
 
 from flows.demo import run_demo
 from flows.settings import Settings
+from tests.conftest import lake_factory
+from tests.postgres import PostgresServer
+from tests.test_scaleout import lake_env
 
 pytestmark = pytest.mark.integration
 
@@ -23,18 +26,39 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path: Path, demo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DROPVAULT_HOME", str(demo_home))
+def execute(path: Path, cwd: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     NotebookClient(
-        nb,
-        timeout=300,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(demo_home.parent)}},
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
     ).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path: Path, demo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DROPVAULT_HOME", str(demo_home))
+    execute(path, demo_home.parent)
+
+
+def test_demo_and_explore_notebook_on_ducklake(
+    tmp_path: Path,
+    postgres: PostgresServer,
+    moto_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same demo (every flow) and the same notebook, unchanged, on a DuckLake catalog."""
+    lake = lake_factory(postgres, moto_endpoint)()
+    for name, value in lake_env(lake).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DROPVAULT_HOME", str(tmp_path / ".dropvault"))
+    settings = Settings.load()
+    run_demo(settings)
+    catalog = settings.build_home().catalog
+    assert catalog.backend == "ducklake"
+    n = catalog.query("SELECT count(*) AS n FROM instances")["n"][0]
+    assert n > 0 and not (tmp_path / ".dropvault" / "catalog.duckdb").exists()
+    execute(NOTEBOOKS[0], tmp_path)
 
 
 def test_there_are_notebooks() -> None:
