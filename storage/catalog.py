@@ -80,6 +80,13 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def _on_ducklake(con: duckdb.DuckDBPyConnection) -> bool:
+    row = con.execute(
+        "SELECT type FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    return bool(row and row[0] == "ducklake")
+
+
 @functools.cache
 def key_columns() -> dict[str, tuple[str, ...]]:
     """Each table's primary key, read from the migrations themselves (applied to an
@@ -113,8 +120,11 @@ def insert_rows(
     con.register(view, data)
     try:
         select = f"SELECT * FROM {view}"  # noqa: S608 - table names are ours
-        if ignore_existing:
-            # An anti-join rather than INSERT OR IGNORE: DuckLake has no keys to ignore on.
+        verb = "INSERT INTO"
+        if ignore_existing and not _on_ducklake(con):
+            verb = "INSERT OR IGNORE INTO"  # the primary key's index does the work
+        elif ignore_existing:
+            # An anti-join: DuckLake has no keys to ignore on.
             keys = key_columns()[table]
             match = " AND ".join(f"t.{k} = v.{k}" for k in keys)
             select = (
@@ -122,7 +132,7 @@ def insert_rows(
                 f" (SELECT 1 FROM {table} t WHERE {match})"
                 f" QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)}) = 1"
             )
-        con.execute(f"INSERT INTO {table} BY NAME {select}")
+        con.execute(f"{verb} {table} BY NAME {select}")
     finally:
         con.unregister(view)
     return len(rows)
