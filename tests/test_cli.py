@@ -273,3 +273,22 @@ def test_unreadable_catalog_fails_with_no_partial_state(tmp_path: Path) -> None:
     assert catalog.read_bytes() == garbage
     with home.keystore._connect() as con:  # noqa: SLF001 - the test looks inside on purpose
         assert con.execute("SELECT count(*) FROM record_keys").fetchone() == (0,)
+
+
+def test_bad_shard_fails_before_any_work(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    proc = dv(home, "ingest", "--shard", "2/2", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: shard '2/2': need 0 <= i < n"
+    assert not (home / "catalog.duckdb").exists()
+
+
+def test_ducklake_without_its_data_url_fails_at_start(tmp_path: Path) -> None:
+    proc = dv(
+        tmp_path / "h",
+        "status",
+        check=False,
+        DROPVAULT_CATALOG_URL="ducklake:postgres:dbname=x host=127.0.0.1 password=hunter2",
+    )
+    assert proc.returncode == 1
+    assert "DROPVAULT_CATALOG_DATA_URL" in proc.stderr and "hunter2" not in proc.stderr
