@@ -58,11 +58,20 @@ def private_dir(path: Path) -> None:
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start (no window where it is readable)."""
+    """Create ``path`` with mode 0600 from the start (no window where it is readable),
+    whole: the bytes go to a private temporary file that is then hard-linked into place,
+    so a second process never sees it empty. Raises ``FileExistsError`` if it exists."""
     private_dir(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)  # atomic create-if-absent
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_or_create_secret(path: Path, size: int = KEY_BYTES) -> bytes:
@@ -97,8 +106,9 @@ class Keystore:
         self._kek = kek
         self._cache: dict[str, bytes] = {}
         if not self.path.exists():
-            # Create the file 0600 before SQLite opens it.
-            write_secret_file(self.path, b"")
+            # Create the file 0600 before SQLite opens it (two workers may race here).
+            with suppress(FileExistsError):
+                write_secret_file(self.path, b"")
         with self._connect() as con:
             con.execute(
                 "CREATE TABLE IF NOT EXISTS record_keys ("

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,8 @@ from storage.keystore import (
     MissingKEKError,
     UnknownKeyError,
     WrongKEKError,
+    kek_id,
+    load_or_create_secret,
 )
 from storage.vault import decrypt_segments, encrypt_stream
 
@@ -92,3 +96,35 @@ def test_missing_or_wrong_kek_fails_at_start_and_changes_nothing(tmp_path: Path)
         Keystore(keys, b"\x07" * 32)
     (tmp_path / "kek.backup").rename(keys / "kek.key")
     assert Keystore.local(keys).unwrap(key_id) == key
+
+
+def _start_worker(directory: str, barrier: Any, out: Any) -> None:
+    barrier.wait(timeout=60)
+    try:
+        keystore = Keystore.local(Path(directory))
+        pepper = load_or_create_secret(Path(directory) / "pepper.key")
+        out.put((kek_id(keystore._kek), pepper.hex()))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out.put(("error", repr(exc)))
+
+
+def test_workers_starting_together_on_a_fresh_home_share_one_kek(tmp_path: Path) -> None:
+    """Two workers (here 6 processes) start at once on a new home: none fails, and all
+    end with the same KEK and pepper (a second KEK would orphan every record key)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(6), ctx.Queue()
+    procs = [
+        ctx.Process(target=_start_worker, args=(str(tmp_path / "keys"), barrier, out))
+        for _ in range(6)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    assert len(set(results)) == 1 and results[0][0] != "error", results
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [
+        "kek.key",
+        "keystore.sqlite",
+        "pepper.key",
+    ]
