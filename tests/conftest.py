@@ -5,7 +5,7 @@ The ``home`` fixture runs each test that uses it against ``file://``,
 catalog is a local DuckDB file and the keystore is always local: keys never go
 to the object store.
 
-The ingest, sharing and deletion suites also run once on DuckLake: each of their
+The ingest, sharing and deletion suites and the manifest races also run once on DuckLake: each of their
 tests gets a ``catalog_backend`` of ``duckdb`` and ``ducklake``, and in the
 DuckLake run every home's catalog is a fresh lake (metadata in its own schema of
 a real PostgreSQL server started for the session on loopback, data as Parquet on
@@ -41,7 +41,7 @@ from tests.postgres import PostgresServer  # noqa: E402
 BUCKET = "dropvault-test"
 VERSIONED_BUCKET = "dropvault-versioned"
 LAKE_BUCKET = "dropvault-lake"
-LAKE_SUITES = {"test_ingest", "test_sharing", "test_deletion"}
+LAKE_SUITES = {"test_ingest", "test_sharing", "test_deletion", "test_manifest_races"}
 HOME_FIXTURES = ("home", "dhome")
 
 # Set per test in a DuckLake run: returns a fresh, empty lake.
