@@ -5,8 +5,9 @@ The ``home`` fixture runs each test that uses it against ``file://``,
 catalog is a local DuckDB file and the keystore is always local: keys never go
 to the object store.
 
-The ingest, sharing and deletion suites and the manifest races also run once on DuckLake: each of their
-tests gets a ``catalog_backend`` of ``duckdb`` and ``ducklake``, and in the
+The ingest, sharing and deletion suites and the manifest races also run once on
+DuckLake: each of their tests gets a ``catalog_backend`` of ``duckdb`` and
+``ducklake``, and in the
 DuckLake run every home's catalog is a fresh lake (metadata in its own schema of
 a real PostgreSQL server started for the session on loopback, data as Parquet on
 moto's S3), with the locations on ``s3://`` only.
