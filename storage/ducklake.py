@@ -22,7 +22,9 @@ What DuckLake lacks and how the catalog copes (``storage/catalog.py``):
 
 from __future__ import annotations
 
+import random
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -111,8 +113,13 @@ def _s3_secret(con: duckdb.DuckDBPyConnection, options: dict[str, Any]) -> None:
     # CREATE SECRET takes no prepared parameters: quote the literals ourselves.
     sql = "CREATE OR REPLACE SECRET dropvault_s3 (" + ", ".join(parts) + ")"
     for value in params:
-        sql = sql.replace("?", "'" + str(value).replace("'", "''") + "'", 1)
+        sql = sql.replace("?", _literal(str(value)), 1)
     con.execute(sql)
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal (ATTACH takes no prepared parameters)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _data_path(data_url: str) -> str:
@@ -121,8 +128,24 @@ def _data_path(data_url: str) -> str:
     return path.rstrip("/") + "/"
 
 
-def open_lake(lake: Lake) -> duckdb.DuckDBPyConnection:
-    """A new in-memory DuckDB with the lake attached as ``lake`` and in use."""
+def open_lake(lake: Lake, attempts: int = 10) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB with the lake attached as ``lake`` and in use.
+
+    The first ATTACH of a new lake creates its metadata tables. Two workers starting
+    together both try, and one fails ("Failed to initialize DuckLake"); it tries again
+    and finds the lake made.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _attach(lake)
+        except LakeSetupError as exc:
+            if "Failed to initialize" not in str(exc) or attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt * (1 + random.random()))  # noqa: S311 - jitter
+    raise AssertionError("unreachable")
+
+
+def _attach(lake: Lake) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(
         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     )
@@ -130,11 +153,11 @@ def open_lake(lake: Lake) -> duckdb.DuckDBPyConnection:
         load_extensions(con)
         if urlsplit(lake.data_url).scheme in ("s3", "s3a"):
             _s3_secret(con, lake.s3)
-        options = [f"DATA_PATH '{_data_path(lake.data_url)}'"]
+        options = [f"DATA_PATH {_literal(_data_path(lake.data_url))}"]
         if lake.schema:
-            options.append(f"METADATA_SCHEMA '{lake.schema}'")
-        target = "ducklake:postgres:" + lake.metadata
-        con.execute(f"ATTACH '{target}' AS {ALIAS} ({', '.join(options)})")
+            options.append(f"METADATA_SCHEMA {_literal(lake.schema)}")
+        target = _literal("ducklake:postgres:" + lake.metadata)
+        con.execute(f"ATTACH {target} AS {ALIAS} ({', '.join(options)})")
         con.execute(f"USE {ALIAS}")
     except duckdb.Error as exc:
         con.close()
@@ -180,7 +203,11 @@ def data_files(lake: Lake) -> Iterator[tuple[str, bytes]]:
 
 def metadata_text(con: duckdb.DuckDBPyConnection, lake: Lake) -> Iterator[tuple[str, bytes]]:
     """Every metadata table in PostgreSQL, rendered as text (what a dump would hold)."""
-    con.execute(f"ATTACH '{lake.metadata}' AS lake_meta (TYPE postgres, READ_ONLY)")
+    try:
+        con.execute(f"ATTACH {_literal(lake.metadata)} AS lake_meta (TYPE postgres, READ_ONLY)")
+    except duckdb.Error as exc:
+        first = redact(str(exc).splitlines()[0])
+        raise LakeSetupError(f"cannot read the metadata of {lake!r}: {first}") from exc
     try:
         schema = lake.schema or "public"
         tables = con.execute(

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from storage.catalog import Catalog
+from storage.catalog import Catalog, migrations
 from storage.ducklake import Lake, portable_sql
 from storage.locations import Location
 from tasks import samples
@@ -171,3 +171,28 @@ def test_lake_settings_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
     target = Settings.load().catalog_target()
     assert isinstance(target, Lake) and target.metadata == "dbname=x password=hunter2"
     assert "hunter2" not in repr(Catalog(target))
+
+
+def test_workers_starting_together_on_a_new_lake_both_open_it(
+    new_lake: Callable[[], Lake],
+) -> None:
+    """The first ATTACH of a lake creates its metadata tables; two workers doing it at once
+    raced ("Failed to initialize DuckLake", 5 times in 6 before the retry)."""
+    for _ in range(3):
+        lake = new_lake()
+        errors: list[BaseException] = []
+
+        def start(lake: Lake = lake, errors: list[BaseException] = errors) -> None:
+            try:
+                Catalog(lake).migrate()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert errors == []
+        versions = Catalog(lake).query("SELECT count(*) AS n FROM schema_migrations")["n"][0]
+        assert versions == len(migrations())
