@@ -62,7 +62,11 @@ def ingest_drops(
     home.catalog.migrate()
     totals = IngestStats()
     drops = scan_drops_task(
-        home.drops, time.time(), settings.quiet_seconds, settings.incomplete_seconds
+        home.drops,
+        time.time(),
+        settings.quiet_seconds,
+        settings.incomplete_seconds,
+        opaque(home.catalog),
     )
     drops = [d for d in drops if in_shard(d.key, shard)]
     ready = [d for d in drops if d.state != "waiting"]

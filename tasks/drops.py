@@ -10,6 +10,14 @@ A manifest drop that is still missing or short of a listed file after
 ``incomplete_seconds`` (counted from the manifest's mtime) is *incomplete*:
 its files are quarantined with reason ``incomplete_drop``.
 
+A listed file can also be missing because an earlier pass handled it: passes remove
+each source once it is cataloged, so a drop that a crash or a lost commit race left
+half done is missing the files already taken. Given the catalog, :func:`scan_drops`
+counts such a drop ready when the catalog accounts for every missing file: it knows
+the drop (an earlier pass recorded it) or the file's listed SHA-256 (cataloged or
+quarantined). Without this, the rest of the drop would wait until it went
+*incomplete* and be quarantined.
+
 Manifest format (JSON)::
 
     {"files": [{"path": "series1/img001.dcm", "size": 39206, "sha256": "<hex>"}, ...],
@@ -29,6 +37,7 @@ from typing import Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from storage.catalog import Catalog
 from storage.locations import Entry, Location, UnsafeNameError, safe_relpath
 
 MANIFEST = "manifest.json"
@@ -66,6 +75,7 @@ class Drop:
     why: str = ""  # PHI-free note on a waiting or incomplete drop
     owners: dict[str, str] = field(default_factory=dict)
     manifest_name: str | None = None
+    absent: dict[str, str] = field(default_factory=dict)  # listed, not there: name -> sha256
 
     @property
     def key(self) -> str:
@@ -125,8 +135,12 @@ def scan_drops(
     now: float,
     quiet_seconds: float,
     incomplete_seconds: float,
+    catalog: Catalog | None = None,
 ) -> list[Drop]:
-    """Group the drops location's files into drops and decide each drop's state."""
+    """Group the drops location's files into drops and decide each drop's state.
+
+    With ``catalog``, a drop an earlier pass left half done is ready (module docstring).
+    """
     grouped: dict[tuple[str, str], list[Entry]] = {}
     for entry in drops.list():
         parts = entry.name.split("/")
@@ -162,10 +176,13 @@ def scan_drops(
         present = {e.name[len(prefix) :]: e for e in others}
         files = []
         missing = 0
-        for rel, (size, _sha) in listed.items():
+        absent = {}
+        for rel, (size, sha) in listed.items():
             got = present.get(rel)
             if got is None or got.size != size:
                 missing += 1
+            if got is None:
+                absent[prefix + rel] = sha
         for rel, item in present.items():
             expected = listed.get(rel)
             files.append(
@@ -187,9 +204,47 @@ def scan_drops(
             state = "incomplete" if overdue else "waiting"
             why = f"{missing} listed file(s) missing or short" if missing else "unlisted files busy"
         found.append(
-            Drop(facility_id, drop_id, files, True, state, why, owners, manifest_entry.name)
+            Drop(
+                facility_id,
+                drop_id,
+                files,
+                True,
+                state,
+                why,
+                owners,
+                manifest_entry.name,
+                absent if missing == len(absent) and not unlisted_busy else {},
+            )
         )
+    if catalog is not None:
+        _resume_started(catalog, found)
     return found
+
+
+def _resume_started(catalog: Catalog, drops: list[Drop]) -> None:
+    """Mark ready the drops whose only missing files the catalog accounts for."""
+    stalled = [d for d in drops if d.state != "ready" and d.absent]
+    if not stalled:
+        return
+    known, hashes = catalog.read_only().many(
+        [
+            (
+                "SELECT facility_id || '/' || drop_id AS k FROM drops"
+                " WHERE facility_id || '/' || drop_id IN (SELECT unnest(?::VARCHAR[]))",
+                [[d.key for d in stalled]],
+            ),
+            (
+                "SELECT sha256 FROM instances WHERE sha256 IN (SELECT unnest(?::VARCHAR[]))"
+                " UNION SELECT sha256 FROM quarantine"
+                " WHERE sha256 IN (SELECT unnest(?::VARCHAR[]))",
+                [sorted({s for d in stalled for s in d.absent.values()})] * 2,
+            ),
+        ]
+    )
+    seen_drops, seen_hashes = set(known["k"]), set(hashes["sha256"])
+    for drop in stalled:
+        if drop.key in seen_drops or set(drop.absent.values()) <= seen_hashes:
+            drop.state, drop.why = "ready", ""
 
 
 scan_drops_task = task(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from flows.settings import Settings
 from storage.home import Home
 from tasks import ingest as ingest_mod
 from tasks import samples
+from tasks.drops import scan_drops
 from tasks.exports import ExportError, export_instance
 from tasks.quarantine import quarantine_export
 
@@ -234,6 +236,59 @@ def test_crash_then_rerun_loses_nothing(
     rows = sorted(home.catalog.query("SELECT name FROM objects WHERE kind = 'instance'")["name"])
     assert stored == rows
     assert home.drops.list() == []
+
+
+def test_a_drop_left_half_done_resumes_at_once(
+    home: Home, rng: random.Random, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash in a drop's second batch leaves its first batch's sources removed. The next
+    pass must finish the drop now, not wait for it to go incomplete and quarantine the rest."""
+    _, files = study_drop(rng, 5)
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    calls: list[int] = []
+
+    def second_batch_dies() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected crash in batch 2")
+
+    monkeypatch.setitem(ingest_mod.FAULTS, "after_commit", second_batch_dies)
+    monkeypatch.setattr(
+        flows_ingest, "ingest_batch_task", ingest_mod.ingest_batch_task.with_options(retries=0)
+    )
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(home, batch_files=2)
+    monkeypatch.delitem(ingest_mod.FAULTS, "after_commit")
+    left = [e for e in home.drops.list() if not e.name.endswith("manifest.json")]
+    assert len(left) == 3  # batch 1's two sources went; batch 2 committed but kept its sources
+    stats = run(home, batch_files=2)  # incomplete_seconds stays at its default (hours)
+    assert stats.drops_waiting == 0 and not stats.quarantined
+    assert (stats.ingested, stats.duplicates) == (1, 2)
+    assert one(home, "SELECT count(*) FROM instances") == 5
+    assert one(home, "SELECT status FROM drops WHERE drop_id = 'd1'") == "done"
+    assert home.drops.list() == []
+
+
+def test_scan_resumes_only_what_the_catalog_accounts_for(home: Home, rng: random.Random) -> None:
+    """A listed file that is missing and that the catalog does not know still holds the drop."""
+    _, files = study_drop(rng, 3)
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    run(home)
+    _, other = study_drop(rng, 3)
+    names = sorted(files)
+    # d2 lists one file the catalog has (from d1) and one it has never seen; both absent.
+    listed = {"x.dcm": files[names[0]], "y.dcm": other[sorted(other)[0]], "z.dcm": b"z"}
+    samples.write_drop(home.drops, "fac-a", "d2", {"z.dcm": b"z"}, listed=listed)
+    scan = {d.key: d for d in scan_drops(home.drops, time.time(), 0, 86400, home.catalog)}
+    assert scan["fac-a/d2"].state == "waiting"
+    home.drops.delete("fac-a/d2/manifest.json")
+    del listed["y.dcm"]
+    samples.write_drop(home.drops, "fac-a", "d2", {"z.dcm": b"z"}, listed=listed)
+    assert {d.key: d for d in scan_drops(home.drops, time.time(), 0, 86400)}[
+        "fac-a/d2"
+    ].state == "waiting"  # without the catalog nothing can account for x.dcm
+    scan = {d.key: d for d in scan_drops(home.drops, time.time(), 0, 86400, home.catalog)}
+    assert scan["fac-a/d2"].state == "ready"
 
 
 def test_reconcile_removes_orphans_only(home: Home, rng: random.Random) -> None:
