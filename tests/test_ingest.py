@@ -269,6 +269,39 @@ def test_a_drop_left_half_done_resumes_at_once(
     assert home.drops.list() == []
 
 
+def test_a_file_that_lost_a_commit_race_is_taken_up_next_pass(
+    home: Home, rng: random.Random, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers catalog the same file at once: the later commit finds it taken, drops its
+    vault copy and leaves the source. The next pass counts it a duplicate and ends the drop."""
+    _, files = study_drop(rng, 3)
+    twice = next(iter(files.values()))
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    samples.write_drop(home.drops, "fac-b", "d2", {"again.dcm": twice})
+    home.catalog.migrate()
+    drops = {d.key: d for d in scan_drops(home.drops, time.time(), 0, 86400)}
+
+    def other_worker_commits_first() -> None:
+        monkeypatch.delitem(ingest_mod.FAULTS, "after_vault_write")
+        d2 = drops["fac-b/d2"]
+        assert (
+            ingest_mod.ingest_batch(
+                home, [(d2, f) for f in d2.files], max_file_bytes=10**9
+            ).ingested
+            == 1
+        )
+
+    monkeypatch.setitem(ingest_mod.FAULTS, "after_vault_write", other_worker_commits_first)
+    d1 = drops["fac-a/d1"]
+    lost = ingest_mod.ingest_batch(home, [(d1, f) for f in d1.files], max_file_bytes=10**9)
+    assert lost.ingested == 2  # the raced file stays in its drop
+    assert len(home.vault.list()) == 3  # the losing copy was removed from the vault
+    stats = run(home)
+    assert (stats.ingested, stats.duplicates, stats.drops_waiting) == (0, 1, 0)
+    assert one(home, "SELECT count(*) FROM instances") == 3
+    assert home.drops.list() == []
+
+
 def test_scan_resumes_only_what_the_catalog_accounts_for(home: Home, rng: random.Random) -> None:
     """A listed file that is missing and that the catalog does not know still holds the drop."""
     _, files = study_drop(rng, 3)
