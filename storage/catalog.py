@@ -27,14 +27,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
-import pandas as pd
-import pyarrow as pa
 
 from storage import ducklake
 from storage.ducklake import Lake
+
+if TYPE_CHECKING:  # pandas (and the pyarrow it loads) cost ~120 MB: readers load it
+    import pandas as pd
 
 T = TypeVar("T")
 
@@ -88,17 +89,28 @@ def _on_ducklake(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 @functools.cache
-def key_columns() -> dict[str, tuple[str, ...]]:
-    """Each table's primary key, read from the migrations themselves (applied to an
-    in-memory DuckDB), so DuckLake, which has no keys, still knows them."""
+def _schema() -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, str]]]:
+    """Each table's primary key and column types, read from the migrations themselves
+    (applied to an in-memory DuckDB), so DuckLake, which has no keys, still knows them."""
     with duckdb.connect() as con:
         for _, _, sql in migrations():
             con.execute(sql)
-        rows = con.execute(
+        keys = con.execute(
             "SELECT table_name, constraint_column_names FROM duckdb_constraints()"
             " WHERE constraint_type = 'PRIMARY KEY'"
         ).fetchall()
-    return {table: tuple(columns) for table, columns in rows}
+        columns = con.execute(
+            "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE NOT internal"
+        ).fetchall()
+    types: dict[str, dict[str, str]] = {}
+    for table, column, data_type in columns:
+        types.setdefault(table, {})[column] = data_type
+    return {table: tuple(cols) for table, cols in keys}, types
+
+
+def key_columns() -> dict[str, tuple[str, ...]]:
+    """Each table's primary key columns (see :func:`_schema`)."""
+    return _schema()[0]
 
 
 def insert_rows(
@@ -108,33 +120,33 @@ def insert_rows(
     *,
     ignore_existing: bool = False,
 ) -> int:
-    """Insert dicts by column name in one statement (Arrow, not row-by-row executemany)."""
+    """Insert dicts by column name in one statement, not row by row: each column goes in
+    as one list parameter, typed from the migrations, and ``unnest`` zips them back into
+    rows (no pyarrow, so a worker that only ingests never loads it)."""
     if not rows:
         return 0
+    types = _schema()[1][table]
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
-    # from_pylist takes its columns from the first row: give every row every column.
-    data = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
-    view = f"_rows_{table}"
-    con.register(view, data)
-    try:
-        select = f"SELECT * FROM {view}"  # noqa: S608 - table names are ours
-        verb = "INSERT INTO"
-        if ignore_existing and not _on_ducklake(con):
-            verb = "INSERT OR IGNORE INTO"  # the primary key's index does the work
-        elif ignore_existing:
-            # An anti-join: DuckLake has no keys to ignore on.
-            keys = key_columns()[table]
-            match = " AND ".join(f"t.{k} = v.{k}" for k in keys)
-            select = (
-                f"SELECT * FROM {view} v WHERE NOT EXISTS"  # noqa: S608 - names are ours
-                f" (SELECT 1 FROM {table} t WHERE {match})"
-                f" QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)}) = 1"
-            )
-        con.execute(f"{verb} {table} BY NAME {select}")
-    finally:
-        con.unregister(view)
+    unknown = [c for c in columns if c not in types]
+    if unknown:
+        raise ValueError(f"{table} has no column(s) {unknown}")
+    values = [[row.get(c) for row in rows] for c in columns]
+    select = "SELECT " + ", ".join(f"unnest(?::{types[c]}[]) AS {c}" for c in columns)
+    verb = "INSERT INTO"
+    if ignore_existing and not _on_ducklake(con):
+        verb = "INSERT OR IGNORE INTO"  # the primary key's index does the work
+    elif ignore_existing:
+        # An anti-join: DuckLake has no keys to ignore on.
+        keys = key_columns()[table]
+        match = " AND ".join(f"t.{k} = v.{k}" for k in keys)
+        select = (
+            f"SELECT * FROM ({select}) v WHERE NOT EXISTS"  # noqa: S608 - names are ours
+            f" (SELECT 1 FROM {table} t WHERE {match})"
+            f" QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)}) = 1"
+        )
+    con.execute(f"{verb} {table} BY NAME {select}", values)
     return len(rows)
 
 

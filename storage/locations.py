@@ -351,21 +351,20 @@ class Location:
         parent = posixpath.dirname(final)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         if self._on_local_disk:
-            Path(parent).mkdir(parents=True, exist_ok=True)
-            if fresh:
-                try:
-                    with Path(final).open("xb") as direct:
-                        yield direct
-                except BaseException:
-                    Path(final).unlink(missing_ok=True)
-                    raise
-                return
+            target = final if fresh else tmp
             try:
-                with Path(tmp).open("wb") as local:
+                local = Path(target).open("xb" if fresh else "wb")  # noqa: SIM115 - with below
+            except FileNotFoundError:  # make the folder only when it is missing (saves a call)
+                Path(parent).mkdir(parents=True, exist_ok=True)
+                local = Path(target).open("xb" if fresh else "wb")  # noqa: SIM115
+            # ``fresh`` goes straight to its name; otherwise a temporary file is renamed.
+            try:
+                with local:
                     yield local
-                Path(tmp).replace(final)
+                if not fresh:
+                    Path(tmp).replace(final)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                Path(target).unlink(missing_ok=True)
                 raise
             return
         self.fs.makedirs(parent, exist_ok=True)
@@ -416,6 +415,12 @@ class Location:
             self._invalidate(posixpath.dirname(path))
             return removed
         self._invalidate(posixpath.dirname(path))
+        if self._on_local_disk:
+            try:
+                Path(path).unlink()
+            except FileNotFoundError:
+                return 0
+            return 1
         if self.fs.exists(path):
             self.fs.rm(path)
             removed = 1

@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 import duckdb
-import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -117,6 +116,8 @@ class IngestStats:
         return rows
 
     def _repr_html_(self) -> str:
+        import pandas as pd  # only a notebook renders this: the ingest path stays pandas-free
+
         return pd.DataFrame(self.table()).to_html(index=False)
 
 

@@ -16,15 +16,16 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
-
-import pandas as pd
+from typing import IO, TYPE_CHECKING, Any
 
 from storage.catalog import Catalog
 from storage.home import Home
 from storage.locations import UnsafeNameError, safe_relpath
 from storage.vault import Vault
 from tasks.phi import keyed_hash, open_fields, seal_fields
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REASONS = (
     "not_dicom",
