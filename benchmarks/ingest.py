@@ -3,26 +3,40 @@
     python benchmarks/ingest.py            # 2,000 files (~39 kB CT samples)
     python benchmarks/ingest.py -n 10000   # the headline figure
     python benchmarks/ingest.py --quick    # 200 files, what CI runs to keep this working
+    python benchmarks/ingest.py --workers 2   # also: 2 worker processes, one Prefect server
 
 The baseline copies every file with ``fsspec`` ``cp_file`` from one local folder
-to another. dropvault runs the ``ingest_drops`` flow on identical drops: header
-parse and validation, SHA-256, AES-256-GCM encryption, read-back verification,
-a DuckDB commit per batch and source removal. Not a timed test: the machines
+to another. ``--workers N`` adds a run of N worker processes on one Prefect server
+(a real ``prefect server start``), each running the ``ingest_drops`` flow on its
+``shard`` of the same drops, as N process workers on one work pool would; its time
+is from the common start to the slowest worker's end.
+
+dropvault runs the ``ingest_drops`` flow on identical drops: header parse and
+validation, SHA-256, AES-256-GCM encryption, read-back verification, a DuckDB
+commit per batch and source removal. Not a timed test: the machines
 are shared, so only the ratio means something.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import random
 import resource
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import fsspec
+import httpx
 
 from flows.settings import Settings, quiet_prefect_defaults
 
@@ -80,6 +94,76 @@ def encrypt_floor(src: Path, dst: Path) -> float:
     return time.perf_counter() - started
 
 
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """A real ``prefect server start`` on loopback, as workers on one pool would share;
+    yields its API URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL"}
+    exe = str(Path(sys.executable).with_name("prefect"))
+    cmd = [exe, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    proc = subprocess.Popen(  # noqa: S603 - our own executable and arguments
+        [*cmd, "--no-scheduler"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("prefect server did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _flow_worker(root: str, shard: str, start: Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One worker process: warm up on an empty home, then run the flow on its shard."""
+    warm = Path(root).parent / f"warm-{shard.replace('/', '-')}"
+    ingest_drops(home=Home.local(warm), settings=Settings.load(quiet_seconds=0))
+    start.wait()
+    started = time.perf_counter()
+    stats = ingest_drops(
+        home=Home.local(Path(root)),
+        settings=Settings.load(quiet_seconds=0, home=Path(root)),
+        shard=shard,
+    )
+    out.put((time.perf_counter() - started, stats.ingested))
+
+
+def ingest_with_workers(root: Path, workers: int) -> tuple[float, int]:
+    """Ingest ``root``'s drops with ``workers`` processes on one Prefect server: returns the
+    slowest worker's seconds and the files ingested in all."""
+    Home.local(root)  # the keys every worker shares, made once before they start
+    with prefect_server(root.parent / "prefect-server") as api:
+        os.environ["PREFECT_API_URL"] = api  # the spawned workers inherit it
+        try:
+            ctx = mp.get_context("spawn")
+            start, out = ctx.Barrier(workers), ctx.Queue()
+            procs = [
+                ctx.Process(target=_flow_worker, args=(str(root), f"{i}/{workers}", start, out))
+                for i in range(workers)
+            ]
+            for proc in procs:
+                proc.start()
+            results = [out.get(timeout=3600) for _ in procs]
+            for proc in procs:
+                proc.join()
+                if proc.exitcode != 0:
+                    raise RuntimeError(f"a worker failed (exit code {proc.exitcode})")
+        finally:
+            del os.environ["PREFECT_API_URL"]
+    return max(r[0] for r in results), sum(r[1] for r in results)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -89,6 +173,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="number of files")
     parser.add_argument("--per-drop", type=int, default=50, help="files per drop")
     parser.add_argument("--quick", action="store_true", help="200 files (CI)")
+    parser.add_argument("--workers", type=int, default=1, help="also run N worker processes")
     args = parser.parse_args()
     n = 200 if args.quick else args.n
     files = make_files(n, args.per_drop)
@@ -108,19 +193,28 @@ def main() -> None:
         stats = ingest_drops(home=home, settings=settings)
         ingest_s = time.perf_counter() - started
         assert stats.ingested == n, stats.as_dict()
+        rss = peak_rss_mb()
+        if args.workers > 1:
+            shutil.copytree(root / "source", root / "multi" / "drops")
+            multi_s, ingested = ingest_with_workers(root / "multi", args.workers)
+            assert ingested == n, ingested
     mb = total_bytes / 1e6
     rows = [
         ("plain fsspec copy", n / copy_s, mb / copy_s),
         ("encrypt-only floor", n / floor_s, mb / floor_s),
         ("dropvault ingest", n / ingest_s, mb / ingest_s),
     ]
+    if args.workers > 1:
+        rows.append((f"dropvault x{args.workers} workers", n / multi_s, mb / multi_s))
     print(f"files: {n}  bytes: {total_bytes:,}  cores: {os.cpu_count()}")
     print(f"{'run':<20}{'files/s':>12}{'MB/s':>10}")
     for name, fps, mbps in rows:
         print(f"{name:<20}{fps:>12.0f}{mbps:>10.1f}")
     print(f"ratio encrypt-only floor / plain copy: {copy_s / floor_s:.3f}")
     print(f"ratio ingest / plain copy: {copy_s / ingest_s:.3f}  (goal >= 0.6)")
-    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    if args.workers > 1:
+        print(f"ratio ingest x{args.workers} workers / plain copy: {copy_s / multi_s:.3f}")
+    print(f"peak RSS (one worker): {rss:.0f} MB")
 
 
 if __name__ == "__main__":
