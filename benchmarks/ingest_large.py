@@ -143,9 +143,9 @@ def main() -> None:
             assert results[mode]["ingested"] == n, results[mode]
     mb = total / 1e6
     print(f"files: {n}  bytes: {total:,} ({mb / n:.0f} MB each)  cores: {os.cpu_count()}")
-    print(f"{'run':<34}{'MB/s':>8}{'seconds':>9}{'x copy':>8}{'peak RSS':>10}{'before':>8}")
-    print(f"{'plain fsspec copy':<34}{mb / copy_s:>8.0f}{copy_s:>9.2f}{1:>8.3f}")
-    print(f"{'encrypt+sync floor':<34}{mb / floor_s:>8.0f}{floor_s:>9.2f}{copy_s / floor_s:>8.3f}")
+    print(f"{'run':<38}{'MB/s':>8}{'seconds':>9}{'x copy':>8}{'peak RSS':>10}{'before':>8}")
+    print(f"{'plain fsspec copy':<38}{mb / copy_s:>8.0f}{copy_s:>9.2f}{1:>8.3f}")
+    print(f"{'encrypt+sync floor':<38}{mb / floor_s:>8.0f}{floor_s:>9.2f}{copy_s / floor_s:>8.3f}")
     for mode, label in (
         ("server", "worker on a Prefect server"),
         ("embedded", "embedded Prefect (demo)"),
@@ -153,7 +153,7 @@ def main() -> None:
         r = results[mode]
         secs = r["seconds"]
         print(
-            f"{'dropvault, ' + label:<34}{mb / secs:>8.0f}{secs:>9.2f}{copy_s / secs:>8.3f}"
+            f"{'dropvault, ' + label:<38}{mb / secs:>8.0f}{secs:>9.2f}{copy_s / secs:>8.3f}"
             f"{r['peak_rss_mb']:>8.0f}MB{r['baseline_rss_mb']:>6.0f}MB"
         )
     print("goals: >= 0.85x copy; peak RSS <= 300 MB ('before': peak before the first file)")
