@@ -116,7 +116,7 @@ class IngestStats:
         return rows
 
     def _repr_html_(self) -> str:
-        import pandas as pd  # only a notebook renders this: the ingest path stays pandas-free
+        import pandas as pd  # only a notebook renders this
 
         return pd.DataFrame(self.table()).to_html(index=False)
 
