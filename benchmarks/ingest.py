@@ -25,26 +25,26 @@ import os
 import random
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
 import fsspec
-import httpx
 
-from flows.settings import Settings, quiet_prefect_defaults
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/prefect_server.py
+
+from flows.settings import Settings, quiet_prefect_defaults  # noqa: E402
 
 quiet_prefect_defaults()  # before Prefect is imported
 
 from flows.ingest import ingest_drops  # noqa: E402
 from storage.home import Home  # noqa: E402
 from tasks import samples  # noqa: E402
+from tests.prefect_server import prefect_server  # noqa: E402
 
 
 def make_files(n: int, per_drop: int, seed: int = 1) -> list[tuple[str, bytes]]:
@@ -94,35 +94,21 @@ def encrypt_floor(src: Path, dst: Path) -> float:
     return time.perf_counter() - started
 
 
-@contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    """A real ``prefect server start`` on loopback, as workers on one pool would share;
-    yields its API URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL"}
-    exe = str(Path(sys.executable).with_name("prefect"))
-    cmd = [exe, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
-    proc = subprocess.Popen(  # noqa: S603 - our own executable and arguments
-        [*cmd, "--no-scheduler"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("prefect server did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def spawn_workers(target: Callable[..., None], args: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``target(*a, start, out)`` in a spawned process for each ``a`` in ``args`` (as a
+    Prefect process worker runs a flow run); all pass the ``start`` barrier together. Returns
+    what each put on ``out``."""
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(len(args)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, start, out)) for a in args]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=3600) for _ in procs]
+    for proc in procs:
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"a worker failed (exit code {proc.exitcode})")
+    return results
 
 
 def _flow_worker(root: str, shard: str, start: Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -143,22 +129,11 @@ def ingest_with_workers(root: Path, workers: int) -> tuple[float, int]:
     """Ingest ``root``'s drops with ``workers`` processes on one Prefect server: returns the
     slowest worker's seconds and the files ingested in all."""
     Home.local(root)  # the keys every worker shares, made once before they start
-    with prefect_server(root.parent / "prefect-server") as api:
-        os.environ["PREFECT_API_URL"] = api  # the spawned workers inherit it
+    with prefect_server(root.parent / "prefect-server") as server:
+        os.environ["PREFECT_API_URL"] = server["PREFECT_API_URL"]  # spawned workers inherit it
         try:
-            ctx = mp.get_context("spawn")
-            start, out = ctx.Barrier(workers), ctx.Queue()
-            procs = [
-                ctx.Process(target=_flow_worker, args=(str(root), f"{i}/{workers}", start, out))
-                for i in range(workers)
-            ]
-            for proc in procs:
-                proc.start()
-            results = [out.get(timeout=3600) for _ in procs]
-            for proc in procs:
-                proc.join()
-                if proc.exitcode != 0:
-                    raise RuntimeError(f"a worker failed (exit code {proc.exitcode})")
+            shards = [(str(root), f"{i}/{workers}") for i in range(workers)]
+            results = spawn_workers(_flow_worker, shards)
         finally:
             del os.environ["PREFECT_API_URL"]
     return max(r[0] for r in results), sum(r[1] for r in results)

@@ -26,12 +26,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/prefect_server.py
 
 import fsspec
-from ingest import prefect_server
 
 from tasks import samples
+from tests.prefect_server import prefect_server
 
 CHILD = """
 import json, resource, shutil, sys, time
@@ -128,10 +128,10 @@ def main() -> None:
             with (
                 prefect_server(root / "prefect-server")
                 if mode == "server"
-                else nullcontext("") as api
+                else nullcontext({}) as server
             ):
-                if api:
-                    env["PREFECT_API_URL"] = api
+                if server:
+                    env["PREFECT_API_URL"] = server["PREFECT_API_URL"]
                 proc = subprocess.run(  # noqa: S603 - this interpreter, our own script
                     [sys.executable, "-c", CHILD, str(run_root)],
                     capture_output=True,

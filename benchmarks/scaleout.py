@@ -32,7 +32,7 @@ from flows.settings import quiet_prefect_defaults  # noqa: E402
 quiet_prefect_defaults()
 
 import boto3  # noqa: E402
-from ingest import make_files, write_tree  # noqa: E402
+from ingest import make_files, spawn_workers, write_tree  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 from storage.catalog import Catalog  # noqa: E402
@@ -69,19 +69,7 @@ def run(tmp: Path, files: list[tuple[str, bytes]], lake: Lake | None, workers: i
         home.catalog = Catalog(lake)
     home.catalog.migrate()
     home.catalog.close()
-    ctx = mp.get_context("spawn")
-    start = ctx.Barrier(workers)
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=worker, args=(str(root), lake, f"{i}/{workers}", start, out))
-        for i in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=1800) for _ in procs]
-    for p in procs:
-        p.join()
-        assert p.exitcode == 0
+    results = spawn_workers(worker, [(str(root), lake, f"{i}/{workers}") for i in range(workers)])
     check = Catalog(lake) if lake else Catalog(root / "catalog.duckdb")
     rows = check.query("SELECT count(*) AS n, count(DISTINCT sop_instance_uid) AS u FROM instances")
     check.close()

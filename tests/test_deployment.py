@@ -3,12 +3,8 @@ and a run of ``ingest-drops`` against a home with drops; then SQL against its ca
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,65 +15,17 @@ import yaml
 from storage.catalog import Catalog
 from storage.home import Home
 from tasks import samples
+from tests.prefect_server import PREFECT, prefect_server
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DROPVAULT_"))}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_LOGGING_LEVEL="CRITICAL",
-        PREFECT_LOGGING_LEVEL="WARNING",
-        DO_NOT_TRACK="1",
-    )
-    proc = subprocess.Popen(
-        [
-            PREFECT,
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-ui",
-            "--no-scheduler",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("prefect server did not become healthy")
-            time.sleep(0.5)
+    with prefect_server(tmp_path / "prefect-home") as env:
         yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def run(env: dict[str, str], *args: str, timeout: float = 180) -> str:

@@ -1,0 +1,64 @@
+"""A real ``prefect server start`` on 127.0.0.1 with its own Prefect home, for the deployment
+test and the benchmarks' worker runs (what workers on one work pool talk to)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def prefect_server(home: Path, timeout: float = 180) -> Iterator[dict[str, str]]:
+    """Start a server with ``home`` as its ``PREFECT_HOME``; yields an environment (without
+    any ``DROPVAULT_`` or other ``PREFECT_`` settings) whose ``PREFECT_API_URL`` points at it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DROPVAULT_"))}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_LOGGING_LEVEL="CRITICAL",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        DO_NOT_TRACK="1",
+    )
+    args = ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    proc = subprocess.Popen(  # noqa: S603 - this environment's own prefect
+        [PREFECT, *args, "--no-scheduler"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("prefect server did not become healthy")
+            time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
