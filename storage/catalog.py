@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # annotations only (DuckDB imports pandas itself for .df() an
     import pandas as pd
 
 T = TypeVar("T")
+# First line of a migration that only a DuckDB file needs (a lake records it as applied).
+DUCKDB_ONLY = "-- duckdb-only"
 
 
 class CatalogBusyError(RuntimeError):
@@ -81,31 +83,37 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def _on_ducklake(con: duckdb.DuckDBPyConnection) -> bool:
-    row = con.execute(
-        "SELECT type FROM duckdb_databases() WHERE database_name = current_database()"
-    ).fetchone()
-    return bool(row and row[0] == "ducklake")
-
-
 @functools.cache
 def _schema() -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, str]]]:
     """Each table's primary key and column types, read from the migrations themselves
     (applied to an in-memory DuckDB), so DuckLake, which has no keys, still knows them."""
+    keys: dict[str, tuple[str, ...]] = {}
     with duckdb.connect() as con:
         for _, _, sql in migrations():
             con.execute(sql)
-        keys = con.execute(
-            "SELECT table_name, constraint_column_names FROM duckdb_constraints()"
-            " WHERE constraint_type = 'PRIMARY KEY'"
-        ).fetchall()
+            # A key outlives its index: 008 rebuilt two tables without one (see there).
+            for table, cols in con.execute(
+                "SELECT table_name, constraint_column_names FROM duckdb_constraints()"
+                " WHERE constraint_type = 'PRIMARY KEY'"
+            ).fetchall():
+                keys[table] = tuple(cols)
         columns = con.execute(
             "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE NOT internal"
         ).fetchall()
     types: dict[str, dict[str, str]] = {}
     for table, column, data_type in columns:
         types.setdefault(table, {})[column] = data_type
-    return {table: tuple(cols) for table, cols in keys}, types
+    return {t: keys[t] for t in types if t in keys}, types
+
+
+def _indexed(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """Whether ``table`` has a primary key index here (DuckLake tables never do)."""
+    row = con.execute(
+        "SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database()"
+        " AND table_name = ? AND constraint_type = 'PRIMARY KEY'",
+        [table],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def key_columns() -> dict[str, tuple[str, ...]]:
@@ -135,10 +143,10 @@ def insert_rows(
     values = [[row.get(c) for row in rows] for c in columns]
     select = "SELECT " + ", ".join(f"unnest(?::{types[c]}[]) AS {c}" for c in columns)
     verb = "INSERT INTO"
-    if ignore_existing and not _on_ducklake(con):
+    if ignore_existing and _indexed(con, table):
         verb = "INSERT OR IGNORE INTO"  # the primary key's index does the work
     elif ignore_existing:
-        # An anti-join: DuckLake has no keys to ignore on.
+        # An anti-join: DuckLake tables, and the unindexed ones (008), have no index.
         keys = key_columns()[table]
         match = " AND ".join(f"t.{k} = v.{k}" for k in keys)
         select = (
@@ -312,6 +320,8 @@ class Catalog:
                 )
             )
             for version, name, sql in migrations():
+                if self.lake and sql.startswith(DUCKDB_ONLY):
+                    sql = "SELECT 1"  # recorded as applied, nothing to do on a lake
                 con.execute("BEGIN")
                 try:
                     done = con.execute(

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from storage.catalog import Catalog, insert_rows
+from storage.catalog import Catalog, insert_rows, key_columns, migrations
 
 NOW = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
 
@@ -61,3 +61,54 @@ def test_a_column_the_table_lacks_is_refused_by_name(catalog: Catalog) -> None:
     with pytest.raises(ValueError, match="nickname"):
         catalog.write(lambda con: insert_rows(con, "facilities", [row]))
     assert catalog.query("SELECT count(*) AS n FROM facilities")["n"][0] == 0
+
+
+def test_upgrading_to_unindexed_image_tables_keeps_every_row(tmp_path: Path) -> None:
+    """Migration 008 rebuilds instances and objects without their PRIMARY KEY index: an old
+    catalog keeps every row and value, and the keys still hold."""
+    path = tmp_path / "catalog.duckdb"
+    old = [m for m in migrations() if m[0] < 8]
+    with duckdb.connect(str(path)) as con:
+        con.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR,"
+            " applied_at TIMESTAMPTZ)"
+        )
+        for version, name, sql in old:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations VALUES (?, ?, now())", [version, name])
+        con.execute(
+            "INSERT INTO objects VALUES ('o1', 'instance', 'file:///v', 'local', 'o1.dvlt',"
+            " 'k1', 10, 60, ?)",
+            [NOW],
+        )
+        con.execute(
+            "INSERT INTO instances VALUES ('1.2.9', '1.2', '1.2.8', NULL, 'CT', NULL, 2, 3, 1,"
+            " 'f', 'd', 'o1', 'abc', 10, ?)",
+            [NOW],
+        )
+    catalog = Catalog(path)
+    assert catalog.migrate() == [8]
+    got = catalog.query(
+        "SELECT i.sop_instance_uid, i.rows, i.columns, i.sha256, i.ingested_at, o.name,"
+        " o.stored_bytes FROM instances i JOIN objects o USING (object_id)"
+    ).to_dict("records")
+    assert got == [
+        {"sop_instance_uid": "1.2.9", "rows": 2, "columns": 3, "sha256": "abc",
+         "ingested_at": NOW, "name": "o1.dvlt", "stored_bytes": 60}
+    ]  # fmt: skip
+    indexed = catalog.query(
+        "SELECT table_name FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY'"
+        " AND table_name IN ('instances', 'objects')"
+    )
+    assert indexed.empty
+    assert key_columns()["instances"] == ("sop_instance_uid",)
+    assert key_columns()["objects"] == ("object_id",)
+    # NOT NULL survived the rebuild.
+    with pytest.raises(duckdb.ConstraintException):
+        catalog.write(lambda con: con.execute("INSERT INTO objects (object_id) VALUES ('o2')"))
+    # Without the index, an insert that ignores existing keys still does (by anti-join).
+    row = {"object_id": "o1", "kind": "quarantine", "location_url": "file:///q",
+           "region": "local", "name": "x", "record_key_id": "k", "plaintext_bytes": 1,
+           "stored_bytes": 2, "created_at": NOW}  # fmt: skip
+    catalog.write(lambda con: insert_rows(con, "objects", [row, row], ignore_existing=True))
+    assert catalog.query("SELECT kind FROM objects")["kind"].tolist() == ["instance"]
