@@ -8,6 +8,7 @@ from the environment through :class:`~flows.settings.Settings`.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import TypeVar, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
 from flows.settings import Settings
@@ -74,16 +76,36 @@ def ingest_drops(
         if drop.state == "waiting":
             totals.drops_waiting += 1
             logger.info("drop %s waits: %s", drop.key, drop.why)
-    # Batches cut across drops: one task run and one catalog commit per batch.
+    # Batches cut across drops: one task run and one catalog commit per batch. Several run at
+    # once (threads), so one batch's commit, sync and unlinks overlap another's parse and
+    # encryption; the commit re-checks every UID, so two batches never both catalog one.
     work = [(drop, f) for drop in ready for f in drop.files]
     done = 0
-    for chunk in batches(work, settings.batch_files, settings.batch_bytes):
-        totals.add(
-            ingest_batch_task(opaque(home), opaque(chunk), max_file_bytes=settings.max_file_bytes)
-        )
-        done += len(chunk)
+    running: deque[tuple[PrefectFuture[IngestStats], int]] = deque()
+
+    def collect() -> None:
+        nonlocal done
+        future, n = running.popleft()
+        totals.add(future.result())
+        done += n
         if progress:
             progress(done, len(work))
+
+    for chunk in batches(work, settings.batch_files, settings.batch_bytes):
+        if len(running) >= settings.batches_in_flight:
+            collect()
+        future = ingest_batch_task.submit(
+            opaque(home), opaque(chunk), max_file_bytes=settings.max_file_bytes
+        )
+        running.append((future, len(chunk)))
+    while running:
+        collect()
+    if totals.retry:
+        # Files whose UID a concurrent batch cataloged first: classify them now, in this run.
+        again, totals.retry = totals.retry, []
+        totals.add(
+            ingest_batch_task(opaque(home), opaque(again), max_file_bytes=settings.max_file_bytes)
+        )
     finished = finish_drops_task(opaque(home), opaque(ready))
     record_drops_task(opaque(home), opaque(ready), opaque(totals), finished, datetime.now(UTC))
     totals.drops_done = sum(finished.values())

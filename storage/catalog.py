@@ -158,6 +158,19 @@ def insert_rows(
     return len(rows)
 
 
+_file_locks: dict[str, threading.RLock] = {}
+_file_locks_guard = threading.Lock()
+
+
+def _in_process(path: Path) -> threading.RLock:
+    """One lock per catalog file for this process's threads. DuckDB shares one instance per
+    file within a process, and two threads opening or closing it at once fail with "Unique
+    file handle conflict" (or a read-only/read-write clash) instead of waiting."""
+    key = str(path.resolve())
+    with _file_locks_guard:
+        return _file_locks.setdefault(key, threading.RLock())
+
+
 class CatalogReader:
     """Read-only queries that return pandas DataFrames; each call opens and closes."""
 
@@ -260,12 +273,19 @@ class Catalog:
             return
         if read_only and not self.path.exists():
             raise CatalogMissingError(f"no catalog at {self.path}: run a flow first")
+        with _in_process(self.path):
+            con = self._open_file(read_only)
+            try:
+                yield con
+            finally:
+                con.close()
+
+    def _open_file(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.002  # short, capped waits: a DuckDB commit holds the lock for ~10-50 ms
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-                break
+                return duckdb.connect(str(self.path), read_only=read_only)
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_error(exc):
                     raise CatalogUnreadableError(
@@ -278,10 +298,6 @@ class Catalog:
                     ) from exc
                 time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
                 delay = min(delay * 2, 0.05)
-        try:
-            yield con
-        finally:
-            con.close()
 
     @contextmanager
     def _writer(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -71,6 +71,9 @@ class IngestStats:
     drops_waiting: int = 0
     sources_changed: int = 0  # replaced while being ingested: left for the next run
     drops: dict[str, DropCounts] = field(default_factory=dict)
+    # Files whose UID another batch (or worker) cataloged while this one ran: not counted
+    # yet, their sources untouched; a later batch classifies them (duplicate or conflict).
+    retry: list[tuple[Drop, DropFile]] = field(default_factory=list)
 
     def count(self, drop: Drop, what: str, n: int = 1) -> None:
         counts = self.drops.setdefault(drop.key, DropCounts())
@@ -85,6 +88,7 @@ class IngestStats:
         self.drops_done += other.drops_done
         self.drops_waiting += other.drops_waiting
         self.sources_changed += other.sources_changed
+        self.retry += other.retry
         for key, counts in other.drops.items():
             mine = self.drops.setdefault(key, DropCounts())
             for name in ("files_seen", "ingested", "duplicates", "quarantined", "bytes"):
@@ -482,7 +486,8 @@ def ingest_batch(
                     {
                         "files": stats.files_seen,
                         "ingested": len(keep),
-                        "duplicates": stats.duplicates + len(taken),
+                        "duplicates": stats.duplicates,
+                        "left_for_retry": len(taken),
                         "quarantined": dict(stats.quarantined),
                     }
                 ),
@@ -494,9 +499,13 @@ def ingest_batch(
     committed = [r for r in instance_rows if r["sop_instance_uid"] not in raced]
     for row in instance_rows:
         if row["sop_instance_uid"] in raced:
-            # Another run cataloged it meanwhile; drop our copy and let the next run
-            # classify the source (duplicate or conflict).
+            # Another batch cataloged it meanwhile; drop our copy and hand the source back
+            # for a later batch to classify (duplicate or conflict).
             batch.vault.location.delete(Vault.object_name(row["object_id"]))
+            item = source_of[row["object_id"]]
+            stats.files_seen -= 1
+            stats.count(item.drop, "files_seen", -1)
+            stats.retry.append((item.drop, item.file))
     for row in committed:
         item = source_of[row["object_id"]]
         stats.count(item.drop, "ingested")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def test_a_drop_left_half_done_resumes_at_once(
         flows_ingest, "ingest_batch_task", ingest_mod.ingest_batch_task.with_options(retries=0)
     )
     with pytest.raises(RuntimeError, match="injected crash"):
-        run(home, batch_files=2)
+        run(home, batch_files=2, batches_in_flight=1)  # one at a time: "batch 2" is well defined
     monkeypatch.delitem(ingest_mod.FAULTS, "after_commit")
     left = [e for e in home.drops.list() if not e.name.endswith("manifest.json")]
     assert len(left) == 3  # batch 1's two sources went; batch 2 committed but kept its sources
@@ -267,6 +268,37 @@ def test_a_drop_left_half_done_resumes_at_once(
     assert one(home, "SELECT count(*) FROM instances") == 5
     assert one(home, "SELECT status FROM drops WHERE drop_id = 'd1'") == "done"
     assert home.drops.list() == []
+
+
+def test_batches_in_flight_together_catalog_a_file_once_and_finish_it_in_the_run(
+    home: Home, rng: random.Random, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches of one run hold the same file at once (both past their look-ups, both
+    with a vault copy). One commit wins; the other drops its copy, and the run classifies
+    the file again at its end: a duplicate, with every drop finished and no orphan."""
+    _, files = study_drop(rng, 1)
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    samples.write_drop(home.drops, "fac-b", "d2", {"again.dcm": next(iter(files.values()))})
+    both_written = threading.Barrier(2, timeout=60)
+    calls: list[int] = []
+
+    def wait_for_the_other() -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            both_written.wait()  # each batch holds its vault copy, neither has committed
+
+    monkeypatch.setitem(ingest_mod.FAULTS, "after_vault_write", wait_for_the_other)
+    stats = run(home, batch_files=1, batches_in_flight=2)
+    assert len(calls) == 3  # two batches at once, then the file handed back
+    assert (stats.files_seen, stats.ingested, stats.duplicates) == (2, 1, 1)
+    assert stats.retry == [] and stats.drops_done == 2
+    assert one(home, "SELECT count(*) FROM instances") == 1
+    assert one(home, "SELECT count(*) FROM drops WHERE status = 'done'") == 2
+    assert one(home, "SELECT sum(files_seen) FROM drops") == 2
+    assert home.drops.list() == []
+    assert [e.name for e in home.vault.list()] == list(
+        home.catalog.query("SELECT name FROM objects WHERE kind = 'instance'")["name"]
+    )
 
 
 def test_a_file_that_lost_a_commit_race_is_taken_up_next_pass(
