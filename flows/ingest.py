@@ -7,6 +7,7 @@ from the environment through :class:`~flows.settings.Settings`.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -82,6 +83,7 @@ def ingest_drops(
     work = [(drop, f) for drop in ready for f in drop.files]
     done = 0
     running: deque[tuple[PrefectFuture[IngestStats], int]] = deque()
+    cpu_turn = threading.Lock()  # one batch parses and encrypts while another commits
 
     def collect() -> None:
         nonlocal done
@@ -95,7 +97,10 @@ def ingest_drops(
         if len(running) >= settings.batches_in_flight:
             collect()
         future = ingest_batch_task.submit(
-            opaque(home), opaque(chunk), max_file_bytes=settings.max_file_bytes
+            opaque(home),
+            opaque(chunk),
+            max_file_bytes=settings.max_file_bytes,
+            cpu_turn=opaque(cpu_turn),
         )
         running.append((future, len(chunk)))
     while running:

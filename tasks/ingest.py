@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -286,142 +287,154 @@ def ingest_batch(
     *,
     max_file_bytes: int,
     now: datetime | None = None,
+    cpu_turn: AbstractContextManager[object] | None = None,
 ) -> IngestStats:
-    """Ingest a batch of files (from one or more drops). Safe to rerun after a crash anywhere."""
+    """Ingest a batch of files (from one or more drops). Safe to rerun after a crash anywhere.
+
+    ``cpu_turn`` (a lock shared by the batches one run has in flight) is held while the
+    batch reads, parses and encrypts, and released before it syncs and commits.
+    """
     started = time.perf_counter()
     now = now or datetime.now(UTC)
     batch = _Batch(home, now)
     stats = batch.stats
 
-    # 1. Read, hash and parse.
-    reads: list[_Read] = []
-    for drop, f in work:
-        try:
-            reads.append(batch.read(drop, f))
-        except FileNotFoundError:
-            continue  # vanished since the listing (another run took it)
-        stats.files_seen += 1
-        stats.count(drop, "files_seen")
-    parsed: list[_Read] = []
-    rejected: list[tuple[_Read, str, str]] = []
-    for item in reads:
-        problem = _check(item, max_file_bytes)
-        if problem is not None:
-            rejected.append((item, *problem))
-            continue
-        try:
-            if item.data is not None:
-                item.header = header_from_bytes(item.data)
+    # Steps 1-3 use the CPU; with several batches in flight they take turns here, so one
+    # batch encrypts while the one before it syncs, commits and removes its sources.
+    with cpu_turn if cpu_turn is not None else nullcontext():
+        # 1. Read, hash and parse.
+        reads: list[_Read] = []
+        for drop, f in work:
+            try:
+                reads.append(batch.read(drop, f))
+            except FileNotFoundError:
+                continue  # vanished since the listing (another run took it)
+            stats.files_seen += 1
+            stats.count(drop, "files_seen")
+        parsed: list[_Read] = []
+        rejected: list[tuple[_Read, str, str]] = []
+        for item in reads:
+            problem = _check(item, max_file_bytes)
+            if problem is not None:
+                rejected.append((item, *problem))
+                continue
+            try:
+                if item.data is not None:
+                    item.header = header_from_bytes(item.data)
+                else:
+                    with batch.open_source(item) as fp:
+                        item.header = read_header(fp, item.file.size)
+                parsed.append(item)
+            except DicomRejected as exc:
+                rejected.append((item, exc.reason, exc.detail))
+        _fault("after_parse")
+
+        # 2. Dedupe against the catalog and within the batch.
+        headers = [r.header for r in parsed if r.header is not None]
+        known_sha, study_keys, batch.known_quarantine, deleted = _existing(
+            home,
+            [h.sop_instance_uid for h in headers],
+            sorted({h.study_uid for h in headers}),
+            [r.quarantine_id for r in reads],
+        )
+        for item, reason, detail in rejected:
+            batch.quarantine(item, reason, detail)
+        fresh: list[tuple[_Read, DicomHeader]] = []
+        seen: dict[str, str] = dict(known_sha)
+        for item in parsed:
+            header = item.header
+            assert header is not None  # noqa: S101 - parsed items have headers
+            prior = seen.get(header.sop_instance_uid)
+            if header.study_uid in deleted:
+                # The owner deleted this study while the file was on its way: the tombstone wins.
+                batch.quarantine(item, "deleted_by_owner", "study was deleted by its owner")
+            elif prior is None:
+                seen[header.sop_instance_uid] = item.sha256
+                fresh.append((item, header))
+            elif prior == item.sha256:
+                stats.duplicates += 1
+                stats.count(item.drop, "duplicates")
+                batch.to_remove.append(item.file.name)
             else:
-                with batch.open_source(item) as fp:
-                    item.header = read_header(fp, item.file.size)
-            parsed.append(item)
-        except DicomRejected as exc:
-            rejected.append((item, exc.reason, exc.detail))
-    _fault("after_parse")
+                batch.quarantine(
+                    item,
+                    "uid_conflict",
+                    "SOP Instance UID known with other content",
+                    header.study_uid,
+                )
 
-    # 2. Dedupe against the catalog and within the batch.
-    headers = [r.header for r in parsed if r.header is not None]
-    known_sha, study_keys, batch.known_quarantine, deleted = _existing(
-        home,
-        [h.sop_instance_uid for h in headers],
-        sorted({h.study_uid for h in headers}),
-        [r.quarantine_id for r in reads],
-    )
-    for item, reason, detail in rejected:
-        batch.quarantine(item, reason, detail)
-    fresh: list[tuple[_Read, DicomHeader]] = []
-    seen: dict[str, str] = dict(known_sha)
-    for item in parsed:
-        header = item.header
-        assert header is not None  # noqa: S101 - parsed items have headers
-        prior = seen.get(header.sop_instance_uid)
-        if header.study_uid in deleted:
-            # The owner deleted this study while the file was on its way: the tombstone wins.
-            batch.quarantine(item, "deleted_by_owner", "study was deleted by its owner")
-        elif prior is None:
-            seen[header.sop_instance_uid] = item.sha256
-            fresh.append((item, header))
-        elif prior == item.sha256:
-            stats.duplicates += 1
-            stats.count(item.drop, "duplicates")
-            batch.to_remove.append(item.file.name)
-        else:
-            batch.quarantine(
-                item, "uid_conflict", "SOP Instance UID known with other content", header.study_uid
+        # 3. New studies get a record key (one keystore transaction), then encrypt and verify.
+        new_study_uids = sorted({h.study_uid for _, h in fresh} - set(study_keys))
+        new_keys = dict(
+            zip(new_study_uids, home.keystore.create_many(len(new_study_uids)), strict=True)
+        )
+        new_studies: dict[str, dict[str, Any]] = {}
+        for item, header in fresh:
+            if header.study_uid in new_keys and header.study_uid not in new_studies:
+                key_id, record_key = new_keys[header.study_uid]
+                study_keys[header.study_uid] = key_id
+                pkey = patient_key(home.pepper, header.issuer, header.patient_id)
+                new_studies[header.study_uid] = {
+                    "study_uid": header.study_uid,
+                    "patient_key": pkey,
+                    "owner": item.drop.owners.get(header.study_uid) or f"patient:{pkey}",
+                    "facility_id": item.drop.facility_id,
+                    "record_key_id": key_id,
+                    "phi_enc": seal_fields(record_key, header.study_uid, header.phi()),
+                    "status": "active",
+                    "created_at": now,
+                }
+        instance_rows: list[dict[str, Any]] = []
+        object_rows: list[dict[str, Any]] = []
+        source_of: dict[str, _Read] = {}  # object id -> what it was read from
+        for item, header in fresh:
+            key_id = study_keys[header.study_uid]
+            object_id = uuid.uuid4().hex
+            name = Vault.object_name(object_id)
+            try:
+                with batch.open_source(item) as src:
+                    _fault("mid_encrypt")
+                    sealed = batch.vault.put(name, src, key_id, fresh=True)
+                batch.vault.verify(name, sealed)
+            except IntegrityError:
+                continue  # left in the drop; the next run tries again
+            if sealed.sha256 != item.sha256:
+                continue  # the source changed while we read it: try again next run
+            source_of[object_id] = item
+            object_rows.append(
+                {
+                    "object_id": object_id,
+                    "kind": "instance",
+                    "location_url": home.vault.url,
+                    "region": home.region,
+                    "name": name,
+                    "record_key_id": key_id,
+                    "plaintext_bytes": sealed.plaintext_bytes,
+                    "stored_bytes": sealed.stored_bytes,
+                    "created_at": now,
+                }
             )
-
-    # 3. New studies get a record key (one keystore transaction), then encrypt and verify.
-    new_study_uids = sorted({h.study_uid for _, h in fresh} - set(study_keys))
-    new_keys = dict(
-        zip(new_study_uids, home.keystore.create_many(len(new_study_uids)), strict=True)
-    )
-    new_studies: dict[str, dict[str, Any]] = {}
-    for item, header in fresh:
-        if header.study_uid in new_keys and header.study_uid not in new_studies:
-            key_id, record_key = new_keys[header.study_uid]
-            study_keys[header.study_uid] = key_id
-            pkey = patient_key(home.pepper, header.issuer, header.patient_id)
-            new_studies[header.study_uid] = {
-                "study_uid": header.study_uid,
-                "patient_key": pkey,
-                "owner": item.drop.owners.get(header.study_uid) or f"patient:{pkey}",
-                "facility_id": item.drop.facility_id,
-                "record_key_id": key_id,
-                "phi_enc": seal_fields(record_key, header.study_uid, header.phi()),
-                "status": "active",
-                "created_at": now,
-            }
-    instance_rows: list[dict[str, Any]] = []
-    object_rows: list[dict[str, Any]] = []
-    source_of: dict[str, _Read] = {}  # object id -> what it was read from
-    for item, header in fresh:
-        key_id = study_keys[header.study_uid]
-        object_id = uuid.uuid4().hex
-        name = Vault.object_name(object_id)
-        try:
-            with batch.open_source(item) as src:
-                _fault("mid_encrypt")
-                sealed = batch.vault.put(name, src, key_id, fresh=True)
-            batch.vault.verify(name, sealed)
-        except IntegrityError:
-            continue  # left in the drop; the next run tries again
-        if sealed.sha256 != item.sha256:
-            continue  # the source changed while we read it: try again next run
-        source_of[object_id] = item
-        object_rows.append(
-            {
-                "object_id": object_id,
-                "kind": "instance",
-                "location_url": home.vault.url,
-                "region": home.region,
-                "name": name,
-                "record_key_id": key_id,
-                "plaintext_bytes": sealed.plaintext_bytes,
-                "stored_bytes": sealed.stored_bytes,
-                "created_at": now,
-            }
-        )
-        instance_rows.append(
-            {
-                "sop_instance_uid": header.sop_instance_uid,
-                "study_uid": header.study_uid,
-                "series_uid": header.series_uid,
-                "sop_class_uid": header.sop_class_uid,
-                "modality": header.modality,
-                "transfer_syntax": header.transfer_syntax,
-                "rows": header.rows,
-                "columns": header.columns,
-                "frames": header.frames,
-                "facility_id": item.drop.facility_id,
-                "drop_id": item.drop.drop_id,
-                "object_id": object_id,
-                "sha256": item.sha256,
-                "size_bytes": item.file.size,
-                "ingested_at": now,
-            }
-        )
-    _fault("after_vault_write")
+            instance_rows.append(
+                {
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "study_uid": header.study_uid,
+                    "series_uid": header.series_uid,
+                    "sop_class_uid": header.sop_class_uid,
+                    "modality": header.modality,
+                    "transfer_syntax": header.transfer_syntax,
+                    "rows": header.rows,
+                    "columns": header.columns,
+                    "frames": header.frames,
+                    "facility_id": item.drop.facility_id,
+                    "drop_id": item.drop.drop_id,
+                    "object_id": object_id,
+                    "sha256": item.sha256,
+                    "size_bytes": item.file.size,
+                    "ingested_at": now,
+                }
+            )
+        _fault("after_vault_write")
+    _fault("before_sync")
     # Durable before cataloged: the sources go once the commit lands.
     home.vault.flush()
     if batch.quarantined:

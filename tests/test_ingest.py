@@ -279,17 +279,28 @@ def test_batches_in_flight_together_catalog_a_file_once_and_finish_it_in_the_run
     _, files = study_drop(rng, 1)
     samples.write_drop(home.drops, "fac-a", "d1", files)
     samples.write_drop(home.drops, "fac-b", "d2", {"again.dcm": next(iter(files.values()))})
-    both_written = threading.Barrier(2, timeout=60)
+    second_written = threading.Event()
     calls: list[int] = []
+    waits: list[bool] = []
 
-    def wait_for_the_other() -> None:
+    def written() -> None:
         calls.append(1)
-        if len(calls) <= 2:
-            both_written.wait()  # each batch holds its vault copy, neither has committed
+        if len(calls) == 2:
+            second_written.set()  # the second batch is past its look-ups, with a vault copy
 
-    monkeypatch.setitem(ingest_mod.FAULTS, "after_vault_write", wait_for_the_other)
+    turn = threading.Lock()
+
+    def first_commit_waits() -> None:
+        with turn:
+            first = not waits
+            waits.append(first)
+        if first:  # the first batch syncs and commits only once the second has its copy
+            waits[0] = second_written.wait(timeout=60)
+
+    monkeypatch.setitem(ingest_mod.FAULTS, "after_vault_write", written)
+    monkeypatch.setitem(ingest_mod.FAULTS, "before_sync", first_commit_waits)
     stats = run(home, batch_files=1, batches_in_flight=2)
-    assert len(calls) == 3  # two batches at once, then the file handed back
+    assert waits == [True, False, False] and len(calls) == 3  # 2 at once, then the hand-back
     assert (stats.files_seen, stats.ingested, stats.duplicates) == (2, 1, 1)
     assert stats.retry == [] and stats.drops_done == 2
     assert one(home, "SELECT count(*) FROM instances") == 1
