@@ -30,7 +30,7 @@ from tasks.ingest import (
     ingest_batch_task,
     record_drops_task,
 )
-from tasks.reconcile import ReconcileStats, reconcile_vault_task
+from tasks.reconcile import ReconcileStats, reconcile_vault_task, settle_pending_task
 
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -123,7 +123,16 @@ def ingest_drops(
         totals.drops_waiting,
     )
     grace = settings.orphan_grace_seconds if orphan_grace_seconds is None else orphan_grace_seconds
-    reconcile_vault_task(home, grace)
+    # Only what stopped batches left behind (their pending records): the cost follows the
+    # failures, not the vault's size. The daily reconcile-vault deployment lists it all.
+    settled = settle_pending_task(home, grace)
+    if settled.pending_settled:
+        logger.info(
+            "settled %d pending records: %d vault and %d quarantine orphans removed",
+            settled.pending_settled,
+            settled.vault_orphans_removed,
+            settled.quarantine_orphans_removed,
+        )
     totals.seconds = time.perf_counter() - started
     create_table_artifact(
         key="ingest-summary",
@@ -139,7 +148,8 @@ def reconcile_vault(
     settings: Settings | None = None,
     min_age_seconds: float | None = None,
 ) -> ReconcileStats:
-    """Remove vault and quarantine objects that have no catalog row."""
+    """Remove vault and quarantine objects that have no catalog row: pending records of
+    stopped batches first, then a full listing, one top-level folder at a time."""
     settings = settings or Settings.load()
     home = home or settings.build_home()
     home.catalog.migrate()

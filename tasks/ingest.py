@@ -9,10 +9,11 @@ The order is what makes a crash safe at any point:
    UIDs inside it, so a concurrent run cannot double a row;
 5. only then delete the source files.
 
-A crash before 4 leaves vault objects without catalog rows (orphans, removed
-by :func:`reconcile_vault`) and the sources in place, so a rerun redoes the
-batch. A crash after 4 leaves sources whose UID and content are cataloged: a
-rerun counts them as duplicates and removes them.
+A crash before 4 leaves vault objects without catalog rows (orphans) and the
+sources in place, so a rerun redoes the batch; the batch named those objects in
+a pending record before writing them, and the next run's reconcile removes them
+(:func:`tasks.reconcile.settle_pending`). A crash after 4 leaves sources whose
+UID and content are cataloged: a rerun counts them as duplicates and removes them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ from storage.vault import IntegrityError, Vault
 from tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
 from tasks.drops import Drop, DropFile
 from tasks.phi import keyed_hash, patient_key, seal_fields
-from tasks.quarantine import Quarantined, quarantine_file, quarantine_id
+from tasks.quarantine import (
+    Quarantined,
+    quarantine_file,
+    quarantine_id,
+    quarantine_object_name,
+)
+from tasks.reconcile import clear_pending, record_pending
 
 IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept for the batch
 
@@ -162,6 +169,7 @@ class _Batch:
         self.quarantined: list[Quarantined] = []
         self.known_quarantine: set[str] = set()
         self.to_remove: list[str] = []
+        self.to_quarantine: list[tuple[_Read, str, str, str | None]] = []
 
     def open_source(self, item: _Read) -> IO[bytes]:
         if item.data is not None:
@@ -171,28 +179,40 @@ class _Batch:
     def quarantine(
         self, item: _Read, reason: str, detail: str, study_uid: str | None = None
     ) -> None:
+        """Count a file as quarantined; :meth:`write_quarantine` stores it later."""
         self.stats.quarantined[reason] += 1
         self.stats.count(item.drop, "quarantined")
         self.to_remove.append(item.file.name)
-        if item.quarantine_id in self.known_quarantine:
-            return  # quarantined by an earlier, interrupted run
-        with self.open_source(item) as src:
-            self.quarantined.append(
-                quarantine_file(
-                    self.home,
-                    facility_id=item.drop.facility_id,
-                    drop_id=item.drop.drop_id,
-                    source_name=item.file.name,
-                    src=src,
-                    size=item.file.size,
-                    sha256=item.sha256,
-                    reason=reason,
-                    detail=detail,
-                    study_uid=study_uid,
-                    now=self.now,
+        if item.quarantine_id not in self.known_quarantine:  # else an earlier run stored it
+            self.to_quarantine.append((item, reason, detail, study_uid))
+
+    def quarantine_names(self) -> list[str]:
+        return [
+            quarantine_object_name(i.drop.facility_id, i.drop.drop_id, i.quarantine_id)
+            for i, *_ in self.to_quarantine
+        ]
+
+    def write_quarantine(self) -> None:
+        for item, reason, detail, study_uid in self.to_quarantine:
+            if item.quarantine_id in self.known_quarantine:
+                continue  # the same file listed twice in this batch
+            with self.open_source(item) as src:
+                self.quarantined.append(
+                    quarantine_file(
+                        self.home,
+                        facility_id=item.drop.facility_id,
+                        drop_id=item.drop.drop_id,
+                        source_name=item.file.name,
+                        src=src,
+                        size=item.file.size,
+                        sha256=item.sha256,
+                        reason=reason,
+                        detail=detail,
+                        study_uid=study_uid,
+                        now=self.now,
+                    )
                 )
-            )
-        self.known_quarantine.add(item.quarantine_id)
+            self.known_quarantine.add(item.quarantine_id)
 
     def read(self, drop: Drop, f: DropFile) -> _Read:
         drops = self.home.drops
@@ -387,9 +407,14 @@ def ingest_batch(
         instance_rows: list[dict[str, Any]] = []
         object_rows: list[dict[str, Any]] = []
         source_of: dict[str, _Read] = {}  # object id -> what it was read from
-        for item, header in fresh:
+        planned = [(item, header, uuid.uuid4().hex) for item, header in fresh]
+        written = [Vault.object_name(object_id) for *_, object_id in planned]
+        # Name every object before writing any: a batch stopped from here on leaves a record
+        # that the next run's reconcile settles, without listing the whole vault.
+        pending = record_pending(home, written, batch.quarantine_names())
+        batch.write_quarantine()
+        for item, header, object_id in planned:
             key_id = study_keys[header.study_uid]
-            object_id = uuid.uuid4().hex
             name = Vault.object_name(object_id)
             try:
                 with batch.open_source(item) as src:
@@ -512,13 +537,18 @@ def ingest_batch(
     committed = [r for r in instance_rows if r["sop_instance_uid"] not in raced]
     for row in instance_rows:
         if row["sop_instance_uid"] in raced:
-            # Another batch cataloged it meanwhile; drop our copy and hand the source back
-            # for a later batch to classify (duplicate or conflict).
-            batch.vault.location.delete(Vault.object_name(row["object_id"]))
+            # Another batch cataloged it meanwhile: hand the source back for a later batch
+            # to classify (duplicate or conflict). Its copy goes below.
             item = source_of[row["object_id"]]
             stats.files_seen -= 1
             stats.count(item.drop, "files_seen", -1)
             stats.retry.append((item.drop, item.file))
+    # Every written object is now cataloged or deleted here, so the record can go.
+    cataloged = {Vault.object_name(r["object_id"]) for r in committed}
+    for name in written:
+        if name not in cataloged:  # raced, failed its read-back, or its source changed
+            batch.vault.location.delete(name)
+    clear_pending(home, pending)
     for row in committed:
         item = source_of[row["object_id"]]
         stats.count(item.drop, "ingested")

@@ -52,6 +52,11 @@ def quarantine_id(pepper: bytes, facility_id: str, drop_id: str, name: str, sha2
     return "q_" + keyed_hash(pepper, "quarantine", facility_id, drop_id, name, sha256, length=30)
 
 
+def quarantine_object_name(facility_id: str, drop_id: str, qid: str) -> str:
+    """Where a quarantined file's object goes (its reason file is beside it, ``.json``)."""
+    return f"{_folder(facility_id, drop_id)}/{qid}.dvlt"
+
+
 def _folder(facility_id: str, drop_id: str) -> str:
     try:
         return safe_relpath(facility_id, drop_id)
@@ -83,7 +88,7 @@ def quarantine_file(
     folder = _folder(facility_id, drop_id)
     key_id, record_key = home.keystore.create()
     store = home.quarantine_store()
-    object_name = f"{folder}/{qid}.dvlt"
+    object_name = quarantine_object_name(facility_id, drop_id, qid)
     sealed = store.put(object_name, src, key_id)
     store.verify(object_name, sealed)
     facts = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 import threading
 import time
@@ -19,6 +21,7 @@ from tasks import samples
 from tasks.drops import scan_drops
 from tasks.exports import ExportError, export_instance
 from tasks.quarantine import quarantine_export
+from tasks.reconcile import PENDING, record_pending, settle_pending
 
 
 def run(home: Home, **overrides: object) -> ingest_mod.IngestStats:
@@ -372,9 +375,74 @@ def test_reconcile_removes_orphans_only(home: Home, rng: random.Random) -> None:
     samples.write_drop(home.drops, "fac-a", "d1", files)
     run(home)
     home.vault.put_bytes("ab/orphan.dvlt", b"DVLT leftover")
+    home.vault.put_bytes("stray.dvlt", b"DVLT leftover at the root")
     stats = reconcile_vault(home=home, min_age_seconds=0)
-    assert stats.vault_orphans_removed == 1 and stats.vault_checked == 3
+    assert stats.vault_orphans_removed == 2 and stats.vault_checked == 4
     assert len(home.vault.list()) == 2
+
+
+def _pending(home: Home) -> list[dict[str, list[str]]]:
+    return [json.loads(home.vault.read_bytes(e.name)) for e in home.vault.list(PENDING)]
+
+
+def test_a_stopped_batch_is_cleaned_up_by_the_next_run_without_a_full_listing(
+    home: Home, rng: random.Random, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, files = study_drop(rng, 3)
+    files["bad.txt"] = samples.not_dicom()
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+
+    def boom() -> None:
+        raise RuntimeError("injected crash")
+
+    monkeypatch.setitem(ingest_mod.FAULTS, "after_vault_write", boom)
+    monkeypatch.setattr(
+        flows_ingest, "ingest_batch_task", ingest_mod.ingest_batch_task.with_options(retries=0)
+    )
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(home)
+    monkeypatch.delitem(ingest_mod.FAULTS, "after_vault_write")
+    # The stopped batch named every object it wrote, before writing it.
+    [record] = _pending(home)
+    written = sorted(e.name for e in home.vault.list() if not e.name.startswith(PENDING))
+    assert sorted(record["vault"]) == written and len(written) == 3
+    assert [e.name for e in home.quarantine.list()] == [
+        record["quarantine"][0],
+        record["quarantine"][0].replace(".dvlt", ".json"),
+    ]
+    home.vault.put_bytes("cd/stray.dvlt", b"DVLT not named by any record")
+
+    stats = run(home)
+    assert stats.ingested == 3 and sum(stats.quarantined.values()) == 1
+    assert _pending(home) == []
+    rows = home.catalog.query("SELECT name FROM objects WHERE kind = 'instance'")["name"]
+    stored = {e.name for e in home.vault.list()}
+    assert set(record["vault"]).isdisjoint(stored)  # the stopped batch's copies are gone
+    assert stored == {*rows, "cd/stray.dvlt"}  # the run did not look beyond its records
+    # The quarantined file was written again under the same name and cataloged: kept.
+    [quarantined] = record["quarantine"]
+    assert one(home, "SELECT name FROM objects WHERE kind = 'quarantine'") == quarantined
+    assert home.quarantine.exists(quarantined)
+    # The daily full pass finds what no record names.
+    assert reconcile_vault(home=home, min_age_seconds=0).vault_orphans_removed == 1
+    assert {e.name for e in home.vault.list()} == set(rows)
+
+
+def test_a_pending_record_does_not_take_an_object_a_rerun_is_rewriting(
+    local_home: Home, rng: random.Random
+) -> None:
+    home = local_home
+    home.catalog.migrate()
+    name = "fac-a/d1/q_rewritten.dvlt"
+    record = record_pending(home, ["ab/gone.dvlt"], [name])
+    assert record is not None
+    hour_ago = time.time() - 3600
+    os.utime(home.vault.path(record), (hour_ago, hour_ago))
+    home.quarantine.put_bytes(name, b"DVLT being rewritten, not yet cataloged")
+    stats = settle_pending(home, min_age_seconds=60)
+    assert home.quarantine.exists(name)  # young: a batch in flight may commit it
+    assert (stats.pending_settled, stats.quarantine_orphans_removed) == (1, 0)
+    assert _pending(home) == []
 
 
 def test_no_phi_in_vault_or_catalog(home: Home, rng: random.Random) -> None:
