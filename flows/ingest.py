@@ -149,7 +149,7 @@ def reconcile_vault(
     min_age_seconds: float | None = None,
 ) -> ReconcileStats:
     """Remove vault and quarantine objects that have no catalog row: pending records of
-    stopped batches first, then a full listing, one top-level folder at a time."""
+    stopped batches first, then a full listing, a group of top-level folders at a time."""
     settings = settings or Settings.load()
     home = home or settings.build_home()
     home.catalog.migrate()

@@ -9,7 +9,7 @@ its row. Two passes find them:
   stopped batch may have written, so the ingest run checks only those names against
   the catalog: the cost follows the work that failed, not the size of the vault.
 - **Full pass** (the daily ``reconcile-vault`` deployment). It lists the vault and the
-  quarantine one top-level folder at a time and removes whatever no catalog row
+  quarantine a group of top-level folders at a time and removes whatever no catalog row
   names, which also catches leftovers no record names (a temporary file of an
   interrupted quarantine write, or objects from before records existed).
 
@@ -146,18 +146,27 @@ def _orphans(entries: Iterable[Entry], known: set[str], min_age: float, now: flo
     return sorted(set(orphans))
 
 
-def _by_folder(location: Location) -> Iterator[list[Entry]]:
-    """The location's objects a top-level folder at a time (first, those at the root)."""
-    yield location.list(recursive=False)
+FULL_PASS_GROUP = 50_000  # objects looked up per catalog query in the full pass
+
+
+def _groups(location: Location) -> Iterator[list[Entry]]:
+    """The location's objects in groups of whole top-level folders, each group closed once
+    it holds ``FULL_PASS_GROUP`` objects: memory follows the group, not the vault, and a
+    small vault takes one catalog query."""
+    group = location.list(recursive=False)
     for folder in location.list_dirs():
-        if folder != PENDING:
-            yield location.list(folder)
+        if folder == PENDING:
+            continue  # records are settled on their own
+        group += location.list(folder)
+        if len(group) >= FULL_PASS_GROUP:
+            yield group
+            group = []
+    yield group
 
 
 def reconcile_vault(home: Home, min_age_seconds: float = 3600.0) -> ReconcileStats:
     """The full pass: settle pending records, then remove every vault and quarantine
-    object that no catalog row names, one top-level folder at a time (so memory follows
-    the largest folder, not the whole vault)."""
+    object that no catalog row names, a group of folders at a time."""
     now = time.time()
     stats = settle_pending(home, min_age_seconds, now)
     for kind, location, attr in (
@@ -165,7 +174,7 @@ def reconcile_vault(home: Home, min_age_seconds: float = 3600.0) -> ReconcileSta
         ("quarantine", home.quarantine, "quarantine"),
     ):
         checked = removed = 0
-        for entries in _by_folder(location):
+        for entries in _groups(location):
             known = _cataloged(home, location, kind, [e.name for e in entries])
             orphans = _orphans(entries, known, min_age_seconds, now)
             for name in orphans:

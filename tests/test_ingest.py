@@ -17,7 +17,7 @@ from flows.ingest import ingest_drops, reconcile_vault
 from flows.settings import Settings
 from storage.home import Home
 from tasks import ingest as ingest_mod
-from tasks import samples
+from tasks import reconcile, samples
 from tasks.drops import scan_drops
 from tasks.exports import ExportError, export_instance
 from tasks.quarantine import quarantine_export
@@ -370,7 +370,11 @@ def test_scan_resumes_only_what_the_catalog_accounts_for(home: Home, rng: random
     assert scan["fac-a/d2"].state == "ready"
 
 
-def test_reconcile_removes_orphans_only(home: Home, rng: random.Random) -> None:
+@pytest.mark.parametrize("group", [1, reconcile.FULL_PASS_GROUP])
+def test_reconcile_removes_orphans_only(
+    home: Home, rng: random.Random, group: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconcile, "FULL_PASS_GROUP", group)  # 1: a catalog query per folder
     _, files = study_drop(rng, 2)
     samples.write_drop(home.drops, "fac-a", "d1", files)
     run(home)
