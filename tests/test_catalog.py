@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -112,3 +113,35 @@ def test_upgrading_to_unindexed_image_tables_keeps_every_row(tmp_path: Path) -> 
            "stored_bytes": 2, "created_at": NOW}  # fmt: skip
     catalog.write(lambda con: insert_rows(con, "objects", [row, row], ignore_existing=True))
     assert catalog.query("SELECT kind FROM objects")["kind"].tolist() == ["instance"]
+
+
+def test_threads_of_one_process_take_turns_on_the_file(catalog: Catalog) -> None:
+    # Two Catalog objects on one file, as two batches in flight hold: DuckDB shares one
+    # instance per file in a process, and concurrent opens and closes of it used to fail.
+    catalogs = [catalog, Catalog(catalog.path)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def work(worker: int) -> None:
+        mine = catalogs[worker % 2]
+        start.wait()
+        try:
+            for i in range(15):
+                mine.write(
+                    lambda con, i=i: con.execute(
+                        "INSERT INTO audit_log VALUES (?, ?, 'test', 'thread', 'x', '{}')",
+                        [f"{worker}-{i}", NOW],
+                    )
+                )
+                mine.query("SELECT count(*) FROM audit_log")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    count = catalog.query("SELECT count(*) AS n FROM audit_log WHERE actor = 'test'")["n"][0]
+    assert count == 6 * 15
