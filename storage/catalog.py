@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # annotations only (DuckDB imports pandas itself for .df() an
 T = TypeVar("T")
 # First line of a migration that only a DuckDB file needs (a lake records it as applied).
 DUCKDB_ONLY = "-- duckdb-only"
+SERIAL_WRITES_VERSION = 7  # the migration that adds catalog_writes, which serializes writes
 
 
 class CatalogBusyError(RuntimeError):
@@ -347,6 +348,10 @@ class Catalog:
                         con.execute("ROLLBACK")
                         continue
                     con.execute(adapt(sql))
+                    if version > SERIAL_WRITES_VERSION:
+                        # A migration that changes no table (a DuckDB-only one on a lake)
+                        # would not conflict with its twin, and both would record it.
+                        con.execute("UPDATE catalog_writes SET writes = writes + 1")
                     con.execute(
                         "INSERT INTO schema_migrations (version, name, applied_at)"
                         " VALUES (?, ?, now())",
