@@ -480,3 +480,13 @@ def test_progress_is_reported_per_batch(local_home: Home, rng: random.Random) ->
         progress=lambda done, total: calls.append((done, total)),
     )
     assert calls == [(2, 6), (4, 6), (6, 6)]
+
+
+def test_an_unreadable_pending_record_is_dropped_and_the_run_goes_on(
+    home: Home, rng: random.Random
+) -> None:
+    home.vault.put_bytes(f"{PENDING}/cut.json", b'{"vault": ["ab/x.dv')
+    _, files = study_drop(rng, 1)
+    samples.write_drop(home.drops, "fac-a", "d1", files)
+    assert run(home).ingested == 1
+    assert home.vault.list(PENDING) == []  # the full pass finds whatever it named
