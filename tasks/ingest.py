@@ -413,52 +413,54 @@ def ingest_batch(
         # that the next run's reconcile settles, without listing the whole vault.
         pending = record_pending(home, written, batch.quarantine_names())
         batch.write_quarantine()
-        for item, header, object_id in planned:
-            key_id = study_keys[header.study_uid]
-            name = Vault.object_name(object_id)
-            try:
-                with batch.open_source(item) as src:
-                    _fault("mid_encrypt")
-                    sealed = batch.vault.put(name, src, key_id, fresh=True)
-                batch.vault.verify(name, sealed)
-            except IntegrityError:
-                continue  # left in the drop; the next run tries again
-            if sealed.sha256 != item.sha256:
-                continue  # the source changed while we read it: try again next run
-            source_of[object_id] = item
-            object_rows.append(
-                {
-                    "object_id": object_id,
-                    "kind": "instance",
-                    "location_url": home.vault.url,
-                    "region": home.region,
-                    "name": name,
-                    "record_key_id": key_id,
-                    "plaintext_bytes": sealed.plaintext_bytes,
-                    "stored_bytes": sealed.stored_bytes,
-                    "created_at": now,
-                }
-            )
-            instance_rows.append(
-                {
-                    "sop_instance_uid": header.sop_instance_uid,
-                    "study_uid": header.study_uid,
-                    "series_uid": header.series_uid,
-                    "sop_class_uid": header.sop_class_uid,
-                    "modality": header.modality,
-                    "transfer_syntax": header.transfer_syntax,
-                    "rows": header.rows,
-                    "columns": header.columns,
-                    "frames": header.frames,
-                    "facility_id": item.drop.facility_id,
-                    "drop_id": item.drop.drop_id,
-                    "object_id": object_id,
-                    "sha256": item.sha256,
-                    "size_bytes": item.file.size,
-                    "ingested_at": now,
-                }
-            )
-        _fault("after_vault_write")
+    # 3b. Encrypt, write and read back outside the turn: creating a file is mostly kernel
+    # time, which the other batch's parse can overlap.
+    for item, header, object_id in planned:
+        key_id = study_keys[header.study_uid]
+        name = Vault.object_name(object_id)
+        try:
+            with batch.open_source(item) as src:
+                _fault("mid_encrypt")
+                sealed = batch.vault.put(name, src, key_id, fresh=True)
+            batch.vault.verify(name, sealed)
+        except IntegrityError:
+            continue  # left in the drop; the next run tries again
+        if sealed.sha256 != item.sha256:
+            continue  # the source changed while we read it: try again next run
+        source_of[object_id] = item
+        object_rows.append(
+            {
+                "object_id": object_id,
+                "kind": "instance",
+                "location_url": home.vault.url,
+                "region": home.region,
+                "name": name,
+                "record_key_id": key_id,
+                "plaintext_bytes": sealed.plaintext_bytes,
+                "stored_bytes": sealed.stored_bytes,
+                "created_at": now,
+            }
+        )
+        instance_rows.append(
+            {
+                "sop_instance_uid": header.sop_instance_uid,
+                "study_uid": header.study_uid,
+                "series_uid": header.series_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "modality": header.modality,
+                "transfer_syntax": header.transfer_syntax,
+                "rows": header.rows,
+                "columns": header.columns,
+                "frames": header.frames,
+                "facility_id": item.drop.facility_id,
+                "drop_id": item.drop.drop_id,
+                "object_id": object_id,
+                "sha256": item.sha256,
+                "size_bytes": item.file.size,
+                "ingested_at": now,
+            }
+        )
+    _fault("after_vault_write")
     _fault("before_sync")
     # Durable before cataloged: the sources go once the commit lands.
     home.vault.flush()
