@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prefect import task
@@ -125,8 +125,7 @@ def settle_pending(home: Home, min_age_seconds: float, now: float | None = None)
     return stats
 
 
-def _orphans(entries: Iterable[Entry], known: set[str], min_age: float, now: float) -> list[str]:
-    entries = list(entries)
+def _orphans(entries: list[Entry], known: set[str], min_age: float, now: float) -> list[str]:
     names = {e.name for e in entries}
     orphans = []
     for entry in entries:
@@ -164,27 +163,32 @@ def _groups(location: Location) -> Iterator[list[Entry]]:
     yield group
 
 
+def _full_pass(
+    home: Home, location: Location, kind: str, min_age: float, now: float
+) -> tuple[int, int]:
+    """Remove what no catalog row names from one location; returns (checked, removed)."""
+    checked = removed = 0
+    for entries in _groups(location):
+        known = _cataloged(home, location, kind, [e.name for e in entries])
+        orphans = _orphans(entries, known, min_age, now)
+        for name in orphans:
+            location.delete(name, unchecked=True)
+        checked += len(entries)
+        removed += len(orphans)
+    return checked, removed
+
+
 def reconcile_vault(home: Home, min_age_seconds: float = 3600.0) -> ReconcileStats:
     """The full pass: settle pending records, then remove every vault and quarantine
     object that no catalog row names, a group of folders at a time."""
     now = time.time()
     stats = settle_pending(home, min_age_seconds, now)
-    for kind, location, attr in (
-        ("instance", home.vault, "vault"),
-        ("quarantine", home.quarantine, "quarantine"),
-    ):
-        checked = removed = 0
-        for entries in _groups(location):
-            known = _cataloged(home, location, kind, [e.name for e in entries])
-            orphans = _orphans(entries, known, min_age_seconds, now)
-            for name in orphans:
-                location.delete(name, unchecked=True)
-            checked += len(entries)
-            removed += len(orphans)
-        setattr(stats, f"{attr}_checked", getattr(stats, f"{attr}_checked") + checked)
-        setattr(
-            stats, f"{attr}_orphans_removed", getattr(stats, f"{attr}_orphans_removed") + removed
-        )
+    checked, removed = _full_pass(home, home.vault, "instance", min_age_seconds, now)
+    stats.vault_checked += checked
+    stats.vault_orphans_removed += removed
+    checked, removed = _full_pass(home, home.quarantine, "quarantine", min_age_seconds, now)
+    stats.quarantine_checked += checked
+    stats.quarantine_orphans_removed += removed
     return stats
 
 
