@@ -78,12 +78,12 @@ def ingest_drops(
             totals.drops_waiting += 1
             logger.info("drop %s waits: %s", drop.key, drop.why)
     # Batches cut across drops: one task run and one catalog commit per batch. Several run at
-    # once (threads), so one batch's commit, sync and unlinks overlap another's parse and
-    # encryption; the commit re-checks every UID, so two batches never both catalog one.
+    # once (threads), so one batch's writes, sync, commit and unlinks overlap another's
+    # parse; the commit re-checks every UID, so two batches never both catalog one.
     work = [(drop, f) for drop in ready for f in drop.files]
     done = 0
     running: deque[tuple[PrefectFuture[IngestStats], int]] = deque()
-    cpu_turn = threading.Lock()  # one batch parses and encrypts while another commits
+    cpu_turn = threading.Lock()  # one batch parses while another writes and commits
 
     def collect() -> None:
         nonlocal done

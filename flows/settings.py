@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=4 * 1024**3, gt=0)
     batch_files: int = Field(default=500, gt=0)
     batch_bytes: int = Field(default=256 * 1024**2, gt=0)
-    # Ingest batches one flow runs at once (threads): one encrypts while another commits.
+    # Ingest batches one flow runs at once (threads): one parses while another writes.
     batches_in_flight: int = Field(default=2, ge=1, le=16)
     orphan_grace_seconds: float = Field(default=3600.0, ge=0)
     lock_timeout_seconds: float = Field(default=120.0, gt=0)

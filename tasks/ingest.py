@@ -312,15 +312,16 @@ def ingest_batch(
     """Ingest a batch of files (from one or more drops). Safe to rerun after a crash anywhere.
 
     ``cpu_turn`` (a lock shared by the batches one run has in flight) is held while the
-    batch reads, parses and encrypts, and released before it syncs and commits.
+    batch reads, parses and looks up its files, and released before it encrypts, writes,
+    syncs and commits.
     """
     started = time.perf_counter()
     now = now or datetime.now(UTC)
     batch = _Batch(home, now)
     stats = batch.stats
 
-    # Steps 1-3 use the CPU; with several batches in flight they take turns here, so one
-    # batch encrypts while the one before it syncs, commits and removes its sources.
+    # Steps 1-2 (and 3's key set-up) are Python work; batches in flight take turns here, so
+    # one parses while the one before it writes, syncs, commits and removes its sources.
     with cpu_turn if cpu_turn is not None else nullcontext():
         # 1. Read, hash and parse.
         reads: list[_Read] = []
