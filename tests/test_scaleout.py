@@ -177,6 +177,45 @@ def test_lake_settings_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "hunter2" not in repr(Catalog(target))
 
 
+def test_two_workers_applying_a_no_op_migration_record_it_once(
+    new_lake: Callable[[], Lake], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DuckDB-only migration changes nothing on a lake; two workers that both find it
+    missing must still conflict, or both record it. The barrier makes them interleave."""
+    lake = new_lake()
+    Catalog(lake).migrate()
+    last = migrations()[-1][0]
+    Catalog(lake).write(
+        lambda con: con.execute("DELETE FROM schema_migrations WHERE version = ?", [last])
+    )
+    both_checked = threading.Barrier(2, timeout=30)
+
+    def adapt(sql: str) -> str:
+        if sql == "SELECT 1":  # the no-op: both workers have seen the version missing
+            both_checked.wait()
+        return portable_sql(sql)
+
+    monkeypatch.setattr("storage.ducklake.portable_sql", adapt)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            Catalog(lake).migrate()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    rows = Catalog(lake).query(
+        "SELECT count(*) AS n FROM schema_migrations WHERE version = ?", [last]
+    )["n"][0]
+    assert rows == 1
+
+
 def test_workers_starting_together_on_a_new_lake_both_open_it(
     new_lake: Callable[[], Lake],
 ) -> None:
