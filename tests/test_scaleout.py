@@ -177,6 +177,25 @@ def test_lake_settings_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "hunter2" not in repr(Catalog(target))
 
 
+def migrate_together(lake: Lake, workers: int = 2) -> list[BaseException]:
+    """Migrate ``lake`` from ``workers`` threads at once, each with its own Catalog (as
+    workers starting together would); returns what they raised."""
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            Catalog(lake).migrate()
+        except BaseException as exc:  # noqa: BLE001 - returned to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return errors
+
+
 def test_two_workers_applying_a_no_op_migration_record_it_once(
     new_lake: Callable[[], Lake], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -196,20 +215,7 @@ def test_two_workers_applying_a_no_op_migration_record_it_once(
         return portable_sql(sql)
 
     monkeypatch.setattr("storage.ducklake.portable_sql", adapt)
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            Catalog(lake).migrate()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert errors == []
+    assert migrate_together(lake) == []
     rows = Catalog(lake).query(
         "SELECT count(*) AS n FROM schema_migrations WHERE version = ?", [last]
     )["n"][0]
@@ -223,19 +229,6 @@ def test_workers_starting_together_on_a_new_lake_both_open_it(
     raced ("Failed to initialize DuckLake", 5 times in 6 before the retry)."""
     for _ in range(3):
         lake = new_lake()
-        errors: list[BaseException] = []
-
-        def start(lake: Lake = lake, errors: list[BaseException] = errors) -> None:
-            try:
-                Catalog(lake).migrate()
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=start) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert errors == []
+        assert migrate_together(lake) == []
         versions = Catalog(lake).query("SELECT count(*) AS n FROM schema_migrations")["n"][0]
         assert versions == len(migrations())
