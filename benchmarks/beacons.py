@@ -80,7 +80,7 @@ def main() -> None:
     n = 200_000 if args.quick else args.n
     with tempfile.TemporaryDirectory(prefix="dv-beacons-bench-") as tmp:
         root = Path(tmp)
-        home = Home.local(root / "home")
+        home = Home.init(root / "home")
         day_dir = root / "home" / "beacons" / DAY
         day_dir.mkdir(parents=True)
         source = day_dir / "hits.jsonl"
@@ -92,7 +92,7 @@ def main() -> None:
         baseline_copy = root / "baseline.jsonl"
         shutil.copyfile(source, baseline_copy)
         settings = Settings.load(home=root / "home", beacon_memory_limit="1GB")
-        compile_beacon_stats(home=Home.local(root / "warm"), settings=settings)  # Prefect up
+        compile_beacon_stats(home=Home.init(root / "warm"), settings=settings)  # Prefect up
         rss_before = rss_mb()
         started = time.perf_counter()
         [stats] = compile_beacon_stats(home=home, settings=settings)

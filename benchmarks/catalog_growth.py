@@ -89,7 +89,7 @@ def run(
     """Files/s of the ingest, then the seconds of the run-end reconcile (pending records
     only), of the run-end reconcile as it was before, and of the daily full pass, on the
     vault and catalog the ingest left."""
-    home = Home.local(root)
+    home = Home.init(root)
     if legacy:
         home.catalog = legacy_catalog(root / "legacy.duckdb")
     home.catalog.migrate()

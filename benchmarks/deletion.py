@@ -40,7 +40,7 @@ def main() -> None:
     rng = random.Random(5)
     with tempfile.TemporaryDirectory(prefix="dv-del-") as tmp:
         root = Path(tmp)
-        home = Home.local(root / "home")
+        home = Home.init(root / "home")
         settings = Settings.load(quiet_seconds=0, home=root / "home")
         owned = []
         for i in range(n):

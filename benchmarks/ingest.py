@@ -114,11 +114,11 @@ def spawn_workers(target: Callable[..., None], args: list[tuple[Any, ...]]) -> l
 def _flow_worker(root: str, shard: str, start: Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
     """One worker process: warm up on an empty home, then run the flow on its shard."""
     warm = Path(root).parent / f"warm-{shard.replace('/', '-')}"
-    ingest_drops(home=Home.local(warm), settings=Settings.load(quiet_seconds=0))
+    ingest_drops(home=Home.init(warm), settings=Settings.load(quiet_seconds=0))
     start.wait()
     started = time.perf_counter()
     stats = ingest_drops(
-        home=Home.local(Path(root)),
+        home=Home.init(Path(root)),
         settings=Settings.load(quiet_seconds=0, home=Path(root)),
         shard=shard,
     )
@@ -128,7 +128,7 @@ def _flow_worker(root: str, shard: str, start: Barrier, out: mp.Queue) -> None: 
 def ingest_with_workers(root: Path, workers: int) -> tuple[float, int]:
     """Ingest ``root``'s drops with ``workers`` processes on one Prefect server: returns the
     slowest worker's seconds and the files ingested in all."""
-    Home.local(root)  # the keys every worker shares, made once before they start
+    Home.init(root)  # the keys every worker shares, made once before they start
     with prefect_server(root.parent / "prefect-server") as server:
         os.environ["PREFECT_API_URL"] = server["PREFECT_API_URL"]  # spawned workers inherit it
         try:
@@ -160,8 +160,8 @@ def main() -> None:
         copy_s = min(plain_copy(root / "source", root / f"copy{i}") for i in range(3))
         floor_s = min(encrypt_floor(root / "source", root / f"floor{i}") for i in range(3))
         # Warm-up on an empty home: starts Prefect's embedded server outside the timing.
-        ingest_drops(home=Home.local(root / "empty"), settings=Settings.load(quiet_seconds=0))
-        home = Home.local(root / "home")
+        ingest_drops(home=Home.init(root / "empty"), settings=Settings.load(quiet_seconds=0))
+        home = Home.init(root / "home")
         shutil.copytree(root / "source", root / "home" / "drops", dirs_exist_ok=True)
         settings = Settings.load(quiet_seconds=0, home=root / "home")
         started = time.perf_counter()

@@ -42,9 +42,9 @@ from flows.ingest import ingest_drops
 from storage.home import Home
 
 root = Path(sys.argv[1])
-ingest_drops(home=Home.local(root / "warm"), settings=Settings.load(quiet_seconds=0))
+ingest_drops(home=Home.init(root / "warm"), settings=Settings.load(quiet_seconds=0))
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-home = Home.local(root / "home")
+home = Home.init(root / "home")
 settings = Settings.load(quiet_seconds=0, home=root / "home")
 started = time.perf_counter()
 stats = ingest_drops(home=home, settings=settings)

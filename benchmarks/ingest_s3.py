@@ -28,7 +28,7 @@ from moto.server import ThreadedMotoServer  # noqa: E402
 from flows.ingest import ingest_drops  # noqa: E402
 from storage.catalog import Catalog  # noqa: E402
 from storage.home import LOCATIONS, Home  # noqa: E402
-from storage.keystore import Keystore, load_or_create_secret  # noqa: E402
+from storage.keystore import Keystore, create_secret  # noqa: E402
 from storage.locations import Location  # noqa: E402
 from tasks import samples  # noqa: E402
 
@@ -39,8 +39,8 @@ def s3_home(fs: s3fs.S3FileSystem, prefix: str, local: Path) -> Home:
     locations = {name: Location(f"s3://{BUCKET}/{prefix}/{name}", fs=fs) for name in LOCATIONS}
     return Home(
         catalog=Catalog(local / "catalog.duckdb"),
-        keystore=Keystore.local(local / "keys"),
-        pepper=load_or_create_secret(local / "keys" / "pepper.key"),
+        keystore=Keystore.create_local(local / "keys"),
+        pepper=create_secret(local / "keys" / "pepper.key"),
         region="bench",
         **locations,
     )

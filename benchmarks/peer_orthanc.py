@@ -131,11 +131,11 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-        ingest_drops(home=Home.local(root / "warm"), settings=Settings.load(quiet_seconds=0))
+        ingest_drops(home=Home.init(root / "warm"), settings=Settings.load(quiet_seconds=0))
         shutil.copytree(root / "source", root / "home" / "drops")
         started = time.perf_counter()
         stats = ingest_drops(
-            home=Home.local(root / "home"),
+            home=Home.init(root / "home"),
             settings=Settings.load(quiet_seconds=0, home=root / "home"),
         )
         ingest_s = time.perf_counter() - started

@@ -47,7 +47,7 @@ PER_DROP = 10  # many small drops, so the shards come out nearly even
 
 
 def worker(root: str, lake: Lake | None, shard: str, start: Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    home = Home.local(root)
+    home = Home.init(root)
     if lake:
         home.catalog = Catalog(lake)
     home.catalog.migrate()  # opens the lake: outside the timing, once per worker
@@ -63,7 +63,7 @@ def worker(root: str, lake: Lake | None, shard: str, start: Barrier, out: mp.Que
 
 def run(tmp: Path, files: list[tuple[str, bytes]], lake: Lake | None, workers: int) -> float:
     root = tmp / uuid.uuid4().hex[:8]
-    home = Home.local(root)  # makes the keys the workers share
+    home = Home.init(root)  # makes the keys the workers share
     write_tree(root / "drops", files)
     if lake:
         home.catalog = Catalog(lake)

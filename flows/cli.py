@@ -102,10 +102,36 @@ def _home() -> Any:
 
 
 def _catalog() -> Any:
-    from storage.catalog import Catalog
+    """The catalog for read-only commands: the home must have been made; no key is opened."""
+    return Settings.load().reader_catalog()
+
+
+@app.command()
+@one_line_errors
+def init() -> None:
+    """Make a home under DROPVAULT_HOME: its folders, KEK and pepper (or check those given)."""
+    _, made = Settings.load().init_home()
+    typer.echo(made)
+
+
+@app.command("rotate-kms-key")
+@one_line_errors
+def rotate_kms_key(
+    new_key_id: Annotated[str, typer.Argument(help="The KMS key to seal the KEK under from now.")],
+) -> None:
+    """Re-encrypt the KMS-sealed KEK under another KMS key (record keys are untouched).
+
+    Set DROPVAULT_KEK_KMS_KEY_ID to the new key afterwards."""
+    from storage import kms
 
     settings = Settings.load()
-    return Catalog(settings.catalog_target(), lock_timeout=settings.lock_timeout_seconds)
+    if not settings.kek_kms_key_id:
+        raise SettingsError("invalid setting: DROPVAULT_KEK_KMS_KEY_ID is not set")
+    settings.check_keys()  # the current blob opens and matches the home
+    kms.rotate_kek(settings.kms_client(), settings.kek_kms_key_id, new_key_id, settings.keys_path)
+    new = settings.model_copy(update={"kek_kms_key_id": new_key_id})
+    new.check_keys()
+    typer.echo(f"KEK re-encrypted under {new_key_id}: set DROPVAULT_KEK_KMS_KEY_ID to it")
 
 
 @app.command()
@@ -177,7 +203,8 @@ def sql(
     query: str,
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
-    """Run a read-only SQL query against the catalog."""
+    """Run one read-only query against the catalog (SELECT only; no file, key or other
+    database is reachable: see the README's security model)."""
     _print_frame(_catalog().query(query), as_json)
 
 

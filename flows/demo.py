@@ -237,7 +237,8 @@ def run_demo(
     """
     say = progress or (lambda _msg: None)
     settings = (settings or Settings.load()).model_copy(update={"quiet_seconds": 0.0})
-    home = settings.build_home()
+    home, made = settings.init_home()  # the demo makes its own home (or checks it)
+    say(made)
     say("1/5 writing demo drops from pydicom's samples")
     drops, files, owned = write_demo_drops(home)
     say("2/5 ingest-drops: validate, encrypt, catalog")

@@ -1,10 +1,16 @@
 """The one place that reads the environment (prefix ``DROPVAULT_``).
 
 Every location derives from ``DROPVAULT_HOME`` (default ``./.dropvault``)
-unless its own ``DROPVAULT_<NAME>_URL`` is set. Keys: ``DROPVAULT_KEK`` and
-``DROPVAULT_PEPPER`` (base64 of 32 bytes) in production; without them the
-embedded default makes 0600 key files under ``{home}/keys``. S3 uses the
-usual AWS variables, or ``DROPVAULT_S3_ENDPOINT_URL`` and friends.
+unless its own ``DROPVAULT_<NAME>_URL`` is set. S3 uses the usual AWS
+variables, or ``DROPVAULT_S3_ENDPOINT_URL`` and friends.
+
+Keys are made once, by ``dropvault init`` (:meth:`Settings.init_home`), which
+records a check value of each in the home. The KEK comes from, in this order:
+AWS KMS (``DROPVAULT_KEK_KMS_KEY_ID``: only a ciphertext blob is kept, in
+``{keys}/kek.kms``), ``DROPVAULT_KEK`` (base64 of 32 bytes), or the 0600 file
+``{keys}/kek.key``; the pepper from ``DROPVAULT_PEPPER`` or ``{keys}/pepper.key``.
+Every other start (:meth:`Settings.build_home`) refuses a folder that is not a
+home and a key that is missing or differs from the record, and makes no key.
 
 A bad value fails at start with a message that names the setting.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -22,10 +29,26 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.limits import catalog_write_slot
+from storage import kms
 from storage.catalog import Catalog
 from storage.ducklake import EXTENSIONS, Lake, LakeSetupError, extension_path
-from storage.home import LOCATIONS, Home
-from storage.keystore import Keystore, load_or_create_secret
+from storage.home import (
+    LOCATIONS,
+    Home,
+    HomeRecord,
+    KeyCheckError,
+    NotAHomeError,
+    local_pepper,
+    new_record,
+    require_record,
+)
+from storage.keystore import (
+    KeyError_,
+    Keystore,
+    MissingKEKError,
+    create_secret,
+    private_dir,
+)
 from storage.locations import InsecureEndpointError, Location, check_endpoint_tls
 
 SCHEMES = {"file", "memory", "s3", "s3a"}
@@ -72,6 +95,8 @@ class Settings(BaseSettings):
     catalog_url: str | None = None
     catalog_data_url: str | None = None  # DuckLake's Parquet files: s3://bucket/prefix/
     catalog_schema: str | None = None  # DuckLake's metadata schema in PostgreSQL
+    # DuckLake only: ducklake:postgres:<conninfo> of a SELECT-only role for readers.
+    catalog_reader_url: str | None = None
     keys_dir: Path | None = None
 
     quiet_seconds: float = Field(default=120.0, ge=0)
@@ -91,6 +116,10 @@ class Settings(BaseSettings):
 
     kek: SecretStr | None = None
     pepper: SecretStr | None = None
+    # AWS KMS key (id, ARN or alias) that seals the KEK; KMS's endpoint and region if not AWS's.
+    kek_kms_key_id: str | None = None
+    kms_endpoint_url: str | None = None
+    kms_region: str | None = None
 
     s3_endpoint_url: str | None = None
     s3_key: SecretStr | None = None
@@ -122,6 +151,13 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("catalog_reader_url")
+    @classmethod
+    def _catalog_reader_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(DUCKLAKE_PREFIX):
+            raise ValueError(f"DROPVAULT_CATALOG_READER_URL must be {DUCKLAKE_PREFIX}<conninfo>")
+        return value
+
     @field_validator("catalog_data_url")
     @classmethod
     def _catalog_data_url(cls, value: str | None) -> str | None:
@@ -129,19 +165,32 @@ class Settings(BaseSettings):
             raise ValueError("DROPVAULT_CATALOG_DATA_URL must be an s3:// or file:// URL")
         return value
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("home", mode="before")
     @classmethod
-    def _tls(cls, value: str | None) -> str | None:
+    def _home(cls, value: Any) -> Any:
+        # Path("") is the current folder: an empty setting must not make it the home.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("DROPVAULT_HOME is empty: name the home folder")
+        return value
+
+    @field_validator("s3_endpoint_url", "kms_endpoint_url")
+    @classmethod
+    def _tls(cls, value: str | None, info: Any) -> str | None:
         try:
             check_endpoint_tls(value)
         except InsecureEndpointError as exc:
-            raise ValueError(f"DROPVAULT_S3_ENDPOINT_URL: {exc}") from exc
+            raise ValueError(f"DROPVAULT_{info.field_name.upper()}: {exc}") from exc
         return value
 
     @model_validator(mode="after")
     def _keys(self) -> Settings:
         _decode_key(self.kek, "DROPVAULT_KEK")
         _decode_key(self.pepper, "DROPVAULT_PEPPER")
+        if self.kek is not None and self.kek_kms_key_id:
+            raise SettingsError(
+                "set DROPVAULT_KEK or DROPVAULT_KEK_KMS_KEY_ID, not both (the KMS key seals the"
+                " KEK; a plain KEK beside it would defeat that)"
+            )
         lake = bool(self.catalog_url and self.catalog_url.startswith(DUCKLAKE_PREFIX))
         if lake and not self.catalog_data_url:
             raise SettingsError(
@@ -205,6 +254,11 @@ class Settings(BaseSettings):
                 data_url=data,
                 s3=self.storage_options() if urlsplit(data).scheme.startswith("s3") else {},
                 schema=self.catalog_schema,
+                reader_metadata=(
+                    self.catalog_reader_url.removeprefix(DUCKLAKE_PREFIX)
+                    if self.catalog_reader_url
+                    else None
+                ),
             )
         return self.catalog_path()
 
@@ -218,9 +272,139 @@ class Settings(BaseSettings):
             "invalid setting: DROPVAULT_CATALOG_URL names a DuckLake, not a DuckDB file"
         )
 
+    # -- the home and its keys ----------------------------------------------
+
+    @property
+    def keys_path(self) -> Path:
+        return (self.keys_dir or self.home / "keys").resolve()
+
+    def check_home(self) -> HomeRecord:
+        """The home's record; a folder never made a home stops here, and nothing is created."""
+        try:
+            return require_record(self.home.resolve())
+        except NotAHomeError as exc:
+            raise SettingsError(
+                f"invalid setting: DROPVAULT_HOME={self.home.resolve()} is not a dropvault home"
+                + (": run dropvault init" if "run dropvault init" in str(exc) else f" ({exc})")
+            ) from None
+
+    def kms_client(self) -> Any:
+        """A boto3 KMS client for ``DROPVAULT_KEK_KMS_KEY_ID`` (credentials: the AWS chain)."""
+        import boto3
+
+        region = self.kms_region or self.s3_region
+        return boto3.client("kms", endpoint_url=self.kms_endpoint_url, region_name=region)
+
+    def _kek(self, record: HomeRecord | None) -> tuple[bytes | None, str]:
+        """``(kek, source)``; ``kek`` is None for the key file, which the keystore opens."""
+        if self.kek_kms_key_id:
+            try:
+                return kms.open_kek(self.kms_client(), self.kek_kms_key_id, self.keys_path), "kms"
+            except kms.KmsKekError as exc:
+                raise SettingsError(f"invalid setting: DROPVAULT_KEK_KMS_KEY_ID: {exc}") from None
+        kek = _decode_key(self.kek, "DROPVAULT_KEK")
+        if kek is not None:
+            return kek, "env"
+        if record is not None and record.kek_source in ("env", "kms"):
+            name = "DROPVAULT_KEK" if record.kek_source == "env" else "DROPVAULT_KEK_KMS_KEY_ID"
+            raise SettingsError(
+                f"invalid setting: {name} is not set, and this home's KEK was given that way"
+            )
+        return None, "file"
+
+    def _pepper(self, record: HomeRecord) -> bytes:
+        pepper = _decode_key(self.pepper, "DROPVAULT_PEPPER")
+        if pepper is not None:
+            return pepper
+        if record.pepper_source == "env":
+            raise SettingsError(
+                "invalid setting: DROPVAULT_PEPPER is not set, and this home's pepper was given"
+                " that way"
+            )
+        try:
+            return local_pepper(self.keys_path, record)
+        except KeyCheckError as exc:
+            raise SettingsError(f"invalid setting: DROPVAULT_PEPPER: {exc}") from None
+
+    def _keystore(self, record: HomeRecord) -> Keystore:
+        kek, source = self._kek(record)
+        name = {"kms": "DROPVAULT_KEK_KMS_KEY_ID", "env": "DROPVAULT_KEK"}.get(source, "")
+        try:
+            if kek is not None:
+                record.verify("kek", kek, name)
+                return Keystore(self.keys_path, kek)
+            keystore = Keystore.local(self.keys_path)
+        except KeyCheckError as exc:
+            raise SettingsError(f"invalid setting: {exc}") from None
+        except MissingKEKError as exc:
+            raise SettingsError(f"invalid setting: DROPVAULT_KEK: {exc}") from None
+        if keystore.kek_check != record.kek_check:
+            raise SettingsError(
+                "invalid setting: DROPVAULT_KEK: keys/kek.key is not the KEK this home was made"
+                " with; restore the right key"
+            )
+        return keystore
+
+    def check_keys(self) -> tuple[Keystore, bytes]:
+        """Open the keystore and the pepper, each checked against the home's record."""
+        record = self.check_home()
+        keystore = self._keystore(record)
+        pepper = self._pepper(record)
+        try:
+            record.verify("pepper", pepper, "DROPVAULT_PEPPER")
+        except KeyCheckError as exc:
+            raise SettingsError(f"invalid setting: {exc}") from None
+        return keystore, pepper
+
+    def init_home(self) -> tuple[Home, str]:
+        """``dropvault init``: make the home (folders, keys, record), or check a made one.
+
+        Keys given as settings are recorded, never copied to disk; key files already in
+        the keys folder are adopted, never replaced. Returns the home and what was done.
+        """
+        root = self.home.resolve()
+        if HomeRecord.read(root) is not None:
+            home = self.build_home()
+            return home, f"{root} is already a dropvault home; its keys check"
+        root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.keys_path)
+        if self.kek_kms_key_id and not kms.blob_path(self.keys_path).exists():
+            try:
+                kms.create_kek(self.kms_client(), self.kek_kms_key_id, self.keys_path)
+            except kms.KmsKekError as exc:
+                raise SettingsError(f"invalid setting: DROPVAULT_KEK_KMS_KEY_ID: {exc}") from None
+        kek, kek_source = self._kek(None)
+        try:
+            keystore = (
+                Keystore(self.keys_path, kek) if kek else Keystore.create_local(self.keys_path)
+            )
+        except KeyError_ as exc:  # a keystore already there that this KEK does not open
+            raise SettingsError(f"invalid setting: DROPVAULT_KEK: {exc}") from None
+        pepper = _decode_key(self.pepper, "DROPVAULT_PEPPER")
+        pepper_source = "env"
+        if pepper is None:
+            pepper_source = "file"
+            try:
+                pepper = local_pepper(self.keys_path, None)
+            except KeyCheckError:
+                with suppress(FileExistsError):  # another process made it first
+                    create_secret(self.keys_path / "pepper.key")
+                pepper = local_pepper(self.keys_path, None)
+        record = new_record(pepper, kek_source, pepper_source, kek_check=keystore.kek_check)
+        with suppress(FileExistsError):  # made by another process at once: checked below
+            record.write(root)
+        home = self.build_home()
+        return home, (
+            f"made dropvault home {root}: KEK from {kek_source}, pepper from {pepper_source};"
+            " check values recorded in " + HomeRecord.FILE
+        )
+
     def build_home(self) -> Home:
-        """Every location and store, ready to use (local folders and key files created)."""
-        keys = self.keys_dir or self.home.resolve() / "keys"
+        """Every location and store of a home made by ``init``, its keys checked.
+
+        Refuses (``SettingsError``, naming the setting) before creating anything when the
+        home was never made or a key is missing or different."""
+        keystore, pepper = self.check_keys()
         locations: dict[str, Location] = {}
         for name in LOCATIONS:
             url = self.location_url(name)
@@ -228,11 +412,6 @@ class Settings(BaseSettings):
             location = Location(url, storage_options=options)
             location.ensure()
             locations[name] = location
-        kek = _decode_key(self.kek, "DROPVAULT_KEK")
-        keystore = Keystore(keys, kek) if kek else Keystore.local(keys)
-        pepper = _decode_key(self.pepper, "DROPVAULT_PEPPER") or load_or_create_secret(
-            keys / "pepper.key"
-        )
         return Home(
             catalog=Catalog(
                 self.catalog_target(),
@@ -244,6 +423,12 @@ class Settings(BaseSettings):
             region=self.region,
             **locations,
         )
+
+    def reader_catalog(self) -> Catalog:
+        """The catalog for read-only commands: the home must be made, but no key is opened
+        (an analyst's reads need none)."""
+        self.check_home()
+        return Catalog(self.catalog_target(), lock_timeout=self.lock_timeout_seconds)
 
 
 def quiet_prefect_defaults() -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import duckdb
 
 from storage import ducklake
+from storage.confinement import READER_CONFIG, check_query
 from storage.ducklake import Lake
 
 if TYPE_CHECKING:  # annotations only (DuckDB imports pandas itself for .df() and params)
@@ -173,19 +174,33 @@ def _in_process(path: Path) -> threading.RLock:
 
 
 class CatalogReader:
-    """Read-only queries that return pandas DataFrames; each call opens and closes."""
+    """Read-only queries that return pandas DataFrames; each call opens and closes.
+
+    Confined (``storage/confinement.py``): each query must be one SELECT that reaches the
+    catalog only, on a connection that can read or write no file; anything else raises
+    :class:`~storage.confinement.QueryRefused` before it runs.
+    """
 
     def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
 
+    @staticmethod
+    def _run(
+        con: duckdb.DuckDBPyConnection,
+        query: str,
+        params: Sequence[Any] | dict[str, Any] | None,
+    ) -> pd.DataFrame:
+        checked = check_query(con, query)
+        return con.execute(checked, params).df() if params else con.execute(checked).df()
+
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pd.DataFrame:
         with self._catalog._connect(read_only=True) as con:
-            return con.execute(query, params).df() if params else con.sql(query).df()
+            return self._run(con, query, params)
 
     def many(self, queries: Sequence[tuple[str, Sequence[Any] | None]]) -> list[pd.DataFrame]:
         """Several queries on one short-lived connection (one open, one close)."""
         with self._catalog._connect(read_only=True) as con:
-            return [con.execute(q, p).df() if p else con.sql(q).df() for q, p in queries]
+            return [self._run(con, q, p) for q, p in queries]
 
     def table(self, name: str) -> pd.DataFrame:
         if not name.isidentifier():
@@ -220,6 +235,7 @@ class Catalog:
         self.write_guard = write_guard
         self._migrated = False
         self._db: duckdb.DuckDBPyConnection | None = None
+        self._reader_db: duckdb.DuckDBPyConnection | None = None  # DuckLake, confined
         self._db_lock = threading.Lock()
 
     @property
@@ -240,6 +256,7 @@ class Catalog:
         # Connections do not pickle; a copy opens its own.
         state = dict(self.__dict__)
         state["_db"] = None
+        state["_reader_db"] = None
         state.pop("_db_lock", None)
         return state
 
@@ -249,17 +266,24 @@ class Catalog:
 
     def close(self) -> None:
         with self._db_lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            for db in (self._db, self._reader_db):
+                if db is not None:
+                    db.close()
+            self._db = self._reader_db = None
 
     @contextmanager
-    def _lake_cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _lake_cursor(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor on the lake: the writer's connection, or the readers' confined one."""
         assert self.lake is not None  # noqa: S101 - callers check
         with self._db_lock:
-            if self._db is None:
-                self._db = ducklake.open_lake(self.lake)
-            cursor = self._db.cursor()
+            if read_only:
+                if self._reader_db is None:
+                    self._reader_db = ducklake.open_lake(self.lake, read_only=True)
+                cursor = self._reader_db.cursor()
+            else:
+                if self._db is None:
+                    self._db = ducklake.open_lake(self.lake)
+                cursor = self._db.cursor()
         try:
             cursor.execute(f"USE {ducklake.ALIAS}")
             yield cursor
@@ -269,7 +293,7 @@ class Catalog:
     @contextmanager
     def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         if self.lake is not None:
-            with self._lake_cursor() as cursor:
+            with self._lake_cursor(read_only) as cursor:
                 yield cursor
             return
         if read_only and not self.path.exists():
@@ -286,7 +310,9 @@ class Catalog:
         delay = 0.002  # short, capped waits: a DuckDB commit holds the lock for ~10-50 ms
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                if read_only:
+                    return duckdb.connect(str(self.path), read_only=True, config=READER_CONFIG)
+                return duckdb.connect(str(self.path))
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_error(exc):
                     raise CatalogUnreadableError(

@@ -62,6 +62,9 @@ class Lake:
     data_url: str
     s3: dict[str, Any] = field(default_factory=dict)  # fsspec/s3fs storage options
     schema: str | None = None
+    # Readers' libpq connection string: a PostgreSQL role with SELECT only (README,
+    # "Confinement"). None: readers use ``metadata``, still attached READ_ONLY.
+    reader_metadata: str | None = None
 
     def __repr__(self) -> str:
         return f"Lake({redact(self.metadata)!r}, {self.data_url!r})"
@@ -128,8 +131,11 @@ def _data_path(data_url: str) -> str:
     return path.rstrip("/") + "/"
 
 
-def open_lake(lake: Lake, attempts: int = 10) -> duckdb.DuckDBPyConnection:
+def open_lake(lake: Lake, attempts: int = 10, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """A new in-memory DuckDB with the lake attached as ``lake`` and in use.
+
+    ``read_only``: attached READ_ONLY with the readers' role, then confined: no file or URL
+    but the lake's own data path, and a locked configuration (``storage/confinement.py``).
 
     The first ATTACH of a new lake creates its metadata tables. Two workers starting
     together both try, and one fails ("Failed to initialize DuckLake"); it tries again
@@ -137,7 +143,7 @@ def open_lake(lake: Lake, attempts: int = 10) -> duckdb.DuckDBPyConnection:
     """
     for attempt in range(1, attempts + 1):
         try:
-            return _attach(lake)
+            return _attach(lake, read_only)
         except LakeSetupError as exc:
             if "Failed to initialize" not in str(exc) or attempt == attempts:
                 raise
@@ -145,7 +151,7 @@ def open_lake(lake: Lake, attempts: int = 10) -> duckdb.DuckDBPyConnection:
     raise AssertionError("unreachable")
 
 
-def _attach(lake: Lake) -> duckdb.DuckDBPyConnection:
+def _attach(lake: Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(
         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     )
@@ -153,12 +159,22 @@ def _attach(lake: Lake) -> duckdb.DuckDBPyConnection:
         load_extensions(con)
         if urlsplit(lake.data_url).scheme in ("s3", "s3a"):
             _s3_secret(con, lake.s3)
-        options = [f"DATA_PATH {_literal(_data_path(lake.data_url))}"]
+        data_path = _data_path(lake.data_url)
+        options = [f"DATA_PATH {_literal(data_path)}"]
         if lake.schema:
             options.append(f"METADATA_SCHEMA {_literal(lake.schema)}")
-        target = _literal("ducklake:postgres:" + lake.metadata)
+        metadata = lake.metadata
+        if read_only:
+            options.append("READ_ONLY")
+            metadata = lake.reader_metadata or lake.metadata
+        target = _literal("ducklake:postgres:" + metadata)
         con.execute(f"ATTACH {target} AS {ALIAS} ({', '.join(options)})")
         con.execute(f"USE {ALIAS}")
+        if read_only:
+            # Order matters: the allowed path first, then no other access, then the lock.
+            con.execute(f"SET allowed_directories = [{_literal(data_path)}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
     except duckdb.Error as exc:
         con.close()
         # The first line only: DuckDB's messages can carry the connection string.

@@ -3,19 +3,125 @@
 ``flows/settings.py`` builds one from the environment; a notebook or a test
 builds one from its own locations (``Home.local(path)`` for a folder), so any
 task can run against any home without touching the environment.
+
+A home is made once, on purpose (``dropvault init``, :meth:`Home.init`): its
+folders, its KEK and pepper, and a record (``dropvault-home.json``) of where each
+key comes from and a check value of each (``storage.keystore.check_value``, never
+the key). Opening a home needs that record and keys that match it: a missing or
+different key stops the caller, and nothing outside ``init`` ever makes a key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from storage.catalog import Catalog
-from storage.keystore import Keystore, load_or_create_secret
+from storage.keystore import (
+    Keystore,
+    MissingKEKError,
+    check_value,
+    create_secret,
+    load_secret,
+    private_dir,
+    write_secret_file,
+)
 from storage.locations import Location
 from storage.vault import Vault
 
 LOCATIONS = ("drops", "vault", "quarantine", "archive", "manifests", "beacons", "exports")
+KeyName = Literal["kek", "pepper"]
+
+
+class NotAHomeError(RuntimeError):
+    """The folder was never made a dropvault home (``dropvault init``)."""
+
+
+class KeyCheckError(RuntimeError):
+    """A key is missing or is not the one the home was made with. ``which`` is
+    ``kek`` or ``pepper``; the message names no key material."""
+
+    def __init__(self, which: KeyName, message: str) -> None:
+        super().__init__(message)
+        self.which = which
+
+
+@dataclass(frozen=True)
+class HomeRecord:
+    """What ``init`` recorded: where each key comes from and its check value."""
+
+    kek_source: str  # file | env | kms
+    pepper_source: str  # file | env
+    kek_check: str
+    pepper_check: str
+    created_at: str
+    format: int = 1
+
+    FILE = "dropvault-home.json"
+
+    @classmethod
+    def read(cls, root: Path) -> HomeRecord | None:
+        path = Path(root) / cls.FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise NotAHomeError(f"{path} cannot be read ({type(exc).__name__})") from None
+        try:
+            return cls(**data)
+        except TypeError:
+            raise NotAHomeError(f"{path} is not a dropvault home record") from None
+
+    def write(self, root: Path) -> None:
+        """Create the record whole (never replaces one; ``FileExistsError`` if it exists)."""
+        data = json.dumps(asdict(self), indent=2).encode()
+        write_secret_file(Path(root) / self.FILE, data)
+
+    def verify(self, which: KeyName, key: bytes, given_as: str) -> None:
+        """Raise :class:`KeyCheckError` unless ``key`` is the one this home was made with."""
+        if check_value(key) != getattr(self, f"{which}_check"):
+            raise KeyCheckError(
+                which,
+                f"{given_as} is not the {which.upper()} this home was made with"
+                " (its check value differs); restore the right key",
+            )
+
+
+def require_record(root: Path) -> HomeRecord:
+    """The home's record, or :class:`NotAHomeError` (nothing is created either way)."""
+    record = HomeRecord.read(root)
+    if record is None:
+        raise NotAHomeError(f"{root} is not a dropvault home: run dropvault init")
+    return record
+
+
+def new_record(pepper: bytes, kek_source: str, pepper_source: str, kek_check: str) -> HomeRecord:
+    """A record for a new home (``kek_check`` from :attr:`Keystore.kek_check`)."""
+    return HomeRecord(
+        kek_source=kek_source,
+        pepper_source=pepper_source,
+        kek_check=kek_check,
+        pepper_check=check_value(pepper),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def local_pepper(keys: Path, record: HomeRecord | None) -> bytes:
+    """The pepper file under ``keys``; a missing one is an error, never replaced."""
+    try:
+        return load_secret(keys / "pepper.key")
+    except FileNotFoundError:
+        where = (
+            " (this home's pepper was given as a setting)"
+            if record and (record.pepper_source == "env")
+            else ""
+        )
+        raise KeyCheckError("pepper", f"{keys.name}/pepper.key is missing{where}") from None
 
 
 @dataclass
@@ -33,10 +139,47 @@ class Home:
     region: str = "local"
 
     @classmethod
-    def local(cls, root: Path | str) -> Home:
-        """The embedded default layout below one folder (key files made 0600 on first use)."""
+    def init(cls, root: Path | str) -> Home:
+        """Make the embedded default home below one folder (folders, 0600 key files, the
+        record), or open it if it was made already. Key files already there are adopted
+        (a home made before records existed), never replaced."""
         root = Path(root).resolve()
+        if HomeRecord.read(root) is None:
+            keys = root / "keys"
+            private_dir(keys)
+            keystore = Keystore.create_local(keys)
+            try:
+                pepper = load_secret(keys / "pepper.key")
+            except FileNotFoundError:
+                with suppress(FileExistsError):  # another process made it first
+                    create_secret(keys / "pepper.key")
+                pepper = load_secret(keys / "pepper.key")
+            for name in LOCATIONS:
+                (root / name).mkdir(parents=True, exist_ok=True)
+            record = new_record(pepper, "file", "file", keystore.kek_check)
+            with suppress(FileExistsError):  # made by another process at once: local() checks
+                record.write(root)
+        return cls.local(root)
+
+    @classmethod
+    def local(cls, root: Path | str) -> Home:
+        """Open the embedded default home below one folder, made before by :meth:`init`.
+
+        Raises :class:`NotAHomeError` for a folder that is not a home, and
+        :class:`KeyCheckError` for a missing or different key; creates nothing then."""
+        root = Path(root).resolve()
+        record = require_record(root)
         keys = root / "keys"
+        try:
+            keystore = Keystore.local(keys)
+        except MissingKEKError as exc:
+            raise KeyCheckError("kek", str(exc)) from None
+        if keystore.kek_check != record.kek_check:
+            raise KeyCheckError(
+                "kek", "keys/kek.key is not the KEK this home was made with; restore the right key"
+            )
+        pepper = local_pepper(keys, record)
+        record.verify("pepper", pepper, "keys/pepper.key")
         locations = {}
         for name in LOCATIONS:
             (root / name).mkdir(parents=True, exist_ok=True)
@@ -44,8 +187,8 @@ class Home:
         return cls(
             **locations,  # type: ignore[arg-type]
             catalog=Catalog(root / "catalog.duckdb"),
-            keystore=Keystore.local(keys),
-            pepper=load_or_create_secret(keys / "pepper.key"),
+            keystore=keystore,
+            pepper=pepper,
         )
 
     def vault_store(self) -> Vault:

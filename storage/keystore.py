@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
 import sqlite3
@@ -74,17 +75,28 @@ def write_secret_file(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_or_create_secret(path: Path, size: int = KEY_BYTES) -> bytes:
-    """Read a key file, creating it (0600, random bytes) on first use."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        with suppress(FileExistsError):  # another process created it first
-            write_secret_file(path, secrets.token_bytes(size))
-        data = path.read_bytes()
+def load_secret(path: Path, size: int = KEY_BYTES) -> bytes:
+    """Read a key file. Never creates one: keys are made once, by ``dropvault init``
+    (:func:`create_secret`); a missing file raises ``FileNotFoundError``."""
+    data = path.read_bytes()
     if len(data) != size:
         raise ValueError(f"key file {path.name} must hold exactly {size} bytes")
     return data
+
+
+def create_secret(path: Path, size: int = KEY_BYTES) -> bytes:
+    """Make a new random key file (0600); ``FileExistsError`` if one is there already."""
+    data = secrets.token_bytes(size)
+    write_secret_file(path, data)
+    return data
+
+
+def check_value(key: bytes) -> str:
+    """A public check value of a key: HMAC-SHA256 of a constant under it (never the key).
+
+    Recorded when a home is made, compared at every start, so a missing or different
+    key stops the run instead of silently making or using another."""
+    return hmac.new(key, b"dropvault key check value v1", hashlib.sha256).hexdigest()[:32]
 
 
 def kek_id(kek: bytes) -> str:
@@ -129,8 +141,20 @@ class Keystore:
                 ) from None
 
     @classmethod
+    def create_local(cls, directory: Path) -> Keystore:
+        """Make the embedded default's KEK file (0600) if it is not there, and open it.
+
+        Only ``dropvault init`` (``storage.home``) and tests call this."""
+        directory = Path(directory)
+        if not (directory / "kek.key").exists() and not (directory / "kek.key.new").exists():
+            with suppress(FileExistsError):  # another process made it first
+                create_secret(directory / "kek.key")
+        return cls.local(directory)
+
+    @classmethod
     def local(cls, directory: Path) -> Keystore:
-        """The embedded default: KEK in ``directory/kek.key`` (0600, made on first use).
+        """The embedded default: the KEK in ``directory/kek.key`` (0600). Never makes one: a
+        missing file raises :class:`MissingKEKError` (``dropvault init`` makes it).
 
         A rotation interrupted after its commit left the new KEK in ``kek.key.new``:
         it is promoted when the keystore's keys are already wrapped by it.
@@ -164,11 +188,22 @@ class Keystore:
                 pending.replace(directory / "kek.key")
             else:
                 pending.unlink()
-        return cls(directory, load_or_create_secret(directory / "kek.key"))
+        try:
+            kek = load_secret(directory / "kek.key")
+        except FileNotFoundError:
+            raise MissingKEKError(
+                f"{directory.name}/kek.key is missing: restore the key file or set DROPVAULT_KEK"
+            ) from None
+        return cls(directory, kek)
 
     @property
     def kek_id(self) -> str:
         return kek_id(self._kek)
+
+    @property
+    def kek_check(self) -> str:
+        """The KEK's check value (``check_value``), recorded by ``dropvault init``."""
+        return check_value(self._kek)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -35,7 +35,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from storage.catalog import Catalog  # noqa: E402
 from storage.ducklake import Lake  # noqa: E402
 from storage.home import LOCATIONS, Home  # noqa: E402
-from storage.keystore import Keystore, load_or_create_secret  # noqa: E402
+from storage.keystore import Keystore, create_secret  # noqa: E402
 from storage.locations import Location  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 
@@ -157,7 +157,7 @@ def s3_filesystem(endpoint: str) -> s3fs.S3FileSystem:
 def make_home(kind: str, tmp_path: Path, endpoint: str | None = None, bucket: str = BUCKET) -> Home:
     """A home whose locations live on ``kind`` (file, memory or s3)."""
     if kind == "file":
-        home = Home.local(tmp_path / "home")
+        home = Home.init(tmp_path / "home")
         home.catalog = new_catalog(home.catalog.path)
         return home
     prefix = uuid.uuid4().hex[:12]
@@ -175,8 +175,8 @@ def make_home(kind: str, tmp_path: Path, endpoint: str | None = None, bucket: st
     keys = tmp_path / "keys"
     return Home(
         catalog=new_catalog(tmp_path / "catalog.duckdb"),
-        keystore=Keystore.local(keys),
-        pepper=load_or_create_secret(keys / "pepper.key"),
+        keystore=Keystore.create_local(keys),
+        pepper=create_secret(keys / "pepper.key"),
         region="test-region" if kind == "s3" else "local",
         **locations,
     )

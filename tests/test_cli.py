@@ -237,7 +237,7 @@ def test_missing_kek_fails_at_start_with_one_line(tmp_path: Path) -> None:
     from storage.home import Home
 
     home = tmp_path / "h"
-    Home.local(home).keystore.create()
+    Home.init(home).keystore.create()
     (home / "keys" / "kek.key").unlink()
     proc = dv(home, "ingest", check=False)
     assert proc.returncode == 1
@@ -255,7 +255,7 @@ def test_unreadable_catalog_fails_with_no_partial_state(tmp_path: Path) -> None:
     from tasks import samples
 
     home_dir = tmp_path / "h"
-    home = Home.local(home_dir)
+    home = Home.init(home_dir)
     rng = random.Random(3)
     _, files = samples.make_study(rng, samples.make_patient(rng, 1), 3, "CT_small.dcm")
     samples.write_drop(home.drops, "fac", "d1", files)

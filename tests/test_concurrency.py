@@ -34,7 +34,7 @@ print(reads)
 
 def test_ingest_and_sweep_in_parallel_with_a_reader(tmp_path: Path) -> None:
     home_dir = tmp_path / "home"
-    home = Home.local(home_dir)
+    home = Home.init(home_dir)
     rng = random.Random(8)
     old = []
     for i in range(6):
@@ -103,7 +103,7 @@ def test_catalog_writes_take_the_global_concurrency_slot(tmp_path: Path) -> None
     from flows.limits import CATALOG_WRITE_LIMIT
     from flows.settings import Settings
 
-    catalog = Settings.load(home=tmp_path).build_home().catalog
+    catalog = Settings.load(home=tmp_path).init_home()[0].catalog
     catalog.migrate()
     spans: list[tuple[float, float]] = []
 

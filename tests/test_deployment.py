@@ -67,7 +67,7 @@ def test_every_entrypoint_imports_and_every_schedule_parses() -> None:
 
 def test_deploy_and_run_ingest_on_a_worker(server: dict[str, str], tmp_path: Path) -> None:
     home_dir = tmp_path / "home"
-    home = Home.local(home_dir)
+    home = Home.init(home_dir)
     rng = random.Random(4)
     uid, files = samples.make_study(rng, samples.make_patient(rng, 1), 3, "CT_small.dcm")
     samples.write_drop(home.drops, "fac-deploy", "d1", files)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from storage.home import Home
 from storage.keystore import (
     KeyDestroyedError,
     Keystore,
@@ -17,7 +18,6 @@ from storage.keystore import (
     UnknownKeyError,
     WrongKEKError,
     kek_id,
-    load_or_create_secret,
 )
 from storage.vault import decrypt_segments, encrypt_stream
 
@@ -27,7 +27,7 @@ def mode(path: Path) -> int:
 
 
 def test_key_files_are_created_0600(tmp_path: Path) -> None:
-    store = Keystore.local(tmp_path / "keys")
+    store = Keystore.create_local(tmp_path / "keys")
     store.create()
     assert mode(tmp_path / "keys" / "kek.key") == 0o600
     assert mode(store.path) == 0o600
@@ -35,7 +35,7 @@ def test_key_files_are_created_0600(tmp_path: Path) -> None:
 
 def test_rotate_then_decrypt_without_reencrypting(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    store = Keystore.local(keys)
+    store = Keystore.create_local(keys)
     key_id, key = store.create()
     blob = io.BytesIO()
     encrypt_stream(io.BytesIO(b"image bytes"), blob, key_id, key)
@@ -51,7 +51,7 @@ def test_rotate_then_decrypt_without_reencrypting(tmp_path: Path) -> None:
 
 def test_interrupted_rotation_recovers_the_new_kek(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    store = Keystore.local(keys)
+    store = Keystore.create_local(keys)
     key_id, key = store.create()
     new_kek = b"\x11" * 32
     store.rotate(new_kek)  # committed, but the key file was never swapped
@@ -62,7 +62,7 @@ def test_interrupted_rotation_recovers_the_new_kek(tmp_path: Path) -> None:
 
 def test_destroy_then_decrypt_fails_and_bytes_are_gone(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    store = Keystore.local(keys)
+    store = Keystore.create_local(keys)
     keep_id, _ = store.create()
     key_id, key = store.create()
     wrapped = store.wrapped_bytes(key_id)
@@ -86,7 +86,7 @@ def test_destroy_then_decrypt_fails_and_bytes_are_gone(tmp_path: Path) -> None:
 
 def test_missing_or_wrong_kek_fails_at_start_and_changes_nothing(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    store = Keystore.local(keys)
+    store = Keystore.create_local(keys)
     key_id, key = store.create()
     (keys / "kek.key").rename(tmp_path / "kek.backup")
     with pytest.raises(MissingKEKError, match="restore the key file or set DROPVAULT_KEK"):
@@ -101,21 +101,19 @@ def test_missing_or_wrong_kek_fails_at_start_and_changes_nothing(tmp_path: Path)
 def _start_worker(directory: str, barrier: Any, out: Any) -> None:
     barrier.wait(timeout=60)
     try:
-        keystore = Keystore.local(Path(directory))
-        pepper = load_or_create_secret(Path(directory) / "pepper.key")
-        out.put((kek_id(keystore._kek), pepper.hex()))
+        home = Home.init(Path(directory))
+        out.put((kek_id(home.keystore._kek), home.pepper.hex()))
     except Exception as exc:  # noqa: BLE001 - reported to the test
         out.put(("error", repr(exc)))
 
 
-def test_workers_starting_together_on_a_fresh_home_share_one_kek(tmp_path: Path) -> None:
-    """Two workers (here 6 processes) start at once on a new home: none fails, and all
-    end with the same KEK and pepper (a second KEK would orphan every record key)."""
+def test_inits_racing_on_a_fresh_home_share_one_kek(tmp_path: Path) -> None:
+    """Six processes make the same new home at once: none fails, and all end with the same
+    KEK and pepper (a second KEK would orphan every record key)."""
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(6), ctx.Queue()
     procs = [
-        ctx.Process(target=_start_worker, args=(str(tmp_path / "keys"), barrier, out))
-        for _ in range(6)
+        ctx.Process(target=_start_worker, args=(str(tmp_path), barrier, out)) for _ in range(6)
     ]
     for p in procs:
         p.start()

@@ -18,7 +18,7 @@ def test_locations_derive_from_home(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert settings.location_url("archive") == "memory://elsewhere/archive"
     assert settings.catalog_path() == tmp_path / "h" / "catalog.duckdb"
     assert settings.quiet_seconds == 120
-    home = settings.build_home()
+    home, _ = settings.init_home()
     assert (tmp_path / "h" / "keys" / "kek.key").exists()
     assert home.archive.url == "memory://elsewhere/archive"
 
@@ -57,7 +57,7 @@ def test_production_keys_from_environment(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("DROPVAULT_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("DROPVAULT_KEK", kek)
     monkeypatch.setenv("DROPVAULT_PEPPER", base64.b64encode(b"p" * 32).decode())
-    home = Settings.load().build_home()
+    home, _ = Settings.load().init_home()
     assert home.pepper == b"p" * 32
     assert not (tmp_path / "h" / "keys" / "kek.key").exists()
     key_id, key = home.keystore.create()

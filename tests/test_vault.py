@@ -19,7 +19,7 @@ SEG = 4096
 
 @pytest.fixture
 def keystore(tmp_path: Path) -> Keystore:
-    return Keystore.local(tmp_path / "keys")
+    return Keystore.create_local(tmp_path / "keys")
 
 
 def seal(keystore: Keystore, data: bytes, segment: int = SEG) -> bytes:

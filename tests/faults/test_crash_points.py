@@ -49,7 +49,7 @@ elif flow == "ingest":
     ingest.FAULTS[point] = kill
 else:
     deletion.FAULTS[point] = kill
-home = Home.local(home_dir)
+home = Home.init(home_dir)
 settings = Settings.load(quiet_seconds=0, home=home_dir)
 if flow == "ingest":
     from flows.ingest import ingest_drops
@@ -95,7 +95,7 @@ def one(home: Home, sql: str) -> object:
 @pytest.mark.parametrize("point", INGEST_POINTS)
 def test_ingest_killed_then_rerun(tmp_path: Path, point: str) -> None:
     home_dir = tmp_path / "home"
-    home = Home.local(home_dir)
+    home = Home.init(home_dir)
     rng = random.Random(INGEST_POINTS.index(point))
     expected: set[str] = set()
     markers: list[bytes] = []
@@ -135,7 +135,7 @@ def test_ingest_killed_then_rerun(tmp_path: Path, point: str) -> None:
 @pytest.mark.parametrize("point", SWEEP_POINTS)
 def test_sweep_killed_mid_study_then_rerun(tmp_path: Path, point: str) -> None:
     home_dir = tmp_path / "home"
-    home = Home.local(home_dir)
+    home = Home.init(home_dir)
     rng = random.Random(100 + SWEEP_POINTS.index(point))
     doomed_patient = samples.make_patient(rng, 1)
     doomed_uid, doomed = samples.make_study(rng, doomed_patient, 3, "MR_small.dcm")

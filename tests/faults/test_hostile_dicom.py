@@ -66,7 +66,7 @@ def test_truncation_at_every_structural_boundary(sample: str) -> None:
 
 
 def test_hostile_drop_quarantines_each_file_and_commits_the_good_ones(tmp_path: Path) -> None:
-    home = Home.local(tmp_path / "home")
+    home = Home.init(tmp_path / "home")
     rng = random.Random(11)
     study_uid, good = samples.make_study(rng, samples.make_patient(rng, 1), 3, "MR_small.dcm")
     files = dict(good)

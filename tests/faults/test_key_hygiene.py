@@ -50,7 +50,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def secrets_of(home: Path) -> tuple[list[bytes], list[bytes]]:
     """Every key (KEK, pepper, each live record key) and the demo's PHI values."""
-    h = Home.local(home)
+    h = Home.init(home)
     keys = [(home / "keys" / "kek.key").read_bytes(), h.pepper]
     phi: set[str] = set()
     studies = h.catalog.query("SELECT study_uid, record_key_id, phi_enc FROM studies")

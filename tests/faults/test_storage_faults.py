@@ -16,7 +16,7 @@ from flows.ingest import ingest_drops
 from flows.settings import Settings
 from storage.catalog import Catalog
 from storage.home import LOCATIONS, Home
-from storage.keystore import Keystore, load_or_create_secret
+from storage.keystore import Keystore, create_secret
 from storage.locations import Location
 from tasks import samples
 from tests.conftest import BUCKET, s3_filesystem
@@ -51,8 +51,8 @@ def home_on(locations: dict[str, Location], tmp_path: Path) -> Home:
     keys = tmp_path / "keys"
     return Home(
         catalog=Catalog(tmp_path / "catalog.duckdb"),
-        keystore=Keystore.local(keys),
-        pepper=load_or_create_secret(keys / "pepper.key"),
+        keystore=Keystore.create_local(keys),
+        pepper=create_secret(keys / "pepper.key"),
         region="local",
         **locations,
     )

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 def tampered_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Home, list[tuple[str, str]]]:
     """Two small studies and one 12 MB image (13 segments), ingested; ``(uid, object path)``."""
     root = tmp_path_factory.mktemp("tamper")
-    home = Home.local(root / "home")
+    home = Home.init(root / "home")
     rng = random.Random(31)
     for i in range(2):
         uid, files = samples.make_study(rng, samples.make_patient(rng, i), 1, "MR_small.dcm")
