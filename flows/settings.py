@@ -394,6 +394,7 @@ class Settings(BaseSettings):
         with suppress(FileExistsError):  # made by another process at once: checked below
             record.write(root)
         home = self.build_home()
+        home.catalog.migrate()  # so a new home's status and queries work at once
         return home, (
             f"made dropvault home {root}: KEK from {kek_source}, pepper from {pepper_source};"
             " check values recorded in " + HomeRecord.FILE

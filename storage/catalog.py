@@ -194,13 +194,24 @@ class CatalogReader:
         return con.execute(checked, params).df() if params else con.execute(checked).df()
 
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pd.DataFrame:
-        with self._catalog._connect(read_only=True) as con:
-            return self._run(con, query, params)
+        return self.many([(query, params)])[0]
 
-    def many(self, queries: Sequence[tuple[str, Sequence[Any] | None]]) -> list[pd.DataFrame]:
+    def many(
+        self, queries: Sequence[tuple[str, Sequence[Any] | dict[str, Any] | None]]
+    ) -> list[pd.DataFrame]:
         """Several queries on one short-lived connection (one open, one close)."""
-        with self._catalog._connect(read_only=True) as con:
-            return [self._run(con, q, p) for q, p in queries]
+        for attempt in (1, 2):
+            try:
+                with self._catalog._connect(read_only=True) as con:
+                    return [self._run(con, q, p) for q, p in queries]
+            except duckdb.InternalException:
+                # A DuckLake reader whose cached metadata predates another connection's
+                # compaction fails inside the extension and invalidates its database:
+                # open a fresh reader once.
+                if self._catalog.lake is None or attempt == 2:
+                    raise
+                self._catalog.drop_reader()
+        raise AssertionError("unreachable")
 
     def table(self, name: str) -> pd.DataFrame:
         if not name.isidentifier():
@@ -270,6 +281,14 @@ class Catalog:
                 if db is not None:
                     db.close()
             self._db = self._reader_db = None
+
+    def drop_reader(self) -> None:
+        """Close the DuckLake readers' connection; the next read opens a fresh one."""
+        with self._db_lock:
+            if self._reader_db is not None:
+                with suppress(duckdb.Error):
+                    self._reader_db.close()
+                self._reader_db = None
 
     @contextmanager
     def _lake_cursor(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -439,6 +458,7 @@ class Catalog:
             return
         with self._writer() as con:
             ducklake.compact(con)
+        self.drop_reader()  # its cached metadata names files and inlined rows now gone
 
     def stored_files(self) -> Iterator[tuple[str, bytes]]:
         """``(name, bytes)`` of everything the catalog keeps at rest: the DuckDB file and

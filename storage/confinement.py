@@ -55,6 +55,7 @@ DENIED_PREFIXES = (
     "which_secret",
     "load_aws_credentials",
     "http_",
+    "pragma_",  # PRAGMA x parses as SELECT * FROM pragma_x(): PRAGMA is not a query
 )
 METADATA_CATALOG_PREFIX = "__ducklake_metadata"
 
