@@ -70,6 +70,7 @@ def test_two_workers_ingest_different_drops_at_once(
             twice = next(iter(files.values()))
     lake = new_lake()
     env = {**cli_env(home_dir), **lake_env(lake)}
+    subprocess.run([EXE, "init"], env=env, check=True, capture_output=True, timeout=300)  # noqa: S603
     workers = [
         subprocess.Popen(  # noqa: S603
             [EXE, "ingest", "--shard", shard],
