@@ -286,7 +286,9 @@ def incident(
     from tasks.manifests import parse_time
 
     when = parse_time(reported_at) if reported_at else None
-    result = report_wrong_access(user, study, when, settings=Settings.load())
+    settings = Settings.load()
+    home = settings.build_home()  # refuses a home never made before the flow starts
+    result = report_wrong_access(user, study, when, home=home, settings=settings)
     typer.echo(result.report_md)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import re
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal
@@ -38,17 +39,11 @@ from storage.home import (
     HomeRecord,
     KeyCheckError,
     NotAHomeError,
+    init_keys,
     local_pepper,
-    new_record,
     require_record,
 )
-from storage.keystore import (
-    KeyError_,
-    Keystore,
-    MissingKEKError,
-    create_secret,
-    private_dir,
-)
+from storage.keystore import KeyError_, KeyFileError, Keystore, MissingKeystoreError
 from storage.locations import InsecureEndpointError, Location, check_endpoint_tls
 
 SCHEMES = {"file", "memory", "s3", "s3a"}
@@ -108,6 +103,8 @@ class Settings(BaseSettings):
     batches_in_flight: int = Field(default=2, ge=1, le=16)
     orphan_grace_seconds: float = Field(default=3600.0, ge=0)
     lock_timeout_seconds: float = Field(default=120.0, gt=0)
+    # DuckDB memory limit of each read-only catalog connection (analysts' queries; no spill).
+    reader_memory_limit: str = "4GB"
     region: str = "local"
     deletion_at_risk_hours: float = Field(default=6.0, gt=0)
     sweep_batch: int = Field(default=500, gt=0)
@@ -138,6 +135,18 @@ class Settings(BaseSettings):
     @classmethod
     def _url(cls, value: str | None, info: Any) -> str | None:
         return _check_url(value, f"DROPVAULT_{info.field_name.upper()}")
+
+    @field_validator("catalog_url", "catalog_reader_url")
+    @classmethod
+    def _no_password(cls, value: str | None, info: Any) -> str | None:
+        # A password in the conninfo would be shown by duckdb_databases() and stored with
+        # every flow run's parameters: libpq reads PGPASSWORD or ~/.pgpass instead.
+        if value is not None and re.search(r"password\s*=", value, re.IGNORECASE):
+            raise ValueError(
+                f"DROPVAULT_{info.field_name.upper()} must not hold a password:"
+                " use PGPASSWORD or a .pgpass file"
+            )
+        return value
 
     @field_validator("catalog_url")
     @classmethod
@@ -312,23 +321,28 @@ class Settings(BaseSettings):
             )
         return None, "file"
 
-    def _pepper(self, record: HomeRecord) -> bytes:
+    @property
+    def _kek_setting(self) -> str:
+        return "DROPVAULT_KEK_KMS_KEY_ID" if self.kek_kms_key_id else "DROPVAULT_KEK"
+
+    def _pepper(self, record: HomeRecord) -> tuple[bytes, str]:
+        """``(pepper, where it came from)``."""
         pepper = _decode_key(self.pepper, "DROPVAULT_PEPPER")
         if pepper is not None:
-            return pepper
+            return pepper, "DROPVAULT_PEPPER"
         if record.pepper_source == "env":
             raise SettingsError(
                 "invalid setting: DROPVAULT_PEPPER is not set, and this home's pepper was given"
                 " that way"
             )
         try:
-            return local_pepper(self.keys_path, record)
+            return local_pepper(self.keys_path, record), "keys/pepper.key"
         except KeyCheckError as exc:
             raise SettingsError(f"invalid setting: DROPVAULT_PEPPER: {exc}") from None
 
     def _keystore(self, record: HomeRecord) -> Keystore:
-        kek, source = self._kek(record)
-        name = {"kms": "DROPVAULT_KEK_KMS_KEY_ID", "env": "DROPVAULT_KEK"}.get(source, "")
+        kek, _ = self._kek(record)
+        name = self._kek_setting
         try:
             if kek is not None:
                 record.verify("kek", kek, name)
@@ -336,68 +350,84 @@ class Settings(BaseSettings):
             keystore = Keystore.local(self.keys_path)
         except KeyCheckError as exc:
             raise SettingsError(f"invalid setting: {exc}") from None
-        except MissingKEKError as exc:
+        except MissingKeystoreError as exc:
+            raise SettingsError(f"invalid setting: DROPVAULT_KEYS_DIR: {exc}") from None
+        except (KeyError_, KeyFileError) as exc:
+            raise SettingsError(f"invalid setting: {name}: {exc}") from None
+        try:
+            record.verify("kek", keystore.kek_check_key, "keys/kek.key")
+        except KeyCheckError as exc:
             raise SettingsError(f"invalid setting: DROPVAULT_KEK: {exc}") from None
-        if keystore.kek_check != record.kek_check:
-            raise SettingsError(
-                "invalid setting: DROPVAULT_KEK: keys/kek.key is not the KEK this home was made"
-                " with; restore the right key"
-            )
         return keystore
 
     def check_keys(self) -> tuple[Keystore, bytes]:
         """Open the keystore and the pepper, each checked against the home's record."""
         record = self.check_home()
         keystore = self._keystore(record)
-        pepper = self._pepper(record)
+        pepper, given_as = self._pepper(record)
         try:
-            record.verify("pepper", pepper, "DROPVAULT_PEPPER")
+            record.verify("pepper", pepper, given_as)
         except KeyCheckError as exc:
-            raise SettingsError(f"invalid setting: {exc}") from None
+            raise SettingsError(f"invalid setting: DROPVAULT_PEPPER: {exc}") from None
         return keystore, pepper
 
     def init_home(self) -> tuple[Home, str]:
         """``dropvault init``: make the home (folders, keys, record), or check a made one.
 
         Keys given as settings are recorded, never copied to disk; key files already in
-        the keys folder are adopted, never replaced. Returns the home and what was done.
+        the keys folder are adopted, never replaced; no key is made where data sealed or
+        keyed by an earlier one exists (``storage.home.init_keys``). Returns the home and
+        what was done.
         """
         root = self.home.resolve()
         if HomeRecord.read(root) is not None:
             home = self.build_home()
             return home, f"{root} is already a dropvault home; its keys check"
         root.mkdir(parents=True, exist_ok=True)
-        private_dir(self.keys_path)
-        if self.kek_kms_key_id and not kms.blob_path(self.keys_path).exists():
-            try:
-                kms.create_kek(self.kms_client(), self.kek_kms_key_id, self.keys_path)
-            except kms.KmsKekError as exc:
-                raise SettingsError(f"invalid setting: DROPVAULT_KEK_KMS_KEY_ID: {exc}") from None
-        kek, kek_source = self._kek(None)
+        kek, kek_source = None, "file"
+        new_kek = None
+        if self.kek_kms_key_id:
+            kek_source = "kms"
+            if kms.blob_path(self.keys_path).exists():
+                kek, _ = self._kek(None)
+            else:
+                client, key_id = self.kms_client(), self.kek_kms_key_id
+
+                def new_kek() -> bytes:
+                    return kms.create_kek(client, key_id, self.keys_path)
+        else:
+            kek, kek_source = self._kek(None)
         try:
-            keystore = (
-                Keystore(self.keys_path, kek) if kek else Keystore.create_local(self.keys_path)
+            keystore, _, record = init_keys(
+                self.keys_path,
+                self._catalog(),
+                kek=kek,
+                kek_source=kek_source,
+                new_kek=new_kek,
+                pepper=_decode_key(self.pepper, "DROPVAULT_PEPPER"),
             )
-        except KeyError_ as exc:  # a keystore already there that this KEK does not open
-            raise SettingsError(f"invalid setting: DROPVAULT_KEK: {exc}") from None
-        pepper = _decode_key(self.pepper, "DROPVAULT_PEPPER")
-        pepper_source = "env"
-        if pepper is None:
-            pepper_source = "file"
-            try:
-                pepper = local_pepper(self.keys_path, None)
-            except KeyCheckError:
-                with suppress(FileExistsError):  # another process made it first
-                    create_secret(self.keys_path / "pepper.key")
-                pepper = local_pepper(self.keys_path, None)
-        record = new_record(pepper, kek_source, pepper_source, kek_check=keystore.kek_check)
+        except KeyCheckError as exc:
+            name = self._kek_setting if exc.which == "kek" else "DROPVAULT_PEPPER"
+            raise SettingsError(f"invalid setting: {name}: {exc}") from None
+        except kms.KmsKekError as exc:
+            raise SettingsError(f"invalid setting: DROPVAULT_KEK_KMS_KEY_ID: {exc}") from None
+        except (KeyError_, KeyFileError) as exc:
+            raise SettingsError(f"invalid setting: {self._kek_setting}: {exc}") from None
         with suppress(FileExistsError):  # made by another process at once: checked below
             record.write(root)
         home = self.build_home()
         home.catalog.migrate()  # so a new home's status and queries work at once
         return home, (
-            f"made dropvault home {root}: KEK from {kek_source}, pepper from {pepper_source};"
-            " check values recorded in " + HomeRecord.FILE
+            f"made dropvault home {root}: KEK from {kek_source}, pepper from"
+            f" {record.pepper_source}; check values recorded in {HomeRecord.FILE}"
+        )
+
+    def _catalog(self) -> Catalog:
+        return Catalog(
+            self.catalog_target(),
+            lock_timeout=self.lock_timeout_seconds,
+            write_guard=functools.partial(catalog_write_slot, self.lock_timeout_seconds),
+            reader_memory_limit=self.reader_memory_limit,
         )
 
     def build_home(self) -> Home:
@@ -414,11 +444,7 @@ class Settings(BaseSettings):
             location.ensure()
             locations[name] = location
         return Home(
-            catalog=Catalog(
-                self.catalog_target(),
-                lock_timeout=self.lock_timeout_seconds,
-                write_guard=functools.partial(catalog_write_slot, self.lock_timeout_seconds),
-            ),
+            catalog=self._catalog(),
             keystore=keystore,
             pepper=pepper,
             region=self.region,
@@ -429,7 +455,11 @@ class Settings(BaseSettings):
         """The catalog for read-only commands: the home must be made, but no key is opened
         (an analyst's reads need none)."""
         self.check_home()
-        return Catalog(self.catalog_target(), lock_timeout=self.lock_timeout_seconds)
+        return Catalog(
+            self.catalog_target(),
+            lock_timeout=self.lock_timeout_seconds,
+            reader_memory_limit=self.reader_memory_limit,
+        )
 
 
 def quiet_prefect_defaults() -> None:

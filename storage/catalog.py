@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import duckdb
 
 from storage import ducklake
-from storage.confinement import READER_CONFIG, check_query
+from storage.confinement import READER_MEMORY_LIMIT, check_query, reader_config
 from storage.ducklake import Lake
 
 if TYPE_CHECKING:  # annotations only (DuckDB imports pandas itself for .df() and params)
@@ -237,6 +237,7 @@ class Catalog:
         target: Path | str | Lake,
         lock_timeout: float = 120.0,
         write_guard: Callable[[], AbstractContextManager[object]] | None = None,
+        reader_memory_limit: str = READER_MEMORY_LIMIT,
     ) -> None:
         self.lake = target if isinstance(target, Lake) else None
         self._path = None if isinstance(target, Lake) else Path(target)
@@ -244,6 +245,7 @@ class Catalog:
         # Entered around every write connection; the flows pass a Prefect global
         # concurrency slot so writers queue on the server instead of spinning on the lock.
         self.write_guard = write_guard
+        self.reader_memory_limit = reader_memory_limit  # each read-only connection's cap
         self._migrated = False
         self._db: duckdb.DuckDBPyConnection | None = None
         self._reader_db: duckdb.DuckDBPyConnection | None = None  # DuckLake, confined
@@ -297,7 +299,9 @@ class Catalog:
         with self._db_lock:
             if read_only:
                 if self._reader_db is None:
-                    self._reader_db = ducklake.open_lake(self.lake, read_only=True)
+                    self._reader_db = ducklake.open_lake(
+                        self.lake, read_only=True, memory_limit=self.reader_memory_limit
+                    )
                 cursor = self._reader_db.cursor()
             else:
                 if self._db is None:
@@ -330,7 +334,8 @@ class Catalog:
         while True:
             try:
                 if read_only:
-                    return duckdb.connect(str(self.path), read_only=True, config=READER_CONFIG)
+                    config = reader_config(self.reader_memory_limit)
+                    return duckdb.connect(str(self.path), read_only=True, config=config)
                 return duckdb.connect(str(self.path))
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_error(exc):

@@ -13,11 +13,18 @@ Two layers, both applied to every read-only connection (``dropvault sql``,
    ``READ_ONLY``.
 2. **The statement is checked before it runs** (:func:`check_query`): exactly one
    statement, of type SELECT (from DuckDB's own parser, not the text), whose
-   syntax tree names no passthrough or file function (``postgres_query``,
-   ``query``, ``read_*`` ...), no DuckLake metadata database and no file path
-   as a table. This closes what the configuration cannot: a DuckLake
+   syntax tree calls only the table functions in :data:`ALLOWED_TABLE_FUNCTIONS`
+   (an allowlist: table macros such as ``histogram`` expand to ``query_table``
+   after the check, and ``pandas_scan(NULL)`` or ``enable_logging`` can crash the
+   process or write files), no denied scalar function (``getenv``,
+   ``current_setting``, ...), no DuckLake metadata database (by any spelling) and
+   no file path as a table. This closes what the configuration cannot: a DuckLake
    attachment brings ``postgres_query`` on the metadata server, and the data
-   path is writable by ``COPY``.
+   path is writable.
+
+A reader also spills nothing to disk (``temp_directory = ''``) and has its own
+memory limit, so one query cannot fill the home's disk or the machine's memory;
+it fails with an out-of-memory error instead. DuckDB has no statement timeout.
 """
 
 from __future__ import annotations
@@ -27,12 +34,44 @@ from typing import Any
 
 import duckdb
 
-READER_CONFIG: dict[str, Any] = {
-    "enable_external_access": False,
-    "autoinstall_known_extensions": False,
-    "autoload_known_extensions": False,
-    "lock_configuration": True,
-}
+READER_MEMORY_LIMIT = "4GB"
+
+
+def reader_config(memory_limit: str = READER_MEMORY_LIMIT) -> dict[str, Any]:
+    """DuckDB configuration of every read-only connection to a DuckDB file."""
+    return {
+        "enable_external_access": False,
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "temp_directory": "",  # no spill files: a huge query fails instead of filling the disk
+        "memory_limit": memory_limit,
+        "lock_configuration": True,
+    }
+
+
+# The table functions a query may call (FROM range(10), unnest, DuckDB's own catalog views).
+ALLOWED_TABLE_FUNCTIONS = frozenset(
+    {
+        "range",
+        "generate_series",
+        "unnest",
+        "repeat",
+        "repeat_row",
+        "json_each",
+        "json_tree",
+        "duckdb_tables",
+        "duckdb_columns",
+        "duckdb_views",
+        "duckdb_constraints",
+        "duckdb_schemas",
+        "duckdb_types",
+        "duckdb_functions",
+        "duckdb_keywords",
+        "duckdb_indexes",
+        "icu_calendar_names",
+        "pg_timezone_names",
+    }
+)
 
 # Functions that reach past the catalog: passthroughs to PostgreSQL, SQL hidden in a string,
 # readers of files or other table formats, secrets and the environment.
@@ -56,6 +95,9 @@ DENIED_PREFIXES = (
     "load_aws_credentials",
     "http_",
     "pragma_",  # PRAGMA x parses as SELECT * FROM pragma_x(): PRAGMA is not a query
+    "current_setting",  # DuckLake's allowed paths can hold a connection string
+    "enable_",
+    "disable_",
 )
 METADATA_CATALOG_PREFIX = "__ducklake_metadata"
 
@@ -67,18 +109,36 @@ class QueryRefused(ValueError):
 ONE_QUERY = "dropvault sql runs one read-only query"
 
 
-def _names(tree: Any, functions: set[str], tables: set[tuple[str, str]]) -> None:
-    if isinstance(tree, dict):
-        name = tree.get("function_name")
-        if isinstance(name, str):
-            functions.add(name.lower())
-        if tree.get("type") == "BASE_TABLE":
-            tables.add((str(tree.get("catalog_name") or ""), str(tree.get("table_name") or "")))
-        for value in tree.values():
-            _names(value, functions, tables)
-    elif isinstance(tree, list):
-        for value in tree:
-            _names(value, functions, tables)
+class _Names:
+    """Every function, table function and table a syntax tree names, lower-cased
+    (DuckDB resolves names case-insensitively)."""
+
+    def __init__(self, tree: Any) -> None:
+        self.functions: set[str] = set()
+        self.table_functions: set[str] = set()
+        self.tables: set[tuple[str, str, str]] = set()
+        self._walk(tree)
+
+    def _walk(self, tree: Any) -> None:
+        if isinstance(tree, dict):
+            name = tree.get("function_name")
+            if isinstance(name, str):
+                self.functions.add(name.lower())
+            if tree.get("type") == "TABLE_FUNCTION":
+                function = tree.get("function") or {}
+                self.table_functions.add(str(function.get("function_name", "?")).lower())
+            if tree.get("type") == "BASE_TABLE":
+                self.tables.add(
+                    tuple(  # type: ignore[arg-type]
+                        str(tree.get(k) or "").lower()
+                        for k in ("catalog_name", "schema_name", "table_name")
+                    )
+                )
+            for value in tree.values():
+                self._walk(value)
+        elif isinstance(tree, list):
+            for value in tree:
+                self._walk(value)
 
 
 def check_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
@@ -96,14 +156,17 @@ def check_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
     tree = json.loads(row[0]) if row else {"error": True}
     if tree.get("error"):
         raise QueryRefused(f"{ONE_QUERY} (this form of SELECT cannot be checked)")
-    functions: set[str] = set()
-    tables: set[tuple[str, str]] = set()
-    _names(tree, functions, tables)
-    for name in sorted(functions):
+    names = _Names(tree)
+    for name in sorted(names.table_functions - ALLOWED_TABLE_FUNCTIONS):
+        raise QueryRefused(f"{ONE_QUERY}: {name}() is not a table function readers may call")
+    for name in sorted(names.functions):
         if name.startswith(DENIED_PREFIXES):
             raise QueryRefused(f"{ONE_QUERY}: {name}() reaches outside the catalog")
-    for catalog, table in sorted(tables):
-        if catalog.startswith(METADATA_CATALOG_PREFIX):
+    for catalog, schema, table in sorted(names.tables):
+        # A two-part name a.b may name catalog a: check the schema part as well.
+        if catalog.startswith(METADATA_CATALOG_PREFIX) or schema.startswith(
+            METADATA_CATALOG_PREFIX
+        ):
             raise QueryRefused(f"{ONE_QUERY}: the lake's metadata is not readable here")
         if any(c in table for c in "/\\:.") or table.startswith("~"):
             raise QueryRefused(f"{ONE_QUERY}: a file path is not a table")

@@ -131,7 +131,9 @@ def _data_path(data_url: str) -> str:
     return path.rstrip("/") + "/"
 
 
-def open_lake(lake: Lake, attempts: int = 10, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def open_lake(
+    lake: Lake, attempts: int = 10, read_only: bool = False, memory_limit: str = "4GB"
+) -> duckdb.DuckDBPyConnection:
     """A new in-memory DuckDB with the lake attached as ``lake`` and in use.
 
     ``read_only``: attached READ_ONLY with the readers' role, then confined: no file or URL
@@ -143,7 +145,7 @@ def open_lake(lake: Lake, attempts: int = 10, read_only: bool = False) -> duckdb
     """
     for attempt in range(1, attempts + 1):
         try:
-            return _attach(lake, read_only)
+            return _attach(lake, read_only, memory_limit)
         except LakeSetupError as exc:
             if "Failed to initialize" not in str(exc) or attempt == attempts:
                 raise
@@ -151,7 +153,9 @@ def open_lake(lake: Lake, attempts: int = 10, read_only: bool = False) -> duckdb
     raise AssertionError("unreachable")
 
 
-def _attach(lake: Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def _attach(
+    lake: Lake, read_only: bool = False, memory_limit: str = "4GB"
+) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(
         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
     )
@@ -173,6 +177,8 @@ def _attach(lake: Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         if read_only:
             # Order matters: the allowed path first, then no other access, then the lock.
             con.execute(f"SET allowed_directories = [{_literal(data_path)}]")
+            con.execute("SET temp_directory = ''")  # no spill files in the data path
+            con.execute(f"SET memory_limit = {_literal(memory_limit)}")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
     except duckdb.Error as exc:

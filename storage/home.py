@@ -14,20 +14,25 @@ different key stops the caller, and nothing outside ``init`` ever makes a key.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import duckdb
+
 from storage.catalog import Catalog
 from storage.keystore import (
+    KeyFileError,
     Keystore,
     MissingKEKError,
     check_value,
     create_secret,
     load_secret,
     private_dir,
+    stored_key_count,
     write_secret_file,
 )
 from storage.locations import Location
@@ -122,6 +127,72 @@ def local_pepper(keys: Path, record: HomeRecord | None) -> bytes:
             else ""
         )
         raise KeyCheckError("pepper", f"{keys.name}/pepper.key is missing{where}") from None
+    except KeyFileError as exc:
+        raise KeyCheckError("pepper", str(exc)) from None
+
+
+def catalog_holds_data(catalog: Catalog) -> bool:
+    """Whether the catalog already knows a study or a deletion (so a new pepper would give
+    its patients new pseudonyms and let deleted studies come back)."""
+    if catalog.lake is None and not catalog.path.exists():
+        return False
+    if catalog.lake is not None:
+        catalog.migrate()  # a reader cannot attach a lake that was never made
+    try:
+        n = catalog.query(
+            "SELECT (SELECT count(*) FROM studies) + (SELECT count(*) FROM tombstones) AS n"
+        )["n"][0]
+    except duckdb.CatalogException:
+        return False  # never migrated: no table, no data
+    return bool(n)
+
+
+def init_keys(
+    keys: Path,
+    catalog: Catalog,
+    *,
+    kek: bytes | None = None,
+    kek_source: str = "file",
+    new_kek: Callable[[], bytes] | None = None,
+    pepper: bytes | None = None,
+) -> tuple[Keystore, bytes, HomeRecord]:
+    """Make (or adopt) a home's keys and the record of their check values; never replaces
+    a key, and refuses to make one where data sealed or keyed by the old one exists.
+
+    ``kek``: given (environment or KMS-opened); else ``new_kek()`` makes one (KMS); else the
+    key file ``keys/kek.key`` is adopted or made. ``pepper``: given, else ``keys/pepper.key``
+    is adopted or made.
+    """
+    private_dir(keys)
+    stored = stored_key_count(keys / Keystore.FILE)
+    if kek is None and new_kek is not None:
+        if stored:
+            raise KeyCheckError(
+                "kek", f"the keystore holds {stored} record keys but their KEK is missing"
+            )
+        kek = new_kek()
+    try:
+        keystore = (
+            Keystore(keys, kek, create=True) if kek is not None else Keystore.create_local(keys)
+        )
+    except MissingKEKError as exc:
+        raise KeyCheckError("kek", str(exc)) from None
+    pepper_source = "file" if pepper is None else "env"
+    if pepper is None:
+        path = keys / "pepper.key"
+        if path.exists() or path.is_symlink():
+            pepper = local_pepper(keys, None)  # adopted, or refused; never replaced
+        elif stored or catalog_holds_data(catalog):
+            raise KeyCheckError(
+                "pepper",
+                f"{keys.name}/pepper.key is missing and this home already holds data:"
+                " restore the pepper (a new one would give every patient a new pseudonym)",
+            )
+        else:
+            with suppress(FileExistsError):  # another process made it first
+                create_secret(path)
+            pepper = local_pepper(keys, None)
+    return keystore, pepper, new_record(pepper, kek_source, pepper_source, keystore.kek_check)
 
 
 @dataclass
@@ -135,7 +206,7 @@ class Home:
     exports: Location
     catalog: Catalog
     keystore: Keystore
-    pepper: bytes  # HMAC key for patient_key and other pseudonyms
+    pepper: bytes = field(repr=False)  # HMAC key for patient_key and other pseudonyms
     region: str = "local"
 
     @classmethod
@@ -145,18 +216,9 @@ class Home:
         (a home made before records existed), never replaced."""
         root = Path(root).resolve()
         if HomeRecord.read(root) is None:
-            keys = root / "keys"
-            private_dir(keys)
-            keystore = Keystore.create_local(keys)
-            try:
-                pepper = load_secret(keys / "pepper.key")
-            except FileNotFoundError:
-                with suppress(FileExistsError):  # another process made it first
-                    create_secret(keys / "pepper.key")
-                pepper = load_secret(keys / "pepper.key")
+            _, _, record = init_keys(root / "keys", Catalog(root / "catalog.duckdb"))
             for name in LOCATIONS:
                 (root / name).mkdir(parents=True, exist_ok=True)
-            record = new_record(pepper, "file", "file", keystore.kek_check)
             with suppress(FileExistsError):  # made by another process at once: local() checks
                 record.write(root)
         return cls.local(root)
@@ -172,7 +234,7 @@ class Home:
         keys = root / "keys"
         try:
             keystore = Keystore.local(keys)
-        except MissingKEKError as exc:
+        except (MissingKEKError, KeyFileError) as exc:
             raise KeyCheckError("kek", str(exc)) from None
         if keystore.kek_check != record.kek_check:
             raise KeyCheckError(

@@ -18,6 +18,7 @@ import hmac
 import os
 import secrets
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
 from datetime import UTC, datetime
@@ -52,6 +53,21 @@ class MissingKEKError(KeyError_):
     """The keystore holds record keys but the KEK that wraps them is not there."""
 
 
+class MissingKeystoreError(KeyError_):
+    """The keystore file is missing or empty: its record keys cannot be made again."""
+
+
+def stored_key_count(store_file: Path) -> int:
+    """How many record keys (live or destroyed) a keystore file holds; 0 without one."""
+    if not store_file.exists() or store_file.stat().st_size == 0:
+        return 0
+    with closing(sqlite3.connect(store_file)) as con:
+        try:
+            return int(con.execute("SELECT count(*) FROM record_keys").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
 def private_dir(path: Path) -> None:
     """Create ``path`` (and parents) and make it 0700: only the owner may list the keys."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -75,12 +91,34 @@ def write_secret_file(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class KeyFileError(ValueError):
+    """A key file is not a private regular file of the right size."""
+
+
 def load_secret(path: Path, size: int = KEY_BYTES) -> bytes:
     """Read a key file. Never creates one: keys are made once, by ``dropvault init``
-    (:func:`create_secret`); a missing file raises ``FileNotFoundError``."""
-    data = path.read_bytes()
+    (:func:`create_secret`); a missing file raises ``FileNotFoundError``.
+
+    The file must be a regular file (not a symlink, device or FIFO), readable by its
+    owner only (no group or other bits), of exactly ``size`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise KeyFileError(f"key file {path.name} cannot be opened (a symlink?)") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyFileError(f"key file {path.name} is not a regular file")
+        if info.st_mode & 0o077:
+            raise KeyFileError(
+                f"key file {path.name} is readable by others (mode"
+                f" {stat.S_IMODE(info.st_mode):04o}): chmod 600 it"
+            )
+        data = fh.read(size + 1)
     if len(data) != size:
-        raise ValueError(f"key file {path.name} must hold exactly {size} bytes")
+        raise KeyFileError(f"key file {path.name} must hold exactly {size} bytes")
     return data
 
 
@@ -109,15 +147,23 @@ class Keystore:
 
     FILE = "keystore.sqlite"
 
-    def __init__(self, directory: Path, kek: bytes) -> None:
+    def __init__(self, directory: Path, kek: bytes, create: bool = False) -> None:
+        """Open the keystore under ``directory``; only ``create`` (``dropvault init``) may
+        make the file. A missing or empty one raises :class:`MissingKeystoreError`: making
+        a new one would strand every object sealed under the old record keys."""
         if len(kek) != KEY_BYTES:
             raise ValueError("the KEK must be 32 bytes (AES-256)")
         self.directory = Path(directory)
-        private_dir(self.directory)
         self.path = self.directory / self.FILE
         self._kek = kek
         self._cache: dict[str, bytes] = {}
-        if not self.path.exists():
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            if not create:
+                raise MissingKeystoreError(
+                    f"{self.directory.name}/{self.FILE} is missing or empty: restore it from"
+                    " a backup (record keys cannot be made again)"
+                )
+            private_dir(self.directory)
             # Create the file 0600 before SQLite opens it (two workers may race here).
             with suppress(FileExistsError):
                 write_secret_file(self.path, b"")
@@ -147,12 +193,19 @@ class Keystore:
         Only ``dropvault init`` (``storage.home``) and tests call this."""
         directory = Path(directory)
         if not (directory / "kek.key").exists() and not (directory / "kek.key.new").exists():
+            stored = stored_key_count(directory / cls.FILE)
+            if stored:
+                # A new KEK here would orphan every existing key: refuse, and make nothing.
+                raise MissingKEKError(
+                    f"the keystore holds {stored} record keys but {directory.name}/kek.key is"
+                    " missing: restore the key file or set DROPVAULT_KEK"
+                )
             with suppress(FileExistsError):  # another process made it first
                 create_secret(directory / "kek.key")
-        return cls.local(directory)
+        return cls.local(directory, create=True)
 
     @classmethod
-    def local(cls, directory: Path) -> Keystore:
+    def local(cls, directory: Path, create: bool = False) -> Keystore:
         """The embedded default: the KEK in ``directory/kek.key`` (0600). Never makes one: a
         missing file raises :class:`MissingKEKError` (``dropvault init`` makes it).
 
@@ -179,7 +232,7 @@ class Keystore:
                 )
         pending = directory / "kek.key.new"
         if pending.exists():
-            store = cls(directory, pending.read_bytes())
+            store = cls(directory, load_secret(pending), create=create)
             with store._connect() as con:
                 used = con.execute(
                     "SELECT count(*) FROM record_keys WHERE kek_id = ?", (store.kek_id,)
@@ -194,11 +247,16 @@ class Keystore:
             raise MissingKEKError(
                 f"{directory.name}/kek.key is missing: restore the key file or set DROPVAULT_KEK"
             ) from None
-        return cls(directory, kek)
+        return cls(directory, kek, create=create)
 
     @property
     def kek_id(self) -> str:
         return kek_id(self._kek)
+
+    @property
+    def kek_check_key(self) -> bytes:
+        """The KEK itself, for :meth:`HomeRecord.verify` only (never log or store it)."""
+        return self._kek
 
     @property
     def kek_check(self) -> str:

@@ -79,6 +79,19 @@ HOSTILE = [
     "CREATE MACRO m() AS 1",
     "PIVOT instances ON modality",
     "",
+    # Found by an outside review: spellings, table macros, functions with side effects.
+    "SELECT * FROM __DUCKLAKE_METADATA_LAKE.main.ducklake_data_file",
+    "SELECT * FROM __ducklake_metadata_lake.pg_catalog.pg_authid",
+    "SELECT * FROM histogram('__ducklake_metadata_lake.pg_catalog.pg_shadow', usename)",
+    "SELECT * FROM histogram('studies', owner)",
+    "SELECT * FROM lake.merge_adjacent_files()",
+    "SELECT * FROM enable_logging(level:='trace', storage:='file', storage_path:='{home}')",
+    "SELECT * FROM pandas_scan(NULL)",
+    "SELECT * FROM python_map_function(NULL, NULL, NULL)",
+    "SELECT current_setting('allowed_paths')",
+    "SELECT * FROM duckdb_databases()",
+    "SELECT * FROM duckdb_secrets()",
+    "SELECT * FROM which_secret('s3://x', 's3')",
 ]
 
 ANALYST = [
@@ -226,6 +239,29 @@ def test_notebook_reader_is_confined_too(
     with pytest.raises(QueryRefused):
         reader.sql("DELETE FROM instances")
     assert int(reader.sql("SELECT count(*) AS n FROM instances")["n"][0]) == 3
+
+
+def test_reader_spills_nothing_and_has_a_memory_limit(
+    analyst_home: tuple[Path, dict[str, str], PostgresServer | None, str | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One huge query must not fill the home's disk with spill files or take the machine's
+    memory: no temp directory, and the reader's own memory limit."""
+    _, env, _, _ = analyst_home
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DROPVAULT_READER_MEMORY_LIMIT", "300MB")
+    catalog = Settings.load().reader_catalog()
+    with catalog._connect(read_only=True) as con:
+        row = con.execute(
+            "SELECT current_setting('temp_directory'), current_setting('memory_limit')"
+        ).fetchone()
+    assert row is not None and row[0] == "" and row[1].startswith("28")  # 286.1 MiB
+    with pytest.raises(duckdb.OutOfMemoryException):
+        catalog.query(
+            "SELECT count(*) FROM (SELECT r, repeat('x', 200) || r::VARCHAR AS s"
+            " FROM range(5000000) t(r) ORDER BY s DESC)"
+        )
 
 
 def test_connection_itself_is_confined_without_the_guard(

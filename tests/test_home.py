@@ -186,6 +186,7 @@ def test_a_local_key_file_replaced_is_refused(
     assert code == 1 and "DROPVAULT_PEPPER" in out and "pepper.key is missing" in out
     assert not pepper.exists()
     pepper.write_bytes(b"x" * 32)
+    pepper.chmod(0o600)
     code, out = cli(dict(os.environ), "ingest")
     assert code == 1 and "DROPVAULT_PEPPER" in out and "check value differs" in out
     kek = tmp_path / "h" / "keys" / "kek.key"
@@ -242,3 +243,113 @@ def test_kek_sealed_by_kms(
     clean_env.setenv("DROPVAULT_KEK", b64(b"k" * 32))
     code, out = cli(dict(os.environ), "status")
     assert code == 1 and "DROPVAULT_KEK_KMS_KEY_ID" in out
+
+
+def test_a_missing_or_empty_keystore_is_refused_not_remade(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("DROPVAULT_HOME", str(tmp_path / "h"))
+    Settings.load().init_home()
+    store = tmp_path / "h" / "keys" / "keystore.sqlite"
+    saved = store.read_bytes()
+    for broken in ("missing", "empty"):
+        if broken == "missing":
+            store.unlink()
+        else:
+            store.write_bytes(b"")
+        code, out = cli(dict(os.environ), "status")
+        assert code == 1 and "DROPVAULT_KEYS_DIR" in out and "restore it" in out, out
+        assert (not store.exists()) if broken == "missing" else store.read_bytes() == b""
+    store.write_bytes(saved)
+    # With the KEK as a setting, a mistyped keys folder is refused, and not made.
+    kek = (tmp_path / "h" / "keys" / "kek.key").read_bytes()
+    env = {**os.environ, "DROPVAULT_KEK": b64(kek), "DROPVAULT_KEYS_DIR": str(tmp_path / "typo")}
+    code, out = cli(env, "status")
+    assert code == 1 and "DROPVAULT_KEYS_DIR" in out and not (tmp_path / "typo").exists()
+
+
+def test_init_makes_no_key_where_data_already_exists(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    """A home that lost its record and a key: init must not mint a replacement (a new pepper
+    gives every patient a new pseudonym; a new KEK strands every record key)."""
+    root = tmp_path / "h"
+    clean_env.setenv("DROPVAULT_HOME", str(root))
+    clean_env.setenv("DROPVAULT_QUIET_SECONDS", "0")
+    settings = Settings.load()
+    settings.init_home()
+    _drop_study(settings, 4, "d1")
+    assert ingest_drops(settings=settings).ingested == 2
+    keys = root / "keys"
+    record = (root / HomeRecord.FILE).read_bytes()
+    pepper, kek = (keys / "pepper.key").read_bytes(), (keys / "kek.key").read_bytes()
+
+    (root / HomeRecord.FILE).unlink()
+    (keys / "pepper.key").unlink()
+    code, out = cli(dict(os.environ), "init")
+    assert code == 1 and "DROPVAULT_PEPPER" in out and "already holds data" in out, out
+    assert not (keys / "pepper.key").exists() and not (root / HomeRecord.FILE).exists()
+
+    (keys / "pepper.key").write_bytes(pepper)
+    (keys / "pepper.key").chmod(0o600)
+    (keys / "kek.key").unlink()
+    code, out = cli(dict(os.environ), "init")
+    assert code == 1 and "DROPVAULT_KEK" in out and "record keys" in out, out
+    assert not (keys / "kek.key").exists()
+
+    # Restored keys are adopted, and the home works again.
+    (keys / "kek.key").write_bytes(kek)
+    (keys / "kek.key").chmod(0o600)
+    code, out = cli(dict(os.environ), "init")
+    assert code == 0 and "made dropvault home" in out, out
+    assert (
+        json.loads((root / HomeRecord.FILE).read_bytes())["kek_check"]
+        == json.loads(record)["kek_check"]
+    )
+    assert (
+        Settings.load().build_home().catalog.query("SELECT count(*) AS n FROM instances")["n"][0]
+        == 2
+    )
+
+
+def test_key_files_must_be_private_regular_files(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("DROPVAULT_HOME", str(tmp_path / "h"))
+    home, _ = Settings.load().init_home()
+    assert home.pepper.hex() not in repr(home) and repr(home.pepper) not in repr(home)
+    keys = tmp_path / "h" / "keys"
+    (keys / "kek.key").chmod(0o644)
+    code, out = cli(dict(os.environ), "status")
+    assert code == 1 and "DROPVAULT_KEK" in out and "chmod 600" in out, out
+    (keys / "kek.key").chmod(0o600)
+    copy = tmp_path / "pepper.copy"
+    copy.write_bytes((keys / "pepper.key").read_bytes())
+    copy.chmod(0o600)
+    (keys / "pepper.key").unlink()
+    (keys / "pepper.key").symlink_to(copy)
+    code, out = cli(dict(os.environ), "ingest")
+    assert code == 1 and "DROPVAULT_PEPPER" in out and "symlink" in out, out
+
+
+def test_a_password_in_the_catalog_url_is_refused(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    env = {
+        "DROPVAULT_HOME": str(tmp_path / "h"),
+        "DROPVAULT_CATALOG_URL": "ducklake:postgres:dbname=x host=db password=Hunter2Secret",
+        "DROPVAULT_CATALOG_DATA_URL": "s3://b/lake/",
+    }
+    code, out = cli(env, "status")
+    assert code == 1 and "DROPVAULT_CATALOG_URL" in out and "PGPASSWORD" in out
+    assert "Hunter2Secret" not in out
+
+
+def test_incident_on_a_home_never_made_is_one_line(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    code, out = cli(
+        {"DROPVAULT_HOME": str(tmp_path / "nope")}, "incident", "--user", "u", "--study", "1.2"
+    )
+    assert code == 1 and out.count("\n") == 1 and "run dropvault init" in out, out
+    assert not (tmp_path / "nope").exists()
