@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     lock_timeout_seconds: float = Field(default=120.0, gt=0)
     # DuckDB memory limit of each read-only catalog connection (analysts' queries; no spill).
     reader_memory_limit: str = "4GB"
+    # A read-only query is stopped after this; below the writers' lock timeout, so a long
+    # notebook query cannot make a flow's commit give up.
+    reader_timeout_seconds: float = Field(default=60.0, gt=0)
     region: str = "local"
     deletion_at_risk_hours: float = Field(default=6.0, gt=0)
     sweep_batch: int = Field(default=500, gt=0)
@@ -141,7 +144,10 @@ class Settings(BaseSettings):
     def _no_password(cls, value: str | None, info: Any) -> str | None:
         # A password in the conninfo would be shown by duckdb_databases() and stored with
         # every flow run's parameters: libpq reads PGPASSWORD or ~/.pgpass instead.
-        if value is not None and re.search(r"password\s*=", value, re.IGNORECASE):
+        if value is not None and (
+            re.search(r"password\s*=", value, re.IGNORECASE)
+            or re.search(r"://[^/@\s]*:[^/@\s]*@", value)  # postgresql://user:secret@host
+        ):
             raise ValueError(
                 f"DROPVAULT_{info.field_name.upper()} must not hold a password:"
                 " use PGPASSWORD or a .pgpass file"
@@ -285,7 +291,8 @@ class Settings(BaseSettings):
 
     @property
     def keys_path(self) -> Path:
-        return (self.keys_dir or self.home / "keys").resolve()
+        # Not resolved: a keys folder that is a symlink must be seen, and refused.
+        return (self.keys_dir or self.home.resolve() / "keys").absolute()
 
     def check_home(self) -> HomeRecord:
         """The home's record; a folder never made a home stops here, and nothing is created."""
@@ -346,7 +353,7 @@ class Settings(BaseSettings):
         try:
             if kek is not None:
                 record.verify("kek", kek, name)
-                return Keystore(self.keys_path, kek)
+                return self._same_keystore(record, Keystore(self.keys_path, kek))
             keystore = Keystore.local(self.keys_path)
         except KeyCheckError as exc:
             raise SettingsError(f"invalid setting: {exc}") from None
@@ -358,6 +365,14 @@ class Settings(BaseSettings):
             record.verify("kek", keystore.kek_check_key, "keys/kek.key")
         except KeyCheckError as exc:
             raise SettingsError(f"invalid setting: DROPVAULT_KEK: {exc}") from None
+        return self._same_keystore(record, keystore)
+
+    @staticmethod
+    def _same_keystore(record: HomeRecord, keystore: Keystore) -> Keystore:
+        try:
+            record.verify_keystore(keystore)
+        except KeyCheckError as exc:
+            raise SettingsError(f"invalid setting: DROPVAULT_KEYS_DIR: {exc}") from None
         return keystore
 
     def check_keys(self) -> tuple[Keystore, bytes]:
@@ -428,6 +443,7 @@ class Settings(BaseSettings):
             lock_timeout=self.lock_timeout_seconds,
             write_guard=functools.partial(catalog_write_slot, self.lock_timeout_seconds),
             reader_memory_limit=self.reader_memory_limit,
+            reader_timeout=self.reader_timeout_seconds,
         )
 
     def build_home(self) -> Home:
@@ -459,6 +475,7 @@ class Settings(BaseSettings):
             self.catalog_target(),
             lock_timeout=self.lock_timeout_seconds,
             reader_memory_limit=self.reader_memory_limit,
+            reader_timeout=self.reader_timeout_seconds,
         )
 
 

@@ -34,6 +34,7 @@ import duckdb
 from storage import ducklake
 from storage.confinement import READER_MEMORY_LIMIT, check_query, reader_config
 from storage.ducklake import Lake
+from storage.errors import TerminalError, TransientError
 
 if TYPE_CHECKING:  # annotations only (DuckDB imports pandas itself for .df() and params)
     import pandas as pd
@@ -44,15 +45,19 @@ DUCKDB_ONLY = "-- duckdb-only"
 SERIAL_WRITES_VERSION = 7  # the migration that adds catalog_writes, which serializes writes
 
 
-class CatalogBusyError(RuntimeError):
+class QueryTimeoutError(TransientError, RuntimeError):
+    """A read-only query ran past the reader timeout and was interrupted."""
+
+
+class CatalogBusyError(TransientError, RuntimeError):
     """The catalog stayed locked by another process for longer than the lock timeout."""
 
 
-class CatalogUnreadableError(RuntimeError):
+class CatalogUnreadableError(TerminalError, RuntimeError):
     """The catalog file exists but DuckDB cannot open it (corrupt, truncated, not DuckDB)."""
 
 
-class CatalogMissingError(FileNotFoundError):
+class CatalogMissingError(TerminalError, FileNotFoundError):
     """The catalog file does not exist yet (no flow has written it)."""
 
 
@@ -106,6 +111,11 @@ def _schema() -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, str]]]:
     for table, column, data_type in columns:
         types.setdefault(table, {})[column] = data_type
     return {t: keys[t] for t in types if t in keys}, types
+
+
+def relations() -> frozenset[str]:
+    """Every table and view the migrations make, lower-cased: what a reader may name."""
+    return frozenset(t.lower() for t in _schema()[1]) | {"schema_migrations"}
 
 
 def _indexed(con: duckdb.DuckDBPyConnection, table: str) -> bool:
@@ -184,14 +194,25 @@ class CatalogReader:
     def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
 
-    @staticmethod
     def _run(
+        self,
         con: duckdb.DuckDBPyConnection,
         query: str,
         params: Sequence[Any] | dict[str, Any] | None,
     ) -> pd.DataFrame:
-        checked = check_query(con, query)
-        return con.execute(checked, params).df() if params else con.execute(checked).df()
+        checked = check_query(con, query, relations(), self._catalog.database_names)
+        # A reader holds the DuckDB file's lock while it runs: interrupt it at the timeout, so
+        # a long notebook query cannot keep a flow's writer waiting past its own timeout.
+        timeout = self._catalog.reader_timeout
+        timer = threading.Timer(timeout, con.interrupt)
+        timer.daemon = True
+        timer.start()
+        try:
+            return (con.execute(checked, params) if params else con.execute(checked)).df()
+        except duckdb.InterruptException:
+            raise QueryTimeoutError(f"the query ran past {timeout:g} s and was stopped") from None
+        finally:
+            timer.cancel()
 
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pd.DataFrame:
         return self.many([(query, params)])[0]
@@ -238,6 +259,7 @@ class Catalog:
         lock_timeout: float = 120.0,
         write_guard: Callable[[], AbstractContextManager[object]] | None = None,
         reader_memory_limit: str = READER_MEMORY_LIMIT,
+        reader_timeout: float = 60.0,
     ) -> None:
         self.lake = target if isinstance(target, Lake) else None
         self._path = None if isinstance(target, Lake) else Path(target)
@@ -246,6 +268,7 @@ class Catalog:
         # concurrency slot so writers queue on the server instead of spinning on the lock.
         self.write_guard = write_guard
         self.reader_memory_limit = reader_memory_limit  # each read-only connection's cap
+        self.reader_timeout = reader_timeout  # seconds before a read-only query is stopped
         self._migrated = False
         self._db: duckdb.DuckDBPyConnection | None = None
         self._reader_db: duckdb.DuckDBPyConnection | None = None  # DuckLake, confined
@@ -257,6 +280,13 @@ class Catalog:
         if self._path is None:
             raise AttributeError("a DuckLake catalog has no local file")
         return self._path
+
+    @property
+    def database_names(self) -> frozenset[str]:
+        """The names a query may qualify the catalog's tables with (``lake.t``, ``catalog.t``)."""
+        if self.lake is not None:
+            return frozenset({ducklake.ALIAS})
+        return frozenset({self.path.stem.lower()})
 
     @property
     def backend(self) -> str:

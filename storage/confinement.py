@@ -55,8 +55,6 @@ ALLOWED_TABLE_FUNCTIONS = frozenset(
         "range",
         "generate_series",
         "unnest",
-        "repeat",
-        "repeat_row",
         "json_each",
         "json_tree",
         "duckdb_tables",
@@ -117,6 +115,7 @@ class _Names:
         self.functions: set[str] = set()
         self.table_functions: set[str] = set()
         self.tables: set[tuple[str, str, str]] = set()
+        self.ctes: set[str] = set()
         self._walk(tree)
 
     def _walk(self, tree: Any) -> None:
@@ -124,6 +123,9 @@ class _Names:
             name = tree.get("function_name")
             if isinstance(name, str):
                 self.functions.add(name.lower())
+            cte_map = tree.get("cte_map")
+            if isinstance(cte_map, dict):
+                self.ctes |= {str(e.get("key", "")).lower() for e in cte_map.get("map", [])}
             if tree.get("type") == "TABLE_FUNCTION":
                 function = tree.get("function") or {}
                 self.table_functions.add(str(function.get("function_name", "?")).lower())
@@ -141,8 +143,24 @@ class _Names:
                 self._walk(value)
 
 
-def check_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
-    """The one SELECT statement in ``query``, or :class:`QueryRefused` saying why not."""
+# Of DuckDB's own views, only these (a table's columns); pg_settings, duckdb_databases and
+# the like show settings and attached connection strings.
+ALLOWED_SYSTEM_VIEWS = frozenset(
+    {("information_schema", "tables"), ("information_schema", "columns")}
+)
+
+
+def check_query(
+    con: duckdb.DuckDBPyConnection,
+    query: str,
+    relations: frozenset[str] | None = None,
+    catalogs: frozenset[str] = frozenset(),
+) -> str:
+    """The one SELECT statement in ``query``, or :class:`QueryRefused` saying why not.
+
+    ``relations``: the catalog's own tables and views; a table reference must name one of
+    them (or a CTE of the query, or ``information_schema.tables``/``columns``), in the
+    default schema of the default catalog or of ``catalogs``. None skips that rule."""
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
@@ -168,6 +186,27 @@ def check_query(con: duckdb.DuckDBPyConnection, query: str) -> str:
             METADATA_CATALOG_PREFIX
         ):
             raise QueryRefused(f"{ONE_QUERY}: the lake's metadata is not readable here")
-        if any(c in table for c in "/\\:.") or table.startswith("~"):
+        if any(c in part for part in (catalog, schema, table) for c in "/\\:.*?"):
             raise QueryRefused(f"{ONE_QUERY}: a file path is not a table")
+        if relations is not None and not _known(catalog, schema, table, relations, catalogs, names):
+            raise QueryRefused(f"{ONE_QUERY}: {table} is not a table of the catalog")
     return statement.query
+
+
+def _known(
+    catalog: str,
+    schema: str,
+    table: str,
+    relations: frozenset[str],
+    catalogs: frozenset[str],
+    names: _Names,
+) -> bool:
+    if (schema, table) in ALLOWED_SYSTEM_VIEWS and catalog in ("", *catalogs):
+        return True
+    if not catalog and not schema and table in names.ctes:
+        return True
+    # a, main.a, <db>.a (two parts: DuckDB tries the schema, then the catalog), <db>.main.a
+    plain = (catalog, schema) in (("", ""), ("", "main")) or (
+        (not catalog and schema in catalogs) or (catalog in catalogs and schema in ("", "main"))
+    )
+    return plain and table in relations

@@ -65,6 +65,7 @@ class HomeRecord:
     pepper_check: str
     created_at: str
     format: int = 1
+    keystore_id: str = ""  # the keystore's own id (``keystore_meta``): another is refused
 
     FILE = "dropvault-home.json"
 
@@ -87,6 +88,13 @@ class HomeRecord:
         data = json.dumps(asdict(self), indent=2).encode()
         write_secret_file(Path(root) / self.FILE, data)
 
+    def verify_keystore(self, keystore: Keystore) -> None:
+        if self.keystore_id and keystore.keystore_id != self.keystore_id:
+            raise KeyCheckError(
+                "kek",
+                "keys/keystore.sqlite is not the keystore this home was made with; restore it",
+            )
+
     def verify(self, which: KeyName, key: bytes, given_as: str) -> None:
         """Raise :class:`KeyCheckError` unless ``key`` is the one this home was made with."""
         if check_value(key) != getattr(self, f"{which}_check"):
@@ -105,14 +113,17 @@ def require_record(root: Path) -> HomeRecord:
     return record
 
 
-def new_record(pepper: bytes, kek_source: str, pepper_source: str, kek_check: str) -> HomeRecord:
-    """A record for a new home (``kek_check`` from :attr:`Keystore.kek_check`)."""
+def new_record(
+    pepper: bytes, kek_source: str, pepper_source: str, keystore: Keystore
+) -> HomeRecord:
+    """A record for a new home: check values of its keys, and its keystore's id."""
     return HomeRecord(
         kek_source=kek_source,
         pepper_source=pepper_source,
-        kek_check=kek_check,
+        kek_check=keystore.kek_check,
         pepper_check=check_value(pepper),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        keystore_id=keystore.keystore_id,
     )
 
 
@@ -138,13 +149,13 @@ def catalog_holds_data(catalog: Catalog) -> bool:
         return False
     if catalog.lake is not None:
         catalog.migrate()  # a reader cannot attach a lake that was never made
-    try:
-        n = catalog.query(
-            "SELECT (SELECT count(*) FROM studies) + (SELECT count(*) FROM tombstones) AS n"
-        )["n"][0]
-    except duckdb.CatalogException:
-        return False  # never migrated: no table, no data
-    return bool(n)
+    for table in ("studies", "instances", "objects", "tombstones", "quarantine"):
+        try:
+            if catalog.query(f"SELECT count(*) AS n FROM {table}")["n"][0]:  # noqa: S608
+                return True
+        except duckdb.CatalogException:
+            continue  # an older catalog, migrated only part way: this table is not there yet
+    return False
 
 
 def init_keys(
@@ -165,11 +176,27 @@ def init_keys(
     """
     private_dir(keys)
     stored = stored_key_count(keys / Keystore.FILE)
+    holds = bool(stored) or catalog_holds_data(catalog)
+    makes_kek = (kek is None and new_kek is not None) or (
+        kek is None and not (keys / "kek.key").exists() and not (keys / "kek.key.new").exists()
+    )
+    makes_pepper = pepper is None and not (
+        (keys / "pepper.key").exists() or (keys / "pepper.key").is_symlink()
+    )
+    # Everything is checked before anything is made: a refusal leaves no new key behind.
+    if makes_kek and holds:
+        raise KeyCheckError(
+            "kek",
+            f"the KEK is missing and this home already holds data ({stored} record keys):"
+            " restore it (a new one would strand every record key)",
+        )
+    if makes_pepper and holds:
+        raise KeyCheckError(
+            "pepper",
+            f"{keys.name}/pepper.key is missing and this home already holds data:"
+            " restore the pepper (a new one would give every patient a new pseudonym)",
+        )
     if kek is None and new_kek is not None:
-        if stored:
-            raise KeyCheckError(
-                "kek", f"the keystore holds {stored} record keys but their KEK is missing"
-            )
         kek = new_kek()
     try:
         keystore = (
@@ -179,20 +206,11 @@ def init_keys(
         raise KeyCheckError("kek", str(exc)) from None
     pepper_source = "file" if pepper is None else "env"
     if pepper is None:
-        path = keys / "pepper.key"
-        if path.exists() or path.is_symlink():
-            pepper = local_pepper(keys, None)  # adopted, or refused; never replaced
-        elif stored or catalog_holds_data(catalog):
-            raise KeyCheckError(
-                "pepper",
-                f"{keys.name}/pepper.key is missing and this home already holds data:"
-                " restore the pepper (a new one would give every patient a new pseudonym)",
-            )
-        else:
+        if makes_pepper:
             with suppress(FileExistsError):  # another process made it first
-                create_secret(path)
-            pepper = local_pepper(keys, None)
-    return keystore, pepper, new_record(pepper, kek_source, pepper_source, keystore.kek_check)
+                create_secret(keys / "pepper.key")
+        pepper = local_pepper(keys, None)  # adopted, or refused; never replaced
+    return keystore, pepper, new_record(pepper, kek_source, pepper_source, keystore)
 
 
 @dataclass
@@ -240,6 +258,7 @@ class Home:
             raise KeyCheckError(
                 "kek", "keys/kek.key is not the KEK this home was made with; restore the right key"
             )
+        record.verify_keystore(keystore)
         pepper = local_pepper(keys, record)
         record.verify("pepper", pepper, "keys/pepper.key")
         locations = {}

@@ -95,6 +95,22 @@ class KeyFileError(ValueError):
     """A key file is not a private regular file of the right size."""
 
 
+def check_private(path: Path, what: str = "key file") -> os.stat_result:
+    """Refuse a key file, keystore or keys folder that is a symlink, not ours, or open to
+    others (the folder: mode 0700; a file: no group or other bits)."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise KeyFileError(f"{what} {path.name} is a symlink: keys must be plain files")
+    if info.st_uid != os.getuid():
+        raise KeyFileError(f"{what} {path.name} belongs to another user")
+    if info.st_mode & 0o077:
+        raise KeyFileError(
+            f"{what} {path.name} is open to others (mode {stat.S_IMODE(info.st_mode):04o}):"
+            f" chmod {'700' if stat.S_ISDIR(info.st_mode) else '600'} it"
+        )
+    return info
+
+
 def load_secret(path: Path, size: int = KEY_BYTES) -> bytes:
     """Read a key file. Never creates one: keys are made once, by ``dropvault init``
     (:func:`create_secret`); a missing file raises ``FileNotFoundError``.
@@ -111,6 +127,8 @@ def load_secret(path: Path, size: int = KEY_BYTES) -> bytes:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise KeyFileError(f"key file {path.name} is not a regular file")
+        if info.st_uid != os.getuid():
+            raise KeyFileError(f"key file {path.name} belongs to another user")
         if info.st_mode & 0o077:
             raise KeyFileError(
                 f"key file {path.name} is readable by others (mode"
@@ -157,21 +175,38 @@ class Keystore:
         self.path = self.directory / self.FILE
         self._kek = kek
         self._cache: dict[str, bytes] = {}
+        self.keystore_id = ""
+        if not create and not self._has_table():
+            raise MissingKeystoreError(
+                f"{self.directory.name}/{self.FILE} is missing, empty or not a keystore:"
+                " restore it from a backup (record keys cannot be made again)"
+            )
         if not self.path.exists() or self.path.stat().st_size == 0:
-            if not create:
-                raise MissingKeystoreError(
-                    f"{self.directory.name}/{self.FILE} is missing or empty: restore it from"
-                    " a backup (record keys cannot be made again)"
-                )
             private_dir(self.directory)
             # Create the file 0600 before SQLite opens it (two workers may race here).
             with suppress(FileExistsError):
                 write_secret_file(self.path, b"")
+        check_private(self.directory, "keys folder")
+        check_private(self.path, "keystore")
         with self._connect() as con:
             con.execute(
                 "CREATE TABLE IF NOT EXISTS record_keys ("
                 " key_id TEXT PRIMARY KEY, wrapped BLOB, kek_id TEXT NOT NULL,"
                 " created_at TEXT NOT NULL, destroyed_at TEXT)"
+            )
+            # An id of this keystore, recorded in the home: another keystore (an empty one,
+            # or another home's) is refused at start instead of being used.
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS keystore_meta (name TEXT PRIMARY KEY, value TEXT)"
+            )
+            con.execute(
+                "INSERT OR IGNORE INTO keystore_meta VALUES ('keystore_id', ?)",
+                ("ks_" + secrets.token_hex(12),),
+            )
+            self.keystore_id = str(
+                con.execute(
+                    "SELECT value FROM keystore_meta WHERE name = 'keystore_id'"
+                ).fetchone()[0]
             )
             sample = con.execute(
                 "SELECT wrapped FROM record_keys WHERE destroyed_at IS NULL LIMIT 1"
@@ -185,6 +220,19 @@ class Keystore:
                     "the KEK does not unwrap this keystore's record keys (wrong DROPVAULT_KEK"
                     " or key file?)"
                 ) from None
+
+    def _has_table(self) -> bool:
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return False
+        with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as con:
+            try:
+                row = con.execute(
+                    "SELECT count(*) FROM sqlite_master"
+                    " WHERE type = 'table' AND name = 'record_keys'"
+                ).fetchone()
+            except sqlite3.DatabaseError:
+                return False
+        return bool(row and row[0])
 
     @classmethod
     def create_local(cls, directory: Path) -> Keystore:
@@ -232,11 +280,14 @@ class Keystore:
                 )
         pending = directory / "kek.key.new"
         if pending.exists():
-            store = cls(directory, load_secret(pending), create=create)
-            with store._connect() as con:
-                used = con.execute(
-                    "SELECT count(*) FROM record_keys WHERE kek_id = ?", (store.kek_id,)
-                ).fetchone()[0]
+            try:
+                store = cls(directory, load_secret(pending), create=create)
+                with store._connect() as con:
+                    used = con.execute(
+                        "SELECT count(*) FROM record_keys WHERE kek_id = ?", (store.kek_id,)
+                    ).fetchone()[0]
+            except WrongKEKError:
+                used = 0  # the rotation stopped before its commit: the old KEK still rules
             if used:
                 pending.replace(directory / "kek.key")
             else:

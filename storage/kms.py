@@ -16,7 +16,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from storage.keystore import KEY_BYTES, private_dir, write_secret_file
+from storage.keystore import KEY_BYTES, check_private, private_dir, write_secret_file
+
+MAX_BLOB = 4096  # a KMS ciphertext blob of a 32-byte key is ~184 bytes
 
 BLOB_FILE = "kek.kms"
 
@@ -51,13 +53,22 @@ def create_kek(client: Any, key_id: str, directory: Path) -> bytes:
     return kek
 
 
-def open_kek(client: Any, key_id: str, directory: Path) -> bytes:
-    """The KEK, decrypted by KMS under ``key_id`` (a blob under another key is refused)."""
-    path = blob_path(directory)
+def _read_blob(path: Path) -> bytes:
+    """The blob: a private regular file of a plausible size, never a symlink."""
     try:
-        blob = path.read_bytes()
+        check_private(path)
     except FileNotFoundError:
         raise KmsKekError(f"{path.parent.name}/{path.name} is missing") from None
+    except ValueError as exc:
+        raise KmsKekError(str(exc)) from None
+    if not path.is_file() or path.stat().st_size > MAX_BLOB:
+        raise KmsKekError(f"{path.name} is not a KMS ciphertext blob")
+    return path.read_bytes()
+
+
+def open_kek(client: Any, key_id: str, directory: Path) -> bytes:
+    """The KEK, decrypted by KMS under ``key_id`` (a blob under another key is refused)."""
+    blob = _read_blob(blob_path(directory))
     try:
         plain = client.decrypt(CiphertextBlob=blob, KeyId=key_id)
     except Exception as exc:  # noqa: BLE001
@@ -74,16 +85,14 @@ def rotate_kek(client: Any, old_key_id: str, new_key_id: str, directory: Path) -
     The new blob is checked to decrypt before it replaces the old one, and the swap
     is a rename, so a failure at any point leaves a blob that opens."""
     path = blob_path(directory)
+    blob = _read_blob(path)
     try:
-        blob = path.read_bytes()
         made = client.re_encrypt(
             CiphertextBlob=blob, SourceKeyId=old_key_id, DestinationKeyId=new_key_id
         )
         new_blob = bytes(made["CiphertextBlob"])
         before = client.decrypt(CiphertextBlob=blob, KeyId=old_key_id)["Plaintext"]
         after = client.decrypt(CiphertextBlob=new_blob, KeyId=new_key_id)["Plaintext"]
-    except FileNotFoundError:
-        raise KmsKekError(f"{path.parent.name}/{path.name} is missing") from None
     except Exception as exc:  # noqa: BLE001
         raise _error("ReEncrypt", exc) from None
     if before != after:

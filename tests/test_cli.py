@@ -288,7 +288,7 @@ def test_ducklake_without_its_data_url_fails_at_start(tmp_path: Path) -> None:
         tmp_path / "h",
         "status",
         check=False,
-        DROPVAULT_CATALOG_URL="ducklake:postgres:dbname=x host=127.0.0.1 password=hunter2",
+        DROPVAULT_CATALOG_URL="ducklake:postgres:dbname=x host=127.0.0.1 user=hunter2",
     )
     assert proc.returncode == 1
     assert "DROPVAULT_CATALOG_DATA_URL" in proc.stderr and "hunter2" not in proc.stderr

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +93,16 @@ HOSTILE = [
     "SELECT * FROM duckdb_databases()",
     "SELECT * FROM duckdb_secrets()",
     "SELECT * FROM which_secret('s3://x', 's3')",
+    # A second review: system views, a path in the schema part, internal errors.
+    "SELECT database_name, path FROM duckdb_databases",
+    "SELECT name, setting FROM pg_settings",
+    "SELECT * FROM pragma_database_list",
+    "SELECT * FROM duckdb_logs",
+    "SELECT * FROM pg_catalog.pg_settings",
+    'SELECT * FROM "{keys}/kek"."key"',
+    'SELECT * FROM "{home}/**/*"."parquet"',
+    "SELECT * FROM repeat_row(1, num_rows:=NULL)",
+    "SELECT * FROM system.main.duckdb_settings()",
 ]
 
 ANALYST = [
@@ -104,6 +115,9 @@ ANALYST = [
     "WITH q AS (SELECT reason FROM quarantine) SELECT reason, count(*) FROM q GROUP BY 1",
     "DESCRIBE instances",
     "SELECT * FROM deletion_sla",
+    "SELECT table_name FROM information_schema.tables ORDER BY 1",
+    "SELECT count(*) FROM main.instances",
+    "SELECT * FROM range(3) r, studies LIMIT 2",
 ]
 
 
@@ -262,6 +276,21 @@ def test_reader_spills_nothing_and_has_a_memory_limit(
             "SELECT count(*) FROM (SELECT r, repeat('x', 200) || r::VARCHAR AS s"
             " FROM range(5000000) t(r) ORDER BY s DESC)"
         )
+
+
+def test_a_long_query_is_stopped_at_the_reader_timeout(
+    analyst_home: tuple[Path, dict[str, str], PostgresServer | None, str | None],
+) -> None:
+    """A reader holds the DuckDB file's lock: a query that runs on is interrupted, so a
+    notebook cannot keep a flow's writer waiting."""
+    _, env, _, _ = analyst_home
+    started = time.monotonic()
+    code, out = run_sql(
+        {**env, "DROPVAULT_READER_TIMEOUT_SECONDS": "1"},
+        "SELECT count(*) FROM range(100000000000) a",
+    )
+    assert code == 1 and "ran past 1 s" in out, out
+    assert time.monotonic() - started < 30
 
 
 def test_connection_itself_is_confined_without_the_guard(

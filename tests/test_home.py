@@ -353,3 +353,55 @@ def test_incident_on_a_home_never_made_is_one_line(
     )
     assert code == 1 and out.count("\n") == 1 and "run dropvault init" in out, out
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_replaced_keystore_or_a_symlinked_keys_folder_is_refused(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    clean_env.setenv("DROPVAULT_HOME", str(tmp_path / "h"))
+    Settings.load().init_home()
+    keys = tmp_path / "h" / "keys"
+    store = keys / "keystore.sqlite"
+    saved = store.read_bytes()
+    store.unlink()
+    with sqlite3.connect(store) as con:  # a SQLite file, but no keystore
+        con.execute("CREATE TABLE other (x)")
+    store.chmod(0o600)
+    code, out = cli(dict(os.environ), "status")
+    assert code == 1 and "DROPVAULT_KEYS_DIR" in out and "not a keystore" in out, out
+    # Another home's keystore (same KEK file copied too) is not this home's.
+    other = tmp_path / "other"
+    Settings.load(home=other).init_home()
+    store.write_bytes((other / "keys" / "keystore.sqlite").read_bytes())
+    code, out = cli(dict(os.environ), "status")
+    assert code == 1 and "not the keystore this home was made with" in out, out
+    store.write_bytes(saved)
+    assert cli(dict(os.environ), "status")[0] == 0
+    # A keys folder that is a symlink to an open folder.
+    moved = tmp_path / "elsewhere"
+    keys.rename(moved)
+    moved.chmod(0o777)
+    keys.symlink_to(moved)
+    code, out = cli(dict(os.environ), "status")
+    assert code == 1 and "symlink" in out, out
+
+
+def test_init_over_data_with_a_mistyped_keys_folder_makes_no_key(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "h"
+    clean_env.setenv("DROPVAULT_HOME", str(root))
+    clean_env.setenv("DROPVAULT_QUIET_SECONDS", "0")
+    settings = Settings.load()
+    home, _ = settings.init_home()
+    _drop_study(settings, 6, "d1")
+    assert ingest_drops(settings=settings).ingested == 2
+    pepper = b64(home.pepper)
+    (root / HomeRecord.FILE).unlink()  # a home made before records existed
+    env = {**os.environ, "DROPVAULT_KEYS_DIR": str(tmp_path / "typo"), "DROPVAULT_PEPPER": pepper}
+    code, out = cli(env, "init")
+    assert code == 1 and "DROPVAULT_KEK" in out and "already holds data" in out, out
+    assert not (tmp_path / "typo" / "kek.key").exists()
+    assert not (tmp_path / "typo" / "keystore.sqlite").exists()

@@ -56,6 +56,7 @@ def test_interrupted_rotation_recovers_the_new_kek(tmp_path: Path) -> None:
     new_kek = b"\x11" * 32
     store.rotate(new_kek)  # committed, but the key file was never swapped
     (keys / "kek.key.new").write_bytes(new_kek)
+    (keys / "kek.key.new").chmod(0o600)  # as rotate_local writes it
     assert Keystore.local(keys).unwrap(key_id) == key
     assert not (keys / "kek.key.new").exists()
 

@@ -1,0 +1,40 @@
+"""The one vocabulary of outcomes: why a file was quarantined, why a manifest row was refused.
+
+Both are ``StrEnum``\\ s, so a typo is an ``AttributeError`` at import instead of a stray
+string found at run time, and a member is stored, compared and printed as its plain value.
+To add a reason: add a member here, then raise it where it is decided (README: "Where to
+change what").
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class QuarantineReason(StrEnum):
+    """Why a dropped file went to quarantine (the ``quarantine.reason`` column)."""
+
+    NOT_DICOM = "not_dicom"
+    TRUNCATED = "truncated"
+    MISSING_UID = "missing_uid"
+    UID_CONFLICT = "uid_conflict"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    INCOMPLETE_DROP = "incomplete_drop"
+    UNSAFE_NAME = "unsafe_name"
+    TOO_LARGE = "too_large"
+    DELETED_BY_OWNER = "deleted_by_owner"
+
+
+class RejectReason(StrEnum):
+    """Why a share, revoke, disclose or deletion row was refused (``rejected:<reason>``)."""
+
+    MALFORMED = "malformed"
+    MISSING_FIELD = "missing_field"
+    BAD_TIMESTAMP = "bad_timestamp"
+    UNKNOWN_ACTION = "unknown_action"
+    GRANTEE_IS_OWNER = "grantee_is_owner"
+    BAD_KEEP_ARCHIVE = "bad_keep_archive"
+    DUPLICATE_REQUEST_ID = "duplicate_request_id"
+    UNKNOWN_STUDY = "unknown_study"
+    UNKNOWN_OWNER = "unknown_owner"
+    NOT_OWNER = "not_owner"
