@@ -160,74 +160,6 @@ def _hash_stream(src: IO[bytes]) -> str:
     return digest.hexdigest()
 
 
-class _Batch:
-    def __init__(self, home: Home, now: datetime) -> None:
-        self.home = home
-        self.now = now
-        self.vault: Vault = home.vault_store()
-        self.stats = IngestStats()
-        self.quarantined: list[Quarantined] = []
-        self.known_quarantine: set[str] = set()
-        self.to_remove: list[str] = []
-        self.to_quarantine: list[tuple[_Read, str, str, str | None]] = []
-
-    def open_source(self, item: _Read) -> IO[bytes]:
-        if item.data is not None:
-            return io.BytesIO(item.data)
-        return self.home.drops.open(item.file.name, unchecked=True)
-
-    def quarantine(
-        self, item: _Read, reason: str, detail: str, study_uid: str | None = None
-    ) -> None:
-        """Count a file as quarantined; :meth:`write_quarantine` stores it later."""
-        self.stats.quarantined[reason] += 1
-        self.stats.count(item.drop, "quarantined")
-        self.to_remove.append(item.file.name)
-        if item.quarantine_id not in self.known_quarantine:  # else an earlier run stored it
-            self.to_quarantine.append((item, reason, detail, study_uid))
-
-    def quarantine_names(self) -> list[str]:
-        return [
-            quarantine_object_name(i.drop.facility_id, i.drop.drop_id, i.quarantine_id)
-            for i, *_ in self.to_quarantine
-        ]
-
-    def write_quarantine(self) -> None:
-        for item, reason, detail, study_uid in self.to_quarantine:
-            if item.quarantine_id in self.known_quarantine:
-                continue  # the same file listed twice in this batch
-            with self.open_source(item) as src:
-                self.quarantined.append(
-                    quarantine_file(
-                        self.home,
-                        facility_id=item.drop.facility_id,
-                        drop_id=item.drop.drop_id,
-                        source_name=item.file.name,
-                        src=src,
-                        size=item.file.size,
-                        sha256=item.sha256,
-                        reason=reason,
-                        detail=detail,
-                        study_uid=study_uid,
-                        now=self.now,
-                    )
-                )
-            self.known_quarantine.add(item.quarantine_id)
-
-    def read(self, drop: Drop, f: DropFile) -> _Read:
-        drops = self.home.drops
-        if f.size <= IN_MEMORY_MAX:
-            data = drops.read_bytes(f.name, unchecked=True)
-            item = _Read(drop, f, hashlib.sha256(data).hexdigest(), data)
-        else:
-            with drops.open(f.name, unchecked=True) as src:
-                item = _Read(drop, f, _hash_stream(src), None)
-        item.quarantine_id = quarantine_id(
-            self.home.pepper, drop.facility_id, drop.drop_id, f.name, item.sha256
-        )
-        return item
-
-
 def remove_sources(home: Home, work: list[tuple[Drop, DropFile]], names: list[str]) -> int:
     """Delete the handled sources that a fresh listing shows unchanged; returns how many
     were left in place because they changed since they were listed."""
@@ -301,41 +233,127 @@ def _check(item: _Read, max_file_bytes: int) -> tuple[str, str] | None:
     return None
 
 
-def ingest_batch(
-    home: Home,
-    work: list[tuple[Drop, DropFile]],
-    *,
-    max_file_bytes: int,
-    now: datetime | None = None,
-    cpu_turn: AbstractContextManager[object] | None = None,
-) -> IngestStats:
-    """Ingest a batch of files (from one or more drops). Safe to rerun after a crash anywhere.
+@dataclass
+class _Sealed:
+    """One fresh instance planned for the vault: its source, header and object id."""
 
-    ``cpu_turn`` (a lock shared by the batches one run has in flight) is held while the
-    batch reads, parses and looks up its files, and released before it encrypts, writes,
-    syncs and commits.
+    item: _Read
+    header: DicomHeader
+    object_id: str
+
+    @property
+    def name(self) -> str:
+        return Vault.object_name(self.object_id)
+
+
+class _Batch:
+    """One batch's state through the named stages of :func:`ingest_batch`.
+
+    Stages, in the crash-safe order of this module's docstring: :meth:`read`,
+    :meth:`parse`, :meth:`classify`, :meth:`plan`, :meth:`seal`, :meth:`sync`,
+    :meth:`commit`, :meth:`settle`, :meth:`remove`.
     """
-    started = time.perf_counter()
-    now = now or datetime.now(UTC)
-    batch = _Batch(home, now)
-    stats = batch.stats
 
-    # Steps 1-2 (and 3's key set-up) are Python work; batches in flight take turns here, so
-    # one parses while the one before it writes, syncs, commits and removes its sources.
-    with cpu_turn if cpu_turn is not None else nullcontext():
-        # 1. Read, hash and parse.
+    def __init__(
+        self, home: Home, work: list[tuple[Drop, DropFile]], now: datetime, max_file_bytes: int
+    ) -> None:
+        self.home = home
+        self.work = work
+        self.now = now
+        self.max_file_bytes = max_file_bytes
+        self.vault: Vault = home.vault_store()
+        self.stats = IngestStats()
+        self.quarantined: list[Quarantined] = []
+        self.known_quarantine: set[str] = set()
+        self.to_remove: list[str] = []
+        self.to_quarantine: list[tuple[_Read, str, str, str | None]] = []
+        self.study_keys: dict[str, str] = {}  # study UID -> record key id
+        self.new_studies: dict[str, dict[str, Any]] = {}
+        self.instance_rows: list[dict[str, Any]] = []
+        self.object_rows: list[dict[str, Any]] = []
+        self.source_of: dict[str, _Read] = {}  # object id -> what it was read from
+        self.written: list[str] = []  # object names planned for the vault
+        self.pending: str | None = None  # the pending record naming them
+
+    # -- bytes of one file ---------------------------------------------------
+
+    def open_source(self, item: _Read) -> IO[bytes]:
+        if item.data is not None:
+            return io.BytesIO(item.data)
+        return self.home.drops.open(item.file.name, unchecked=True)
+
+    def read_one(self, drop: Drop, f: DropFile) -> _Read:
+        drops = self.home.drops
+        if f.size <= IN_MEMORY_MAX:
+            data = drops.read_bytes(f.name, unchecked=True)
+            item = _Read(drop, f, hashlib.sha256(data).hexdigest(), data)
+        else:
+            with drops.open(f.name, unchecked=True) as src:
+                item = _Read(drop, f, _hash_stream(src), None)
+        item.quarantine_id = quarantine_id(
+            self.home.pepper, drop.facility_id, drop.drop_id, f.name, item.sha256
+        )
+        return item
+
+    # -- quarantine ----------------------------------------------------------
+
+    def quarantine(
+        self, item: _Read, reason: str, detail: str, study_uid: str | None = None
+    ) -> None:
+        """Count a file as quarantined; :meth:`write_quarantine` stores it later."""
+        self.stats.quarantined[reason] += 1
+        self.stats.count(item.drop, "quarantined")
+        self.to_remove.append(item.file.name)
+        if item.quarantine_id not in self.known_quarantine:  # else an earlier run stored it
+            self.to_quarantine.append((item, reason, detail, study_uid))
+
+    def quarantine_names(self) -> list[str]:
+        return [
+            quarantine_object_name(i.drop.facility_id, i.drop.drop_id, i.quarantine_id)
+            for i, *_ in self.to_quarantine
+        ]
+
+    def write_quarantine(self) -> None:
+        for item, reason, detail, study_uid in self.to_quarantine:
+            if item.quarantine_id in self.known_quarantine:
+                continue  # the same file listed twice in this batch
+            with self.open_source(item) as src:
+                self.quarantined.append(
+                    quarantine_file(
+                        self.home,
+                        facility_id=item.drop.facility_id,
+                        drop_id=item.drop.drop_id,
+                        source_name=item.file.name,
+                        src=src,
+                        size=item.file.size,
+                        sha256=item.sha256,
+                        reason=reason,
+                        detail=detail,
+                        study_uid=study_uid,
+                        now=self.now,
+                    )
+                )
+            self.known_quarantine.add(item.quarantine_id)
+
+    # -- stage 1: read, hash and parse ----------------------------------------
+
+    def read(self) -> list[_Read]:
         reads: list[_Read] = []
-        for drop, f in work:
+        for drop, f in self.work:
             try:
-                reads.append(batch.read(drop, f))
+                reads.append(self.read_one(drop, f))
             except FileNotFoundError:
                 continue  # vanished since the listing (another run took it)
-            stats.files_seen += 1
-            stats.count(drop, "files_seen")
+            self.stats.files_seen += 1
+            self.stats.count(drop, "files_seen")
+        return reads
+
+    def parse(self, reads: list[_Read]) -> tuple[list[_Read], list[tuple[_Read, str, str]]]:
+        """``(parsed, rejected)``: parsed items carry their header; rejected ones a reason."""
         parsed: list[_Read] = []
         rejected: list[tuple[_Read, str, str]] = []
         for item in reads:
-            problem = _check(item, max_file_bytes)
+            problem = _check(item, self.max_file_bytes)
             if problem is not None:
                 rejected.append((item, *problem))
                 continue
@@ -343,23 +361,28 @@ def ingest_batch(
                 if item.data is not None:
                     item.header = header_from_bytes(item.data)
                 else:
-                    with batch.open_source(item) as fp:
+                    with self.open_source(item) as fp:
                         item.header = read_header(fp, item.file.size)
                 parsed.append(item)
             except DicomRejected as exc:
                 rejected.append((item, exc.reason, exc.detail))
-        _fault("after_parse")
+        return parsed, rejected
 
-        # 2. Dedupe against the catalog and within the batch.
+    # -- stage 2: dedupe against the catalog and within the batch --------------
+
+    def classify(
+        self, reads: list[_Read], parsed: list[_Read], rejected: list[tuple[_Read, str, str]]
+    ) -> list[tuple[_Read, DicomHeader]]:
+        """Quarantine the rejected, count duplicates, and return the fresh instances."""
         headers = [r.header for r in parsed if r.header is not None]
-        known_sha, study_keys, batch.known_quarantine, deleted = _existing(
-            home,
+        known_sha, self.study_keys, self.known_quarantine, deleted = _existing(
+            self.home,
             [h.sop_instance_uid for h in headers],
             sorted({h.study_uid for h in headers}),
             [r.quarantine_id for r in reads],
         )
         for item, reason, detail in rejected:
-            batch.quarantine(item, reason, detail)
+            self.quarantine(item, reason, detail)
         fresh: list[tuple[_Read, DicomHeader]] = []
         seen: dict[str, str] = dict(known_sha)
         for item in parsed:
@@ -368,112 +391,157 @@ def ingest_batch(
             prior = seen.get(header.sop_instance_uid)
             if header.study_uid in deleted:
                 # The owner deleted this study while the file was on its way: the tombstone wins.
-                batch.quarantine(item, "deleted_by_owner", "study was deleted by its owner")
+                self.quarantine(item, "deleted_by_owner", "study was deleted by its owner")
             elif prior is None:
                 seen[header.sop_instance_uid] = item.sha256
                 fresh.append((item, header))
             elif prior == item.sha256:
-                stats.duplicates += 1
-                stats.count(item.drop, "duplicates")
-                batch.to_remove.append(item.file.name)
+                self.stats.duplicates += 1
+                self.stats.count(item.drop, "duplicates")
+                self.to_remove.append(item.file.name)
             else:
-                batch.quarantine(
+                self.quarantine(
                     item,
                     "uid_conflict",
                     "SOP Instance UID known with other content",
                     header.study_uid,
                 )
+        return fresh
 
-        # 3. New studies get a record key (one keystore transaction), then encrypt and verify.
-        new_study_uids = sorted({h.study_uid for _, h in fresh} - set(study_keys))
+    # -- stage 3a: record keys, study rows, the pending record -----------------
+
+    def plan(self, fresh: list[tuple[_Read, DicomHeader]]) -> list[_Sealed]:
+        """New studies get a record key (one keystore transaction); every object is named in
+        a pending record before any is written, so a batch stopped from here on leaves a
+        record that the next run's reconcile settles without listing the whole vault."""
+        home = self.home
+        new_study_uids = sorted({h.study_uid for _, h in fresh} - set(self.study_keys))
         new_keys = dict(
             zip(new_study_uids, home.keystore.create_many(len(new_study_uids)), strict=True)
         )
-        new_studies: dict[str, dict[str, Any]] = {}
         for item, header in fresh:
-            if header.study_uid in new_keys and header.study_uid not in new_studies:
+            if header.study_uid in new_keys and header.study_uid not in self.new_studies:
                 key_id, record_key = new_keys[header.study_uid]
-                study_keys[header.study_uid] = key_id
-                pkey = patient_key(home.pepper, header.issuer, header.patient_id)
-                new_studies[header.study_uid] = {
-                    "study_uid": header.study_uid,
-                    "patient_key": pkey,
-                    "owner": item.drop.owners.get(header.study_uid) or f"patient:{pkey}",
-                    "facility_id": item.drop.facility_id,
-                    "record_key_id": key_id,
-                    "phi_enc": seal_fields(record_key, header.study_uid, header.phi()),
-                    "status": "active",
-                    "created_at": now,
-                }
-        instance_rows: list[dict[str, Any]] = []
-        object_rows: list[dict[str, Any]] = []
-        source_of: dict[str, _Read] = {}  # object id -> what it was read from
-        planned = [(item, header, uuid.uuid4().hex) for item, header in fresh]
-        written = [Vault.object_name(object_id) for *_, object_id in planned]
-        # Name every object before writing any: a batch stopped from here on leaves a record
-        # that the next run's reconcile settles, without listing the whole vault.
-        pending = record_pending(home, written, batch.quarantine_names())
-        batch.write_quarantine()
-    # 3b. Encrypt, write and read back outside the turn: creating a file is mostly kernel
-    # time, which the other batch's parse can overlap.
-    for item, header, object_id in planned:
-        key_id = study_keys[header.study_uid]
-        name = Vault.object_name(object_id)
-        try:
-            with batch.open_source(item) as src:
-                _fault("mid_encrypt")
-                sealed = batch.vault.put(name, src, key_id, fresh=True)
-            batch.vault.verify(name, sealed)
-        except IntegrityError:
-            continue  # left in the drop; the next run tries again
-        if sealed.sha256 != item.sha256:
-            continue  # the source changed while we read it: try again next run
-        source_of[object_id] = item
-        object_rows.append(
-            {
-                "object_id": object_id,
-                "kind": "instance",
-                "location_url": home.vault.url,
-                "region": home.region,
-                "name": name,
-                "record_key_id": key_id,
-                "plaintext_bytes": sealed.plaintext_bytes,
-                "stored_bytes": sealed.stored_bytes,
-                "created_at": now,
-            }
-        )
-        instance_rows.append(
-            {
-                "sop_instance_uid": header.sop_instance_uid,
-                "study_uid": header.study_uid,
-                "series_uid": header.series_uid,
-                "sop_class_uid": header.sop_class_uid,
-                "modality": header.modality,
-                "transfer_syntax": header.transfer_syntax,
-                "rows": header.rows,
-                "columns": header.columns,
-                "frames": header.frames,
-                "facility_id": item.drop.facility_id,
-                "drop_id": item.drop.drop_id,
-                "object_id": object_id,
-                "sha256": item.sha256,
-                "size_bytes": item.file.size,
-                "ingested_at": now,
-            }
-        )
-    _fault("after_vault_write")
-    _fault("before_sync")
-    # Durable before cataloged: the sources go once the commit lands.
-    home.vault.flush()
-    if batch.quarantined:
-        home.quarantine.flush()
+                self.study_keys[header.study_uid] = key_id
+                self.new_studies[header.study_uid] = self._study_row(
+                    item, header, key_id, record_key
+                )
+        planned = [_Sealed(item, header, uuid.uuid4().hex) for item, header in fresh]
+        self.written = [p.name for p in planned]
+        self.pending = record_pending(home, self.written, self.quarantine_names())
+        self.write_quarantine()
+        return planned
 
-    # 4. Commit the batch in one transaction.
-    facilities = sorted({d.facility_id for d, _ in work})
+    def _study_row(
+        self, item: _Read, header: DicomHeader, key_id: str, record_key: bytes
+    ) -> dict[str, Any]:
+        pkey = patient_key(self.home.pepper, header.issuer, header.patient_id)
+        return {
+            "study_uid": header.study_uid,
+            "patient_key": pkey,
+            "owner": item.drop.owners.get(header.study_uid) or f"patient:{pkey}",
+            "facility_id": item.drop.facility_id,
+            "record_key_id": key_id,
+            "phi_enc": seal_fields(record_key, header.study_uid, header.phi()),
+            "status": "active",
+            "created_at": self.now,
+        }
 
-    def commit(con: duckdb.DuckDBPyConnection) -> set[str]:
-        # Re-check inside the transaction: a concurrent run may have cataloged a UID since.
-        uids_now = [r["sop_instance_uid"] for r in instance_rows]
+    # -- stage 3b: encrypt, write and read back --------------------------------
+
+    def seal(self, planned: list[_Sealed]) -> None:
+        """Encrypt each planned instance into the vault and verify it; a failed read-back or
+        a source that changed while read leaves the file in the drop for the next run."""
+        for p in planned:
+            key_id = self.study_keys[p.header.study_uid]
+            try:
+                with self.open_source(p.item) as src:
+                    _fault("mid_encrypt")
+                    sealed = self.vault.put(p.name, src, key_id, fresh=True)
+                self.vault.verify(p.name, sealed)
+            except IntegrityError:
+                continue
+            if sealed.sha256 != p.item.sha256:
+                continue
+            self.source_of[p.object_id] = p.item
+            self.object_rows.append(self._object_row(p, key_id, sealed))
+            self.instance_rows.append(self._instance_row(p))
+
+    def _object_row(self, p: _Sealed, key_id: str, sealed: Any) -> dict[str, Any]:
+        return {
+            "object_id": p.object_id,
+            "kind": "instance",
+            "location_url": self.home.vault.url,
+            "region": self.home.region,
+            "name": p.name,
+            "record_key_id": key_id,
+            "plaintext_bytes": sealed.plaintext_bytes,
+            "stored_bytes": sealed.stored_bytes,
+            "created_at": self.now,
+        }
+
+    def _instance_row(self, p: _Sealed) -> dict[str, Any]:
+        header = p.header
+        return {
+            "sop_instance_uid": header.sop_instance_uid,
+            "study_uid": header.study_uid,
+            "series_uid": header.series_uid,
+            "sop_class_uid": header.sop_class_uid,
+            "modality": header.modality,
+            "transfer_syntax": header.transfer_syntax,
+            "rows": header.rows,
+            "columns": header.columns,
+            "frames": header.frames,
+            "facility_id": p.item.drop.facility_id,
+            "drop_id": p.item.drop.drop_id,
+            "object_id": p.object_id,
+            "sha256": p.item.sha256,
+            "size_bytes": p.item.file.size,
+            "ingested_at": self.now,
+        }
+
+    def sync(self) -> None:
+        """Durable before cataloged: the sources go once the commit lands."""
+        self.home.vault.flush()
+        if self.quarantined:
+            self.home.quarantine.flush()
+
+    # -- stage 4: one transaction ---------------------------------------------
+
+    def commit(self, con: duckdb.DuckDBPyConnection) -> set[str]:
+        """Catalog the batch; returns the UIDs left out (raced or deleted meanwhile)."""
+        taken = self._taken(con)
+        keep = [r for r in self.instance_rows if r["sop_instance_uid"] not in taken]
+        keep_ids = {r["object_id"] for r in keep}
+        # Bump the studies we add to: a sweep marking one of them conflicts with this
+        # transaction instead of racing it (see schema/005_study_revision.sql).
+        grown = sorted({r["study_uid"] for r in keep} - set(self.new_studies))
+        if grown:
+            con.execute(
+                "UPDATE studies SET rev = rev + 1 WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
+                [grown],
+            )
+        facilities = sorted({d.facility_id for d, _ in self.work})
+        insert_rows(
+            con,
+            "facilities",
+            [{"facility_id": f, "first_seen_at": self.now} for f in facilities],
+            ignore_existing=True,
+        )
+        insert_rows(con, "studies", list(self.new_studies.values()), ignore_existing=True)
+        insert_rows(con, "objects", [o for o in self.object_rows if o["object_id"] in keep_ids])
+        insert_rows(con, "instances", keep)
+        insert_rows(con, "objects", [q.object_row for q in self.quarantined], ignore_existing=True)
+        insert_rows(con, "quarantine", [q.row for q in self.quarantined], ignore_existing=True)
+        _fault("mid_commit")
+        self._audit(con, len(keep), len(taken))
+        return taken
+
+    def _taken(self, con: duckdb.DuckDBPyConnection) -> set[str]:
+        """Re-checked inside the transaction: UIDs a concurrent run cataloged since stage 2,
+        and those of studies deleted since (their sources stay for the next run)."""
+        pepper = self.home.pepper
+        uids_now = [r["sop_instance_uid"] for r in self.instance_rows]
         taken = {
             row[0]
             for row in con.execute(
@@ -486,86 +554,102 @@ def ingest_batch(
             row[0]
             for row in con.execute(
                 "SELECT study_key FROM tombstones WHERE study_key IN (SELECT unnest(?::VARCHAR[]))",
-                [[study_key(home.pepper, r["study_uid"]) for r in instance_rows]],
+                [[study_key(pepper, r["study_uid"]) for r in self.instance_rows]],
             ).fetchall()
         }
-        # A deletion that landed since step 2: leave these sources for the next run.
-        taken |= {
+        return taken | {
             r["sop_instance_uid"]
-            for r in instance_rows
-            if study_key(home.pepper, r["study_uid"]) in tombstoned
+            for r in self.instance_rows
+            if study_key(pepper, r["study_uid"]) in tombstoned
         }
-        keep = [r for r in instance_rows if r["sop_instance_uid"] not in taken]
-        keep_ids = {r["object_id"] for r in keep}
-        # Bump the studies we add to: a sweep marking one of them conflicts with this
-        # transaction instead of racing it (see schema/005_study_revision.sql).
-        grown = sorted({r["study_uid"] for r in keep} - set(new_studies))
-        if grown:
-            con.execute(
-                "UPDATE studies SET rev = rev + 1 WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
-                [grown],
-            )
-        insert_rows(
-            con,
-            "facilities",
-            [{"facility_id": f, "first_seen_at": now} for f in facilities],
-            ignore_existing=True,
-        )
-        insert_rows(con, "studies", list(new_studies.values()), ignore_existing=True)
-        insert_rows(con, "objects", [o for o in object_rows if o["object_id"] in keep_ids])
-        insert_rows(con, "instances", keep)
-        insert_rows(con, "objects", [q.object_row for q in batch.quarantined], ignore_existing=True)
-        insert_rows(con, "quarantine", [q.row for q in batch.quarantined], ignore_existing=True)
-        _fault("mid_commit")
+
+    def _audit(self, con: duckdb.DuckDBPyConnection, ingested: int, left: int) -> None:
+        stats = self.stats
         con.execute(
             "INSERT INTO audit_log VALUES (?, ?, 'ingest', 'ingest_batch', ?, ?)",
             [
                 uuid.uuid4().hex,
-                now,
+                self.now,
                 ",".join(sorted(stats.drops)),
                 json.dumps(
                     {
                         "files": stats.files_seen,
-                        "ingested": len(keep),
+                        "ingested": ingested,
                         "duplicates": stats.duplicates,
-                        "left_for_retry": len(taken),
+                        "left_for_retry": left,
                         "quarantined": dict(stats.quarantined),
                     }
                 ),
             ],
         )
-        return taken
 
-    raced = home.catalog.write(commit)
-    committed = [r for r in instance_rows if r["sop_instance_uid"] not in raced]
-    for row in instance_rows:
-        if row["sop_instance_uid"] in raced:
-            # Another batch cataloged it meanwhile: hand the source back for a later batch
-            # to classify (duplicate or conflict). Its copy goes below.
-            item = source_of[row["object_id"]]
-            stats.files_seen -= 1
-            stats.count(item.drop, "files_seen", -1)
-            stats.retry.append((item.drop, item.file))
-    # Every written object is now cataloged or deleted here, so the record can go.
-    cataloged = {Vault.object_name(r["object_id"]) for r in committed}
-    for name in written:
-        if name not in cataloged:  # raced, failed its read-back, or its source changed
-            batch.vault.location.delete(name)
-    clear_pending(home, pending)
-    for row in committed:
-        item = source_of[row["object_id"]]
-        stats.count(item.drop, "ingested")
-        stats.count(item.drop, "bytes", row["size_bytes"])
-    stats.ingested = len(committed)
-    stats.bytes = sum(r["size_bytes"] for r in committed)
+    # -- after the commit ------------------------------------------------------
+
+    def settle(self, raced: set[str]) -> list[dict[str, Any]]:
+        """Hand raced files back, delete objects no row names, clear the pending record, and
+        count what was committed; returns the committed instance rows."""
+        stats = self.stats
+        committed = [r for r in self.instance_rows if r["sop_instance_uid"] not in raced]
+        for row in self.instance_rows:
+            if row["sop_instance_uid"] in raced:
+                # Another batch cataloged it meanwhile: a later batch classifies the source
+                # (duplicate or conflict). Its copy goes below.
+                item = self.source_of[row["object_id"]]
+                stats.files_seen -= 1
+                stats.count(item.drop, "files_seen", -1)
+                stats.retry.append((item.drop, item.file))
+        cataloged = {Vault.object_name(r["object_id"]) for r in committed}
+        for name in self.written:
+            if name not in cataloged:  # raced, failed its read-back, or its source changed
+                self.vault.location.delete(name)
+        clear_pending(self.home, self.pending)
+        for row in committed:
+            item = self.source_of[row["object_id"]]
+            stats.count(item.drop, "ingested")
+            stats.count(item.drop, "bytes", row["size_bytes"])
+        stats.ingested = len(committed)
+        stats.bytes = sum(r["size_bytes"] for r in committed)
+        return committed
+
+    def remove(self, committed: list[dict[str, Any]]) -> None:
+        """Stage 5: only now remove the sources, and only those still as they were listed: a
+        facility may have replaced one meanwhile, and the new object is the next run's."""
+        done = [self.source_of[r["object_id"]].file.name for r in committed]
+        self.stats.sources_changed = remove_sources(self.home, self.work, self.to_remove + done)
+
+
+def ingest_batch(
+    home: Home,
+    work: list[tuple[Drop, DropFile]],
+    *,
+    max_file_bytes: int,
+    now: datetime | None = None,
+    cpu_turn: AbstractContextManager[object] | None = None,
+) -> IngestStats:
+    """Ingest a batch of files (from one or more drops). Safe to rerun after a crash anywhere:
+    the stages run in the order of this module's docstring.
+
+    ``cpu_turn`` (a lock shared by the batches one run has in flight) is held while the
+    batch reads, parses, looks up and plans its files, and released before it encrypts,
+    writes, syncs and commits, so one batch parses while the one before it writes.
+    """
+    started = time.perf_counter()
+    batch = _Batch(home, work, now or datetime.now(UTC), max_file_bytes)
+    with cpu_turn if cpu_turn is not None else nullcontext():
+        reads = batch.read()
+        parsed, rejected = batch.parse(reads)
+        _fault("after_parse")
+        planned = batch.plan(batch.classify(reads, parsed, rejected))
+    # Creating a file is mostly kernel time, which the other batch's parse can overlap.
+    batch.seal(planned)
+    _fault("after_vault_write")
+    _fault("before_sync")
+    batch.sync()
+    committed = batch.settle(home.catalog.write(batch.commit))
     _fault("after_commit")
-
-    # 5. Only now remove the sources, and only those still as they were listed: a facility
-    # may have replaced one meanwhile, and the new object is the next run's to ingest.
-    done_names = [source_of[r["object_id"]].file.name for r in committed]
-    stats.sources_changed = remove_sources(home, work, batch.to_remove + done_names)
-    stats.seconds = time.perf_counter() - started
-    return stats
+    batch.remove(committed)
+    batch.stats.seconds = time.perf_counter() - started
+    return batch.stats
 
 
 def batches(
