@@ -9,6 +9,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.ingest import Progress
 from flows.settings import Settings
+from storage.errors import TerminalError
 from storage.home import Home
 from tasks.deletion import (
     SweepResult,
@@ -22,7 +23,7 @@ from tasks.deletion import (
 from tasks.sharing import archive_manifests_task, read_pending_task
 
 
-class DeletionSLABreached(RuntimeError):
+class DeletionSLABreached(TerminalError, RuntimeError):
     """A deletion request took (or is taking) longer than its 24 hours."""
 
 

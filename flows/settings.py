@@ -33,6 +33,7 @@ from flows.limits import catalog_write_slot
 from storage import kms
 from storage.catalog import Catalog
 from storage.ducklake import EXTENSIONS, Lake, LakeSetupError, extension_path
+from storage.errors import TerminalError
 from storage.home import (
     LOCATIONS,
     Home,
@@ -50,7 +51,7 @@ SCHEMES = {"file", "memory", "s3", "s3a"}
 DUCKLAKE_PREFIX = "ducklake:postgres:"
 
 
-class SettingsError(ValueError):
+class SettingsError(TerminalError, ValueError):
     """A setting is wrong; the message names it."""
 
 

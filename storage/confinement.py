@@ -34,6 +34,8 @@ from typing import Any
 
 import duckdb
 
+from storage.errors import TerminalError
+
 READER_MEMORY_LIMIT = "4GB"
 
 
@@ -100,7 +102,7 @@ DENIED_PREFIXES = (
 METADATA_CATALOG_PREFIX = "__ducklake_metadata"
 
 
-class QueryRefused(ValueError):
+class QueryRefused(TerminalError, ValueError):
     """A reader was asked to run something other than one read-only query of the catalog."""
 
 

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 import duckdb
 import fsspec
 
+from storage.errors import DropvaultError
+
 # package name on PyPI (import name) -> extension name
 EXTENSIONS = {
     "duckdb_extension_postgres_scanner": "postgres_scanner",
@@ -44,7 +46,7 @@ EXTENSIONS = {
 ALIAS = "lake"  # the name the lake is attached under in every connection
 
 
-class LakeSetupError(RuntimeError):
+class LakeSetupError(DropvaultError, RuntimeError):
     """The lake cannot be opened: an extension, the metadata server or the data path."""
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 import duckdb
 
 from storage.catalog import Catalog
+from storage.errors import TerminalError
 from storage.keystore import (
     KeyFileError,
     Keystore,
@@ -42,11 +43,11 @@ LOCATIONS = ("drops", "vault", "quarantine", "archive", "manifests", "beacons", 
 KeyName = Literal["kek", "pepper"]
 
 
-class NotAHomeError(RuntimeError):
+class NotAHomeError(TerminalError, RuntimeError):
     """The folder was never made a dropvault home (``dropvault init``)."""
 
 
-class KeyCheckError(RuntimeError):
+class KeyCheckError(TerminalError, RuntimeError):
     """A key is missing or is not the one the home was made with. ``which`` is
     ``kek`` or ``pepper``; the message names no key material."""
 

@@ -30,10 +30,12 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap,
 )
 
+from storage.errors import TerminalError
+
 KEY_BYTES = 32
 
 
-class KeyError_(LookupError):
+class KeyError_(TerminalError, LookupError):
     """Base for keystore errors (named apart from the builtin KeyError)."""
 
 
@@ -91,7 +93,7 @@ def write_secret_file(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class KeyFileError(ValueError):
+class KeyFileError(TerminalError, ValueError):
     """A key file is not a private regular file of the right size."""
 
 

@@ -16,6 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from storage.errors import DropvaultError
 from storage.keystore import KEY_BYTES, check_private, private_dir, write_secret_file
 
 MAX_BLOB = 4096  # a KMS ciphertext blob of a 32-byte key is ~184 bytes
@@ -23,7 +24,7 @@ MAX_BLOB = 4096  # a KMS ciphertext blob of a 32-byte key is ~184 bytes
 BLOB_FILE = "kek.kms"
 
 
-class KmsKekError(RuntimeError):
+class KmsKekError(DropvaultError, RuntimeError):
     """KMS refused or could not be reached; the message names no key material."""
 
 

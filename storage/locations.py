@@ -28,14 +28,16 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.errors import TerminalError
+
 COPY_CHUNK = 4 * 1024 * 1024
 
 
-class UnsafeNameError(ValueError):
+class UnsafeNameError(TerminalError, ValueError):
     """A relative name would escape its location (``..``, absolute path, NUL, empty part)."""
 
 
-class InsecureEndpointError(ValueError):
+class InsecureEndpointError(TerminalError, ValueError):
     """A remote object-store endpoint that is not loopback must use TLS (promise P2)."""
 
 

@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from storage.errors import TerminalError
 from storage.keystore import Keystore, UnknownKeyError
 from storage.locations import Location
 
@@ -41,7 +42,7 @@ PREFIX = 7
 MAX_SEGMENT = 64 * 1024 * 1024
 
 
-class IntegrityError(Exception):
+class IntegrityError(TerminalError):
     """A vault object failed authentication: tampered, truncated, reordered or wrong key."""
 
 

@@ -31,6 +31,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.catalog import Catalog, insert_rows
+from storage.errors import retry_transient
 from storage.locations import Location
 from tasks.phi import keyed_hash
 from tasks.suppression import TOTAL, audit, suppress, with_margins
@@ -440,11 +441,23 @@ def beacon_stats(
 
 
 pending_days_task = task(
-    name="pending-beacon-days", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+    name="pending-beacon-days",
+    retries=3,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 2, 5],
+    cache_policy=NO_CACHE,
 )(pending_days)
 hold_late_files_task = task(
-    name="hold-late-beacon-files", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+    name="hold-late-beacon-files",
+    retries=3,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 2, 5],
+    cache_policy=NO_CACHE,
 )(hold_late_files)
 compile_day_task = task(
-    name="compile-beacon-day", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+    name="compile-beacon-day",
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 5],
+    cache_policy=NO_CACHE,
 )(compile_day)

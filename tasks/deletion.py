@@ -34,10 +34,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.catalog import Catalog, insert_rows
+from storage.errors import retry_transient
 from storage.home import Home
 from storage.locations import Location
 from tasks.ingest import study_key
-from tasks.manifests import ManifestRow, RowOutcomes, content_hash, parse_request_time
+from tasks.manifests import ManifestRow, Rejected, RowOutcomes, content_hash, parse_request_time
+from tasks.reasons import RejectReason
 from tasks.sharing import recompute_grants
 
 DELETION_FIELDS = ("request_id", "owner", "study_uid", "requested_at", "keep_archive")
@@ -61,18 +63,18 @@ class IntakeResult(RowOutcomes):
 
 def _validate(row: ManifestRow, now: datetime) -> dict[str, Any]:
     if row.fields is None:
-        raise ValueError(row.error or "malformed")
+        raise Rejected(row.error or RejectReason.MALFORMED)
     f = row.fields
     for name in ("request_id", "owner", "study_uid", "requested_at"):
         if not f.get(name):
-            raise ValueError("missing_field")
+            raise Rejected(RejectReason.MISSING_FIELD)
     try:
         requested_at = parse_request_time(f["requested_at"], now)
     except ValueError as exc:
-        raise ValueError("bad_timestamp") from exc
+        raise Rejected(RejectReason.BAD_TIMESTAMP) from exc
     keep = (f.get("keep_archive") or "").lower()
     if keep not in TRUE | FALSE:
-        raise ValueError("bad_keep_archive")
+        raise Rejected(RejectReason.BAD_KEEP_ARCHIVE)
     return {
         "request_id": f["request_id"],
         "owner": f["owner"],
@@ -97,11 +99,11 @@ def register_requests(
         base = {"manifest": row.manifest, "line": row.line, "received_at": now}
         try:
             valid.append((row, _validate(row, now)))
-        except ValueError as exc:
+        except Rejected as exc:
             rid = (row.fields or {}).get("request_id") or None
-            result.note(row, rid, f"rejected:{exc}")
+            result.note(row, rid, exc.outcome)
             records.append(
-                {**base, "request_id": row.ref, "status": "rejected", "outcome": f"rejected:{exc}"}
+                {**base, "request_id": row.ref, "status": "rejected", "outcome": exc.outcome}
             )
     known = dict(
         con.execute(
@@ -127,7 +129,7 @@ def register_requests(
         base = {"manifest": row.manifest, "line": row.line, "received_at": now}
         if req["request_id"] in known:
             same = known[req["request_id"]] == req["content_hash"]
-            outcome = "duplicate" if same else "rejected:duplicate_request_id"
+            outcome = "duplicate" if same else Rejected(RejectReason.DUPLICATE_REQUEST_ID).outcome
             result.note(row, req["request_id"], outcome)
             if not same:
                 records.append(
@@ -135,12 +137,14 @@ def register_requests(
                 )
             continue
         if req["study_uid"] == "*":
-            reason = "" if req["owner"] in owners_with_studies else "unknown_owner"
+            reason = None if req["owner"] in owners_with_studies else RejectReason.UNKNOWN_OWNER
         elif req["study_uid"] not in study_owner:
-            reason = "unknown_study"
+            reason = RejectReason.UNKNOWN_STUDY
         else:
-            reason = "" if study_owner[req["study_uid"]] == req["owner"] else "not_owner"
-        outcome = f"rejected:{reason}" if reason else "applied"
+            reason = (
+                None if study_owner[req["study_uid"]] == req["owner"] else RejectReason.NOT_OWNER
+            )
+        outcome = Rejected(reason).outcome if reason else "applied"
         result.note(row, req["request_id"], outcome)
         known[req["request_id"]] = req["content_hash"]
         records.append(
@@ -677,12 +681,21 @@ def register_deletion_rows(
 register_requests_task = task(
     name="register-deletion-requests",
     retries=2,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[1, 5],
     cache_policy=NO_CACHE,
 )(register_deletion_rows)
 sweep_requests_task = task(
-    name="sweep-requests", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+    name="sweep-requests",
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 5],
+    cache_policy=NO_CACHE,
 )(sweep_requests)
 compact_catalog_task = task(
-    name="compact-catalog", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+    name="compact-catalog",
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 5],
+    cache_policy=NO_CACHE,
 )(compact_catalog)

@@ -25,6 +25,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
+from storage.errors import TerminalError
+from tasks.reasons import QuarantineReason
+
 REQUIRED_UIDS = {
     "SOPInstanceUID": 0x00080018,
     "StudyInstanceUID": 0x0020000D,
@@ -39,10 +42,10 @@ ITEM, SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
 MAX_INFLATED = 64 * 1024 * 1024
 
 
-class DicomRejected(Exception):
+class DicomRejected(TerminalError):
     """A file that must go to quarantine. ``reason`` is a code, ``detail`` is PHI-free."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: QuarantineReason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -125,13 +128,13 @@ def _element_header(fp: IO[bytes], start: int, endian: str, explicit: bool) -> t
     fp.seek(start)
     head = fp.read(12)
     if len(head) < 8:
-        raise DicomRejected("truncated", "element header cut short")
+        raise DicomRejected(QuarantineReason.TRUNCATED, "element header cut short")
     group, elem = struct.unpack(endian + "HH", head[:4])
     tag = (group << 16) | elem
     if explicit and group != 0xFFFE:
         if head[4:6] in LONG_VRS:
             if len(head) < 12:
-                raise DicomRejected("truncated", "element header cut short")
+                raise DicomRejected(QuarantineReason.TRUNCATED, "element header cut short")
             return tag, struct.unpack(endian + "I", head[8:12])[0], start + 12
         return tag, struct.unpack(endian + "H", head[6:8])[0], start + 8
     return tag, struct.unpack(endian + "I", head[4:8])[0], start + 8
@@ -145,7 +148,9 @@ def _check_trailing(fp: IO[bytes], pos: int, size: int, endian: str, explicit: b
             return  # a sequence after the pixels: accepted without a deeper walk
         pos = value_start + length
         if pos > size:
-            raise DicomRejected("truncated", "an element after the pixel data is cut short")
+            raise DicomRejected(
+                QuarantineReason.TRUNCATED, "an element after the pixel data is cut short"
+            )
 
 
 def _check_pixel_element(fp: IO[bytes], start: int, size: int, ds: Any, tsyntax: str) -> None:
@@ -156,10 +161,14 @@ def _check_pixel_element(fp: IO[bytes], start: int, size: int, ds: Any, tsyntax:
     _tag, length, value_start = _element_header(fp, start, endian, explicit)
     if length != UNDEFINED:
         if value_start + length > size:
-            raise DicomRejected("truncated", "pixel data runs past the end of the file")
+            raise DicomRejected(
+                QuarantineReason.TRUNCATED, "pixel data runs past the end of the file"
+            )
         expected = _expected_native_length(ds) if tsyntax in NATIVE else None
         if expected is not None and length < expected:
-            raise DicomRejected("truncated", "pixel data shorter than rows x columns x frames")
+            raise DicomRejected(
+                QuarantineReason.TRUNCATED, "pixel data shorter than rows x columns x frames"
+            )
         _check_trailing(fp, value_start + length, size, endian, explicit)
         return
     # Encapsulated: walk the items (basic offset table, then fragments) to the delimiter.
@@ -168,17 +177,23 @@ def _check_pixel_element(fp: IO[bytes], start: int, size: int, ds: Any, tsyntax:
         fp.seek(pos)
         item = fp.read(8)
         if len(item) < 8:
-            raise DicomRejected("truncated", "encapsulated pixel data has no closing delimiter")
+            raise DicomRejected(
+                QuarantineReason.TRUNCATED, "encapsulated pixel data has no closing delimiter"
+            )
         group, elem, item_len = struct.unpack(endian + "HHI", item)
         tag = (group << 16) | elem
         if tag == SEQ_DELIM:
             _check_trailing(fp, pos + 8, size, endian, explicit)
             return
         if tag != ITEM or item_len == UNDEFINED:
-            raise DicomRejected("not_dicom", "encapsulated pixel data has a bad item")
+            raise DicomRejected(
+                QuarantineReason.NOT_DICOM, "encapsulated pixel data has a bad item"
+            )
         pos += 8 + item_len
         if pos > size:
-            raise DicomRejected("truncated", "pixel data fragment runs past the end of the file")
+            raise DicomRejected(
+                QuarantineReason.TRUNCATED, "pixel data fragment runs past the end of the file"
+            )
 
 
 def _is_image_class(ds: Any) -> bool:
@@ -190,14 +205,16 @@ def _is_image_class(ds: Any) -> bool:
 def read_header(fp: IO[bytes], size: int) -> DicomHeader:
     """Parse and validate one file's header from a seekable stream of ``size`` bytes."""
     if size == 0:
-        raise DicomRejected("not_dicom", "empty file")
+        raise DicomRejected(QuarantineReason.NOT_DICOM, "empty file")
     head = fp.read(136)
     fp.seek(0)
     # A DICM preamble with nothing usable after it is a cut file, not a foreign one.
-    cut_reason = "truncated" if head[128:132] == b"DICM" else "not_dicom"
+    cut_reason = (
+        QuarantineReason.TRUNCATED if head[128:132] == b"DICM" else QuarantineReason.NOT_DICOM
+    )
     _check_preamble(head)
     if size > 133 and head[128:132] == b"DICM" and head[132:134] != b"\x02\x00":
-        raise DicomRejected("not_dicom", "no file meta after the DICM prefix")
+        raise DicomRejected(QuarantineReason.NOT_DICOM, "no file meta after the DICM prefix")
     _check_meta_whole(fp, size)
     _check_inflated_size(fp, size)
     try:
@@ -209,17 +226,21 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
     except (EOFError, struct.error, OSError, BytesLengthException) as exc:
         raise DicomRejected(cut_reason, "header ends inside an element") from exc
     except Exception as exc:  # noqa: BLE001 - any other parser failure is malformed input
-        raise DicomRejected("not_dicom", f"header does not parse ({type(exc).__name__})") from exc
+        raise DicomRejected(
+            QuarantineReason.NOT_DICOM, f"header does not parse ({type(exc).__name__})"
+        ) from exc
     if any("before delimiter" in str(w.message) for w in caught):
-        raise DicomRejected("truncated", "the file ends inside an undefined-length element")
+        raise DicomRejected(
+            QuarantineReason.TRUNCATED, "the file ends inside an undefined-length element"
+        )
     pixel_start = fp.tell()
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not tsyntax:
-        reason = cut_reason if fp.tell() >= size else "not_dicom"
+        reason = cut_reason if fp.tell() >= size else QuarantineReason.NOT_DICOM
         raise DicomRejected(reason, "file meta has no transfer syntax")
     if not UID(tsyntax).is_transfer_syntax:
-        raise DicomRejected("not_dicom", "unknown transfer syntax")
+        raise DicomRejected(QuarantineReason.NOT_DICOM, "unknown transfer syntax")
     if tsyntax != DEFLATED:
         for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts every element
             elem = ds.get_item(tag)
@@ -228,7 +249,9 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
                 and elem.length != UNDEFINED
                 and elem.value_tell + elem.length > size
             ):
-                raise DicomRejected("truncated", "a header element runs past the end of the file")
+                raise DicomRejected(
+                    QuarantineReason.TRUNCATED, "a header element runs past the end of the file"
+                )
     ended_early = pixel_start >= size and (
         len(ds) == 0
         or _int(ds, "Rows") is not None
@@ -240,15 +263,18 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
         value = _text(ds, keyword) if ds.get_item(uid_tag) is not None else ""
         if not value:
             # A UID missing because the file stops before it is truncation, not a bad header.
-            raise DicomRejected("truncated" if ended_early else "missing_uid", f"no {keyword}")
+            raise DicomRejected(
+                QuarantineReason.TRUNCATED if ended_early else QuarantineReason.MISSING_UID,
+                f"no {keyword}",
+            )
         if not UID(value).is_valid:
-            raise DicomRejected("missing_uid", f"{keyword} is not a valid UID")
+            raise DicomRejected(QuarantineReason.MISSING_UID, f"{keyword} is not a valid UID")
         uids[keyword] = value
     has_pixels = pixel_start < size and tsyntax != DEFLATED
     if has_pixels:
         _check_pixel_element(fp, pixel_start, size, ds, tsyntax)
     elif tsyntax != DEFLATED and (_int(ds, "Rows") or _is_image_class(ds)):
-        raise DicomRejected("truncated", "image without pixel data")
+        raise DicomRejected(QuarantineReason.TRUNCATED, "image without pixel data")
     return DicomHeader(
         sop_instance_uid=uids["SOPInstanceUID"],
         study_uid=uids["StudyInstanceUID"],
@@ -463,7 +489,7 @@ def _check_preamble(head: bytes) -> None:
     """A preamble that is an executable header makes a DICOM/PE or DICOM/ELF polyglot
     (CVE-2019-11687): such a file is refused even when the rest is a valid image."""
     if head.startswith(EXECUTABLE_MAGIC):
-        raise DicomRejected("not_dicom", "the preamble is an executable header")
+        raise DicomRejected(QuarantineReason.NOT_DICOM, "the preamble is an executable header")
 
 
 def _check_meta_whole(fp: IO[bytes], size: int) -> None:
@@ -477,9 +503,9 @@ def _check_meta_whole(fp: IO[bytes], size: int) -> None:
         _file_meta(head)
     except _Decline:
         if len(head) == size:
-            raise DicomRejected("truncated", "file meta is cut short") from None
+            raise DicomRejected(QuarantineReason.TRUNCATED, "file meta is cut short") from None
     except struct.error:
-        raise DicomRejected("truncated", "file meta is cut short") from None
+        raise DicomRejected(QuarantineReason.TRUNCATED, "file meta is cut short") from None
 
 
 def _check_inflated_size(fp: IO[bytes], size: int) -> None:
@@ -512,11 +538,15 @@ def _check_inflated_size(fp: IO[bytes], size: int) -> None:
             total += len(inflater.decompress(pending, 1024 * 1024))
         except zlib.error as exc:
             fp.seek(0)
-            raise DicomRejected("not_dicom", "deflated dataset does not inflate") from exc
+            raise DicomRejected(
+                QuarantineReason.NOT_DICOM, "deflated dataset does not inflate"
+            ) from exc
         pending = inflater.unconsumed_tail
         if total > MAX_INFLATED:
             fp.seek(0)
-            raise DicomRejected("not_dicom", "deflated dataset inflates past the limit")
+            raise DicomRejected(
+                QuarantineReason.NOT_DICOM, "deflated dataset inflates past the limit"
+            )
     fp.seek(0)
 
 

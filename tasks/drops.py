@@ -38,6 +38,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.catalog import Catalog
+from storage.errors import retry_transient
 from storage.locations import Entry, Location, UnsafeNameError, safe_relpath
 
 MANIFEST = "manifest.json"
@@ -248,5 +249,9 @@ def _resume_started(catalog: Catalog, drops: list[Drop]) -> None:
 
 
 scan_drops_task = task(
-    name="scan-drops", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+    name="scan-drops",
+    retries=3,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 2, 5],
+    cache_policy=NO_CACHE,
 )(scan_drops)

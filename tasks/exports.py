@@ -11,13 +11,14 @@ from typing import Any
 
 import duckdb
 
+from storage.errors import TerminalError
 from storage.home import Home
 from storage.keystore import KeyDestroyedError
 from storage.locations import Location
 from storage.vault import IntegrityError, Vault
 
 
-class ExportError(RuntimeError):
+class ExportError(TerminalError, RuntimeError):
     """The image cannot be exported (unknown, deleted, or failed its integrity check)."""
 
 

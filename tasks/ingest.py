@@ -35,6 +35,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.catalog import insert_rows
+from storage.errors import retry_transient
 from storage.home import Home
 from storage.vault import IntegrityError, Vault
 from tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
@@ -46,6 +47,7 @@ from tasks.quarantine import (
     quarantine_id,
     quarantine_object_name,
 )
+from tasks.reasons import QuarantineReason
 from tasks.reconcile import clear_pending, record_pending
 
 IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept for the batch
@@ -143,6 +145,8 @@ class _Read:
     quarantine_id: str = ""  # deterministic, so a rerun finds an earlier quarantine
 
 
+_Rejected = tuple[_Read, QuarantineReason, str]  # a file, why, and a PHI-free detail
+
 # Fault-injection points for crash tests: name -> callable run at that point.
 FAULTS: dict[str, Callable[[], None]] = {}
 
@@ -219,17 +223,17 @@ def _existing(
     )
 
 
-def _check(item: _Read, max_file_bytes: int) -> tuple[str, str] | None:
+def _check(item: _Read, max_file_bytes: int) -> tuple[QuarantineReason, str] | None:
     """The quarantine reason for a file, or None when it is a valid DICOM file."""
     drop, f = item.drop, item.file
     if not f.safe:
-        return "unsafe_name", "file name escapes its drop"
+        return QuarantineReason.UNSAFE_NAME, "file name escapes its drop"
     if f.size > max_file_bytes:
-        return "too_large", f"file is over the {max_file_bytes}-byte limit"
+        return QuarantineReason.TOO_LARGE, f"file is over the {max_file_bytes}-byte limit"
     if drop.state == "incomplete":
-        return "incomplete_drop", drop.why or "manifest never completed"
+        return QuarantineReason.INCOMPLETE_DROP, drop.why or "manifest never completed"
     if f.expected_sha256 and f.expected_sha256 != item.sha256:
-        return "checksum_mismatch", "SHA-256 differs from the manifest"
+        return QuarantineReason.CHECKSUM_MISMATCH, "SHA-256 differs from the manifest"
     return None
 
 
@@ -266,7 +270,7 @@ class _Batch:
         self.quarantined: list[Quarantined] = []
         self.known_quarantine: set[str] = set()
         self.to_remove: list[str] = []
-        self.to_quarantine: list[tuple[_Read, str, str, str | None]] = []
+        self.to_quarantine: list[tuple[_Read, QuarantineReason, str, str | None]] = []
         self.study_keys: dict[str, str] = {}  # study UID -> record key id
         self.new_studies: dict[str, dict[str, Any]] = {}
         self.instance_rows: list[dict[str, Any]] = []
@@ -298,7 +302,7 @@ class _Batch:
     # -- quarantine ----------------------------------------------------------
 
     def quarantine(
-        self, item: _Read, reason: str, detail: str, study_uid: str | None = None
+        self, item: _Read, reason: QuarantineReason, detail: str, study_uid: str | None = None
     ) -> None:
         """Count a file as quarantined; :meth:`write_quarantine` stores it later."""
         self.stats.quarantined[reason] += 1
@@ -348,10 +352,10 @@ class _Batch:
             self.stats.count(drop, "files_seen")
         return reads
 
-    def parse(self, reads: list[_Read]) -> tuple[list[_Read], list[tuple[_Read, str, str]]]:
+    def parse(self, reads: list[_Read]) -> tuple[list[_Read], list[_Rejected]]:
         """``(parsed, rejected)``: parsed items carry their header; rejected ones a reason."""
         parsed: list[_Read] = []
-        rejected: list[tuple[_Read, str, str]] = []
+        rejected: list[_Rejected] = []
         for item in reads:
             problem = _check(item, self.max_file_bytes)
             if problem is not None:
@@ -371,7 +375,7 @@ class _Batch:
     # -- stage 2: dedupe against the catalog and within the batch --------------
 
     def classify(
-        self, reads: list[_Read], parsed: list[_Read], rejected: list[tuple[_Read, str, str]]
+        self, reads: list[_Read], parsed: list[_Read], rejected: list[_Rejected]
     ) -> list[tuple[_Read, DicomHeader]]:
         """Quarantine the rejected, count duplicates, and return the fresh instances."""
         headers = [r.header for r in parsed if r.header is not None]
@@ -391,7 +395,9 @@ class _Batch:
             prior = seen.get(header.sop_instance_uid)
             if header.study_uid in deleted:
                 # The owner deleted this study while the file was on its way: the tombstone wins.
-                self.quarantine(item, "deleted_by_owner", "study was deleted by its owner")
+                self.quarantine(
+                    item, QuarantineReason.DELETED_BY_OWNER, "study was deleted by its owner"
+                )
             elif prior is None:
                 seen[header.sop_instance_uid] = item.sha256
                 fresh.append((item, header))
@@ -402,7 +408,7 @@ class _Batch:
             else:
                 self.quarantine(
                     item,
-                    "uid_conflict",
+                    QuarantineReason.UID_CONFLICT,
                     "SOP Instance UID known with other content",
                     header.study_uid,
                 )
@@ -733,11 +739,23 @@ def finish_drops(home: Home, drops: list[Drop]) -> dict[str, bool]:
 # Prefect wrappers: one task run per batch (a task run costs ~5 ms; per-file work is plain
 # Python). Batches are idempotent, so retrying one after an I/O error is safe.
 ingest_batch_task = task(
-    name="ingest-batch", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+    name="ingest-batch",
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 5],
+    cache_policy=NO_CACHE,
 )(ingest_batch)
 record_drops_task = task(
-    name="record-drops", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+    name="record-drops",
+    retries=3,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 2, 5],
+    cache_policy=NO_CACHE,
 )(record_drops)
 finish_drops_task = task(
-    name="finish-drops", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+    name="finish-drops",
+    retries=3,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 2, 5],
+    cache_policy=NO_CACHE,
 )(finish_drops)

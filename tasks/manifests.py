@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from storage.errors import TerminalError
 from storage.locations import Location
+from tasks.reasons import RejectReason
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
 PROCESSED = "processed"
@@ -33,6 +35,21 @@ class ManifestRow:
     @property
     def ref(self) -> str:
         return f"{self.manifest}#{self.line}"
+
+
+class Rejected(TerminalError, ValueError):
+    """A manifest row refused with a reason (share, revoke, disclose or deletion row); its
+    outcome is ``rejected:<reason>``, and the other rows of the manifest still apply."""
+
+    def __init__(self, reason: RejectReason | str) -> None:
+        self.reason = (
+            RejectReason(reason) if reason in set(RejectReason) else RejectReason.MALFORMED
+        )
+        super().__init__(str(self.reason))
+
+    @property
+    def outcome(self) -> str:
+        return f"rejected:{self.reason}"
 
 
 @dataclass

@@ -23,21 +23,12 @@ from storage.home import Home
 from storage.locations import UnsafeNameError, safe_relpath
 from storage.vault import Vault
 from tasks.phi import keyed_hash, open_fields, seal_fields
+from tasks.reasons import QuarantineReason
 
 if TYPE_CHECKING:
     import pandas as pd
 
-REASONS = (
-    "not_dicom",
-    "truncated",
-    "missing_uid",
-    "uid_conflict",
-    "checksum_mismatch",
-    "incomplete_drop",
-    "unsafe_name",
-    "too_large",
-    "deleted_by_owner",
-)
+REASONS = tuple(QuarantineReason)  # every reason code (tasks/reasons.py)
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,7 @@ def quarantine_file(
     src: IO[bytes],
     size: int,
     sha256: str,
-    reason: str,
+    reason: QuarantineReason,
     detail: str,
     study_uid: str | None,
     now: datetime,
@@ -82,8 +73,7 @@ def quarantine_file(
 
     The caller commits the rows, then removes the source.
     """
-    if reason not in REASONS:
-        raise ValueError(f"unknown quarantine reason {reason!r}")
+    reason = QuarantineReason(reason)  # a stray string fails here, before anything is written
     qid = quarantine_id(home.pepper, facility_id, drop_id, source_name, sha256)
     folder = _folder(facility_id, drop_id)
     key_id, record_key = home.keystore.create()

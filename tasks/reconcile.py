@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from storage.errors import retry_transient
 from storage.home import Home
 from storage.locations import Entry, Location
 
@@ -193,8 +194,16 @@ def reconcile_vault(home: Home, min_age_seconds: float = 3600.0) -> ReconcileSta
 
 
 reconcile_vault_task = task(
-    name="reconcile-vault", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+    name="reconcile-vault",
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 5],
+    cache_policy=NO_CACHE,
 )(reconcile_vault)
 settle_pending_task = task(
-    name="settle-pending", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+    name="settle-pending",
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 5],
+    cache_policy=NO_CACHE,
 )(settle_pending)

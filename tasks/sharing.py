@@ -23,8 +23,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.catalog import Catalog, insert_rows
+from storage.errors import retry_transient
 from tasks.manifests import (
     ManifestRow,
+    Rejected,
     RowOutcomes,
     archive_manifests,
     content_hash,
@@ -32,6 +34,7 @@ from tasks.manifests import (
     parse_time,
     read_pending,
 )
+from tasks.reasons import RejectReason
 
 SHARE_FIELDS = (
     "request_id",
@@ -89,34 +92,28 @@ class ShareResult(RowOutcomes):
         return pd.DataFrame(rows).to_html(index=False)
 
 
-class Rejected(ValueError):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def validate_fields(row: ManifestRow, now: datetime) -> ShareRequest:
     """Syntax checks that need no catalog; raises :class:`Rejected`."""
     if row.fields is None:
-        raise Rejected(row.error or "malformed")
+        raise Rejected(row.error or RejectReason.MALFORMED)
     f = row.fields
     for name in REQUIRED:
         if not f.get(name):
-            raise Rejected("missing_field")
+            raise Rejected(RejectReason.MISSING_FIELD)
     action = f["action"].lower()
     if action not in ACTIONS:
-        raise Rejected("unknown_action")
+        raise Rejected(RejectReason.UNKNOWN_ACTION)
     if action == "disclose" and not f.get("purpose"):
-        raise Rejected("missing_field")
+        raise Rejected(RejectReason.MISSING_FIELD)
     try:
         requested_at = parse_request_time(f["requested_at"], now)
         expires_at = parse_time(f["expires_at"]) if f.get("expires_at") else None
     except ValueError as exc:
-        raise Rejected("bad_timestamp") from exc
+        raise Rejected(RejectReason.BAD_TIMESTAMP) from exc
     if expires_at is not None and expires_at <= requested_at:
-        raise Rejected("bad_timestamp")
+        raise Rejected(RejectReason.BAD_TIMESTAMP)
     if f["grantee"] == f["owner"]:
-        raise Rejected("grantee_is_owner")
+        raise Rejected(RejectReason.GRANTEE_IS_OWNER)
     return ShareRequest(
         request_id=f["request_id"],
         action=action,
@@ -215,8 +212,8 @@ def apply_requests(
             valid.append(validate_fields(row, now))
         except Rejected as exc:
             rid = (row.fields or {}).get("request_id") or None
-            result.note(row, rid, f"rejected:{exc.reason}")
-            _record(con, row, None, f"rejected:{exc.reason}", now)
+            result.note(row, rid, exc.outcome)
+            _record(con, row, None, exc.outcome, now)
     ids = [r.request_id for r in valid]
     known = dict(
         con.execute(
@@ -239,19 +236,19 @@ def apply_requests(
             outcome = (
                 "duplicate"
                 if known[req.request_id] == req.digest
-                else ("rejected:duplicate_request_id")
+                else Rejected(RejectReason.DUPLICATE_REQUEST_ID).outcome
             )
             result.note(req.row, req.request_id, outcome)
             if outcome != "duplicate":
                 _record(con, req.row, req, outcome, now)
             continue
         if req.study_uid != "*" and req.study_uid not in owners:
-            reject = "unknown_study"
+            reject = RejectReason.UNKNOWN_STUDY
         elif req.study_uid != "*" and owners[req.study_uid] != req.owner:
-            reject = "not_owner"
+            reject = RejectReason.NOT_OWNER
         else:
-            reject = ""
-        outcome = f"rejected:{reject}" if reject else "applied"
+            reject = None
+        outcome = Rejected(reject).outcome if reject else "applied"
         known[req.request_id] = req.digest
         result.note(req.row, req.request_id, outcome)
         _record(con, req.row, req, outcome, now)
@@ -351,13 +348,25 @@ def report_incident(
 
 
 read_pending_task = task(
-    name="read-manifests", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+    name="read-manifests",
+    retries=3,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 2, 5],
+    cache_policy=NO_CACHE,
 )(read_pending)
 archive_manifests_task = task(
-    name="archive-manifests", retries=3, retry_delay_seconds=[1, 2, 5], cache_policy=NO_CACHE
+    name="archive-manifests",
+    retries=3,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 2, 5],
+    cache_policy=NO_CACHE,
 )(archive_manifests)
 apply_share_rows_task = task(
-    name="apply-share-rows", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE
+    name="apply-share-rows",
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 5],
+    cache_policy=NO_CACHE,
 )(apply_share_rows)
 report_incident_task = task(name="report-incident", cache_policy=NO_CACHE)(report_incident)
 
