@@ -17,9 +17,7 @@ reported both with and without them.
 
 from __future__ import annotations
 
-import json
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -33,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.catalog import Catalog, insert_rows
 from storage.errors import retry_transient
 from storage.locations import Location
+from tasks.audit import audit as audit_event
 from tasks.phi import keyed_hash
 from tasks.suppression import TOTAL, audit, suppress, with_margins
 
@@ -303,9 +302,8 @@ def compile_day(
             ],
             ignore_existing=True,
         )
-        c.execute(
-            "INSERT INTO audit_log VALUES (?, ?, 'beacons', 'compile_day', ?, ?)",
-            [uuid.uuid4().hex, now, day, json.dumps(stats.row())],
+        audit_event(
+            c, actor="beacons", action="compile_day", subject=day, detail=stats.row(), at=now
         )
 
     catalog.write(store)

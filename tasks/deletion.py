@@ -23,7 +23,6 @@ if a byte scan still finds a deleted UID).
 from __future__ import annotations
 
 import random
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +36,7 @@ from storage.catalog import Catalog, insert_rows
 from storage.errors import retry_transient
 from storage.home import Home
 from storage.locations import Location
+from tasks.audit import audit
 from tasks.ingest import study_key
 from tasks.manifests import ManifestRow, Rejected, RowOutcomes, content_hash, parse_request_time
 from tasks.reasons import RejectReason
@@ -436,14 +436,13 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
                 [now],
             )
             con.unregister("_counts")
-            con.execute(
-                "INSERT INTO audit_log VALUES (?, ?, 'deletion', 'delete_studies', ?, ?)",
-                [
-                    uuid.uuid4().hex,
-                    now,
-                    f"{len(delete)} studies",
-                    f'{{"objects": {len(doomed)}, "keys": {len(key_ids)}}}',
-                ],
+            audit(
+                con,
+                actor="deletion",
+                action="delete_studies",
+                subject=f"{len(delete)} studies",
+                detail={"objects": len(doomed), "keys": len(key_ids)},
+                at=now,
             )
         finally:
             con.unregister("_deleted")

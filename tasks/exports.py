@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +15,7 @@ from storage.home import Home
 from storage.keystore import KeyDestroyedError
 from storage.locations import Location
 from storage.vault import IntegrityError, Vault
+from tasks.audit import audit
 
 
 class ExportError(TerminalError, RuntimeError):
@@ -57,17 +57,15 @@ def export_instance(
         tmp.unlink(missing_ok=True)
     now = datetime.now(UTC)
 
-    def audit(con: duckdb.DuckDBPyConnection) -> None:
-        con.execute(
-            "INSERT INTO audit_log VALUES (?, ?, ?, 'export', ?, ?)",
-            [
-                uuid.uuid4().hex,
-                now,
-                actor,
-                sop_instance_uid,
-                json.dumps({"bytes": int(row["size_bytes"])}),
-            ],
+    def record(con: duckdb.DuckDBPyConnection) -> None:
+        audit(
+            con,
+            actor=actor,
+            action="export",
+            subject=sop_instance_uid,
+            detail={"bytes": int(row["size_bytes"])},
+            at=now,
         )
 
-    home.catalog.write(audit)
+    home.catalog.write(record)
     return {"sop_instance_uid": sop_instance_uid, "bytes": int(row["size_bytes"]), "out": str(out)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 import uuid
 from collections import Counter
@@ -38,6 +37,7 @@ from storage.catalog import insert_rows
 from storage.errors import retry_transient
 from storage.home import Home
 from storage.vault import IntegrityError, Vault
+from tasks.audit import audit
 from tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
 from tasks.drops import Drop, DropFile
 from tasks.phi import keyed_hash, patient_key, seal_fields
@@ -571,22 +571,19 @@ class _Batch:
 
     def _audit(self, con: duckdb.DuckDBPyConnection, ingested: int, left: int) -> None:
         stats = self.stats
-        con.execute(
-            "INSERT INTO audit_log VALUES (?, ?, 'ingest', 'ingest_batch', ?, ?)",
-            [
-                uuid.uuid4().hex,
-                self.now,
-                ",".join(sorted(stats.drops)),
-                json.dumps(
-                    {
-                        "files": stats.files_seen,
-                        "ingested": ingested,
-                        "duplicates": stats.duplicates,
-                        "left_for_retry": left,
-                        "quarantined": dict(stats.quarantined),
-                    }
-                ),
-            ],
+        audit(
+            con,
+            actor="ingest",
+            action="ingest_batch",
+            subject=",".join(sorted(stats.drops)),
+            detail={
+                "files": stats.files_seen,
+                "ingested": ingested,
+                "duplicates": stats.duplicates,
+                "left_for_retry": left,
+                "quarantined": dict(stats.quarantined),
+            },
+            at=self.now,
         )
 
     # -- after the commit ------------------------------------------------------

@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.catalog import Catalog, insert_rows
 from storage.errors import retry_transient
+from tasks.audit import audit
 from tasks.manifests import (
     ManifestRow,
     Rejected,
@@ -523,9 +524,13 @@ def open_incident(
             report,
         ],
     )
-    con.execute(
-        "INSERT INTO audit_log VALUES (?, ?, 'incident', 'revoke_grants', ?, ?)",
-        [uuid.uuid4().hex, now, incident_id, f'{{"grants_revoked": {len(events)}}}'],
+    audit(
+        con,
+        actor="incident",
+        action="revoke_grants",
+        subject=incident_id,
+        detail={"grants_revoked": len(events)},
+        at=now,
     )
     return Incident(
         incident_id,

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from prefect.settings import PREFECT_API_URL
+
+from tests.helpers import EXE, cli_env
 
 pytestmark = pytest.mark.integration
-
-EXE = shutil.which("dropvault") or str(Path(sys.executable).with_name("dropvault"))
-
-
-def cli_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DROPVAULT_")}
-    env["DROPVAULT_HOME"] = str(home)
-    api = PREFECT_API_URL.value()  # the session's test server: no ephemeral one per call
-    if api:
-        env["PREFECT_API_URL"] = api
-    return env
 
 
 def dv(home: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:

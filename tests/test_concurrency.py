@@ -17,7 +17,7 @@ from storage.home import Home
 from tasks import samples
 from tasks.drops import scan_drops
 from tasks.ingest import ingest_batch
-from tests.test_cli import EXE, cli_env
+from tests.helpers import EXE, cli_env
 
 pytestmark = pytest.mark.integration
 

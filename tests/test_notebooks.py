@@ -11,8 +11,8 @@ from nbclient import NotebookClient
 from flows.demo import run_demo
 from flows.settings import Settings
 from tests.conftest import lake_factory
+from tests.helpers import lake_env
 from tests.postgres import PostgresServer
-from tests.test_scaleout import lake_env
 
 pytestmark = pytest.mark.integration
 

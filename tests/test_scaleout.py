@@ -19,8 +19,8 @@ from storage.locations import Location
 from tasks import samples
 from tasks.drops import in_shard
 from tests.conftest import lake_factory
+from tests.helpers import EXE, cli_env, lake_env
 from tests.postgres import PostgresServer
-from tests.test_cli import EXE, cli_env
 
 pytestmark = pytest.mark.integration
 
@@ -28,19 +28,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def new_lake(postgres: PostgresServer, moto_endpoint: str) -> Callable[[], Lake]:
     return lake_factory(postgres, moto_endpoint)
-
-
-def lake_env(lake: Lake) -> dict[str, str]:
-    return {
-        "DROPVAULT_CATALOG_URL": "ducklake:postgres:" + lake.metadata,
-        "DROPVAULT_CATALOG_DATA_URL": lake.data_url,
-        "DROPVAULT_CATALOG_SCHEMA": lake.schema or "",
-        "DROPVAULT_S3_ENDPOINT_URL": lake.s3["endpoint_url"],
-        "DROPVAULT_S3_KEY": "foo",
-        "DROPVAULT_S3_SECRET": "foo",
-        "DROPVAULT_QUIET_SECONDS": "0",
-        "DROPVAULT_BATCH_FILES": "8",
-    }
 
 
 def test_two_workers_ingest_different_drops_at_once(

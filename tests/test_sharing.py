@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,9 +15,6 @@ from hypothesis import strategies as st
 from flows.sharing import apply_share_manifests, report_wrong_access
 from storage.catalog import Catalog
 from storage.home import Home
-from tasks import samples
-from tasks.drops import scan_drops
-from tasks.ingest import ingest_batch
 from tasks.manifests import parse_manifest
 from tasks.sharing import (
     access_list,
@@ -27,54 +23,7 @@ from tasks.sharing import (
     disclosures_for,
     who_can_access,
 )
-
-NOW = datetime.now(UTC)
-
-
-def ts(days: float = 0) -> str:
-    return (NOW + timedelta(days=days)).isoformat()
-
-
-def seed(home: Home, owners: dict[str, int], rng: random.Random) -> dict[str, list[str]]:
-    """Ingest one study per count for each owner (real ingest, no Prefect); returns study UIDs."""
-    studies: dict[str, list[str]] = {}
-    for owner, count in owners.items():
-        for i in range(count):
-            uid, files = samples.make_study(rng, samples.make_patient(rng, i), 1, "MR_small.dcm")
-            drop_id = f"{owner.replace(':', '-')}-{i}-{rng.randrange(10**6)}"
-            samples.write_drop(home.drops, "fac", drop_id, files, owners={uid: owner})
-            studies.setdefault(owner, []).append(uid)
-    home.catalog.migrate()
-    for drop in scan_drops(home.drops, time.time(), 0, 86400):
-        ingest_batch(home, [(drop, f) for f in drop.files], max_file_bytes=10**9)
-    return studies
-
-
-def write_manifest(home: Home, name: str, rows: list[dict[str, str]]) -> None:
-    if name.endswith(".csv"):
-        cols = list(rows[0])
-        text = (
-            ",".join(cols)
-            + "\n"
-            + "".join(",".join(r.get(c, "") for c in cols) + "\n" for r in rows)
-        )
-    else:
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-    home.manifests.put_bytes(f"shares/{name}", text.encode())
-
-
-def req(
-    rid: str, action: str, owner: str, grantee: str, study: str, days: float, **extra: str
-) -> dict[str, str]:
-    return {
-        "request_id": rid,
-        "action": action,
-        "owner": owner,
-        "grantee": grantee,
-        "study_uid": study,
-        "requested_at": ts(days),
-        **extra,
-    }
+from tests.helpers import NOW, req, seed, ts, write_manifest
 
 
 @pytest.fixture

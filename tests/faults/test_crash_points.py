@@ -22,7 +22,7 @@ from flows.ingest import ingest_drops
 from flows.settings import Settings
 from storage.home import Home
 from tasks import samples
-from tests.test_cli import cli_env
+from tests.helpers import cli_env
 
 pytestmark = pytest.mark.integration
 

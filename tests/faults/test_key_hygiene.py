@@ -16,7 +16,7 @@ import pytest
 
 from storage.home import Home
 from tasks.phi import open_fields
-from tests.test_cli import EXE
+from tests.helpers import EXE
 
 pytestmark = pytest.mark.integration
 

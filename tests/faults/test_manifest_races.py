@@ -18,7 +18,7 @@ from flows.sharing import apply_share_manifests
 from storage.home import Home
 from tasks import samples
 from tasks.sharing import access_list, can_access
-from tests.test_sharing import req, seed, write_manifest
+from tests.helpers import req, seed, write_manifest
 
 pytestmark = pytest.mark.integration
 
