@@ -273,6 +273,18 @@ class Home:
             pepper=pepper,
         )
 
+    def location_for(self, url: str) -> Location:
+        """The home's location with this URL (vault, quarantine or archive, with their
+        credentials), or a plain one for a URL the home no longer uses."""
+        for location in (self.vault, self.quarantine, self.archive):
+            if location.url == url:
+                return location
+        return Location(url)
+
+    def store_for(self, url: str) -> Vault:
+        """The encrypted store at this URL (see :meth:`location_for`)."""
+        return Vault(self.location_for(url), self.keystore)
+
     def vault_store(self) -> Vault:
         return Vault(self.vault, self.keystore)
 

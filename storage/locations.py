@@ -435,6 +435,13 @@ class Location:
             removed = 1
         return removed
 
+    def remaining(self, name: str) -> int:
+        """What is left of an object: its versions and delete markers on a versioned bucket,
+        else 1 if it exists. A deletion is proven when this is 0."""
+        if self.protocol in ("s3", "s3a") and self.versioned:
+            return len(self.versions(name))
+        return int(self.exists(name))
+
     def versions(self, name: str, *, unchecked: bool = False) -> builtins.list[str]:
         """Every version id (and delete marker) of an object on a versioned bucket."""
         path = f"{self.root}/{name}" if unchecked else self.path(name)

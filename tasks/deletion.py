@@ -35,7 +35,6 @@ from prefect.cache_policies import NO_CACHE
 from storage.catalog import Catalog, insert_rows
 from storage.errors import retry_transient
 from storage.home import Home
-from storage.locations import Location
 from tasks.audit import audit
 from tasks.ingest import study_key
 from tasks.manifests import ManifestRow, Rejected, RowOutcomes, content_hash, parse_request_time
@@ -184,13 +183,6 @@ def pending_requests(catalog: Catalog) -> pd.DataFrame:
     )
 
 
-def _location_for(home: Home, url: str) -> Location:
-    for loc in (home.vault, home.quarantine, home.archive):
-        if loc.url == url:
-            return loc
-    return Location(url)
-
-
 @dataclass(frozen=True)
 class StudyWork:
     request_id: str
@@ -199,76 +191,67 @@ class StudyWork:
     keep_archive: bool
 
 
-def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[StudyOutcome]:
-    """Delete (or archive) a batch of studies; every step is one transaction or one call."""
-    if not work:
-        return []
-    keys = {w.study_uid: study_key(home.pepper, w.study_uid) for w in work}
-    uids = [w.study_uid for w in work]
-    outcomes = {
-        w.study_uid: StudyOutcome(
-            w.request_id,
-            keys[w.study_uid],
-            "archived" if w.keep_archive else "deleted",
-            study_uid=w.study_uid,
-        )
-        for w in work
-    }
-    archive = [w.study_uid for w in work if w.keep_archive]
-    delete = [w.study_uid for w in work if not w.keep_archive]
-    delete_set = set(delete)
-    by_uid = {w.study_uid: w for w in work}
+class _Sweep:
+    """One batch of studies through the named stages of a deletion, in an order a killed
+    sweep resumes from (README, "Deletion"): :meth:`mark` (revoke, mark, tombstone, record
+    what must go), :meth:`archive` (the owner's election), :meth:`shred` (destroy the record
+    keys), :meth:`delete_objects` (every version), :meth:`delete_rows` (keep legal history
+    under the tombstone key), :meth:`verify`. Each stage is one transaction or one call."""
 
-    # 1. Revoke, mark, tombstone: one transaction.
-    def start(con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, pd.DataFrame]:
-        grants = con.execute(
-            "SELECT g.owner, g.grantee, g.study_uid FROM grants g"
-            " JOIN studies s ON s.study_uid = g.study_uid AND s.owner = g.owner"
-            " WHERE g.study_uid IN (SELECT unnest(?::VARCHAR[])) AND g.revoked_at IS NULL",
-            [uids],
-        ).fetchall()
-        insert_rows(
-            con,
-            "grant_events",
-            [
-                {
-                    "event_id": f"deletion:{by_uid[s].request_id}:{keys[s]}:{g}",
-                    "action": "revoke",
-                    "owner": o,
-                    "grantee": g,
-                    "study_uid": s,
-                    "requested_at": now,
-                    "expires_at": None,
-                    "actor": "deletion",
-                    "reason": "deleted",
-                    "recorded_at": now,
-                }
-                for o, g, s in grants
-            ],
-            ignore_existing=True,
-        )
-        recompute_grants(con, {(o, g) for o, g, _ in grants})
+    def __init__(self, home: Home, work: list[StudyWork], now: datetime) -> None:
+        self.home = home
+        self.now = now
+        self.keys = {w.study_uid: study_key(home.pepper, w.study_uid) for w in work}
+        self.uids = [w.study_uid for w in work]
+        self.by_uid = {w.study_uid: w for w in work}
+        self.outcomes = {
+            w.study_uid: StudyOutcome(
+                w.request_id,
+                self.keys[w.study_uid],
+                "archived" if w.keep_archive else "deleted",
+                study_uid=w.study_uid,
+            )
+            for w in work
+        }
+        self.to_archive = [w.study_uid for w in work if w.keep_archive]
+        self.to_delete = [w.study_uid for w in work if not w.keep_archive]
+        self.objects = pd.DataFrame()
+        self.studies = pd.DataFrame()
+        self.doomed = pd.DataFrame()
+        self.key_ids: list[str] = []
+
+    # -- 1. revoke, mark, tombstone: one transaction -----------------------------------
+
+    def mark(self) -> None:
+        self.objects, self.studies = self.home.catalog.write(self._mark)
+        for uid, count in zip(self.studies["study_uid"], self.studies["instances"], strict=True):
+            self.outcomes[str(uid)].instances = int(count)
+        for uid, group in self.objects.groupby("study_uid"):
+            self.outcomes[str(uid)].objects = len(group)
+
+    def _mark(self, con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, pd.DataFrame]:
+        self._revoke(con)
         con.execute(
             "UPDATE studies SET status = 'archived', rev = rev + 1"
             " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
-            [archive],
+            [self.to_archive],
         )
         con.execute(
             "UPDATE studies SET status = 'deleting', rev = rev + 1"
             " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
-            [delete],
+            [self.to_delete],
         )
         insert_rows(
             con,
             "tombstones",
             [
                 {
-                    "study_key": keys[s],
-                    "request_id": by_uid[s].request_id,
+                    "study_key": self.keys[s],
+                    "request_id": self.by_uid[s].request_id,
                     "outcome": "deleted",
-                    "created_at": now,
+                    "created_at": self.now,
                 }
-                for s in delete
+                for s in self.to_delete
             ],
             ignore_existing=True,
         )
@@ -280,68 +263,88 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
             " SELECT q.study_uid, o.object_id, o.kind, o.location_url, o.name, o.record_key_id"
             " FROM objects o JOIN quarantine q USING (object_id)"
             " WHERE q.study_uid IN (SELECT unnest(?::VARCHAR[]))",
-            [uids, uids],
+            [self.uids, self.uids],
         ).df()
         studies = con.execute(
             "SELECT s.study_uid, s.record_key_id, count(i.sop_instance_uid) AS instances"
             " FROM studies s LEFT JOIN instances i USING (study_uid)"
             " WHERE s.study_uid IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1, 2",
-            [uids],
+            [self.uids],
         ).df()
-        # What step 6 must find gone, kept past step 5 (which deletes these rows).
-        to_check = [
-            (
-                by_uid[str(r.study_uid)].request_id,
-                keys[str(r.study_uid)],
-                r.location_url,
-                r.name,
-                r.record_key_id,
-            )
+        self._record_what_must_go(con, objects, studies)
+        return objects, studies
+
+    def _revoke(self, con: duckdb.DuckDBPyConnection) -> None:
+        grants = con.execute(
+            "SELECT g.owner, g.grantee, g.study_uid FROM grants g"
+            " JOIN studies s ON s.study_uid = g.study_uid AND s.owner = g.owner"
+            " WHERE g.study_uid IN (SELECT unnest(?::VARCHAR[])) AND g.revoked_at IS NULL",
+            [self.uids],
+        ).fetchall()
+        insert_rows(
+            con,
+            "grant_events",
+            [
+                {
+                    "event_id": f"deletion:{self.by_uid[s].request_id}:{self.keys[s]}:{g}",
+                    "action": "revoke",
+                    "owner": o,
+                    "grantee": g,
+                    "study_uid": s,
+                    "requested_at": self.now,
+                    "expires_at": None,
+                    "actor": "deletion",
+                    "reason": "deleted",
+                    "recorded_at": self.now,
+                }
+                for o, g, s in grants
+            ],
+            ignore_existing=True,
+        )
+        recompute_grants(con, {(o, g) for o, g, _ in grants})
+
+    def _record_what_must_go(
+        self, con: duckdb.DuckDBPyConnection, objects: pd.DataFrame, studies: pd.DataFrame
+    ) -> None:
+        """What :meth:`verify` must find gone, kept past :meth:`delete_rows`."""
+        delete = set(self.to_delete)
+        rows = [
+            (str(r.study_uid), r.location_url, r.name, r.record_key_id)
             for r in objects.itertuples()
-            if r.study_uid in delete_set
+            if r.study_uid in delete
         ] + [
-            (
-                by_uid[str(r.study_uid)].request_id,
-                keys[str(r.study_uid)],
-                None,
-                None,
-                r.record_key_id,
-            )
+            (str(r.study_uid), None, None, r.record_key_id)
             for r in studies.itertuples()
-            if r.study_uid in delete_set
+            if r.study_uid in delete
         ]
         con.execute(
             "DELETE FROM deletion_objects WHERE study_key IN (SELECT unnest(?::VARCHAR[]))",
-            [[keys[u] for u in delete]],
+            [[self.keys[u] for u in self.to_delete]],
         )
         insert_rows(
             con,
             "deletion_objects",
             [
-                dict(
-                    zip(
-                        ("request_id", "study_key", "location_url", "name", "record_key_id"),
-                        t,
-                        strict=True,
-                    )
-                )
-                for t in to_check
+                {
+                    "request_id": self.by_uid[uid].request_id,
+                    "study_key": self.keys[uid],
+                    "location_url": url,
+                    "name": name,
+                    "record_key_id": key_id,
+                }
+                for uid, url, name, key_id in rows
             ],
         )
-        return objects, studies
 
-    objects, studies = home.catalog.write(start)
-    for uid, count in zip(studies["study_uid"], studies["instances"], strict=True):
-        outcomes[str(uid)].instances = int(count)
-    for uid, group in objects.groupby("study_uid"):
-        outcomes[str(uid)].objects = len(group)
-    _fault("after_mark")
+    # -- 2. the owner's election: move to the archive, repoint ---------------------------
 
-    # 2. Archive election: move, repoint.
-    if archive:
-        to_archive = objects[objects["study_uid"].isin(archive)]
+    def archive(self) -> None:
+        if not self.to_archive:
+            return
+        home = self.home
+        to_archive = self.objects[self.objects["study_uid"].isin(self.to_archive)]
         for obj in to_archive.itertuples():
-            source = _location_for(home, str(obj.location_url))
+            source = home.location_for(str(obj.location_url))
             if source.url != home.archive.url and source.exists(str(obj.name)):
                 source.move(str(obj.name), home.archive, str(obj.name))
         moved = list(to_archive["object_id"])
@@ -357,38 +360,48 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
             for uid, name in zip(to_archive["study_uid"], to_archive["name"], strict=True)
             if not home.archive.exists(str(name))
         }
-        for uid in archive:
-            outcomes[uid].verified = uid not in missing
-    if not delete:
-        return list(outcomes.values())
+        for uid in self.to_archive:
+            self.outcomes[uid].verified = uid not in missing
 
-    # 3. Crypto-shred: every key of every object of these studies, in one keystore call.
-    doomed = objects[objects["study_uid"].isin(delete)]
-    study_key_ids = studies.loc[studies["study_uid"].isin(delete), "record_key_id"]
-    key_ids = sorted(set(doomed["record_key_id"]) | set(study_key_ids))
-    home.keystore.destroy(key_ids)
-    shredded: dict[str, set[str]] = {}
-    for uid, key_id in zip(doomed["study_uid"], doomed["record_key_id"], strict=True):
-        shredded.setdefault(str(uid), set()).add(str(key_id))
-    for uid, key_id in zip(studies["study_uid"], studies["record_key_id"], strict=True):
-        if uid in delete_set:
+    # -- 3. crypto-shred: every key of every object, in one keystore call ----------------
+
+    def shred(self) -> None:
+        delete = set(self.to_delete)
+        self.doomed = self.objects[self.objects["study_uid"].isin(self.to_delete)]
+        study_key_ids = self.studies.loc[
+            self.studies["study_uid"].isin(self.to_delete), "record_key_id"
+        ]
+        self.key_ids = sorted(set(self.doomed["record_key_id"]) | set(study_key_ids))
+        self.home.keystore.destroy(self.key_ids)
+        shredded: dict[str, set[str]] = {}
+        for uid, key_id in zip(self.doomed["study_uid"], self.doomed["record_key_id"], strict=True):
             shredded.setdefault(str(uid), set()).add(str(key_id))
-    for uid in delete:
-        outcomes[uid].keys = len(shredded.get(uid, set()))
-    _fault("after_shred")
+        for uid, key_id in zip(
+            self.studies["study_uid"], self.studies["record_key_id"], strict=True
+        ):
+            if uid in delete:
+                shredded.setdefault(str(uid), set()).add(str(key_id))
+        for uid in self.to_delete:
+            self.outcomes[uid].keys = len(shredded.get(uid, set()))
 
-    # 4. Delete every object and every version.
-    for obj in doomed.itertuples():
-        location = _location_for(home, str(obj.location_url))
-        outcomes[str(obj.study_uid)].versions += location.delete(str(obj.name))
-        if obj.kind == "quarantine":
-            location.delete(str(obj.name)[: -len(".dvlt")] + ".json")
-    _fault("after_objects")
+    # -- 4. every object, every version ---------------------------------------------------
 
-    # 5. Delete the rows; keep legal history under the tombstone key.
-    def finish(con: duckdb.DuckDBPyConnection) -> None:
+    def delete_objects(self) -> None:
+        for obj in self.doomed.itertuples():
+            location = self.home.location_for(str(obj.location_url))
+            self.outcomes[str(obj.study_uid)].versions += location.delete(str(obj.name))
+            if obj.kind == "quarantine":
+                location.delete(str(obj.name)[: -len(".dvlt")] + ".json")
+
+    # -- 5. the rows; legal history stays under the tombstone key -------------------------
+
+    def delete_rows(self) -> None:
+        self.home.catalog.write(self._delete_rows)
+
+    def _delete_rows(self, con: duckdb.DuckDBPyConnection) -> None:
+        delete = self.to_delete
         mapping = pd.DataFrame(
-            {"study_uid": delete, "replacement": [f"deleted:{keys[u]}" for u in delete]}
+            {"study_uid": delete, "replacement": [f"deleted:{self.keys[u]}" for u in delete]}
         )
         con.register("_deleted", mapping)
         try:
@@ -396,76 +409,93 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
                 "UPDATE audit_log SET subject = d.replacement FROM instances i"
                 " JOIN _deleted d USING (study_uid) WHERE audit_log.subject = i.sop_instance_uid"
             )
-            con.execute(
-                "DELETE FROM instances WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))", [delete]
-            )
-            con.execute(
-                "DELETE FROM quarantine WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))", [delete]
-            )
+            for table in ("instances", "quarantine"):
+                con.execute(
+                    f"DELETE FROM {table} WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",  # noqa: S608
+                    [delete],
+                )
             con.execute(
                 "DELETE FROM objects WHERE object_id IN (SELECT unnest(?::VARCHAR[]))",
-                [list(doomed["object_id"])],
+                [list(self.doomed["object_id"])],
             )
             con.execute(
                 "DELETE FROM studies WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))", [delete]
             )
             _fault("mid_finish")
-            for table in (
-                "grants",
-                "grant_events",
-                "disclosures",
-                "share_requests",
-                "deletion_requests",
-            ):
+            for table in HISTORY_TABLES:
                 con.execute(
                     f"UPDATE {table} SET study_uid = d.replacement FROM _deleted d"  # noqa: S608
                     f" WHERE {table}.study_uid = d.study_uid"
                 )
-            counts = pd.DataFrame(
-                [
-                    (o.study_key, o.instances, o.objects, o.versions, o.keys)
-                    for o in (outcomes[u] for u in delete)
-                ],
-                columns=["study_key", "instances", "objects", "versions", "keys"],
-            )
-            con.register("_counts", counts)
+            self._complete_tombstones(con)
+        finally:
+            con.unregister("_deleted")
+
+    def _complete_tombstones(self, con: duckdb.DuckDBPyConnection) -> None:
+        counts = pd.DataFrame(
+            [
+                (o.study_key, o.instances, o.objects, o.versions, o.keys)
+                for o in (self.outcomes[u] for u in self.to_delete)
+            ],
+            columns=["study_key", "instances", "objects", "versions", "keys"],
+        )
+        con.register("_counts", counts)
+        try:
             con.execute(
                 "UPDATE tombstones SET completed_at = ?, instances = c.instances,"
                 " objects = c.objects, versions = c.versions, keys = c.keys"
                 " FROM _counts c WHERE tombstones.study_key = c.study_key",
-                [now],
-            )
-            con.unregister("_counts")
-            audit(
-                con,
-                actor="deletion",
-                action="delete_studies",
-                subject=f"{len(delete)} studies",
-                detail={"objects": len(doomed), "keys": len(key_ids)},
-                at=now,
+                [self.now],
             )
         finally:
-            con.unregister("_deleted")
+            con.unregister("_counts")
+        audit(
+            con,
+            actor="deletion",
+            action="delete_studies",
+            subject=f"{len(self.to_delete)} studies",
+            detail={"objects": len(self.doomed), "keys": len(self.key_ids)},
+            at=self.now,
+        )
 
-    home.catalog.write(finish)
+    # -- 6. verify: no version of any former object, no key that unwraps -----------------
+
+    def verify(self) -> None:
+        left: dict[str, int] = {}
+        for obj in self.doomed.itertuples():
+            n = self.home.location_for(str(obj.location_url)).remaining(str(obj.name))
+            left[str(obj.study_uid)] = left.get(str(obj.study_uid), 0) + n
+        live = self.home.keystore.live(self.key_ids)
+        keys_of: dict[str, set[str]] = {}
+        for uid, key_id in zip(self.doomed["study_uid"], self.doomed["record_key_id"], strict=True):
+            keys_of.setdefault(str(uid), set()).add(str(key_id))
+        for uid in self.to_delete:
+            outcome = self.outcomes[uid]
+            outcome.verified = left.get(uid, 0) == 0 and not (keys_of.get(uid, set()) & live)
+
+
+# Tables whose rows outlive a deleted study, with the UID replaced by its tombstone key.
+HISTORY_TABLES = ("grants", "grant_events", "disclosures", "share_requests", "deletion_requests")
+
+
+def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[StudyOutcome]:
+    """Delete (or archive) a batch of studies through the stages of :class:`_Sweep`."""
+    if not work:
+        return []
+    sweep = _Sweep(home, work, now)
+    sweep.mark()
+    _fault("after_mark")
+    sweep.archive()
+    if not sweep.to_delete:
+        return list(sweep.outcomes.values())
+    sweep.shred()
+    _fault("after_shred")
+    sweep.delete_objects()
+    _fault("after_objects")
+    sweep.delete_rows()
     _fault("after_finish")
-
-    # 6. Verify: no version of any former object, no key that unwraps.
-    left: dict[str, int] = {}
-    for obj in doomed.itertuples():
-        location = _location_for(home, str(obj.location_url))
-        if location.protocol in ("s3", "s3a") and location.versioned:
-            n = len(location.versions(str(obj.name)))
-        else:
-            n = int(location.exists(str(obj.name)))
-        left[str(obj.study_uid)] = left.get(str(obj.study_uid), 0) + n
-    live = home.keystore.live(key_ids)
-    keys_of: dict[str, set[str]] = {}
-    for uid, key_id in zip(doomed["study_uid"], doomed["record_key_id"], strict=True):
-        keys_of.setdefault(str(uid), set()).add(str(key_id))
-    for uid in delete:
-        outcomes[uid].verified = left.get(uid, 0) == 0 and not (keys_of.get(uid, set()) & live)
-    return list(outcomes.values())
+    sweep.verify()
+    return list(sweep.outcomes.values())
 
 
 def verify_recorded(home: Home, request_ids: list[str]) -> dict[str, bool]:
@@ -482,11 +512,7 @@ def verify_recorded(home: Home, request_ids: list[str]) -> dict[str, bool]:
     for rid, url, name, key_id in rows.itertuples(index=False):
         gone = key_id not in live
         if gone and isinstance(name, str):
-            location = _location_for(home, str(url))
-            if location.protocol in ("s3", "s3a") and location.versioned:
-                gone = not location.versions(name)
-            else:
-                gone = not location.exists(name)
+            gone = not home.location_for(str(url)).remaining(name)
         ok[str(rid)] = ok.get(str(rid), True) and gone
     return ok
 

@@ -13,8 +13,7 @@ import duckdb
 from storage.errors import TerminalError
 from storage.home import Home
 from storage.keystore import KeyDestroyedError
-from storage.locations import Location
-from storage.vault import IntegrityError, Vault
+from storage.vault import IntegrityError
 from tasks.audit import audit
 
 
@@ -34,10 +33,7 @@ def export_instance(
     if rows.empty:
         raise ExportError("no cataloged instance with that SOP Instance UID")
     row = rows.iloc[0]
-    location = (
-        home.vault if row["location_url"] == home.vault.url else Location(str(row["location_url"]))
-    )
-    vault = Vault(location, home.keystore)
+    vault = home.store_for(str(row["location_url"]))  # the vault, or the archive
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.part")
     digest = hashlib.sha256()

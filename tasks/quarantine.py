@@ -21,7 +21,6 @@ from typing import IO, TYPE_CHECKING, Any
 from storage.catalog import Catalog
 from storage.home import Home
 from storage.locations import UnsafeNameError, safe_relpath
-from storage.vault import Vault
 from tasks.phi import keyed_hash, open_fields, seal_fields
 from tasks.reasons import QuarantineReason
 
@@ -138,7 +137,7 @@ def quarantine_export(home: Home, qid: str, out: Path) -> dict[str, Any]:
     if rows.empty:
         raise LookupError(f"no quarantined file {qid}")
     row = rows.iloc[0]
-    store = Vault(home.quarantine, home.keystore)
+    store = home.quarantine_store()
     out.parent.mkdir(parents=True, exist_ok=True)
     with store.open(str(row["name"])) as src, out.open("wb") as dst:
         while chunk := src.read(1024 * 1024):
