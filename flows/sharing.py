@@ -9,13 +9,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.settings import Settings
 from storage.home import Home
+from tasks.incidents import Incident, report_incident_task
 from tasks.sharing import (
-    Incident,
     ShareResult,
     apply_share_rows_task,
     archive_manifests_task,
     read_pending_task,
-    report_incident_task,
 )
 
 

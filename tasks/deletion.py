@@ -36,8 +36,8 @@ from storage.catalog import Catalog, insert_rows
 from storage.errors import retry_transient
 from storage.home import Home
 from tasks.audit import audit
-from tasks.ingest import study_key
 from tasks.manifests import ManifestRow, Rejected, RowOutcomes, content_hash, parse_request_time
+from tasks.phi import study_key
 from tasks.reasons import RejectReason
 from tasks.sharing import recompute_grants
 

@@ -40,7 +40,7 @@ from storage.vault import IntegrityError, Vault
 from tasks.audit import audit
 from tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
 from tasks.drops import Drop, DropFile
-from tasks.phi import keyed_hash, patient_key, seal_fields
+from tasks.phi import patient_key, seal_fields, study_key
 from tasks.quarantine import (
     Quarantined,
     quarantine_file,
@@ -51,11 +51,6 @@ from tasks.reasons import QuarantineReason
 from tasks.reconcile import clear_pending, record_pending
 
 IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept for the batch
-
-
-def study_key(pepper: bytes, study_uid: str) -> str:
-    """The tombstone key of a study (a keyed hash: the catalog never keeps a deleted UID)."""
-    return "st_" + keyed_hash(pepper, "study", study_uid)
 
 
 @dataclass

@@ -46,3 +46,8 @@ def open_fields(record_key: bytes, context: str, sealed: bytes) -> dict[str, str
     plain = AESGCM(_field_key(record_key)).decrypt(sealed[:12], sealed[12:], context.encode())
     data: dict[str, str] = json.loads(plain)
     return data
+
+
+def study_key(pepper: bytes, study_uid: str) -> str:
+    """The tombstone key of a study (a keyed hash: the catalog never keeps a deleted UID)."""
+    return "st_" + keyed_hash(pepper, "study", study_uid)

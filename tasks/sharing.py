@@ -11,7 +11,6 @@ a later share does not cancel it.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,6 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.catalog import Catalog, insert_rows
 from storage.errors import retry_transient
-from tasks.audit import audit
 from tasks.manifests import (
     ManifestRow,
     Rejected,
@@ -49,7 +47,6 @@ SHARE_FIELDS = (
 )
 REQUIRED = ("request_id", "action", "owner", "grantee", "study_uid", "requested_at")
 ACTIONS = ("share", "revoke", "disclose")
-NOTIFY_WITHIN = timedelta(days=60)
 
 Key = tuple[str, str, str]  # owner, grantee, study_uid
 
@@ -342,12 +339,6 @@ def apply_share_rows(
     return run(lambda con: apply_requests(con, rows, now))
 
 
-def report_incident(
-    catalog: Catalog, user: str, study_uid: str, reported_at: datetime, now: datetime
-) -> Incident:
-    return catalog.write(lambda con: open_incident(con, user, study_uid, reported_at, now))
-
-
 read_pending_task = task(
     name="read-manifests",
     retries=3,
@@ -369,7 +360,6 @@ apply_share_rows_task = task(
     retry_delay_seconds=[1, 5],
     cache_policy=NO_CACHE,
 )(apply_share_rows)
-report_incident_task = task(name="report-incident", cache_policy=NO_CACHE)(report_incident)
 
 
 # -- readers ---------------------------------------------------------------------------
@@ -412,133 +402,3 @@ def disclosures_for(catalog: Catalog, owner: str, since: datetime | None = None)
 
 
 # -- incidents -------------------------------------------------------------------------
-
-
-@dataclass
-class Incident:
-    incident_id: str
-    reported_user: str
-    study_uid: str
-    reported_at: datetime
-    notify_by: datetime
-    revoked: list[dict[str, Any]]
-    people: list[dict[str, Any]]
-    report_md: str
-
-
-def open_incident(
-    con: duckdb.DuckDBPyConnection, user: str, study_uid: str, reported_at: datetime, now: datetime
-) -> Incident:
-    """Trace and revoke every grant that gave ``user`` access to the study; write the incident."""
-    found = con.execute("SELECT owner FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
-    if found is None:
-        raise LookupError("no such study in the catalog")
-    owner = found[0]
-    incident_id = "inc_" + uuid.uuid4().hex[:16]
-    grants = con.execute(
-        "SELECT owner, grantee, study_uid, granted_at, expires_at, grant_request_id FROM grants"
-        " WHERE owner = ? AND grantee = ? AND (study_uid = ? OR study_uid = '*')"
-        " AND revoked_at IS NULL",
-        [owner, user, study_uid],
-    ).df()
-    events = [
-        {
-            "event_id": f"incident:{incident_id}:{i}",
-            "action": "revoke",
-            "owner": g.owner,
-            "grantee": g.grantee,
-            "study_uid": g.study_uid,
-            "requested_at": now,
-            "expires_at": None,
-            "actor": "incident",
-            "reason": "incident",
-            "recorded_at": now,
-        }
-        for i, g in enumerate(grants.itertuples())
-    ]
-    insert_rows(con, "grant_events", events)
-    recompute_grants(con, {(owner, user)})
-    people = con.execute(
-        "SELECT grantee AS user_id, min(requested_at) AS first_granted,"
-        " max(requested_at) AS last_event FROM grant_events"
-        " WHERE owner = ? AND (study_uid = ? OR study_uid = '*') AND action = 'share'"
-        " GROUP BY 1 ORDER BY 1",
-        [owner, study_uid],
-    ).df()
-    access_now = con.execute(
-        "SELECT user_id, via FROM study_access WHERE study_uid = ? ORDER BY 1", [study_uid]
-    ).df()
-    notify_by = reported_at + NOTIFY_WITHIN
-    involved: list[dict[str, Any]] = [
-        {str(k): (None if pd.isna(v) else v) for k, v in g.items()}
-        for g in grants.to_dict(orient="records")
-    ]
-    had_access: list[dict[str, Any]] = [
-        {str(k): v for k, v in p.items()} for p in people.to_dict(orient="records")
-    ]
-    lines = [
-        f"# Incident {incident_id}",
-        "",
-        f"- Study: `{study_uid}` (owner `{owner}`)",
-        f"- Reported user: `{user}`",
-        f"- Reported / discovered: {reported_at.isoformat()}",
-        f"- Notification deadline (discovery + 60 days): **{notify_by.date().isoformat()}**",
-        "",
-        "## Timeline",
-        "",
-        f"- {reported_at.isoformat()}: access reported",
-        f"- {now.isoformat()}: {len(events)} grant(s) revoked (reason `incident`)",
-        "",
-        "## Grants involved",
-        "",
-        "| owner | grantee | scope | granted_at | expires_at |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {g['owner']} | {g['grantee']} | {'all' if g['study_uid'] == '*' else 'study'}"
-        f" | {g['granted_at']} | {g['expires_at'] or ''} |"
-        for g in involved
-    ] or ["| (none active) | | | | |"]
-    lines += [
-        "",
-        "## People who had access",
-        "",
-        "| user | first granted | last event |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {p.user_id} | {p.first_granted} | {p.last_event} |" for p in people.itertuples()]
-    lines += ["", "## Access now", "", "| user | via |", "|---|---|"]
-    lines += [f"| {a.user_id} | {a.via} |" for a in access_now.itertuples()]
-    report = "\n".join(lines) + "\n"
-    con.execute(
-        "INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            incident_id,
-            user,
-            study_uid,
-            reported_at,
-            reported_at,
-            notify_by,
-            len(events),
-            len(people),
-            report,
-        ],
-    )
-    audit(
-        con,
-        actor="incident",
-        action="revoke_grants",
-        subject=incident_id,
-        detail={"grants_revoked": len(events)},
-        at=now,
-    )
-    return Incident(
-        incident_id,
-        user,
-        study_uid,
-        reported_at,
-        notify_by,
-        involved,
-        had_access,
-        report,
-    )

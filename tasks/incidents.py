@@ -1,0 +1,179 @@
+"""Incidents (P5): a report of access to someone else's records is traced, the grant that
+allowed it is revoked, and a breach worksheet with its 60-day deadline is written."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import duckdb
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.catalog import Catalog, insert_rows
+from tasks.audit import audit
+from tasks.sharing import recompute_grants
+
+NOTIFY_WITHIN = timedelta(days=60)
+
+
+@dataclass
+class Incident:
+    incident_id: str
+    reported_user: str
+    study_uid: str
+    reported_at: datetime
+    notify_by: datetime
+    revoked: list[dict[str, Any]]
+    people: list[dict[str, Any]]
+    report_md: str
+
+
+def _revoke_grants(
+    con: duckdb.DuckDBPyConnection,
+    incident_id: str,
+    owner: str,
+    user: str,
+    study_uid: str,
+    now: datetime,
+) -> pd.DataFrame:
+    """Revoke every grant that gave ``user`` the study; returns those grants."""
+    grants = con.execute(
+        "SELECT owner, grantee, study_uid, granted_at, expires_at, grant_request_id FROM grants"
+        " WHERE owner = ? AND grantee = ? AND (study_uid = ? OR study_uid = '*')"
+        " AND revoked_at IS NULL",
+        [owner, user, study_uid],
+    ).df()
+    events = [
+        {
+            "event_id": f"incident:{incident_id}:{i}",
+            "action": "revoke",
+            "owner": g.owner,
+            "grantee": g.grantee,
+            "study_uid": g.study_uid,
+            "requested_at": now,
+            "expires_at": None,
+            "actor": "incident",
+            "reason": "incident",
+            "recorded_at": now,
+        }
+        for i, g in enumerate(grants.itertuples())
+    ]
+    insert_rows(con, "grant_events", events)
+    recompute_grants(con, {(owner, user)})
+    return grants
+
+
+def report_markdown(
+    incident: Incident, owner: str, now: datetime, people: pd.DataFrame, access_now: pd.DataFrame
+) -> str:
+    """The breach worksheet: timeline, grants involved, who had and who has access."""
+    lines = [
+        f"# Incident {incident.incident_id}",
+        "",
+        f"- Study: `{incident.study_uid}` (owner `{owner}`)",
+        f"- Reported user: `{incident.reported_user}`",
+        f"- Reported / discovered: {incident.reported_at.isoformat()}",
+        "- Notification deadline (discovery + 60 days):"
+        f" **{incident.notify_by.date().isoformat()}**",
+        "",
+        "## Timeline",
+        "",
+        f"- {incident.reported_at.isoformat()}: access reported",
+        f"- {now.isoformat()}: {len(incident.revoked)} grant(s) revoked (reason `incident`)",
+        "",
+        "## Grants involved",
+        "",
+        "| owner | grantee | scope | granted_at | expires_at |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {g['owner']} | {g['grantee']} | {'all' if g['study_uid'] == '*' else 'study'}"
+        f" | {g['granted_at']} | {g['expires_at'] or ''} |"
+        for g in incident.revoked
+    ] or ["| (none active) | | | | |"]
+    lines += [
+        "",
+        "## People who had access",
+        "",
+        "| user | first granted | last event |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {p.user_id} | {p.first_granted} | {p.last_event} |" for p in people.itertuples()]
+    lines += ["", "## Access now", "", "| user | via |", "|---|---|"]
+    lines += [f"| {a.user_id} | {a.via} |" for a in access_now.itertuples()]
+    return "\n".join(lines) + "\n"
+
+
+def open_incident(
+    con: duckdb.DuckDBPyConnection, user: str, study_uid: str, reported_at: datetime, now: datetime
+) -> Incident:
+    """Trace and revoke every grant that gave ``user`` access to the study; write the incident."""
+    found = con.execute("SELECT owner FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
+    if found is None:
+        raise LookupError("no such study in the catalog")
+    owner = found[0]
+    incident_id = "inc_" + uuid.uuid4().hex[:16]
+    grants = _revoke_grants(con, incident_id, owner, user, study_uid, now)
+    people = con.execute(
+        "SELECT grantee AS user_id, min(requested_at) AS first_granted,"
+        " max(requested_at) AS last_event FROM grant_events"
+        " WHERE owner = ? AND (study_uid = ? OR study_uid = '*') AND action = 'share'"
+        " GROUP BY 1 ORDER BY 1",
+        [owner, study_uid],
+    ).df()
+    access_now = con.execute(
+        "SELECT user_id, via FROM study_access WHERE study_uid = ? ORDER BY 1", [study_uid]
+    ).df()
+    incident = Incident(
+        incident_id,
+        user,
+        study_uid,
+        reported_at,
+        reported_at + NOTIFY_WITHIN,
+        revoked=[
+            {str(k): (None if pd.isna(v) else v) for k, v in g.items()}
+            for g in grants.to_dict(orient="records")
+        ],
+        people=[{str(k): v for k, v in p.items()} for p in people.to_dict(orient="records")],
+        report_md="",
+    )
+    incident.report_md = report_markdown(incident, owner, now, people, access_now)
+    insert_rows(
+        con,
+        "incidents",
+        [
+            {
+                "incident_id": incident_id,
+                "reported_user": user,
+                "study_uid": study_uid,
+                "reported_at": reported_at,
+                "discovered_at": reported_at,
+                "notify_by": incident.notify_by,
+                "grants_revoked": len(grants),
+                "people_affected": len(people),
+                "report_md": incident.report_md,
+            }
+        ],
+    )
+    audit(
+        con,
+        actor="incident",
+        action="revoke_grants",
+        subject=incident_id,
+        detail={"grants_revoked": len(grants)},
+        at=now,
+    )
+    return incident
+
+
+def report_incident(
+    catalog: Catalog, user: str, study_uid: str, reported_at: datetime, now: datetime
+) -> Incident:
+    return catalog.write(lambda con: open_incident(con, user, study_uid, reported_at, now))
+
+
+report_incident_task = task(name="report-incident", cache_policy=NO_CACHE)(report_incident)
