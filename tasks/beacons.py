@@ -155,7 +155,12 @@ def compile_day(
     retention: str = "delete",
     memory_limit: str = "1GB",
 ) -> DayStats:
-    """Compile one day (idempotently: the day's rows are replaced)."""
+    """Compile one day (idempotently: the day's rows are replaced).
+
+    Stages: load the day's logs into DuckDB (:func:`_load_logs`), scrub and classify each
+    hit (:func:`_classify_hits`), count (:func:`_count`), aggregate and suppress, write the
+    Parquet export, store the day in one transaction (:func:`_store_day`), then retire the
+    raw logs (:func:`_retire_logs`)."""
     stats = DayStats(day=day)
     listed = [e.name for e in beacons.list(day)]
     sends_name = f"{day}/{SENDS}" if f"{day}/{SENDS}" in listed else None
@@ -165,90 +170,9 @@ def compile_day(
         con = duckdb.connect()
         con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute(f"SET temp_directory = '{tmp}'")
-        cols = ", ".join(f"{f} VARCHAR" for f in FIELDS)
-        con.execute(f"CREATE TABLE raw (file VARCHAR, line_no BIGINT, {cols})")
-        con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
-        for name in names:
-            path = _source(con, beacons, name)
-            short = name.rsplit("/", 1)[-1]
-            if ".csv" in short:
-                _insert_csv(con, short, path)
-                continue
-            con.execute(
-                f"""
-                INSERT INTO bad
-                SELECT $file, line_no, 'malformed' FROM (
-                    SELECT row_number() OVER () AS line_no, line FROM {LINES}
-                ) WHERE NOT ({IS_OBJECT}) AND trim(line) <> ''
-                """,
-                {"file": short, "path": path},
-            )
-            # DuckDB's JSON reader; a malformed line reads as all-NULL and is dropped here
-            # (it was counted, with its line number, just above).
-            none = " AND ".join(f"{f} IS NULL" for f in FIELDS)
-            con.execute(
-                f"""
-                INSERT INTO raw SELECT $file, NULL, {", ".join(FIELDS)}
-                FROM read_json($path, format='newline_delimited', records=true,
-                               columns={JSON_COLUMNS}, ignore_errors=true)
-                WHERE NOT ({none})
-                """,
-                {"file": short, "path": path},
-            )
-        # Scrub each distinct value once (a day has few distinct targets and partners).
-        scrub = SCRUB.format(col="value")
-        con.execute(
-            f"""
-            CREATE TABLE cleaned AS
-            SELECT value, {scrub} AS clean,
-                   {scrub} <> regexp_replace(coalesce(value, ''), '[?#].*$', '') AS changed
-            FROM (SELECT DISTINCT target AS value FROM raw
-                  UNION SELECT DISTINCT partner FROM raw)
-            """
-        )
-        con.execute(
-            f"""
-            CREATE TABLE hits AS
-            SELECT
-                CASE
-                    WHEN r.beacon = 'email_open'
-                     AND (r.ip LIKE '17.%' OR trim(r.user_agent) = 'Mozilla/5.0')
-                    THEN 'email_open_mpp' ELSE r.beacon
-                END AS beacon,
-                ct.clean AS target,
-                cp.clean AS partner,
-                CASE WHEN tp THEN NULL ELSE r.visitor_id END AS visitor,
-                tp AS third_party,
-                regexp_matches(lower(coalesce(r.user_agent, '')), '{BOTS}') AS bot,
-                coalesce(ct.changed, false) OR coalesce(cp.changed, false) AS scrubbed,
-                r.beacon IN {KINDS} AS known
-            FROM (
-                SELECT *, lower(coalesce(third_party, '')) IN ('true', '1', 'yes') AS tp FROM raw
-            ) r
-            LEFT JOIN cleaned ct ON ct.value IS NOT DISTINCT FROM r.target
-            LEFT JOIN cleaned cp ON cp.value IS NOT DISTINCT FROM r.partner
-            """
-        )
-        counts = con.execute(
-            "SELECT count(*), count(*) FILTER (NOT known), count(*) FILTER (scrubbed),"
-            " count(*) FILTER (known AND bot), count(*) FILTER (known AND NOT bot AND"
-            " beacon = 'email_open_mpp'), count(*) FILTER (third_party),"
-            " count(*) FILTER (known AND NOT bot) FROM hits"
-        ).fetchone()
-        assert counts is not None  # noqa: S101 - an aggregate always returns a row
-        (
-            parsed,
-            stats.rejected,
-            stats.scrubbed,
-            stats.bots,
-            stats.mpp_opens,
-            stats.third_party,
-            stats.counted,
-        ) = (int(c) for c in counts)
-        bad = con.execute("SELECT file, line_no, reason FROM bad ORDER BY 1, 2").fetchall()
-        stats.malformed = len(bad)
-        stats.malformed_lines = [{"file": f, "line": n, "reason": r} for f, n, r in bad]
-        stats.lines = parsed + stats.malformed
+        _load_logs(con, beacons, names)
+        _classify_hits(con)
+        _count(con, stats)
         agg = con.execute(
             """
             SELECT beacon, coalesce(target, '*') AS target, coalesce(partner, '*') AS partner,
@@ -271,13 +195,124 @@ def compile_day(
         stats.cells = len(rows)
         stats.suppressed = sum(1 for r in rows if r["suppressed"])
         parquet = Path(tmp) / "beacon_stats.parquet"
-        frame = pd.DataFrame(rows)
-        con.register("_out", frame)
+        con.register("_out", pd.DataFrame(rows))
         con.execute(f"COPY (SELECT * FROM _out) TO '{parquet}' (FORMAT parquet)")
         con.close()
         exports.put_bytes(f"beacon_stats/day={day}/beacon_stats.parquet", parquet.read_bytes())
-    now = datetime.now(UTC)
     stats.unsubscribes = len(unsubscribers)
+    _store_day(catalog, pepper, stats, rows, campaigns, unsubscribers)
+    _retire_logs(beacons, names + ([sends_name] if sends_name else []), retention)
+    return stats
+
+
+def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[str]) -> None:
+    """Every log file of the day into ``raw``; malformed lines into ``bad`` with their
+    line numbers."""
+    cols = ", ".join(f"{f} VARCHAR" for f in FIELDS)
+    con.execute(f"CREATE TABLE raw (file VARCHAR, line_no BIGINT, {cols})")
+    con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
+    for name in names:
+        path = _source(con, beacons, name)
+        short = name.rsplit("/", 1)[-1]
+        if ".csv" in short:
+            _insert_csv(con, short, path)
+            continue
+        con.execute(
+            f"""
+            INSERT INTO bad
+            SELECT $file, line_no, 'malformed' FROM (
+                SELECT row_number() OVER () AS line_no, line FROM {LINES}
+            ) WHERE NOT ({IS_OBJECT}) AND trim(line) <> ''
+            """,
+            {"file": short, "path": path},
+        )
+        # DuckDB's JSON reader; a malformed line reads as all-NULL and is dropped here
+        # (it was counted, with its line number, just above).
+        none = " AND ".join(f"{f} IS NULL" for f in FIELDS)
+        con.execute(
+            f"""
+            INSERT INTO raw SELECT $file, NULL, {", ".join(FIELDS)}
+            FROM read_json($path, format='newline_delimited', records=true,
+                           columns={JSON_COLUMNS}, ignore_errors=true)
+            WHERE NOT ({none})
+            """,
+            {"file": short, "path": path},
+        )
+
+
+def _classify_hits(con: duckdb.DuckDBPyConnection) -> None:
+    """``hits``: each raw line scrubbed (identifiers out of target and partner), with its
+    beacon (MPP opens apart), bot and known flags; third-party lines keep no visitor."""
+    # Scrub each distinct value once (a day has few distinct targets and partners).
+    scrub = SCRUB.format(col="value")
+    con.execute(
+        f"""
+        CREATE TABLE cleaned AS
+        SELECT value, {scrub} AS clean,
+               {scrub} <> regexp_replace(coalesce(value, ''), '[?#].*$', '') AS changed
+        FROM (SELECT DISTINCT target AS value FROM raw
+              UNION SELECT DISTINCT partner FROM raw)
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TABLE hits AS
+        SELECT
+            CASE
+                WHEN r.beacon = 'email_open'
+                 AND (r.ip LIKE '17.%' OR trim(r.user_agent) = 'Mozilla/5.0')
+                THEN 'email_open_mpp' ELSE r.beacon
+            END AS beacon,
+            ct.clean AS target,
+            cp.clean AS partner,
+            CASE WHEN tp THEN NULL ELSE r.visitor_id END AS visitor,
+            tp AS third_party,
+            regexp_matches(lower(coalesce(r.user_agent, '')), '{BOTS}') AS bot,
+            coalesce(ct.changed, false) OR coalesce(cp.changed, false) AS scrubbed,
+            r.beacon IN {KINDS} AS known
+        FROM (
+            SELECT *, lower(coalesce(third_party, '')) IN ('true', '1', 'yes') AS tp FROM raw
+        ) r
+        LEFT JOIN cleaned ct ON ct.value IS NOT DISTINCT FROM r.target
+        LEFT JOIN cleaned cp ON cp.value IS NOT DISTINCT FROM r.partner
+        """
+    )
+
+
+def _count(con: duckdb.DuckDBPyConnection, stats: DayStats) -> None:
+    counts = con.execute(
+        "SELECT count(*), count(*) FILTER (NOT known), count(*) FILTER (scrubbed),"
+        " count(*) FILTER (known AND bot), count(*) FILTER (known AND NOT bot AND"
+        " beacon = 'email_open_mpp'), count(*) FILTER (third_party),"
+        " count(*) FILTER (known AND NOT bot) FROM hits"
+    ).fetchone()
+    assert counts is not None  # noqa: S101 - an aggregate always returns a row
+    (
+        parsed,
+        stats.rejected,
+        stats.scrubbed,
+        stats.bots,
+        stats.mpp_opens,
+        stats.third_party,
+        stats.counted,
+    ) = (int(c) for c in counts)
+    bad = con.execute("SELECT file, line_no, reason FROM bad ORDER BY 1, 2").fetchall()
+    stats.malformed = len(bad)
+    stats.malformed_lines = [{"file": f, "line": n, "reason": r} for f, n, r in bad]
+    stats.lines = parsed + stats.malformed
+
+
+def _store_day(
+    catalog: Catalog,
+    pepper: bytes,
+    stats: DayStats,
+    rows: list[dict[str, Any]],
+    campaigns: list[dict[str, Any]],
+    unsubscribers: list[str],
+) -> None:
+    """Replace the day's rows in one transaction (a recompile is idempotent)."""
+    day = stats.day
+    now = datetime.now(UTC)
 
     def store(c: duckdb.DuckDBPyConnection) -> None:
         c.execute("DELETE FROM beacon_stats WHERE day = ?", [day])
@@ -307,12 +342,15 @@ def compile_day(
         )
 
     catalog.write(store)
-    for name in names + ([sends_name] if sends_name else []):
+
+
+def _retire_logs(beacons: Location, names: list[str], retention: str) -> None:
+    """Raw logs hold IPs: deleted once compiled, or moved to ``processed/`` (``keep``)."""
+    for name in names:
         if retention == "keep":
             beacons.move(name, beacons, f"processed/{name}")
         else:
             beacons.delete(name)
-    return stats
 
 
 def _insert_csv(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:
