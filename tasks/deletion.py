@@ -39,7 +39,7 @@ from tasks.audit import audit
 from tasks.manifests import ManifestRow, Rejected, RowOutcomes, content_hash, parse_request_time
 from tasks.phi import study_key
 from tasks.reasons import RejectReason
-from tasks.sharing import recompute_grants
+from tasks.sharing import GrantEvent, insert_grant_events, recompute_grants
 
 DELETION_FIELDS = ("request_id", "owner", "study_uid", "requested_at", "keep_archive")
 DUE_WITHIN = timedelta(hours=24)
@@ -281,25 +281,23 @@ class _Sweep:
             " WHERE g.study_uid IN (SELECT unnest(?::VARCHAR[])) AND g.revoked_at IS NULL",
             [self.uids],
         ).fetchall()
-        insert_rows(
+        insert_grant_events(
             con,
-            "grant_events",
             [
-                {
-                    "event_id": f"deletion:{self.by_uid[s].request_id}:{self.keys[s]}:{g}",
-                    "action": "revoke",
-                    "owner": o,
-                    "grantee": g,
-                    "study_uid": s,
-                    "requested_at": self.now,
-                    "expires_at": None,
-                    "actor": "deletion",
-                    "reason": "deleted",
-                    "recorded_at": self.now,
-                }
+                GrantEvent(
+                    event_id=f"deletion:{self.by_uid[s].request_id}:{self.keys[s]}:{g}",
+                    action="revoke",
+                    owner=o,
+                    grantee=g,
+                    study_uid=s,
+                    requested_at=self.now,
+                    expires_at=None,
+                    actor="deletion",
+                    reason="deleted",
+                    recorded_at=self.now,
+                )
                 for o, g, s in grants
             ],
-            ignore_existing=True,
         )
         recompute_grants(con, {(o, g) for o, g, _ in grants})
 

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.catalog import Catalog, insert_rows
 from tasks.audit import audit
-from tasks.sharing import recompute_grants
+from tasks.sharing import GrantEvent, recompute_grants
 
 NOTIFY_WITHIN = timedelta(days=60)
 
@@ -48,21 +48,21 @@ def _revoke_grants(
         [owner, user, study_uid],
     ).df()
     events = [
-        {
-            "event_id": f"incident:{incident_id}:{i}",
-            "action": "revoke",
-            "owner": g.owner,
-            "grantee": g.grantee,
-            "study_uid": g.study_uid,
-            "requested_at": now,
-            "expires_at": None,
-            "actor": "incident",
-            "reason": "incident",
-            "recorded_at": now,
-        }
+        GrantEvent(
+            event_id=f"incident:{incident_id}:{i}",
+            action="revoke",
+            owner=str(g.owner),
+            grantee=str(g.grantee),
+            study_uid=str(g.study_uid),
+            requested_at=now,
+            expires_at=None,
+            actor="incident",
+            reason="incident",
+            recorded_at=now,
+        )
         for i, g in enumerate(grants.itertuples())
     ]
-    insert_rows(con, "grant_events", events)
+    insert_rows(con, "grant_events", [e.row() for e in events])
     recompute_grants(con, {(owner, user)})
     return grants
 

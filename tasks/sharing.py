@@ -12,7 +12,7 @@ a later share does not cancel it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -199,10 +199,35 @@ def _active(df: pd.DataFrame, now: datetime) -> set[Key]:
     }
 
 
+@dataclass(frozen=True)
+class GrantEvent:
+    """A row of ``grant_events`` (append-only): every share and revoke, from a manifest, a
+    deletion or an incident, is built here and nowhere else."""
+
+    event_id: str
+    action: str  # share | revoke
+    owner: str
+    grantee: str
+    study_uid: str
+    requested_at: datetime
+    expires_at: datetime | None
+    actor: str
+    reason: str  # manifest | deleted | incident
+    recorded_at: datetime
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def insert_grant_events(con: duckdb.DuckDBPyConnection, events: list[GrantEvent]) -> None:
+    insert_rows(con, "grant_events", [e.row() for e in events], ignore_existing=True)
+
+
 def apply_requests(
     con: duckdb.DuckDBPyConnection, rows: list[ManifestRow], now: datetime
 ) -> ShareResult:
-    """Validate and apply manifest rows inside the caller's transaction."""
+    """Validate and apply manifest rows inside the caller's transaction: check each row's
+    fields, decide each valid one against the catalog, then apply those that pass."""
     result = ShareResult()
     valid: list[ShareRequest] = []
     for row in rows:
@@ -212,66 +237,77 @@ def apply_requests(
             rid = (row.fields or {}).get("request_id") or None
             result.note(row, rid, exc.outcome)
             _record(con, row, None, exc.outcome, now)
-    ids = [r.request_id for r in valid]
+    _apply(con, _decide(con, valid, now, result), now, result)
+    return result
+
+
+def _decide(
+    con: duckdb.DuckDBPyConnection, valid: list[ShareRequest], now: datetime, result: ShareResult
+) -> list[ShareRequest]:
+    """Each valid request in ``requested_at`` order: a duplicate, refused (a reused id, an
+    unknown study, not the owner's), or to apply. Every outcome is recorded."""
     known = dict(
         con.execute(
             "SELECT request_id, content_hash FROM share_requests"
             " WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
-            [ids],
+            [[r.request_id for r in valid]],
         ).fetchall()
     )
-    study_ids = sorted({r.study_uid for r in valid if r.study_uid != "*"})
     owners = dict(
         con.execute(
             "SELECT study_uid, owner FROM studies WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))"
             " AND status = 'active'",
-            [study_ids],
+            [sorted({r.study_uid for r in valid if r.study_uid != "*"})],
         ).fetchall()
     )
     todo: list[ShareRequest] = []
     for req in sorted(valid, key=lambda r: (r.requested_at, r.request_id)):
         if req.request_id in known:
+            duplicate = known[req.request_id] == req.digest
             outcome = (
-                "duplicate"
-                if known[req.request_id] == req.digest
-                else Rejected(RejectReason.DUPLICATE_REQUEST_ID).outcome
+                "duplicate" if duplicate else Rejected(RejectReason.DUPLICATE_REQUEST_ID).outcome
             )
             result.note(req.row, req.request_id, outcome)
-            if outcome != "duplicate":
+            if not duplicate:
                 _record(con, req.row, req, outcome, now)
             continue
+        reject = None
         if req.study_uid != "*" and req.study_uid not in owners:
             reject = RejectReason.UNKNOWN_STUDY
         elif req.study_uid != "*" and owners[req.study_uid] != req.owner:
             reject = RejectReason.NOT_OWNER
-        else:
-            reject = None
         outcome = Rejected(reject).outcome if reject else "applied"
         known[req.request_id] = req.digest
         result.note(req.row, req.request_id, outcome)
         _record(con, req.row, req, outcome, now)
         if not reject:
             todo.append(req)
+    return todo
 
+
+def _apply(
+    con: duckdb.DuckDBPyConnection, todo: list[ShareRequest], now: datetime, result: ShareResult
+) -> None:
+    """Append the events and disclosures, recompute the grants, and report what changed."""
     pairs = {(r.owner, r.grantee) for r in todo if r.action != "disclose"}
     before = _active(_grants_of(con, pairs), now) if pairs else set()
     events = [
-        {
-            "event_id": r.request_id,
-            "action": r.action,
-            "owner": r.owner,
-            "grantee": r.grantee,
-            "study_uid": r.study_uid,
-            "requested_at": r.requested_at,
-            "expires_at": r.expires_at,
-            "actor": r.owner,
-            "reason": "manifest",
-            "recorded_at": now,
-        }
+        GrantEvent(
+            event_id=r.request_id,
+            action=r.action,
+            owner=r.owner,
+            grantee=r.grantee,
+            study_uid=r.study_uid,
+            requested_at=r.requested_at,
+            expires_at=r.expires_at,
+            actor=r.owner,
+            reason="manifest",
+            recorded_at=now,
+        )
         for r in todo
         if r.action != "disclose"
     ]
-    insert_rows(con, "grant_events", events)
+    insert_rows(con, "grant_events", [e.row() for e in events])
     disclosures = [
         {
             "disclosure_id": r.request_id,
@@ -296,7 +332,6 @@ def apply_requests(
     result.revoked = [
         dict(zip(("owner", "grantee", "study_uid"), k, strict=True)) for k in sorted(before - after)
     ]
-    return result
 
 
 def _record(
