@@ -22,7 +22,7 @@ from prefect.utilities.annotations import quote
 
 from flows.settings import Settings
 from storage.home import Home
-from tasks.drops import in_shard, parse_shard, scan_drops_task
+from tasks.drops import Drop, DropFile, in_shard, parse_shard, scan_drops_task
 from tasks.ingest import (
     IngestStats,
     batches,
@@ -77,10 +77,41 @@ def ingest_drops(
         if drop.state == "waiting":
             totals.drops_waiting += 1
             logger.info("drop %s waits: %s", drop.key, drop.why)
-    # Batches cut across drops: one task run and one catalog commit per batch. Several run at
-    # once (threads), so one batch's writes, sync, commit and unlinks overlap another's
-    # parse; the commit re-checks every UID, so two batches never both catalog one.
-    work = [(drop, f) for drop in ready for f in drop.files]
+    _run_batches(
+        home, settings, [(drop, f) for drop in ready for f in drop.files], totals, progress
+    )
+    finished = finish_drops_task(opaque(home), opaque(ready))
+    record_drops_task(opaque(home), opaque(ready), opaque(totals), finished, datetime.now(UTC))
+    totals.drops_done = sum(finished.values())
+    logger.info(
+        "%d drops: %d ingested, %d duplicates, %d quarantined, %d waiting",
+        len(ready),
+        totals.ingested,
+        totals.duplicates,
+        sum(totals.quarantined.values()),
+        totals.drops_waiting,
+    )
+    grace = settings.orphan_grace_seconds if orphan_grace_seconds is None else orphan_grace_seconds
+    _settle(home, grace)
+    totals.seconds = time.perf_counter() - started
+    create_table_artifact(
+        key="ingest-summary",
+        table=totals.table(),
+        description=f"ingest-drops at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+    )
+    return totals
+
+
+def _run_batches(
+    home: Home,
+    settings: Settings,
+    work: list[tuple[Drop, DropFile]],
+    totals: IngestStats,
+    progress: Progress | None,
+) -> None:
+    """Batches cut across drops: one task run and one catalog commit per batch. Several run
+    at once (threads), so one batch's writes, sync, commit and unlinks overlap another's
+    parse; the commit re-checks every UID, so two batches never both catalog one."""
     done = 0
     running: deque[tuple[PrefectFuture[IngestStats], int]] = deque()
     cpu_turn = threading.Lock()  # one batch parses while another writes and commits
@@ -111,35 +142,19 @@ def ingest_drops(
         totals.add(
             ingest_batch_task(opaque(home), opaque(again), max_file_bytes=settings.max_file_bytes)
         )
-    finished = finish_drops_task(opaque(home), opaque(ready))
-    record_drops_task(opaque(home), opaque(ready), opaque(totals), finished, datetime.now(UTC))
-    totals.drops_done = sum(finished.values())
-    logger.info(
-        "%d drops: %d ingested, %d duplicates, %d quarantined, %d waiting",
-        len(ready),
-        totals.ingested,
-        totals.duplicates,
-        sum(totals.quarantined.values()),
-        totals.drops_waiting,
-    )
-    grace = settings.orphan_grace_seconds if orphan_grace_seconds is None else orphan_grace_seconds
-    # Only what stopped batches left behind (their pending records): the cost follows the
-    # failures, not the vault's size. The daily reconcile-vault deployment lists it all.
+
+
+def _settle(home: Home, grace: float) -> None:
+    """Only what stopped batches left behind (their pending records): the cost follows the
+    failures, not the vault's size. The daily reconcile-vault deployment lists it all."""
     settled = settle_pending_task(home, grace)
     if settled.pending_settled:
-        logger.info(
+        get_run_logger().info(
             "settled %d pending records: %d vault and %d quarantine orphans removed",
             settled.pending_settled,
             settled.vault_orphans_removed,
             settled.quarantine_orphans_removed,
         )
-    totals.seconds = time.perf_counter() - started
-    create_table_artifact(
-        key="ingest-summary",
-        table=totals.table(),
-        description=f"ingest-drops at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-    )
-    return totals
 
 
 @flow(name="reconcile-vault", validate_parameters=False)

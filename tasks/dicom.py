@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import pydicom
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
@@ -217,59 +218,18 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
         raise DicomRejected(QuarantineReason.NOT_DICOM, "no file meta after the DICM prefix")
     _check_meta_whole(fp, size)
     _check_inflated_size(fp, size)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-    except InvalidDicomError as exc:
-        raise DicomRejected(cut_reason, "no DICM prefix or file meta") from exc
-    except (EOFError, struct.error, OSError, BytesLengthException) as exc:
-        raise DicomRejected(cut_reason, "header ends inside an element") from exc
-    except Exception as exc:  # noqa: BLE001 - any other parser failure is malformed input
-        raise DicomRejected(
-            QuarantineReason.NOT_DICOM, f"header does not parse ({type(exc).__name__})"
-        ) from exc
-    if any("before delimiter" in str(w.message) for w in caught):
-        raise DicomRejected(
-            QuarantineReason.TRUNCATED, "the file ends inside an undefined-length element"
-        )
+    ds = _parse(fp, cut_reason)
     pixel_start = fp.tell()
-    meta = getattr(ds, "file_meta", None)
-    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if not tsyntax:
-        reason = cut_reason if fp.tell() >= size else QuarantineReason.NOT_DICOM
-        raise DicomRejected(reason, "file meta has no transfer syntax")
-    if not UID(tsyntax).is_transfer_syntax:
-        raise DicomRejected(QuarantineReason.NOT_DICOM, "unknown transfer syntax")
+    tsyntax = _transfer_syntax(ds, pixel_start, size, cut_reason)
     if tsyntax != DEFLATED:
-        for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts every element
-            elem = ds.get_item(tag)
-            if (
-                isinstance(elem, RawDataElement)
-                and elem.length != UNDEFINED
-                and elem.value_tell + elem.length > size
-            ):
-                raise DicomRejected(
-                    QuarantineReason.TRUNCATED, "a header element runs past the end of the file"
-                )
+        _check_elements_inside(ds, size)
     ended_early = pixel_start >= size and (
         len(ds) == 0
         or _int(ds, "Rows") is not None
         or _is_image_class(ds)
         or not _text(ds, "SOPClassUID")
     )
-    uids: dict[str, str] = {}
-    for keyword, uid_tag in REQUIRED_UIDS.items():
-        value = _text(ds, keyword) if ds.get_item(uid_tag) is not None else ""
-        if not value:
-            # A UID missing because the file stops before it is truncation, not a bad header.
-            raise DicomRejected(
-                QuarantineReason.TRUNCATED if ended_early else QuarantineReason.MISSING_UID,
-                f"no {keyword}",
-            )
-        if not UID(value).is_valid:
-            raise DicomRejected(QuarantineReason.MISSING_UID, f"{keyword} is not a valid UID")
-        uids[keyword] = value
+    uids = _required_uids(ds, ended_early)
     has_pixels = pixel_start < size and tsyntax != DEFLATED
     if has_pixels:
         _check_pixel_element(fp, pixel_start, size, ds, tsyntax)
@@ -335,6 +295,69 @@ _ENCODINGS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin_1", "ISO_IR
 _PHI_TEXT = {0x00100010, 0x00100020, 0x00100021}
 
 
+def _parse(fp: IO[bytes], cut_reason: QuarantineReason) -> Dataset:
+    """pydicom's header parse, its failures mapped to reasons (it does not raise on a cut
+    file, but warns when one ends inside an undefined-length element)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    except InvalidDicomError as exc:
+        raise DicomRejected(cut_reason, "no DICM prefix or file meta") from exc
+    except (EOFError, struct.error, OSError, BytesLengthException) as exc:
+        raise DicomRejected(cut_reason, "header ends inside an element") from exc
+    except Exception as exc:  # noqa: BLE001 - any other parser failure is malformed input
+        raise DicomRejected(
+            QuarantineReason.NOT_DICOM, f"header does not parse ({type(exc).__name__})"
+        ) from exc
+    if any("before delimiter" in str(w.message) for w in caught):
+        raise DicomRejected(
+            QuarantineReason.TRUNCATED, "the file ends inside an undefined-length element"
+        )
+    return ds
+
+
+def _transfer_syntax(ds: Dataset, pixel_start: int, size: int, cut_reason: QuarantineReason) -> str:
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if not tsyntax:
+        reason = cut_reason if pixel_start >= size else QuarantineReason.NOT_DICOM
+        raise DicomRejected(reason, "file meta has no transfer syntax")
+    if not UID(tsyntax).is_transfer_syntax:
+        raise DicomRejected(QuarantineReason.NOT_DICOM, "unknown transfer syntax")
+    return tsyntax
+
+
+def _check_elements_inside(ds: Dataset, size: int) -> None:
+    """Every header element whose length pydicom read lies inside the file."""
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts every element
+        elem = ds.get_item(tag)
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.length != UNDEFINED
+            and elem.value_tell + elem.length > size
+        ):
+            raise DicomRejected(
+                QuarantineReason.TRUNCATED, "a header element runs past the end of the file"
+            )
+
+
+def _required_uids(ds: Dataset, ended_early: bool) -> dict[str, str]:
+    uids: dict[str, str] = {}
+    for keyword, uid_tag in REQUIRED_UIDS.items():
+        value = _text(ds, keyword) if ds.get_item(uid_tag) is not None else ""
+        if not value:
+            # A UID missing because the file stops before it is truncation, not a bad header.
+            raise DicomRejected(
+                QuarantineReason.TRUNCATED if ended_early else QuarantineReason.MISSING_UID,
+                f"no {keyword}",
+            )
+        if not UID(value).is_valid:
+            raise DicomRejected(QuarantineReason.MISSING_UID, f"{keyword} is not a valid UID")
+        uids[keyword] = value
+    return uids
+
+
 def _is_encapsulated_syntax(tsyntax: str) -> bool:
     uid = UID(tsyntax)
     return (
@@ -383,7 +406,7 @@ def _skip_items(data: bytes, pos: int, end: int, endian: str, explicit: bool, de
     return pos
 
 
-def _walk(
+def _walk(  # noqa: C901 - the hot per-element loop: helpers would cost a call per element
     data: bytes,
     pos: int,
     end: int,

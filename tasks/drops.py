@@ -148,78 +148,74 @@ def scan_drops(
         if len(parts) < 3 or parts[-1].startswith(TMP_PREFIX):
             continue  # not inside a drop folder, or an atomic write still under way
         grouped.setdefault((parts[0], parts[1]), []).append(entry)
-
-    found = []
-    for (facility_id, drop_id), entries in sorted(grouped.items()):
-        prefix = f"{facility_id}/{drop_id}/"
-        manifest_entry = next((e for e in entries if e.name == prefix + MANIFEST), None)
-        others = [e for e in entries if e is not manifest_entry]
-        newest = max((e.mtime for e in entries), default=0.0)
-        if manifest_entry is None:
-            files = [_unlisted(e) for e in others]
-            quiet = now - newest >= quiet_seconds
-            state: DropState = "ready" if quiet else "waiting"
-            found.append(
-                Drop(facility_id, drop_id, files, False, state, "" if quiet else "not quiet yet")
-            )
-            continue
-        overdue = now - manifest_entry.mtime >= incomplete_seconds
-        try:
-            listed, owners = _parse_manifest(drops.read_bytes(manifest_entry.name, unchecked=True))
-        except (ValueError, UnicodeDecodeError) as exc:
-            files = [_unlisted(e) for e in others]
-            state = "incomplete" if overdue else "waiting"
-            why = f"manifest is malformed ({type(exc).__name__})"
-            found.append(
-                Drop(facility_id, drop_id, files, True, state, why, {}, manifest_entry.name)
-            )
-            continue
-        present = {e.name[len(prefix) :]: e for e in others}
-        files = []
-        missing = 0
-        absent = {}
-        for rel, (size, sha) in listed.items():
-            got = present.get(rel)
-            if got is None or got.size != size:
-                missing += 1
-            if got is None:
-                absent[prefix + rel] = sha
-        for rel, item in present.items():
-            expected = listed.get(rel)
-            files.append(
-                DropFile(
-                    item.name,
-                    item.size,
-                    item.mtime,
-                    expected[1] if expected else None,
-                    _is_safe(item.name),
-                    item.tag,
-                )
-            )
-        unlisted_busy = any(
-            rel not in listed and now - e.mtime < quiet_seconds for rel, e in present.items()
-        )
-        if missing == 0 and not unlisted_busy:
-            state, why = "ready", ""
-        else:
-            state = "incomplete" if overdue else "waiting"
-            why = f"{missing} listed file(s) missing or short" if missing else "unlisted files busy"
-        found.append(
-            Drop(
-                facility_id,
-                drop_id,
-                files,
-                True,
-                state,
-                why,
-                owners,
-                manifest_entry.name,
-                absent if missing == len(absent) and not unlisted_busy else {},
-            )
-        )
+    clock = _Clock(now, quiet_seconds, incomplete_seconds)
+    found = [
+        _drop(drops, facility_id, drop_id, entries, clock)
+        for (facility_id, drop_id), entries in sorted(grouped.items())
+    ]
     if catalog is not None:
         _resume_started(catalog, found)
     return found
+
+
+@dataclass(frozen=True)
+class _Clock:
+    now: float
+    quiet_seconds: float
+    incomplete_seconds: float
+
+
+def _drop(
+    drops: Location, facility_id: str, drop_id: str, entries: list[Entry], clock: _Clock
+) -> Drop:
+    """One drop and its state: without a manifest, ready once quiet; with one, ready once
+    every listed file is there whole, incomplete once overdue, else waiting."""
+    prefix = f"{facility_id}/{drop_id}/"
+    manifest_entry = next((e for e in entries if e.name == prefix + MANIFEST), None)
+    others = [e for e in entries if e is not manifest_entry]
+    if manifest_entry is None:
+        newest = max((e.mtime for e in entries), default=0.0)
+        quiet = clock.now - newest >= clock.quiet_seconds
+        state: DropState = "ready" if quiet else "waiting"
+        files = [_unlisted(e) for e in others]
+        return Drop(facility_id, drop_id, files, False, state, "" if quiet else "not quiet yet")
+    overdue = clock.now - manifest_entry.mtime >= clock.incomplete_seconds
+    try:
+        listed, owners = _parse_manifest(drops.read_bytes(manifest_entry.name, unchecked=True))
+    except (ValueError, UnicodeDecodeError) as exc:
+        files = [_unlisted(e) for e in others]
+        state = "incomplete" if overdue else "waiting"
+        why = f"manifest is malformed ({type(exc).__name__})"
+        return Drop(facility_id, drop_id, files, True, state, why, {}, manifest_entry.name)
+    present = {e.name[len(prefix) :]: e for e in others}
+    missing = sum(
+        1 for rel, (size, _) in listed.items() if rel not in present or present[rel].size != size
+    )
+    absent = {prefix + rel: sha for rel, (_, sha) in listed.items() if rel not in present}
+    files = [
+        DropFile(
+            item.name,
+            item.size,
+            item.mtime,
+            listed[rel][1] if rel in listed else None,
+            _is_safe(item.name),
+            item.tag,
+        )
+        for rel, item in present.items()
+    ]
+    unlisted_busy = any(
+        rel not in listed and clock.now - e.mtime < clock.quiet_seconds
+        for rel, e in present.items()
+    )
+    if missing == 0 and not unlisted_busy:
+        state, why = "ready", ""
+    else:
+        state = "incomplete" if overdue else "waiting"
+        why = f"{missing} listed file(s) missing or short" if missing else "unlisted files busy"
+    resumable = absent if missing == len(absent) and not unlisted_busy else {}
+    return Drop(
+        facility_id, drop_id, files, True, state, why, owners, manifest_entry.name, resumable
+    )
 
 
 def _resume_started(catalog: Catalog, drops: list[Drop]) -> None:

@@ -98,33 +98,42 @@ def parse_manifest(name: str, raw: bytes) -> list[ManifestRow]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         return [ManifestRow(name, 0, None, "malformed")]
-    rows: list[ManifestRow] = []
     if name.endswith(".csv"):
-        reader = csv.reader(io.StringIO(text))
+        return _csv_rows(name, text)
+    return _jsonl_rows(name, text)
+
+
+def _csv_rows(name: str, text: str) -> list[ManifestRow]:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        return []
+    except csv.Error:
+        return [ManifestRow(name, 1, None, "malformed")]
+    rows: list[ManifestRow] = []
+    line = 1
+    while True:
+        line += 1
         try:
-            header = [h.strip() for h in next(reader)]
+            values = next(reader)
         except StopIteration:
-            return []
+            break
         except csv.Error:
-            return [ManifestRow(name, 1, None, "malformed")]
-        line = 1
-        while True:
-            line += 1
-            try:
-                values = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:
-                rows.append(ManifestRow(name, line, None, "malformed"))
-                continue
-            if not values or all(not v.strip() for v in values):
-                continue
-            if len(values) != len(header):
-                rows.append(ManifestRow(name, line, None, "malformed"))
-                continue
-            fields = {k: v for k, v in zip(header, values, strict=True)}
-            rows.append(ManifestRow(name, line, {k: _clean(v) or "" for k, v in fields.items()}))
-        return rows
+            rows.append(ManifestRow(name, line, None, "malformed"))
+            continue
+        if not values or all(not v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            rows.append(ManifestRow(name, line, None, "malformed"))
+            continue
+        fields = {k: v for k, v in zip(header, values, strict=True)}
+        rows.append(ManifestRow(name, line, {k: _clean(v) or "" for k, v in fields.items()}))
+    return rows
+
+
+def _jsonl_rows(name: str, text: str) -> list[ManifestRow]:
+    rows: list[ManifestRow] = []
     for line, text_line in enumerate(text.splitlines(), start=1):
         if not text_line.strip():
             continue
