@@ -103,14 +103,18 @@ def check_private(path: Path, what: str = "key file") -> os.stat_result:
     info = path.lstat()
     if stat.S_ISLNK(info.st_mode):
         raise KeyFileError(f"{what} {path.name} is a symlink: keys must be plain files")
+    _owner_only(info, path.name, what)
+    return info
+
+
+def _owner_only(info: os.stat_result, name: str, what: str) -> None:
     if info.st_uid != os.getuid():
-        raise KeyFileError(f"{what} {path.name} belongs to another user")
+        raise KeyFileError(f"{what} {name} belongs to another user")
     if info.st_mode & 0o077:
         raise KeyFileError(
-            f"{what} {path.name} is open to others (mode {stat.S_IMODE(info.st_mode):04o}):"
+            f"{what} {name} is open to others (mode {stat.S_IMODE(info.st_mode):04o}):"
             f" chmod {'700' if stat.S_ISDIR(info.st_mode) else '600'} it"
         )
-    return info
 
 
 def load_secret(path: Path, size: int = KEY_BYTES) -> bytes:
@@ -129,13 +133,7 @@ def load_secret(path: Path, size: int = KEY_BYTES) -> bytes:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise KeyFileError(f"key file {path.name} is not a regular file")
-        if info.st_uid != os.getuid():
-            raise KeyFileError(f"key file {path.name} belongs to another user")
-        if info.st_mode & 0o077:
-            raise KeyFileError(
-                f"key file {path.name} is readable by others (mode"
-                f" {stat.S_IMODE(info.st_mode):04o}): chmod 600 it"
-            )
+        _owner_only(info, path.name, "key file")
         data = fh.read(size + 1)
     if len(data) != size:
         raise KeyFileError(f"key file {path.name} must hold exactly {size} bytes")

@@ -187,6 +187,11 @@ def analyst_home(
         mp.undo()
 
 
+def use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
 def run_sql(env: dict[str, str], *args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["sql", *args], env=env)
     return result.exit_code, result.output
@@ -245,8 +250,7 @@ def test_notebook_reader_is_confined_too(
 ) -> None:
     """``home.catalog.read_only()``, what notebooks use, goes through the same guard."""
     root, env, _, _ = analyst_home
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    use_env(monkeypatch, env)
     reader = Settings.load().build_home().catalog.read_only()
     with pytest.raises(QueryRefused):
         reader.sql(f"SELECT * FROM read_blob('{root}/keys/kek.key')")
@@ -262,8 +266,7 @@ def test_reader_spills_nothing_and_has_a_memory_limit(
     """One huge query must not fill the home's disk with spill files or take the machine's
     memory: no temp directory, and the reader's own memory limit."""
     _, env, _, _ = analyst_home
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    use_env(monkeypatch, env)
     monkeypatch.setenv("DROPVAULT_READER_MEMORY_LIMIT", "300MB")
     catalog = Settings.load().reader_catalog()
     with catalog._connect(read_only=True) as con:
@@ -299,8 +302,7 @@ def test_connection_itself_is_confined_without_the_guard(
 ) -> None:
     """Below the statement check, the connection refuses files and writes on its own."""
     root, env, _, _ = analyst_home
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    use_env(monkeypatch, env)
     catalog = Settings.load().reader_catalog()
     with catalog._connect(read_only=True) as con:
         for query in (
