@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import duckdb
 
 from storage import ducklake
-from storage.confinement import READER_MEMORY_LIMIT, check_query, reader_config
+from storage.confinement import READER_MEMORY_LIMIT, checked_query, reader_config
 from storage.ducklake import Lake
 from storage.errors import TerminalError, TransientError
 
@@ -200,7 +200,7 @@ class CatalogReader:
         query: str,
         params: Sequence[Any] | dict[str, Any] | None,
     ) -> pd.DataFrame:
-        checked = check_query(con, query, relations(), self._catalog.database_names)
+        checked = checked_query(query, relations(), self._catalog.database_names)
         # A reader holds the DuckDB file's lock while it runs: interrupt it at the timeout, so
         # a long notebook query cannot keep a flow's writer waiting past its own timeout.
         timeout = self._catalog.reader_timeout
