@@ -113,6 +113,19 @@ def _schema() -> tuple[dict[str, tuple[str, ...]], dict[str, dict[str, str]]]:
     return {t: keys[t] for t in types if t in keys}, types
 
 
+@functools.cache
+def tables() -> tuple[str, ...]:
+    """Every table the migrations make (views left out), in name order: the registry that
+    status and audits read instead of a list kept by hand."""
+    with duckdb.connect() as con:
+        for _, _, sql in migrations():
+            con.execute(sql)
+        found = con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE NOT internal ORDER BY 1"
+        ).fetchall()
+    return tuple(str(t) for (t,) in found)
+
+
 def relations() -> frozenset[str]:
     """Every table and view the migrations make, lower-cased: what a reader may name."""
     return frozenset(t.lower() for t in _schema()[1]) | {"schema_migrations"}

@@ -36,10 +36,11 @@ from prefect.cache_policies import NO_CACHE
 from storage.catalog import insert_rows
 from storage.errors import retry_transient
 from storage.home import Home
-from storage.vault import IntegrityError, Vault
+from storage.vault import IntegrityError, Sealed, Vault
 from tasks.audit import audit
 from tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
 from tasks.drops import Drop, DropFile
+from tasks.objects import object_row
 from tasks.phi import patient_key, seal_fields, study_key
 from tasks.quarantine import (
     Quarantined,
@@ -468,18 +469,17 @@ class _Batch:
             self.object_rows.append(self._object_row(p, key_id, sealed))
             self.instance_rows.append(self._instance_row(p))
 
-    def _object_row(self, p: _Sealed, key_id: str, sealed: Any) -> dict[str, Any]:
-        return {
-            "object_id": p.object_id,
-            "kind": "instance",
-            "location_url": self.home.vault.url,
-            "region": self.home.region,
-            "name": p.name,
-            "record_key_id": key_id,
-            "plaintext_bytes": sealed.plaintext_bytes,
-            "stored_bytes": sealed.stored_bytes,
-            "created_at": self.now,
-        }
+    def _object_row(self, p: _Sealed, key_id: str, sealed: Sealed) -> dict[str, Any]:
+        return object_row(
+            object_id=p.object_id,
+            kind="instance",
+            location=self.home.vault,
+            region=self.home.region,
+            name=p.name,
+            record_key_id=key_id,
+            sealed=sealed,
+            created_at=self.now,
+        )
 
     def _instance_row(self, p: _Sealed) -> dict[str, Any]:
         header = p.header

@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 from storage.catalog import Catalog
 from storage.home import Home
 from storage.locations import UnsafeNameError, safe_relpath
+from tasks.objects import object_row
 from tasks.phi import keyed_hash, open_fields, seal_fields
 from tasks.reasons import QuarantineReason
 
@@ -105,18 +106,17 @@ def quarantine_file(
         "source_name_enc": seal_fields(record_key, qid, {"name": source_name}),
         "quarantined_at": now,
     }
-    object_row = {
-        "object_id": qid,
-        "kind": "quarantine",
-        "location_url": home.quarantine.url,
-        "region": home.region,
-        "name": object_name,
-        "record_key_id": key_id,
-        "plaintext_bytes": sealed.plaintext_bytes,
-        "stored_bytes": sealed.stored_bytes,
-        "created_at": now,
-    }
-    return Quarantined(qid, reason, row, object_row)
+    objects_row = object_row(
+        object_id=qid,
+        kind="quarantine",
+        location=home.quarantine,
+        region=home.region,
+        name=object_name,
+        record_key_id=key_id,
+        sealed=sealed,
+        created_at=now,
+    )
+    return Quarantined(qid, reason, row, objects_row)
 
 
 def quarantine_list(catalog: Catalog) -> pd.DataFrame:

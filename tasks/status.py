@@ -5,28 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from storage.catalog import Catalog
+from storage.catalog import Catalog, tables
 from storage.home import Home
 from tasks.drops import scan_drops
 from tasks.manifests import pending_manifests
 
-TABLES = (
-    "facilities",
-    "drops",
-    "studies",
-    "instances",
-    "objects",
-    "quarantine",
-    "grants",
-    "grant_events",
-    "disclosures",
-    "incidents",
-    "deletion_requests",
-    "tombstones",
-    "beacon_stats",
-    "newsletter_suppression",
-    "audit_log",
-)
+TABLES = tables()  # every table of the schema (storage/schema), not a list kept by hand
 LAST_RUN = {
     "ingest-drops": "SELECT max(occurred_at) FROM audit_log WHERE action = 'ingest_batch'",
     "apply-share-manifests": "SELECT max(processed_at) FROM share_requests",
