@@ -71,7 +71,6 @@ ALLOWED_TABLE_FUNCTIONS = frozenset(
         "duckdb_keywords",
         "duckdb_indexes",
         "icu_calendar_names",
-        "pg_timezone_names",
     }
 )
 
@@ -120,6 +119,7 @@ class _Names:
         self.table_functions: set[str] = set()
         self.tables: set[tuple[str, str, str]] = set()
         self.ctes: set[str] = set()
+        self.shows: set[str] = set()  # SHOW/DESCRIBE/SUMMARIZE targets ('' for a subquery)
         self._walk(tree)
 
     def _walk(self, tree: Any) -> None:
@@ -130,6 +130,8 @@ class _Names:
             cte_map = tree.get("cte_map")
             if isinstance(cte_map, dict):
                 self.ctes |= {str(e.get("key", "")).lower() for e in cte_map.get("map", [])}
+            if tree.get("type") == "SHOW_REF":
+                self.shows.add(str(tree.get("table_name") or "").lower())
             if tree.get("type") == "TABLE_FUNCTION":
                 function = tree.get("function") or {}
                 self.table_functions.add(str(function.get("function_name", "?")).lower())
@@ -154,7 +156,7 @@ ALLOWED_SYSTEM_VIEWS = frozenset(
 )
 
 
-_parser_lock = threading.Lock()
+_parser_lock = threading.RLock()  # _system_names() runs inside checked_query()
 _parser: duckdb.DuckDBPyConnection | None = None
 
 
@@ -164,6 +166,24 @@ def _parse_connection() -> duckdb.DuckDBPyConnection:
     if _parser is None:
         _parser = duckdb.connect(config=reader_config("256MB"))
     return _parser
+
+
+@functools.cache
+def _system_names() -> frozenset[str]:
+    """Every name DuckDB itself resolves in FROM: its views and tables (pg_settings,
+    duckdb_databases, information_schema ...) and its table functions."""
+    with _parser_lock:
+        rows = (
+            _parse_connection()
+            .execute(
+                "SELECT lower(view_name) FROM duckdb_views()"
+                " UNION SELECT lower(table_name) FROM duckdb_tables()"
+                " UNION SELECT lower(function_name) FROM duckdb_functions()"
+                " WHERE function_type IN ('table', 'table_macro')"
+            )
+            .fetchall()
+        )
+    return frozenset(str(r[0]) for r in rows)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -200,7 +220,17 @@ def check_query(
     tree = json.loads(row[0]) if row else {"error": True}
     if tree.get("error"):
         raise QueryRefused(f"{ONE_QUERY} (this form of SELECT cannot be checked)")
-    names = _Names(tree)
+    _check_names(_Names(tree), relations, catalogs)
+    return statement.query
+
+
+def _check_names(names: _Names, relations: frozenset[str] | None, catalogs: frozenset[str]) -> None:
+    # A CTE named like a system view reads the view itself in its own body (and passes the
+    # name elsewhere in the query): CTEs must take new names.
+    for cte in sorted(names.ctes & _system_names()):
+        raise QueryRefused(f"{ONE_QUERY}: a CTE may not reuse the name {cte}")
+    for shown in sorted(names.shows - {"", '"tables"'}):
+        raise QueryRefused(f"{ONE_QUERY}: SHOW {shown.strip(chr(34)).upper()} is not allowed")
     for name in sorted(names.table_functions - ALLOWED_TABLE_FUNCTIONS):
         raise QueryRefused(f"{ONE_QUERY}: {name}() is not a table function readers may call")
     for name in sorted(names.functions):
@@ -216,7 +246,6 @@ def check_query(
             raise QueryRefused(f"{ONE_QUERY}: a file path is not a table")
         if relations is not None and not _known(catalog, schema, table, relations, catalogs, names):
             raise QueryRefused(f"{ONE_QUERY}: {table} is not a table of the catalog")
-    return statement.query
 
 
 def _known(

@@ -103,6 +103,12 @@ HOSTILE = [
     'SELECT * FROM "{home}/**/*"."parquet"',
     "SELECT * FROM repeat_row(1, num_rows:=NULL)",
     "SELECT * FROM system.main.duckdb_settings()",
+    # A third review: a CTE that reuses a system view's name, SHOW of other databases.
+    "WITH duckdb_databases AS (FROM duckdb_databases) SELECT * FROM duckdb_databases",
+    "WITH pg_settings AS (FROM pg_settings) SELECT name, setting FROM pg_settings",
+    "SELECT name FROM pg_settings, (WITH pg_settings AS (SELECT 1) SELECT 1) x",
+    "SHOW DATABASES",
+    "SHOW ALL TABLES",
 ]
 
 ANALYST = [
@@ -118,6 +124,9 @@ ANALYST = [
     "SELECT table_name FROM information_schema.tables ORDER BY 1",
     "SELECT count(*) FROM main.instances",
     "SELECT * FROM range(3) r, studies LIMIT 2",
+    "WITH recent AS (SELECT * FROM studies) SELECT count(*) FROM recent",
+    "SHOW TABLES",
+    "SUMMARIZE instances",
 ]
 
 
