@@ -26,19 +26,24 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def execute(path: Path, cwd: Path) -> None:
+def execute(path: Path, cwd: Path) -> nbformat.NotebookNode:
     nb = nbformat.read(path, as_version=4)
     NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
     ).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    return nb
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path: Path, demo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DROPVAULT_HOME", str(demo_home))
-    execute(path, demo_home.parent)
+    nb = execute(path, demo_home.parent)
+    # A chart must show inline (a notebook that forces the Agg backend shows none).
+    plots = sum(".plot(" in c.source for c in nb.cells if c.cell_type == "code")
+    charts = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(charts) >= plots, f"{plots} plotting cells, {len(charts)} charts shown"
 
 
 def test_demo_and_explore_notebook_on_ducklake(
