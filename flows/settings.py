@@ -187,6 +187,11 @@ class Settings(BaseSettings):
         # Path("") is the current folder: an empty setting must not make it the home.
         if isinstance(value, str) and not value.strip():
             raise ValueError("DROPVAULT_HOME is empty: name the home folder")
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            # DuckDB, URIs and JSON need a UTF-8 path: refuse before anything is made.
+            raise ValueError("DROPVAULT_HOME is not valid UTF-8") from None
         return value
 
     @field_validator("s3_endpoint_url", "kms_endpoint_url")
@@ -362,10 +367,11 @@ class Settings(BaseSettings):
             raise SettingsError(f"invalid setting: DROPVAULT_KEYS_DIR: {exc}") from None
         except (KeyError_, KeyFileError) as exc:
             raise SettingsError(f"invalid setting: {name}: {exc}") from None
-        try:
-            record.verify("kek", keystore.kek_check_key, "keys/kek.key")
-        except KeyCheckError as exc:
-            raise SettingsError(f"invalid setting: DROPVAULT_KEK: {exc}") from None
+        if keystore.kek_check != record.kek_check:
+            raise SettingsError(
+                "invalid setting: DROPVAULT_KEK: keys/kek.key is not the KEK this home was made"
+                " with; restore the right key"
+            )
         return self._same_keystore(record, keystore)
 
     @staticmethod

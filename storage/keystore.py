@@ -305,11 +305,6 @@ class Keystore:
         return kek_id(self._kek)
 
     @property
-    def kek_check_key(self) -> bytes:
-        """The KEK itself, for :meth:`HomeRecord.verify` only (never log or store it)."""
-        return self._kek
-
-    @property
     def kek_check(self) -> str:
         """The KEK's check value (``check_value``), recorded by ``dropvault init``."""
         return check_value(self._kek)

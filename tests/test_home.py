@@ -83,6 +83,9 @@ def test_empty_home_setting_is_invalid(tmp_path: Path, clean_env: pytest.MonkeyP
         code, out = cli({"DROPVAULT_HOME": ""}, *command)
         assert code == 1 and "DROPVAULT_HOME" in out and "empty" in out, out
     assert listing(tmp_path) == []
+    code, out = cli({"DROPVAULT_HOME": os.fsdecode(bytes(tmp_path) + b"/caf\xe9")}, "init")
+    assert code == 1 and "not valid UTF-8" in out, out
+    assert listing(tmp_path) == []
 
 
 def test_init_makes_a_home_once_and_says_so(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
