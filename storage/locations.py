@@ -12,6 +12,7 @@ S3 itself makes visible only when whole.
 from __future__ import annotations
 
 import builtins
+import io
 import ipaddress
 import os
 import posixpath
@@ -104,7 +105,7 @@ class Entry:
     tag: str = ""  # the object store's ETag, when it has one (mtime is only to the second)
 
 
-class FullReads:
+class FullReads(io.RawIOBase):
     """A read stream whose ``read(n)`` returns ``n`` bytes unless the object ends.
 
     A remote stream may return fewer bytes than asked (a short read); parsers such as
@@ -112,6 +113,7 @@ class FullReads:
     """
 
     def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__()
         self._raw = raw
 
     def read(self, size: int | None = -1) -> bytes:
@@ -126,6 +128,14 @@ class FullReads:
             size -= len(chunk)
         return b"".join(parts)
 
+    def readall(self) -> bytes:
+        return self._raw.read()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._raw.seek(offset, whence)
 
@@ -139,15 +149,13 @@ class FullReads:
         return True
 
     def close(self) -> None:
-        self._raw.close()
-
-    def __enter__(self) -> FullReads:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_raw":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
         return getattr(self._raw, name)
 
 
@@ -203,6 +211,11 @@ class Location:
         return self.protocol in ("file", "local")
 
     @property
+    def is_object_store(self) -> bool:
+        """An S3-compatible bucket: no folders, atomic PUTs, maybe versioned."""
+        return self.protocol in ("s3", "s3a")
+
+    @property
     def versioned(self) -> bool:
         checker = getattr(self.fs, "is_bucket_versioned", None)
         if checker is None:
@@ -231,7 +244,7 @@ class Location:
 
     def ensure(self) -> None:
         """Create the root (a no-op on object stores)."""
-        if self.protocol not in ("s3", "s3a"):
+        if not self.is_object_store:
             self.fs.makedirs(self.root, exist_ok=True)
 
     def _invalidate(self, path: str | None = None) -> None:
@@ -345,7 +358,7 @@ class Location:
         temporary file and a rename; a crash leaves an orphan that reconcile removes.
         """
         final = self.path(name)
-        if self.protocol in ("s3", "s3a"):
+        if self.is_object_store:
             # One PUT or a completed multipart upload: S3 publishes it whole or not at all.
             handle: Any = self.fs.open(final, "wb")
             try:
@@ -402,7 +415,7 @@ class Location:
         """Move one object, possibly across filesystems (copy, then delete the source)."""
         if dest.fs is self.fs or (dest.protocol == self.protocol == "file"):
             dest_path = dest.path(dest_name)
-            if self.protocol != "s3":
+            if not self.is_object_store:
                 self.fs.makedirs(posixpath.dirname(dest_path), exist_ok=True)
             self.fs.mv(self.path(name), dest_path)
             return
@@ -417,7 +430,7 @@ class Location:
         """
         path = f"{self.root}/{name}" if unchecked else self.path(name)
         removed = 0
-        if self.protocol in ("s3", "s3a") and self.versioned:
+        if self.is_object_store and self.versioned:
             for version in self.versions(name, unchecked=unchecked):
                 self._delete_version(path, version)
                 removed += 1
@@ -438,20 +451,42 @@ class Location:
     def remaining(self, name: str) -> int:
         """What is left of an object: its versions and delete markers on a versioned bucket,
         else 1 if it exists. A deletion is proven when this is 0."""
-        if self.protocol in ("s3", "s3a") and self.versioned:
+        if self.is_object_store and self.versioned:
             return len(self.versions(name))
         return int(self.exists(name))
 
     def versions(self, name: str, *, unchecked: bool = False) -> builtins.list[str]:
-        """Every version id (and delete marker) of an object on a versioned bucket."""
+        """Every version id (and delete marker) of an object on a versioned bucket, across
+        as many listing pages as it takes (S3 returns at most 1,000 per call)."""
         path = f"{self.root}/{name}" if unchecked else self.path(name)
         bucket, key = path.split("/", 1)
         from fsspec.asyn import sync  # local: only object stores need it
 
         fs: Any = self.fs
-        resp = sync(fs.loop, fs._call_s3, "list_object_versions", Bucket=bucket, Prefix=key)
-        items = resp.get("Versions", []) + resp.get("DeleteMarkers", [])
-        return [item["VersionId"] for item in items if item["Key"] == key]
+        found: builtins.list[str] = []
+        marks: dict[str, str] = {}
+        while True:
+            resp = sync(
+                fs.loop, fs._call_s3, "list_object_versions", Bucket=bucket, Prefix=key, **marks
+            )
+            items = resp.get("Versions", []) + resp.get("DeleteMarkers", [])
+            found += [item["VersionId"] for item in items if item["Key"] == key]
+            if not resp.get("IsTruncated"):
+                return found
+            marks = {
+                "KeyMarker": resp["NextKeyMarker"],
+                "VersionIdMarker": resp["NextVersionIdMarker"],
+            }
+
+    def duckdb_source(self, con: Any, name: str) -> str:
+        """A path to ``name`` that DuckDB connection ``con`` can read: a local path as it
+        is, anything else through this location's fsspec filesystem, registered once."""
+        if self.is_local:
+            return self.path(name)
+        fs_protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        if fs_protocol not in con.list_filesystems():
+            con.register_filesystem(self.fs)
+        return f"{self.protocol}://{self.path(name).lstrip('/')}"
 
     def _delete_version(self, path: str, version: str) -> None:
         from fsspec.asyn import sync
@@ -462,7 +497,7 @@ class Location:
 
     def rmdir_empty(self, prefix: str) -> None:
         """Remove empty directories left below ``prefix`` (local and memory stores)."""
-        if self.protocol in ("s3", "s3a"):
+        if self.is_object_store:
             return
         base = self.path(prefix)
         if self.is_local:

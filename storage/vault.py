@@ -20,11 +20,12 @@ Memory is bounded by one segment whatever the object size.
 from __future__ import annotations
 
 import hashlib
+import io
 import secrets
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -190,16 +191,19 @@ def decrypt_segments(src: IO[bytes], keystore: Keystore) -> Iterator[bytes]:
         current = following
 
 
-class DecryptingReader:
-    """A read-only file-like view of a decrypted object (bounded memory)."""
+class DecryptingReader(io.RawIOBase):
+    """A read-only, forward-only file-like view of a decrypted object (bounded memory)."""
 
     def __init__(self, src: IO[bytes], keystore: Keystore) -> None:
+        super().__init__()
         self._src = src
         self._segments = decrypt_segments(src, keystore)
         self._buffer = b""
         self._done = False
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None:
+            size = -1
         while not self._done and (size < 0 or len(self._buffer) < size):
             try:
                 self._buffer += next(self._segments)
@@ -211,14 +215,21 @@ class DecryptingReader:
             out, self._buffer = self._buffer[:size], self._buffer[size:]
         return out
 
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
     def close(self) -> None:
-        self._src.close()
-
-    def __enter__(self) -> DecryptingReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        if not self.closed:
+            self._src.close()
+        super().close()
 
 
 class Vault:

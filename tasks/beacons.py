@@ -103,19 +103,6 @@ def pending_days(beacons: Location) -> list[str]:
     return days
 
 
-def _source(con: duckdb.DuckDBPyConnection, location: Location, name: str) -> str:
-    """A path DuckDB can read: local paths as they are, others through fsspec."""
-    if location.is_local:
-        return location.path(name)
-    name_of = (
-        location.fs.protocol if isinstance(location.fs.protocol, str) else location.fs.protocol[0]
-    )
-    if name_of not in con.list_filesystems():
-        con.register_filesystem(location.fs)
-    proto = location.protocol
-    return f"{proto}://{location.path(name).lstrip('/')}"
-
-
 JSON_COLUMNS = "{" + ", ".join(f"'{f}': 'VARCHAR'" for f in FIELDS) + "}"
 IS_OBJECT = "CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE false END"
 # Each line as one string (the path is bound as a parameter, never spliced in).
@@ -212,7 +199,7 @@ def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[st
     con.execute(f"CREATE TABLE raw (file VARCHAR, line_no BIGINT, {cols})")
     con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
     for name in names:
-        path = _source(con, beacons, name)
+        path = beacons.duckdb_source(con, name)
         short = name.rsplit("/", 1)[-1]
         if ".csv" in short:
             _insert_csv(con, short, path)
@@ -374,7 +361,7 @@ def _campaign_rows(
     """Open rate per campaign, with and without MPP opens, where a sends file is given."""
     if sends_name is None:
         return []
-    path = _source(con, beacons, sends_name)
+    path = beacons.duckdb_source(con, sends_name)
     rows = con.execute(
         """
         WITH sends AS (

@@ -14,7 +14,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from tasks import samples
-from tasks.dicom import _file_meta
+from tasks.dicom.elements import file_meta as _file_meta
 
 PREAMBLE = b"\0" * 128 + b"DICM"
 

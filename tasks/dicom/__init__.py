@@ -1,0 +1,25 @@
+"""Header-only DICOM parsing and validation.
+
+- ``header.py``: :class:`DicomHeader` (what the catalog keeps) and :class:`DicomRejected`.
+- ``guards.py``: checks before any parser runs (polyglot preamble, cut meta, deflate bomb).
+- ``walk.py``: the lean byte walk for well-formed files in memory (accepts or declines).
+- ``validation.py``: the pydicom path, which names the reason for every refusal.
+- ``elements.py``: the element structure both paths check.
+"""
+
+from __future__ import annotations
+
+import io
+
+from tasks.dicom.guards import check_preamble
+from tasks.dicom.header import DicomHeader, DicomRejected
+from tasks.dicom.validation import read_header
+from tasks.dicom.walk import lean_header
+
+__all__ = ["DicomHeader", "DicomRejected", "header_from_bytes", "lean_header", "read_header"]
+
+
+def header_from_bytes(data: bytes) -> DicomHeader:
+    """Parse and validate a file held in memory: the lean walk, else the pydicom path."""
+    check_preamble(data[:8])
+    return lean_header(data) or read_header(io.BytesIO(data), len(data))
