@@ -20,8 +20,8 @@ from pathlib import Path
 
 import duckdb
 
-from storage.catalog import Catalog
-from tasks.sharing import access_list
+from dropvault.storage.catalog import Catalog
+from dropvault.tasks.sharing import access_list
 
 QUERY = (
     "SELECT owner, grantee, scope, study_uid, granted_at, expires_at, status"

@@ -24,12 +24,12 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from flows.settings import Settings, quiet_prefect_defaults
+from dropvault.flows.settings import Settings, quiet_prefect_defaults
 
 quiet_prefect_defaults()  # before Prefect is imported
 
-from flows.beacons import compile_beacon_stats  # noqa: E402
-from storage.home import Home  # noqa: E402
+from dropvault.flows.beacons import compile_beacon_stats  # noqa: E402
+from dropvault.storage.home import Home  # noqa: E402
 
 DAY = "2026-11-20"
 

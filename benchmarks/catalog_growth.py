@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ingest.py
 
 from ingest import make_files, write_tree  # noqa: E402
 
-from storage.catalog import Catalog, migrations  # noqa: E402
-from storage.home import Home  # noqa: E402
-from tasks.drops import scan_drops  # noqa: E402
-from tasks.ingest import batches, ingest_batch  # noqa: E402
-from tasks.reconcile import reconcile_vault, settle_pending  # noqa: E402
+from dropvault.storage.catalog import Catalog, migrations  # noqa: E402
+from dropvault.storage.home import Home  # noqa: E402
+from dropvault.tasks.drops import scan_drops  # noqa: E402
+from dropvault.tasks.ingest import batches, ingest_batch  # noqa: E402
+from dropvault.tasks.reconcile import reconcile_vault, settle_pending  # noqa: E402
 
 LEGACY_AFTER = 7  # the last migration before 008 dropped the per-image indexes
 

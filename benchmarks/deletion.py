@@ -21,14 +21,14 @@ from pathlib import Path
 
 import fsspec
 
-from flows.settings import Settings, quiet_prefect_defaults
+from dropvault.flows.settings import Settings, quiet_prefect_defaults
 
 quiet_prefect_defaults()  # before Prefect is imported
 
-from flows.deletion import deletion_sweep  # noqa: E402
-from flows.ingest import ingest_drops  # noqa: E402
-from storage.home import Home  # noqa: E402
-from tasks import samples  # noqa: E402
+from dropvault.flows.deletion import deletion_sweep  # noqa: E402
+from dropvault.flows.ingest import ingest_drops  # noqa: E402
+from dropvault.storage.home import Home  # noqa: E402
+from dropvault.tasks import samples  # noqa: E402
 
 
 def main() -> None:

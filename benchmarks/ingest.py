@@ -37,13 +37,13 @@ import fsspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/prefect_server.py
 
-from flows.settings import Settings, quiet_prefect_defaults  # noqa: E402
+from dropvault.flows.settings import Settings, quiet_prefect_defaults  # noqa: E402
 
 quiet_prefect_defaults()  # before Prefect is imported
 
-from flows.ingest import ingest_drops  # noqa: E402
-from storage.home import Home  # noqa: E402
-from tasks import samples  # noqa: E402
+from dropvault.flows.ingest import ingest_drops  # noqa: E402
+from dropvault.storage.home import Home  # noqa: E402
+from dropvault.tasks import samples  # noqa: E402
 from tests.prefect_server import prefect_server  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     python benchmarks/ingest_large.py            # 4 files of ~210 MB (400 frames of 512x512x16)
     python benchmarks/ingest_large.py --quick    # 2 files of ~10 MB, what CI runs
 
-The files are generated in a stream (tasks.samples.write_multiframe), so nothing here
+The files are generated in a stream (dropvault.tasks.samples.write_multiframe), so nothing here
 holds a whole image. The ingest runs in a child process that reports its own peak RSS:
 the goal is a ratio >= 0.85 of the copy's throughput with peak RSS <= 300 MB.
 
@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/prefect_se
 
 import fsspec
 
-from tasks import samples
+from dropvault.tasks import samples
 from tests.prefect_server import prefect_server
 
 CHILD = """
 import json, resource, shutil, sys, time
 from pathlib import Path
-from flows.settings import Settings, quiet_prefect_defaults
+from dropvault.flows.settings import Settings, quiet_prefect_defaults
 quiet_prefect_defaults()
-from flows.ingest import ingest_drops
-from storage.home import Home
+from dropvault.flows.ingest import ingest_drops
+from dropvault.storage.home import Home
 
 root = Path(sys.argv[1])
 ingest_drops(home=Home.init(root / "warm"), settings=Settings.load(quiet_seconds=0))

@@ -18,19 +18,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.settings import Settings, quiet_prefect_defaults
+from dropvault.flows.settings import Settings, quiet_prefect_defaults
 
 quiet_prefect_defaults()  # before Prefect is imported
 
 import s3fs  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
-from flows.ingest import ingest_drops  # noqa: E402
-from storage.catalog import Catalog  # noqa: E402
-from storage.home import LOCATIONS, Home  # noqa: E402
-from storage.keystore import Keystore, create_secret  # noqa: E402
-from storage.locations import Location  # noqa: E402
-from tasks import samples  # noqa: E402
+from dropvault.flows.ingest import ingest_drops  # noqa: E402
+from dropvault.storage.catalog import Catalog  # noqa: E402
+from dropvault.storage.home import LOCATIONS, Home  # noqa: E402
+from dropvault.storage.keystore import Keystore, create_secret  # noqa: E402
+from dropvault.storage.locations import Location  # noqa: E402
+from dropvault.tasks import samples  # noqa: E402
 
 BUCKET = "bench"
 

@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ingest import ingest_with_workers, make_files, plain_copy, write_tree  # noqa: E402
 
-from flows.settings import Settings, quiet_prefect_defaults  # noqa: E402
+from dropvault.flows.settings import Settings, quiet_prefect_defaults  # noqa: E402
 
 quiet_prefect_defaults()
 
-from flows.ingest import ingest_drops  # noqa: E402
-from storage.home import Home  # noqa: E402
+from dropvault.flows.ingest import ingest_drops  # noqa: E402
+from dropvault.storage.home import Home  # noqa: E402
 
 
 def free_port() -> int:

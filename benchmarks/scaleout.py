@@ -5,7 +5,7 @@ DuckLake (metadata in a real PostgreSQL on loopback, Parquet on moto's S3), same
     python benchmarks/scaleout.py --quick    # 200 files, what CI runs to keep this working
 
 Each worker is its own process (as a Prefect process worker runs each flow run),
-takes its share of the drops with ``--shard``'s rule (``tasks.drops.in_shard``) and
+takes its share of the drops with ``--shard``'s rule (``dropvault.tasks.drops.in_shard``) and
 runs the ingest batches; all start together once their catalog is open, and the
 run's time is the slowest worker's. Ratios are against one worker on DuckDB. The
 vault is a local folder in every run, so only the catalog and the worker count vary.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/postgres.py
 
-from flows.settings import quiet_prefect_defaults  # noqa: E402
+from dropvault.flows.settings import quiet_prefect_defaults  # noqa: E402
 
 quiet_prefect_defaults()
 
@@ -35,11 +35,11 @@ import boto3  # noqa: E402
 from ingest import make_files, spawn_workers, write_tree  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
-from storage.catalog import Catalog  # noqa: E402
-from storage.ducklake import Lake  # noqa: E402
-from storage.home import Home  # noqa: E402
-from tasks.drops import in_shard, scan_drops  # noqa: E402
-from tasks.ingest import batches, ingest_batch  # noqa: E402
+from dropvault.storage.catalog import Catalog  # noqa: E402
+from dropvault.storage.ducklake import Lake  # noqa: E402
+from dropvault.storage.home import Home  # noqa: E402
+from dropvault.tasks.drops import in_shard, scan_drops  # noqa: E402
+from dropvault.tasks.ingest import batches, ingest_batch  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 
 BATCH = 500  # the default DROPVAULT_BATCH_FILES

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.settings import Settings
-from storage.home import Home
-from tasks.beacons import (
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks.beacons import (
     DayStats,
     compile_day_task,
     hold_late_files_task,
@@ -23,7 +23,7 @@ def compile_beacon_stats(
     """Compile every new day folder under ``{beacons}``, or one ``day`` by name.
 
     A day already published is not compiled again by the scheduled pass: its late files
-    are set aside under ``late/`` and counted (see :func:`tasks.beacons.hold_late_files`).
+    are set aside under ``late/`` and counted (see :func:`dropvault.tasks.beacons.hold_late_files`).
     Naming the ``day`` recompiles it and replaces its rows.
     """
     settings = settings or Settings.load()

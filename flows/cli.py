@@ -18,13 +18,42 @@ from typing import Annotated, Any, TypeVar
 import pandas as pd
 import typer
 
-from flows.settings import Settings, SettingsError, embedded_prefect_home, quiet_prefect_defaults
+from dropvault.flows.settings import (
+    Settings,
+    SettingsError,
+    embedded_prefect_home,
+    quiet_prefect_defaults,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 quarantine_app = typer.Typer(no_args_is_help=True, help="Review quarantined files.")
 app.add_typer(quarantine_app, name="quarantine")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def version_text() -> str:
+    """dropvault's version and the versions that matter when reporting a problem."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"dropvault {of('dropvault')} (prefect {of('prefect')}, duckdb {of('duckdb')})"
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", help="Print the versions and exit.", is_eager=True)
+    ] = False,
+) -> None:
+    if show_version:
+        typer.echo(version_text())
+        raise typer.Exit(0)
 
 
 def one_line_errors(fn: F) -> F:
@@ -122,7 +151,7 @@ def rotate_kms_key(
     """Re-encrypt the KMS-sealed KEK under another KMS key (record keys are untouched).
 
     Set DROPVAULT_KEK_KMS_KEY_ID to the new key afterwards."""
-    from storage import kms
+    from dropvault.storage import kms
 
     settings = Settings.load()
     if not settings.kek_kms_key_id:
@@ -140,7 +169,7 @@ def demo() -> None:
     """Make demo drops under DROPVAULT_HOME (default ./.dropvault) and run every flow."""
     settings = Settings.load()
     embedded_prefect_home(settings.home)
-    from flows.demo import run_demo
+    from dropvault.flows.demo import run_demo
 
     summary = run_demo(settings, progress=lambda msg: typer.echo(msg, err=True))
     for line in summary.lines():
@@ -155,8 +184,8 @@ def ingest(
     ] = None,
 ) -> None:
     """Run one ingest pass over every ready drop and print its summary."""
-    from flows.ingest import ingest_drops
-    from tasks.drops import parse_shard
+    from dropvault.flows.ingest import ingest_drops
+    from dropvault.tasks.drops import parse_shard
 
     if shard is not None:
         try:
@@ -177,7 +206,7 @@ def reconcile(
     min_age: Annotated[float | None, typer.Option(help="Only orphans older than this (s).")] = None,
 ) -> None:
     """Remove vault objects that have no catalog row."""
-    from flows.ingest import reconcile_vault
+    from dropvault.flows.ingest import reconcile_vault
 
     settings = Settings.load()
     stats = reconcile_vault(home=settings.build_home(), settings=settings, min_age_seconds=min_age)
@@ -191,7 +220,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="File to write the image to.")],
 ) -> None:
     """Decrypt one image to a file, byte-identical to what was dropped (audited)."""
-    from tasks.exports import export_instance
+    from dropvault.tasks.exports import export_instance
 
     result = export_instance(_home(), sop_instance_uid, out)
     typer.echo(f"wrote {result['bytes']} bytes to {result['out']}")
@@ -216,7 +245,7 @@ def shares(
     ] = False,
 ) -> None:
     """Apply the pending share/revoke/disclose manifests under {manifests}/shares/."""
-    from flows.sharing import apply_share_manifests
+    from dropvault.flows.sharing import apply_share_manifests
 
     settings = Settings.load()
     result = apply_share_manifests(home=settings.build_home(), settings=settings, dry_run=dry_run)
@@ -240,7 +269,7 @@ def access_list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """Everyone OWNER has shared with, and each grant's status (active|revoked|expired)."""
-    from tasks.sharing import access_list
+    from dropvault.tasks.sharing import access_list
 
     _print_frame(access_list(_catalog(), owner), as_json)
 
@@ -252,7 +281,7 @@ def who_can_access_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """Who can access a study now: its owner and every active grant covering it."""
-    from tasks.sharing import who_can_access
+    from dropvault.tasks.sharing import who_can_access
 
     _print_frame(who_can_access(_catalog(), study_uid), as_json)
 
@@ -265,8 +294,8 @@ def disclosures(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """The accounting of disclosures made for OWNER's records."""
-    from tasks.manifests import parse_time
-    from tasks.sharing import disclosures_for
+    from dropvault.tasks.manifests import parse_time
+    from dropvault.tasks.sharing import disclosures_for
 
     start = parse_time(since) if since else None
     _print_frame(disclosures_for(_catalog(), owner, start), as_json)
@@ -282,8 +311,8 @@ def incident(
     ] = None,
 ) -> None:
     """Record a wrong-access report: revoke the user's grants and print the breach worksheet."""
-    from flows.sharing import report_wrong_access
-    from tasks.manifests import parse_time
+    from dropvault.flows.sharing import report_wrong_access
+    from dropvault.tasks.manifests import parse_time
 
     when = parse_time(reported_at) if reported_at else None
     settings = Settings.load()
@@ -300,7 +329,7 @@ def sweep(
     ] = False,
 ) -> None:
     """Take new deletion requests and carry out every pending one (fails on an SLA breach)."""
-    from flows.deletion import deletion_sweep
+    from dropvault.flows.deletion import deletion_sweep
 
     settings = Settings.load()
     home = settings.build_home()
@@ -326,7 +355,7 @@ def deletions(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """Deletion requests with their SLA state (pending, at_risk, completed, breached)."""
-    from tasks.deletion import deletion_sla
+    from dropvault.tasks.deletion import deletion_sla
 
     settings = Settings.load()
     _print_frame(deletion_sla(_catalog(), settings.deletion_at_risk_hours), as_json)
@@ -343,10 +372,10 @@ def beacons(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """Beacon statistics per day, beacon, target and partner (suppressed cells show no count)."""
-    from tasks.beacons import beacon_stats
+    from dropvault.tasks.beacons import beacon_stats
 
     if compile_first:
-        from flows.beacons import compile_beacon_stats
+        from dropvault.flows.beacons import compile_beacon_stats
 
         settings = Settings.load()
         compile_beacon_stats(home=settings.build_home(), settings=settings)
@@ -359,7 +388,7 @@ def newsletter_suppression_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """The mailer's suppression list (keyed hashes of addresses, never the addresses)."""
-    from tasks.beacons import newsletter_suppression
+    from dropvault.tasks.beacons import newsletter_suppression
 
     _print_frame(newsletter_suppression(_catalog()), as_json)
 
@@ -372,7 +401,7 @@ def status(
     """Counts per table, pending drops and manifests, deletion SLA, and each flow's last run."""
     import pandas as pd
 
-    from tasks.status import home_status
+    from dropvault.tasks.status import home_status
 
     settings = Settings.load()
     rows = home_status(settings.build_home(), settings.quiet_seconds, settings.incomplete_seconds)
@@ -385,7 +414,7 @@ def quarantine_list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """List quarantined files with their reason codes (no file names: they can hold PHI)."""
-    from tasks.quarantine import quarantine_list
+    from dropvault.tasks.quarantine import quarantine_list
 
     _print_frame(quarantine_list(_home().catalog), as_json)
 
@@ -397,13 +426,16 @@ def quarantine_export_cmd(
     out: Annotated[Path, typer.Option("--out", help="File to write the original bytes to.")],
 ) -> None:
     """Decrypt a quarantined file for review."""
-    from tasks.quarantine import quarantine_export
+    from dropvault.tasks.quarantine import quarantine_export
 
     result = quarantine_export(_home(), quarantine_id, out)
     typer.echo(f"wrote {result['out']}")
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # works even where the settings are wrong
+        typer.echo(version_text())
+        return
     quiet_prefect_defaults()
     try:
         Settings.load()  # a wrong setting fails here, before any flow starts

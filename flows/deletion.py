@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.ingest import Progress
-from flows.settings import Settings
-from storage.errors import TerminalError
-from storage.home import Home
-from tasks.deletion import (
+from dropvault.flows.ingest import Progress
+from dropvault.flows.settings import Settings
+from dropvault.storage.errors import TerminalError
+from dropvault.storage.home import Home
+from dropvault.tasks.deletion import (
     SweepResult,
     compact_catalog_task,
     deletion_sla,
@@ -20,7 +20,7 @@ from tasks.deletion import (
     register_requests_task,
     sweep_requests_task,
 )
-from tasks.sharing import archive_manifests_task, read_pending_task
+from dropvault.tasks.sharing import archive_manifests_task, read_pending_task
 
 
 class DeletionSLABreached(TerminalError, RuntimeError):

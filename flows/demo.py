@@ -18,16 +18,16 @@ from typing import Any
 
 import pandas as pd
 
-from flows.beacons import compile_beacon_stats
-from flows.deletion import deletion_sweep
-from flows.ingest import ingest_drops
-from flows.settings import Settings
-from flows.sharing import apply_share_manifests
-from storage.home import Home
-from tasks import samples
-from tasks.deletion import deletion_sla
-from tasks.sharing import access_list
-from tasks.status import table_counts
+from dropvault.flows.beacons import compile_beacon_stats
+from dropvault.flows.deletion import deletion_sweep
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.flows.sharing import apply_share_manifests
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.deletion import deletion_sla
+from dropvault.tasks.sharing import access_list
+from dropvault.tasks.status import table_counts
 
 FACILITIES = ("st-olav", "north-imaging", "harbor-clinic")
 

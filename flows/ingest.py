@@ -1,8 +1,8 @@
 """``ingest_drops``: encrypt and catalog every ready drop; ``reconcile_vault``: remove orphans.
 
-Both take an optional :class:`~storage.home.Home` so a notebook or a test can
+Both take an optional :class:`~dropvault.storage.home.Home` so a notebook or a test can
 run them on its own locations; a deployment passes nothing and the home comes
-from the environment through :class:`~flows.settings.Settings`.
+from the environment through :class:`~dropvault.flows.settings.Settings`.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
-from flows.settings import Settings
-from storage.home import Home
-from tasks.drops import Drop, DropFile, in_shard, parse_shard, scan_drops_task
-from tasks.ingest import (
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks.drops import Drop, DropFile, in_shard, parse_shard, scan_drops_task
+from dropvault.tasks.ingest import (
     IngestStats,
     batches,
     finish_drops_task,
     ingest_batch_task,
     record_drops_task,
 )
-from tasks.reconcile import ReconcileStats, reconcile_vault_task, settle_pending_task
+from dropvault.tasks.reconcile import ReconcileStats, reconcile_vault_task, settle_pending_task
 
 Progress = Callable[[int, int], None]
 T = TypeVar("T")

@@ -3,7 +3,7 @@
 DuckDB lets one process write at a time. Flows that share a Prefect server
 (every deployment does) take one slot of ``dropvault-catalog-write`` around
 each catalog write, so a second writer queues on the server instead of
-spinning on the file lock. The lock back-off in :mod:`storage.catalog` stays
+spinning on the file lock. The lock back-off in :mod:`dropvault.storage.catalog` stays
 as the backstop for writers outside Prefect (a notebook calling ``.fn()``, or
 two CLI runs that each start their own embedded server).
 

@@ -29,12 +29,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.limits import catalog_write_slot
-from storage import kms
-from storage.catalog import Catalog
-from storage.ducklake import EXTENSIONS, Lake, LakeSetupError, extension_path
-from storage.errors import TerminalError
-from storage.home import (
+from dropvault.flows.limits import catalog_write_slot
+from dropvault.storage import kms
+from dropvault.storage.catalog import Catalog
+from dropvault.storage.ducklake import EXTENSIONS, Lake, LakeSetupError, extension_path
+from dropvault.storage.errors import TerminalError
+from dropvault.storage.home import (
     LOCATIONS,
     Home,
     HomeRecord,
@@ -44,8 +44,8 @@ from storage.home import (
     local_pepper,
     require_record,
 )
-from storage.keystore import KeyError_, KeyFileError, Keystore, MissingKeystoreError
-from storage.locations import InsecureEndpointError, Location, check_endpoint_tls
+from dropvault.storage.keystore import KeyError_, KeyFileError, Keystore, MissingKeystoreError
+from dropvault.storage.locations import InsecureEndpointError, Location, check_endpoint_tls
 
 SCHEMES = {"file", "memory", "s3", "s3a"}
 DUCKLAKE_PREFIX = "ducklake:postgres:"
@@ -398,7 +398,7 @@ class Settings(BaseSettings):
 
         Keys given as settings are recorded, never copied to disk; key files already in
         the keys folder are adopted, never replaced; no key is made where data sealed or
-        keyed by an earlier one exists (``storage.home.init_keys``). Returns the home and
+        keyed by an earlier one exists (``dropvault.storage.home.init_keys``). Returns the home and
         what was done.
         """
         root = self.home.resolve()

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.settings import Settings
-from storage.home import Home
-from tasks.incidents import Incident, report_incident_task
-from tasks.sharing import (
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks.incidents import Incident, report_incident_task
+from dropvault.tasks.sharing import (
     ShareResult,
     apply_share_rows_task,
     archive_manifests_task,

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 
-from storage import ducklake
-from storage.confinement import READER_MEMORY_LIMIT, checked_query, reader_config
-from storage.ducklake import Lake
-from storage.errors import TerminalError, TransientError
+from dropvault.storage import ducklake
+from dropvault.storage.confinement import READER_MEMORY_LIMIT, checked_query, reader_config
+from dropvault.storage.ducklake import Lake
+from dropvault.storage.errors import TerminalError, TransientError
 
 if TYPE_CHECKING:  # annotations only (DuckDB imports pandas itself for .df() and params)
     import pandas as pd
@@ -83,7 +83,7 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
 def migrations() -> list[tuple[int, str, str]]:
     """``(version, name, sql)`` for every file in ``storage/schema``, in order."""
     found = []
-    for item in resources.files("storage.schema").iterdir():
+    for item in resources.files("dropvault.storage.schema").iterdir():
         if item.name.endswith(".sql"):
             version = int(item.name.split("_", 1)[0])
             found.append((version, item.name, item.read_text(encoding="utf-8")))
@@ -201,7 +201,7 @@ class CatalogReader:
 
     Confined (``storage/confinement.py``): each query must be one SELECT that reaches the
     catalog only, on a connection that can read or write no file; anything else raises
-    :class:`~storage.confinement.QueryRefused` before it runs.
+    :class:`~dropvault.storage.confinement.QueryRefused` before it runs.
     """
 
     def __init__(self, catalog: Catalog) -> None:

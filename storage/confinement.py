@@ -36,7 +36,7 @@ from typing import Any
 
 import duckdb
 
-from storage.errors import TerminalError
+from dropvault.storage.errors import TerminalError
 
 READER_MEMORY_LIMIT = "4GB"
 

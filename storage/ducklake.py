@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import duckdb
 import fsspec
 
-from storage.errors import DropvaultError
+from dropvault.storage.errors import DropvaultError
 
 # package name on PyPI (import name) -> extension name
 EXTENSIONS = {

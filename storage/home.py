@@ -6,7 +6,7 @@ task can run against any home without touching the environment.
 
 A home is made once, on purpose (``dropvault init``, :meth:`Home.init`): its
 folders, its KEK and pepper, and a record (``dropvault-home.json``) of where each
-key comes from and a check value of each (``storage.keystore.check_value``, never
+key comes from and a check value of each (``dropvault.storage.keystore.check_value``, never
 the key). Opening a home needs that record and keys that match it: a missing or
 different key stops the caller, and nothing outside ``init`` ever makes a key.
 """
@@ -23,9 +23,9 @@ from typing import Literal
 
 import duckdb
 
-from storage.catalog import Catalog
-from storage.errors import TerminalError
-from storage.keystore import (
+from dropvault.storage.catalog import Catalog
+from dropvault.storage.errors import TerminalError
+from dropvault.storage.keystore import (
     KeyFileError,
     Keystore,
     MissingKEKError,
@@ -36,8 +36,8 @@ from storage.keystore import (
     stored_key_count,
     write_secret_file,
 )
-from storage.locations import Location
-from storage.vault import Vault
+from dropvault.storage.locations import Location
+from dropvault.storage.vault import Vault
 
 LOCATIONS = ("drops", "vault", "quarantine", "archive", "manifests", "beacons", "exports")
 KeyName = Literal["kek", "pepper"]

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap,
 )
 
-from storage.errors import TerminalError
+from dropvault.storage.errors import TerminalError
 
 KEY_BYTES = 32
 
@@ -238,7 +238,7 @@ class Keystore:
     def create_local(cls, directory: Path) -> Keystore:
         """Make the embedded default's KEK file (0600) if it is not there, and open it.
 
-        Only ``dropvault init`` (``storage.home``) and tests call this."""
+        Only ``dropvault init`` (``dropvault.storage.home``) and tests call this."""
         directory = Path(directory)
         if not (directory / "kek.key").exists() and not (directory / "kek.key.new").exists():
             stored = stored_key_count(directory / cls.FILE)

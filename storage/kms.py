@@ -16,8 +16,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from storage.errors import DropvaultError
-from storage.keystore import KEY_BYTES, check_private, private_dir, write_secret_file
+from dropvault.storage.errors import DropvaultError
+from dropvault.storage.keystore import KEY_BYTES, check_private, private_dir, write_secret_file
 
 MAX_BLOB = 4096  # a KMS ciphertext blob of a 32-byte key is ~184 bytes
 

@@ -29,7 +29,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.errors import TerminalError
+from dropvault.storage.errors import TerminalError
 
 COPY_CHUNK = 4 * 1024 * 1024
 

@@ -31,9 +31,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from storage.errors import TerminalError
-from storage.keystore import Keystore, UnknownKeyError
-from storage.locations import Location
+from dropvault.storage.errors import TerminalError
+from dropvault.storage.keystore import Keystore, UnknownKeyError
+from dropvault.storage.locations import Location
 
 MAGIC = b"DVLT"
 VERSION = 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import duckdb
 
-from storage.catalog import insert_rows
+from dropvault.storage.catalog import insert_rows
 
 
 def audit(

@@ -4,7 +4,7 @@ The heavy lifting is DuckDB SQL over the day's hit logs (JSON Lines or CSV,
 plain or gzip, local or through fsspec): identifiers are scrubbed before
 anything is counted, then hits and exact unique visitors are aggregated per
 beacon, target and partner with their margins (GROUPING SETS), and
-:mod:`tasks.suppression` hides every small cell and its complements.
+:mod:`dropvault.tasks.suppression` hides every small cell and its complements.
 
 Scrubbing, in order: the IP is never selected; query strings and fragments are
 cut from targets; e-mail addresses, DICOM-style UIDs, patient keys and digit
@@ -28,12 +28,12 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.catalog import Catalog, insert_rows
-from storage.errors import retry_transient
-from storage.locations import Location
-from tasks.audit import audit as audit_event
-from tasks.phi import keyed_hash
-from tasks.suppression import TOTAL, audit, suppress, with_margins
+from dropvault.storage.catalog import Catalog, insert_rows
+from dropvault.storage.errors import retry_transient
+from dropvault.storage.locations import Location
+from dropvault.tasks.audit import audit as audit_event
+from dropvault.tasks.phi import keyed_hash
+from dropvault.tasks.suppression import TOTAL, audit, suppress, with_margins
 
 KINDS = ("page_view", "email_open", "cobrand", "unsubscribe")
 FIELDS = (

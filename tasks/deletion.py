@@ -32,14 +32,20 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.catalog import Catalog, insert_rows
-from storage.errors import retry_transient
-from storage.home import Home
-from tasks.audit import audit
-from tasks.manifests import ManifestRow, Rejected, RowOutcomes, content_hash, parse_request_time
-from tasks.phi import study_key
-from tasks.reasons import RejectReason
-from tasks.sharing import GrantEvent, insert_grant_events, recompute_grants
+from dropvault.storage.catalog import Catalog, insert_rows
+from dropvault.storage.errors import retry_transient
+from dropvault.storage.home import Home
+from dropvault.tasks.audit import audit
+from dropvault.tasks.manifests import (
+    ManifestRow,
+    Rejected,
+    RowOutcomes,
+    content_hash,
+    parse_request_time,
+)
+from dropvault.tasks.phi import study_key
+from dropvault.tasks.reasons import RejectReason
+from dropvault.tasks.sharing import GrantEvent, insert_grant_events, recompute_grants
 
 DELETION_FIELDS = ("request_id", "owner", "study_uid", "requested_at", "keep_archive")
 DUE_WITHIN = timedelta(hours=24)

@@ -37,9 +37,9 @@ from typing import Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.catalog import Catalog
-from storage.errors import retry_transient
-from storage.locations import Entry, Location, UnsafeNameError, safe_relpath
+from dropvault.storage.catalog import Catalog
+from dropvault.storage.errors import retry_transient
+from dropvault.storage.locations import Entry, Location, UnsafeNameError, safe_relpath
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"

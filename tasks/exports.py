@@ -10,11 +10,11 @@ from typing import Any
 
 import duckdb
 
-from storage.errors import TerminalError
-from storage.home import Home
-from storage.keystore import KeyDestroyedError
-from storage.vault import IntegrityError
-from tasks.audit import audit
+from dropvault.storage.errors import TerminalError
+from dropvault.storage.home import Home
+from dropvault.storage.keystore import KeyDestroyedError
+from dropvault.storage.vault import IntegrityError
+from dropvault.tasks.audit import audit
 
 
 class ExportError(TerminalError, RuntimeError):

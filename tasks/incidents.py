@@ -13,9 +13,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.catalog import Catalog, insert_rows
-from tasks.audit import audit
-from tasks.sharing import GrantEvent, recompute_grants
+from dropvault.storage.catalog import Catalog, insert_rows
+from dropvault.tasks.audit import audit
+from dropvault.tasks.sharing import GrantEvent, recompute_grants
 
 NOTIFY_WITHIN = timedelta(days=60)
 

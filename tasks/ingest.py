@@ -12,7 +12,7 @@ The order is what makes a crash safe at any point:
 A crash before 4 leaves vault objects without catalog rows (orphans) and the
 sources in place, so a rerun redoes the batch; the batch named those objects in
 a pending record before writing them, and the next run's reconcile removes them
-(:func:`tasks.reconcile.settle_pending`). A crash after 4 leaves sources whose
+(:func:`dropvault.tasks.reconcile.settle_pending`). A crash after 4 leaves sources whose
 UID and content are cataloged: a rerun counts them as duplicates and removes them.
 """
 
@@ -33,23 +33,23 @@ import duckdb
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.catalog import insert_rows
-from storage.errors import retry_transient
-from storage.home import Home
-from storage.vault import IntegrityError, Sealed, Vault
-from tasks.audit import audit
-from tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
-from tasks.drops import Drop, DropFile
-from tasks.objects import object_row
-from tasks.phi import patient_key, seal_fields, study_key
-from tasks.quarantine import (
+from dropvault.storage.catalog import insert_rows
+from dropvault.storage.errors import retry_transient
+from dropvault.storage.home import Home
+from dropvault.storage.vault import IntegrityError, Sealed, Vault
+from dropvault.tasks.audit import audit
+from dropvault.tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
+from dropvault.tasks.drops import Drop, DropFile
+from dropvault.tasks.objects import object_row
+from dropvault.tasks.phi import patient_key, seal_fields, study_key
+from dropvault.tasks.quarantine import (
     Quarantined,
     quarantine_file,
     quarantine_id,
     quarantine_object_name,
 )
-from tasks.reasons import QuarantineReason
-from tasks.reconcile import clear_pending, record_pending
+from dropvault.tasks.reasons import QuarantineReason
+from dropvault.tasks.reconcile import clear_pending, record_pending
 
 IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept for the batch
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from storage.errors import TerminalError
-from storage.locations import Location
-from tasks.reasons import RejectReason
+from dropvault.storage.errors import TerminalError
+from dropvault.storage.locations import Location
+from dropvault.tasks.reasons import RejectReason
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
 PROCESSED = "processed"

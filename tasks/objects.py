@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from storage.locations import Location
-from storage.vault import Sealed
+from dropvault.storage.locations import Location
+from dropvault.storage.vault import Sealed
 
 
 def object_row(

@@ -18,12 +18,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from storage.catalog import Catalog
-from storage.home import Home
-from storage.locations import UnsafeNameError, safe_relpath
-from tasks.objects import object_row
-from tasks.phi import keyed_hash, open_fields, seal_fields
-from tasks.reasons import QuarantineReason
+from dropvault.storage.catalog import Catalog
+from dropvault.storage.home import Home
+from dropvault.storage.locations import UnsafeNameError, safe_relpath
+from dropvault.tasks.objects import object_row
+from dropvault.tasks.phi import keyed_hash, open_fields, seal_fields
+from dropvault.tasks.reasons import QuarantineReason
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.errors import retry_transient
-from storage.home import Home
-from storage.locations import Entry, Location
+from dropvault.storage.errors import retry_transient
+from dropvault.storage.home import Home
+from dropvault.storage.locations import Entry, Location
 
 PENDING = ".pending"  # the vault folder of pending-write records
 

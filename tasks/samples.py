@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from storage.locations import Location
+from dropvault.storage.locations import Location
 
 # Uncompressed, single-frame samples that carry pixel data (all in pydicom's wheel).
 IMAGE_SAMPLES = ("CT_small.dcm", "MR_small.dcm", "SC_rgb_small_odd.dcm", "rtdose_1frame.dcm")

@@ -21,9 +21,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.catalog import Catalog, insert_rows
-from storage.errors import retry_transient
-from tasks.manifests import (
+from dropvault.storage.catalog import Catalog, insert_rows
+from dropvault.storage.errors import retry_transient
+from dropvault.tasks.manifests import (
     ManifestRow,
     Rejected,
     RowOutcomes,
@@ -33,7 +33,7 @@ from tasks.manifests import (
     parse_time,
     read_pending,
 )
-from tasks.reasons import RejectReason
+from dropvault.tasks.reasons import RejectReason
 
 SHARE_FIELDS = (
     "request_id",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from storage.catalog import Catalog, tables
-from storage.home import Home
-from tasks.drops import scan_drops
-from tasks.manifests import pending_manifests
+from dropvault.storage.catalog import Catalog, tables
+from dropvault.storage.home import Home
+from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.manifests import pending_manifests
 
 TABLES = tables()  # every table of the schema (storage/schema), not a list kept by hand
 LAST_RUN = {

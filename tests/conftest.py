@@ -32,11 +32,11 @@ import pytest  # noqa: E402
 import s3fs  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from storage.catalog import Catalog  # noqa: E402
-from storage.ducklake import Lake  # noqa: E402
-from storage.home import LOCATIONS, Home  # noqa: E402
-from storage.keystore import Keystore, create_secret  # noqa: E402
-from storage.locations import Location  # noqa: E402
+from dropvault.storage.catalog import Catalog  # noqa: E402
+from dropvault.storage.ducklake import Lake  # noqa: E402
+from dropvault.storage.home import LOCATIONS, Home  # noqa: E402
+from dropvault.storage.keystore import Keystore, create_secret  # noqa: E402
+from dropvault.storage.locations import Location  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 
 BUCKET = "dropvault-test"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from prefect.settings import PREFECT_API_URL
 
-from storage.ducklake import Lake
-from storage.home import Home
-from tasks import samples
-from tasks.drops import scan_drops
-from tasks.ingest import ingest_batch
+from dropvault.storage.ducklake import Lake
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.ingest import ingest_batch
 
 EXE = shutil.which("dropvault") or str(Path(sys.executable).with_name("dropvault"))
 

@@ -8,12 +8,12 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.beacons import compile_beacon_stats
-from flows.settings import Settings
-from storage.home import Home
-from tasks import samples
-from tasks.beacons import beacon_stats, newsletter_suppression
-from tasks.suppression import audit, suppress, with_margins
+from dropvault.flows.beacons import compile_beacon_stats
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.beacons import beacon_stats, newsletter_suppression
+from dropvault.tasks.suppression import audit, suppress, with_margins
 
 DAY = "2026-11-20"
 

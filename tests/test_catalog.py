@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from storage.catalog import Catalog, insert_rows, key_columns, migrations
+from dropvault.storage.catalog import Catalog, insert_rows, key_columns, migrations
 
 NOW = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
 

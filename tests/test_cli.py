@@ -221,7 +221,7 @@ def test_status(demo_home: Path) -> None:
 
 
 def test_missing_kek_fails_at_start_with_one_line(tmp_path: Path) -> None:
-    from storage.home import Home
+    from dropvault.storage.home import Home
 
     home = tmp_path / "h"
     Home.init(home).keystore.create()
@@ -238,8 +238,8 @@ def test_unreadable_catalog_fails_with_no_partial_state(tmp_path: Path) -> None:
     """A corrupt catalog stops ingest before it touches a drop, the vault or the keystore."""
     import random
 
-    from storage.home import Home
-    from tasks import samples
+    from dropvault.storage.home import Home
+    from dropvault.tasks import samples
 
     home_dir = tmp_path / "h"
     home = Home.init(home_dir)

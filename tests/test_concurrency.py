@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from storage.home import Home
-from tasks import samples
-from tasks.drops import scan_drops
-from tasks.ingest import ingest_batch
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.ingest import ingest_batch
 from tests.helpers import EXE, cli_env
 
 pytestmark = pytest.mark.integration
 
 READER = """
 import sys, time
-from storage.catalog import Catalog
+from dropvault.storage.catalog import Catalog
 catalog, until, reads = Catalog(sys.argv[1], lock_timeout=60), time.time() + float(sys.argv[2]), 0
 while time.time() < until:
     catalog.query("SELECT count(*) FROM instances JOIN objects USING (object_id)")
@@ -100,8 +100,8 @@ def test_catalog_writes_take_the_global_concurrency_slot(tmp_path: Path) -> None
 
     from prefect.client.orchestration import get_client
 
-    from flows.limits import CATALOG_WRITE_LIMIT
-    from flows.settings import Settings
+    from dropvault.flows.limits import CATALOG_WRITE_LIMIT
+    from dropvault.flows.settings import Settings
 
     catalog = Settings.load(home=tmp_path).init_home()[0].catalog
     catalog.migrate()

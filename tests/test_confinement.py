@@ -21,12 +21,12 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.ingest import ingest_drops
-from flows.settings import Settings
-from storage.confinement import QueryRefused
-from storage.ducklake import EXTENSIONS, extension_path
-from tasks import samples
+from dropvault.flows.cli import app
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.storage.confinement import QueryRefused
+from dropvault.storage.ducklake import EXTENSIONS, extension_path
+from dropvault.tasks import samples
 from tests.conftest import lake_factory
 from tests.postgres import PostgresServer
 

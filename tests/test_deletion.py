@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-import flows.deletion as flows_deletion
-from flows.deletion import DeletionSLABreached, deletion_sweep
-from flows.sharing import apply_share_manifests
-from storage.home import Home
-from tasks import deletion as deletion_mod
-from tasks import samples
-from tasks.drops import scan_drops
-from tasks.exports import ExportError, export_instance
-from tasks.ingest import ingest_batch
-from tasks.sharing import access_list, who_can_access
+import dropvault.flows.deletion as flows_deletion
+from dropvault.flows.deletion import DeletionSLABreached, deletion_sweep
+from dropvault.flows.sharing import apply_share_manifests
+from dropvault.storage.home import Home
+from dropvault.tasks import deletion as deletion_mod
+from dropvault.tasks import samples
+from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.exports import ExportError, export_instance
+from dropvault.tasks.ingest import ingest_batch
+from dropvault.tasks.sharing import access_list, who_can_access
 from tests.conftest import VERSIONED_BUCKET, make_home
 
 NOW = datetime.now(UTC)
@@ -329,7 +329,7 @@ def test_dry_run_deletes_nothing(local_home: Home, rng: random.Random) -> None:
 
 
 def test_sweep_progress_is_reported_per_batch(local_home: Home, rng: random.Random) -> None:
-    from flows.settings import Settings
+    from dropvault.flows.settings import Settings
 
     uids = [add_patient(local_home, rng, f"user:{i}")[1] for i in range(3)]
     ingest_all(local_home)

@@ -12,9 +12,9 @@ import httpx
 import pytest
 import yaml
 
-from storage.catalog import Catalog
-from storage.home import Home
-from tasks import samples
+from dropvault.storage.catalog import Catalog
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
 from tests.prefect_server import PREFECT, prefect_server
 
 pytestmark = pytest.mark.integration
@@ -71,7 +71,7 @@ def test_deploy_and_run_ingest_on_a_worker(server: dict[str, str], tmp_path: Pat
     rng = random.Random(4)
     uid, files = samples.make_study(rng, samples.make_patient(rng, 1), 3, "CT_small.dcm")
     samples.write_drop(home.drops, "fac-deploy", "d1", files)
-    env = {**server, "DROPVAULT_HOME": str(home_dir), "DROPVAULT_PROJECT_DIR": str(ROOT)}
+    env = {**server, "DROPVAULT_HOME": str(home_dir)}
     run(env, "work-pool", "create", "dropvault", "--type", "process")
     run(env, "--no-prompt", "deploy", "--all")
     out = run(env, "deployment", "run", "ingest-drops/ingest-drops")

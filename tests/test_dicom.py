@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from tasks import samples
-from tasks.dicom import DicomRejected, header_from_bytes, lean_header, read_header
+from dropvault.tasks import samples
+from dropvault.tasks.dicom import DicomRejected, header_from_bytes, lean_header, read_header
 
 GOOD = [
     "CT_small.dcm",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.drops import in_shard, parse_shard
+from dropvault.tasks.drops import in_shard, parse_shard
 
 
 def test_every_drop_goes_to_exactly_one_shard() -> None:

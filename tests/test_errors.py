@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from prefect import flow, task
 
-from storage.errors import DropvaultError, TerminalError, TransientError, retry_transient
-from storage.vault import IntegrityError
-from tasks.dicom import DicomRejected
-from tasks.reasons import QuarantineReason
+from dropvault.storage.errors import DropvaultError, TerminalError, TransientError, retry_transient
+from dropvault.storage.vault import IntegrityError
+from dropvault.tasks.dicom import DicomRejected
+from dropvault.tasks.reasons import QuarantineReason
 
 CALLS: list[str] = []
 

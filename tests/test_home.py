@@ -16,13 +16,13 @@ import boto3
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.deletion import deletion_sweep
-from flows.ingest import ingest_drops
-from flows.settings import Settings, SettingsError
-from storage.home import HomeRecord
-from tasks import samples
-from tasks.exports import export_instance
+from dropvault.flows.cli import app
+from dropvault.flows.deletion import deletion_sweep
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings, SettingsError
+from dropvault.storage.home import HomeRecord
+from dropvault.tasks import samples
+from dropvault.tasks.exports import export_instance
 
 pytestmark = pytest.mark.integration
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-import flows.ingest as flows_ingest
-from flows.ingest import ingest_drops, reconcile_vault
-from flows.settings import Settings
-from storage.home import Home
-from tasks import ingest as ingest_mod
-from tasks import reconcile, samples
-from tasks.drops import scan_drops
-from tasks.exports import ExportError, export_instance
-from tasks.quarantine import quarantine_export
-from tasks.reconcile import PENDING, record_pending, settle_pending
+import dropvault.flows.ingest as flows_ingest
+from dropvault.flows.ingest import ingest_drops, reconcile_vault
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks import ingest as ingest_mod
+from dropvault.tasks import reconcile, samples
+from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.exports import ExportError, export_instance
+from dropvault.tasks.quarantine import quarantine_export
+from dropvault.tasks.reconcile import PENDING, record_pending, settle_pending
 
 
 def run(home: Home, **overrides: object) -> ingest_mod.IngestStats:

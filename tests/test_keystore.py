@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from storage.home import Home
-from storage.keystore import (
+from dropvault.storage.home import Home
+from dropvault.storage.keystore import (
     KeyDestroyedError,
     Keystore,
     MissingKEKError,
@@ -19,7 +19,7 @@ from storage.keystore import (
     WrongKEKError,
     kek_id,
 )
-from storage.vault import decrypt_segments, encrypt_stream
+from dropvault.storage.vault import decrypt_segments, encrypt_stream
 
 
 def mode(path: Path) -> int:

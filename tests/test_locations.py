@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from storage.home import Home
-from storage.locations import (
+from dropvault.storage.home import Home
+from dropvault.storage.locations import (
     InsecureEndpointError,
     Location,
     UnsafeNameError,

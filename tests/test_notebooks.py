@@ -8,8 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from flows.demo import run_demo
-from flows.settings import Settings
+from dropvault.flows.demo import run_demo
+from dropvault.flows.settings import Settings
 from tests.conftest import lake_factory
 from tests.helpers import lake_env
 from tests.postgres import PostgresServer

@@ -13,11 +13,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from storage.catalog import Catalog, migrations
-from storage.ducklake import Lake, portable_sql
-from storage.locations import Location
-from tasks import samples
-from tasks.drops import in_shard
+from dropvault.storage.catalog import Catalog, migrations
+from dropvault.storage.ducklake import Lake, portable_sql
+from dropvault.storage.locations import Location
+from dropvault.tasks import samples
+from dropvault.tasks.drops import in_shard
 from tests.conftest import lake_factory
 from tests.helpers import EXE, cli_env, lake_env
 from tests.postgres import PostgresServer
@@ -151,7 +151,7 @@ def test_migrations_are_portable() -> None:
 
 
 def test_lake_settings_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.settings import Settings, SettingsError
+    from dropvault.flows.settings import Settings, SettingsError
 
     monkeypatch.setenv("DROPVAULT_CATALOG_URL", "ducklake:postgres:dbname=x host=db")
     with pytest.raises(SettingsError, match="DROPVAULT_CATALOG_DATA_URL"):
@@ -204,7 +204,7 @@ def test_two_workers_applying_a_no_op_migration_record_it_once(
             both_checked.wait()
         return portable_sql(sql)
 
-    monkeypatch.setattr("storage.ducklake.portable_sql", adapt)
+    monkeypatch.setattr("dropvault.storage.ducklake.portable_sql", adapt)
     assert migrate_together(lake) == []
     rows = Catalog(lake).query(
         "SELECT count(*) AS n FROM schema_migrations WHERE version = ?", [last]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import Settings, SettingsError
+from dropvault.flows.settings import Settings, SettingsError
 
 
 def test_locations_derive_from_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

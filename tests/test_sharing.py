@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.sharing import apply_share_manifests, report_wrong_access
-from storage.catalog import Catalog
-from storage.home import Home
-from tasks.manifests import parse_manifest
-from tasks.sharing import (
+from dropvault.flows.sharing import apply_share_manifests, report_wrong_access
+from dropvault.storage.catalog import Catalog
+from dropvault.storage.home import Home
+from dropvault.tasks.manifests import parse_manifest
+from dropvault.tasks.sharing import (
     access_list,
     apply_share_rows,
     can_access,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from storage.keystore import Keystore
-from storage.locations import Location
-from storage.vault import TAG, IntegrityError, Vault, decrypt_segments, encrypt_stream
+from dropvault.storage.keystore import Keystore
+from dropvault.storage.locations import Location
+from dropvault.storage.vault import TAG, IntegrityError, Vault, decrypt_segments, encrypt_stream
 
 SEG = 4096
 

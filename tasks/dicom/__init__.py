@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import io
 
-from tasks.dicom.guards import check_preamble
-from tasks.dicom.header import DicomHeader, DicomRejected
-from tasks.dicom.validation import read_header
-from tasks.dicom.walk import lean_header
+from dropvault.tasks.dicom.guards import check_preamble
+from dropvault.tasks.dicom.header import DicomHeader, DicomRejected
+from dropvault.tasks.dicom.validation import read_header
+from dropvault.tasks.dicom.walk import lean_header
 
 __all__ = ["DicomHeader", "DicomRejected", "header_from_bytes", "lean_header", "read_header"]
 

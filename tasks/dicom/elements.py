@@ -6,8 +6,8 @@ from __future__ import annotations
 import struct
 from typing import IO, Any
 
-from tasks.dicom.header import EXPLICIT_BE, IMPLICIT_LE, NATIVE, DicomRejected
-from tasks.reasons import QuarantineReason
+from dropvault.tasks.dicom.header import EXPLICIT_BE, IMPLICIT_LE, NATIVE, DicomRejected
+from dropvault.tasks.reasons import QuarantineReason
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, Float, DoubleFloat
 UNDEFINED = 0xFFFFFFFF

@@ -7,9 +7,9 @@ import struct
 import zlib
 from typing import IO
 
-from tasks.dicom.elements import Decline, file_meta
-from tasks.dicom.header import DEFLATED, DicomRejected
-from tasks.reasons import QuarantineReason
+from dropvault.tasks.dicom.elements import Decline, file_meta
+from dropvault.tasks.dicom.header import DEFLATED, DicomRejected
+from dropvault.tasks.reasons import QuarantineReason
 
 # A deflated dataset may inflate to at most this much (pydicom inflates it whole in memory).
 MAX_INFLATED = 64 * 1024 * 1024

@@ -11,8 +11,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from storage.errors import TerminalError
-from tasks.reasons import QuarantineReason
+from dropvault.storage.errors import TerminalError
+from dropvault.tasks.reasons import QuarantineReason
 
 # Plain strings: these are compared and hashed on the per-file path.
 IMPLICIT_LE = str(ImplicitVRLittleEndian)

@@ -23,10 +23,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
-from tasks.dicom.elements import UNDEFINED, check_pixel_element, int_value
-from tasks.dicom.guards import check_inflated_size, check_meta_whole, check_preamble
-from tasks.dicom.header import DEFLATED, REQUIRED_UIDS, DicomHeader, DicomRejected
-from tasks.reasons import QuarantineReason
+from dropvault.tasks.dicom.elements import UNDEFINED, check_pixel_element, int_value
+from dropvault.tasks.dicom.guards import check_inflated_size, check_meta_whole, check_preamble
+from dropvault.tasks.dicom.header import DEFLATED, REQUIRED_UIDS, DicomHeader, DicomRejected
+from dropvault.tasks.reasons import QuarantineReason
 
 
 def _text(ds: Any, keyword: str) -> str:

@@ -17,7 +17,7 @@ import struct
 
 from pydicom.uid import UID
 
-from tasks.dicom.elements import (
+from dropvault.tasks.dicom.elements import (
     ITEM,
     LONG_VRS,
     PIXEL_TAGS,
@@ -29,7 +29,13 @@ from tasks.dicom.elements import (
     check_pixel_element,
     file_meta,
 )
-from tasks.dicom.header import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, DicomHeader, DicomRejected
+from dropvault.tasks.dicom.header import (
+    EXPLICIT_BE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    DicomHeader,
+    DicomRejected,
+)
 
 _LEAN_SYNTAXES = {
     IMPLICIT_LE: ("<", False),

@@ -13,8 +13,8 @@ import zlib
 import pydicom
 from pydicom.uid import generate_uid
 
-from tasks import samples
-from tasks.dicom.elements import file_meta as _file_meta
+from dropvault.tasks import samples
+from dropvault.tasks.dicom.elements import file_meta as _file_meta
 
 PREAMBLE = b"\0" * 128 + b"DICM"
 

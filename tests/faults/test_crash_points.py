@@ -17,34 +17,34 @@ from pathlib import Path
 
 import pytest
 
-from flows.deletion import deletion_sweep
-from flows.ingest import ingest_drops
-from flows.settings import Settings
-from storage.home import Home
-from tasks import samples
+from dropvault.flows.deletion import deletion_sweep
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
 from tests.helpers import cli_env
 
 pytestmark = pytest.mark.integration
 
 RUNNER = """
 import os, signal, sys
-import storage.vault
-from flows.settings import Settings
-from storage.home import Home
-from tasks import deletion, ingest
+import dropvault.storage.vault
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks import deletion, ingest
 
 home_dir, flow, point = sys.argv[1], sys.argv[2], sys.argv[3]
 kill = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
 if point == "mid_encrypt":
     # Die inside the encryption of a file, after its first segment reached the disk.
-    real = storage.vault.encrypt_stream
+    real = dropvault.storage.vault.encrypt_stream
     def dying(src, dst, key_id, record_key, segment_size, on_segment=None):
         def segment(i):
             if i == 1:
                 dst.flush()
                 kill()
         return real(src, dst, key_id, record_key, 4096, segment)
-    storage.vault.encrypt_stream = dying
+    dropvault.storage.vault.encrypt_stream = dying
 elif flow == "ingest":
     ingest.FAULTS[point] = kill
 else:
@@ -52,10 +52,10 @@ else:
 home = Home.init(home_dir)
 settings = Settings.load(quiet_seconds=0, home=home_dir)
 if flow == "ingest":
-    from flows.ingest import ingest_drops
+    from dropvault.flows.ingest import ingest_drops
     ingest_drops(home=home, settings=settings, orphan_grace_seconds=0)
 else:
-    from flows.deletion import deletion_sweep
+    from dropvault.flows.deletion import deletion_sweep
     deletion_sweep(home=home, settings=settings)
 print("not killed")
 """

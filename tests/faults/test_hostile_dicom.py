@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.ingest import ingest_drops
-from flows.settings import Settings
-from storage.home import Home
-from tasks import samples
-from tasks.dicom import DicomRejected, header_from_bytes
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.dicom import DicomRejected, header_from_bytes
 from tests.conftest import make_home
 from tests.faults.hostile import corpus, element_starts
 

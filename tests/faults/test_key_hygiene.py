@@ -14,8 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from storage.home import Home
-from tasks.phi import open_fields
+from dropvault.storage.home import Home
+from dropvault.tasks.phi import open_fields
 from tests.helpers import EXE
 
 pytestmark = pytest.mark.integration

@@ -11,13 +11,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from flows.deletion import deletion_sweep
-from flows.ingest import ingest_drops
-from flows.settings import Settings
-from flows.sharing import apply_share_manifests
-from storage.home import Home
-from tasks import samples
-from tasks.sharing import access_list, can_access
+from dropvault.flows.deletion import deletion_sweep
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.flows.sharing import apply_share_manifests
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.sharing import access_list, can_access
 from tests.helpers import req, seed, write_manifest
 
 pytestmark = pytest.mark.integration

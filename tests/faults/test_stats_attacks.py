@@ -8,11 +8,11 @@ from datetime import date, timedelta
 
 import pytest
 
-from flows.beacons import compile_beacon_stats
-from storage.home import Home
-from tasks import samples
-from tasks.beacons import beacon_stats
-from tasks.suppression import audit
+from dropvault.flows.beacons import compile_beacon_stats
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.beacons import beacon_stats
+from dropvault.tasks.suppression import audit
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.ingest import ingest_drops
-from flows.settings import Settings
-from storage.catalog import Catalog
-from storage.home import LOCATIONS, Home
-from storage.keystore import Keystore, create_secret
-from storage.locations import Location
-from tasks import samples
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.storage.catalog import Catalog
+from dropvault.storage.home import LOCATIONS, Home
+from dropvault.storage.keystore import Keystore, create_secret
+from dropvault.storage.locations import Location
+from dropvault.tasks import samples
 from tests.conftest import BUCKET, s3_filesystem
 from tests.faults.faulty_fs import FaultyFileSystem
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.ingest import ingest_drops
-from flows.settings import Settings
-from storage.home import Home
-from storage.vault import DEFAULT_SEGMENT, TAG, Header, IntegrityError
-from tasks import samples
-from tasks.exports import ExportError, export_instance
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.storage.vault import DEFAULT_SEGMENT, TAG, Header, IntegrityError
+from dropvault.tasks import samples
+from dropvault.tasks.exports import ExportError, export_instance
 
 pytestmark = pytest.mark.integration
 
