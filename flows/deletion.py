@@ -12,6 +12,7 @@ from dropvault.flows.settings import Settings
 from dropvault.storage.errors import TerminalError
 from dropvault.storage.home import Home
 from dropvault.tasks.deletion import (
+    IntakeResult,
     SweepResult,
     compact_catalog_task,
     deletion_sla,
@@ -25,6 +26,11 @@ from dropvault.tasks.sharing import archive_manifests_task, read_pending_task
 
 class DeletionSLABreached(TerminalError, RuntimeError):
     """A deletion request took (or is taking) longer than its 24 hours."""
+
+
+class DeletionIntakeFailed(TerminalError, RuntimeError):
+    """New deletion manifests could not be taken in; the pending requests were still
+    carried out, and the new manifests stay in place for the next sweep."""
 
 
 @flow(name="deletion-sweep", validate_parameters=False)
@@ -42,12 +48,21 @@ def deletion_sweep(
     home = home or settings.build_home()
     home.catalog.migrate()
     logger = get_run_logger()
-    names, rows = read_pending_task(home.manifests, "deletions")
     now = datetime.now(UTC)
     if dry_run:
+        _, rows = read_pending_task(home.manifests, "deletions")
         return dry_run_sweep(home.catalog, rows, now)
-    intake = register_requests_task(home.catalog, rows, now)
-    archive_manifests_task(home.manifests, "deletions", names, intake.outcomes)
+    # Intake has its own failure boundary: requests already pending are due within 24 h
+    # whatever a new manifest holds, so a failed intake must not hold them back.
+    intake_failed = ""
+    try:
+        names, rows = read_pending_task(home.manifests, "deletions")
+        intake = register_requests_task(home.catalog, rows, now)
+        archive_manifests_task(home.manifests, "deletions", names, intake.outcomes)
+    except Exception as exc:  # noqa: BLE001 - reported below, after the pending ones are done
+        intake_failed = type(exc).__name__  # the type only: a message may quote a row
+        logger.error("deletion intake failed (%s); carrying out pending requests", intake_failed)
+        intake = IntakeResult()
     pending = pending_requests(home.catalog)
     result = SweepResult(intake=intake)
     for start in range(0, len(pending), settings.sweep_batch):
@@ -72,6 +87,11 @@ def deletion_sweep(
         & (sla["request_id"].isin(done_now) | sla["completed_at"].isna())
     ]
     logger.info("deletion sweep: %s", result.summary())
+    if intake_failed:
+        raise DeletionIntakeFailed(
+            f"new deletion manifests could not be taken in ({intake_failed}); the"
+            f" {result.requests_done} pending request(s) were carried out"
+        )
     if len(late):
         raise DeletionSLABreached(
             f"{len(late)} deletion request(s) breached the 24 h promise: "

@@ -30,6 +30,7 @@ from dropvault.tasks.ingest import (
     ingest_batch_task,
     record_drops_task,
 )
+from dropvault.tasks.phi import keyed_hash
 from dropvault.tasks.reconcile import ReconcileStats, reconcile_vault_task, settle_pending_task
 
 Progress = Callable[[int, int], None]
@@ -76,7 +77,10 @@ def ingest_drops(
     for drop in drops:
         if drop.state == "waiting":
             totals.drops_waiting += 1
-            logger.info("drop %s waits: %s", drop.key, drop.why)
+            # Drop folder names can be PHI (facilities name them after patients): the log
+            # names the facility and a keyed reference, never the folder.
+            ref = "d_" + keyed_hash(home.pepper, "drop", drop.key, length=12)
+            logger.info("drop %s/%s waits: %s", drop.facility_id, ref, drop.why)
     _run_batches(
         home, settings, [(drop, f) for drop in ready for f in drop.files], totals, progress
     )

@@ -12,10 +12,13 @@ S3 itself makes visible only when whole.
 from __future__ import annotations
 
 import builtins
+import errno
+import functools
 import io
 import ipaddress
 import os
 import posixpath
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +41,11 @@ class UnsafeNameError(TerminalError, ValueError):
     """A relative name would escape its location (``..``, absolute path, NUL, empty part)."""
 
 
+class NotRegularFileError(TerminalError, OSError):
+    """What was opened is not a regular file inside its location: a symlink, a special
+    file, or a path whose folders were swapped for symlinks after it was listed."""
+
+
 class InsecureEndpointError(TerminalError, ValueError):
     """A remote object-store endpoint that is not loopback must use TLS (promise P2)."""
 
@@ -54,6 +62,10 @@ def safe_relpath(*parts: str) -> str:
             raise UnsafeNameError("name is not a string")
         if "\x00" in part:
             raise UnsafeNameError("name contains a NUL byte")
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the filesystem held that are not UTF-8
+            raise UnsafeNameError("name is not valid UTF-8") from None
         if "\\" in part:
             raise UnsafeNameError("name contains a backslash")
         if part.startswith("/"):
@@ -80,6 +92,15 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
+def is_safe_name(name: str) -> bool:
+    """Whether :func:`safe_relpath` accepts ``name``."""
+    try:
+        safe_relpath(name)
+    except UnsafeNameError:
+        return False
+    return True
+
+
 def check_endpoint_tls(endpoint_url: str | None) -> None:
     """Refuse plain-HTTP endpoints unless they are on loopback (test endpoints)."""
     if endpoint_url is None:
@@ -103,6 +124,7 @@ class Entry:
     size: int
     mtime: float  # seconds since the epoch, UTC
     tag: str = ""  # the object store's ETag, when it has one (mtime is only to the second)
+    problem: str = ""  # why it cannot be read (local disks): a symlink, a special file, ...
 
 
 class FullReads(io.RawIOBase):
@@ -157,6 +179,14 @@ class FullReads(io.RawIOBase):
         if name == "_raw":  # not set yet (a failed __init__): no recursion
             raise AttributeError(name)
         return getattr(self._raw, name)
+
+
+def read_problem(exc: OSError) -> str:
+    """A PHI-free reason why a file cannot be read (an OSError's message has the path)."""
+    if isinstance(exc, NotRegularFileError):
+        return str(exc.strerror)
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return f"cannot be read ({name})"
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -250,12 +280,17 @@ class Location:
     def _invalidate(self, path: str | None = None) -> None:
         self.fs.invalidate_cache(path or self.root)
 
-    def list(self, prefix: str = "", *, recursive: bool = True) -> builtins.list[Entry]:
+    def list(
+        self, prefix: str = "", *, recursive: bool = True, unchecked: bool = False
+    ) -> builtins.list[Entry]:
         """Every object below ``prefix``, with size and mtime. Never cached.
 
         ``recursive=False``: only the objects directly in ``prefix``, not in its folders.
+        ``unchecked``: ``prefix`` is a name this location listed (it may not be UTF-8).
         """
-        base = f"{self.root}/{safe_relpath(prefix)}" if prefix else self.root
+        base = self.root
+        if prefix:
+            base = f"{self.root}/{prefix if unchecked else safe_relpath(prefix)}"
         if self._on_local_disk:
             return self._list_local(base, recursive)
         self._invalidate(base)
@@ -280,7 +315,12 @@ class Location:
         return entries
 
     def _list_local(self, base: str, recursive: bool) -> builtins.list[Entry]:
-        """:meth:`list` on a local disk with ``os.scandir`` (fsspec adds ~100 us a file)."""
+        """:meth:`list` on a local disk with ``os.scandir`` (fsspec adds ~100 us a file).
+
+        Nothing here follows a symlink. A symlink, a special file, or a folder that cannot be
+        listed (permissions, a path past the length limit) is an entry with a ``problem``, so
+        the caller reports it instead of failing or skipping it silently.
+        """
         entries = []
         start = len(self.root.rstrip("/")) + 1
         stack = [base]
@@ -290,14 +330,35 @@ class Location:
                 items = list(os.scandir(folder))
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            except OSError as exc:
+                if folder == base:
+                    raise
+                entries.append(Entry(folder[start:], 0, 0.0, problem=read_problem(exc)))
+                continue
             for item in items:
-                if item.is_dir(follow_symlinks=False):
-                    if recursive:
-                        stack.append(item.path)
-                elif item.is_file(follow_symlinks=False):
-                    info = item.stat(follow_symlinks=False)
-                    entries.append(Entry(item.path[start:], info.st_size, info.st_mtime))
+                entry = self._local_entry(item, start, recursive, stack)
+                if entry is not None:
+                    entries.append(entry)
         return sorted(entries, key=lambda e: e.name)
+
+    @staticmethod
+    def _local_entry(
+        item: os.DirEntry[str], start: int, recursive: bool, stack: builtins.list[str]
+    ) -> Entry | None:
+        try:
+            if item.is_dir(follow_symlinks=False):
+                if recursive:
+                    stack.append(item.path)
+                return None
+            info = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return None  # gone since the folder was read
+        except OSError as exc:
+            return Entry(item.path[start:], 0, 0.0, problem=read_problem(exc))
+        if item.is_file(follow_symlinks=False):
+            return Entry(item.path[start:], info.st_size, info.st_mtime)
+        kind = "a symlink" if item.is_symlink() else "a special file"
+        return Entry(item.path[start:], 0, info.st_mtime, problem=f"{kind}, not a regular file")
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Immediate child directory names below ``prefix``."""
@@ -319,6 +380,32 @@ class Location:
     def size(self, name: str) -> int:
         return int(self.fs.info(self.path(name))["size"])
 
+    def _open_local(self, path: str) -> int:
+        """A read descriptor for a regular file at ``path`` that no symlink redirected: the
+        last part is opened with ``O_NOFOLLOW``, and on Linux the opened file's own path
+        must be ``path`` under the real root (a folder swapped for a symlink after the
+        listing would lead elsewhere)."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotRegularFileError(errno.EINVAL, "not a regular file")
+            try:  # Linux: where the descriptor really points (one call, on the hot path)
+                really = os.readlink(f"/proc/self/fd/{fd}")  # noqa: PTH115
+            except OSError:
+                really = None  # no /proc: O_NOFOLLOW alone
+            if really is not None and really != self._real_root + path[len(self.root) :]:
+                if really.endswith(" (deleted)"):
+                    raise FileNotFoundError(errno.ENOENT, "removed while being opened")
+                raise NotRegularFileError(errno.ELOOP, "path leads outside its location")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @functools.cached_property
+    def _real_root(self) -> str:
+        return os.path.realpath(self.root)
+
     @property
     def _on_local_disk(self) -> bool:
         # Plain os calls on a local disk: fsspec's layers cost more than the I/O for small files.
@@ -328,7 +415,7 @@ class Location:
         """Streaming read. ``unchecked`` takes a listed raw name as is (for unsafe names)."""
         path = f"{self.root}/{name}" if unchecked else self.path(name)
         if mode == "rb" and self._on_local_disk:
-            return Path(path).open("rb")
+            return os.fdopen(self._open_local(path), "rb")
         handle: IO[bytes] = self.fs.open(path, mode)
         if mode == "rb":
             return FullReads(handle)  # type: ignore[return-value]
@@ -336,7 +423,9 @@ class Location:
 
     def read_bytes(self, name: str, *, unchecked: bool = False) -> bytes:
         if self._on_local_disk:
-            return Path(f"{self.root}/{name}" if unchecked else self.path(name)).read_bytes()
+            path = f"{self.root}/{name}" if unchecked else self.path(name)
+            with os.fdopen(self._open_local(path), "rb") as fh:
+                return fh.read()
         with self.open(name, unchecked=unchecked) as fh:
             return fh.read()
 
@@ -495,16 +584,18 @@ class Location:
         fs: Any = self.fs
         sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, VersionId=version)
 
-    def rmdir_empty(self, prefix: str) -> None:
-        """Remove empty directories left below ``prefix`` (local and memory stores)."""
+    def rmdir_empty(self, prefix: str, *, unchecked: bool = False) -> None:
+        """Remove empty directories left below ``prefix`` (local and memory stores); never
+        through a symlink. ``unchecked``: ``prefix`` is a name this location listed."""
         if self.is_object_store:
             return
-        base = self.path(prefix)
+        base = f"{self.root}/{prefix}" if unchecked else self.path(prefix)
         if self.is_local:
             root = Path(base)
             if not root.exists():
                 return
-            for d in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+            folders = (p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())
+            for d in sorted(folders, reverse=True):
                 if not any(d.iterdir()):
                     d.rmdir()
             if not any(root.iterdir()):

@@ -17,6 +17,7 @@ reported both with and without them.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
@@ -49,6 +50,7 @@ FIELDS = (
     "third_party",
 )
 SENDS = "sends.csv"  # optional: campaign,sends for the day's newsletters
+log = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".csv", ".csv.gz")
 BOTS = r"bot|crawler|spider|slurp|prefetch|preview|headless|python-requests|curl/|wget"
 SCRUB = r"""
@@ -103,12 +105,24 @@ def pending_days(beacons: Location) -> list[str]:
     return days
 
 
+# The Parquet export's columns (those of beacon_stats, storage/schema/004_beacons.sql).
+EXPORT_COLUMNS = {
+    "day": "DATE",
+    "beacon": "VARCHAR",
+    "target": "VARCHAR",
+    "partner": "VARCHAR",
+    "hits": "BIGINT",
+    "unique_visitors": "BIGINT",
+    "suppressed": "BOOLEAN",
+}
 JSON_COLUMNS = "{" + ", ".join(f"'{f}': 'VARCHAR'" for f in FIELDS) + "}"
 IS_OBJECT = "CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE false END"
-# Each line as one string (the path is bound as a parameter, never spliced in).
-LINES = (
+# Each line as one string (the path is bound as a parameter, never spliced in); a line
+# that is not UTF-8 goes to the rejects table line_rejects, by its line number.
+LINES_KEEPING_REJECTS = (
     "read_csv($path, columns={'line': 'VARCHAR'}, header=false, delim=chr(31),"
-    " quote='', escape='', auto_detect=false)"
+    " quote='', escape='', auto_detect=false, store_rejects=true,"
+    " rejects_table='line_rejects', rejects_scan='line_scans')"
 )
 
 
@@ -157,7 +171,7 @@ def compile_day(
         con = duckdb.connect()
         con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute(f"SET temp_directory = '{tmp}'")
-        _load_logs(con, beacons, names)
+        unreadable = _load_logs(con, beacons, names)
         _classify_hits(con)
         _count(con, stats)
         agg = con.execute(
@@ -182,49 +196,98 @@ def compile_day(
         stats.cells = len(rows)
         stats.suppressed = sum(1 for r in rows if r["suppressed"])
         parquet = Path(tmp) / "beacon_stats.parquet"
-        con.register("_out", pd.DataFrame(rows))
-        con.execute(f"COPY (SELECT * FROM _out) TO '{parquet}' (FORMAT parquet)")
+        # Typed columns: a day with no countable hit (only bots, say) exports an empty table.
+        con.register("_out", pd.DataFrame(rows, columns=list(EXPORT_COLUMNS)))
+        typed = ", ".join(f"{c}::{t} AS {c}" for c, t in EXPORT_COLUMNS.items())
+        con.execute(f"COPY (SELECT {typed} FROM _out) TO '{parquet}' (FORMAT parquet)")
         con.close()
         exports.put_bytes(f"beacon_stats/day={day}/beacon_stats.parquet", parquet.read_bytes())
     stats.unsubscribes = len(unsubscribers)
     _store_day(catalog, pepper, stats, rows, campaigns, unsubscribers)
-    _retire_logs(beacons, names + ([sends_name] if sends_name else []), retention)
+    _set_aside(beacons, unreadable)
+    done = [n for n in names if n not in unreadable]
+    _retire_logs(beacons, done + ([sends_name] if sends_name else []), retention)
     return stats
 
 
-def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[str]) -> None:
+def _set_aside(beacons: Location, names: list[str]) -> None:
+    """Logs that could not be read at all go to ``rejected/`` (not deleted: nothing lost)."""
+    for name in names:
+        beacons.move(name, beacons, f"rejected/{name}")
+
+
+def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[str]) -> list[str]:
     """Every log file of the day into ``raw``; malformed lines into ``bad`` with their
-    line numbers."""
+    line numbers. Each file fails on its own: one DuckDB cannot read at all (a corrupt
+    gzip, say) is one ``bad`` row (line 0, ``unreadable``), and its name is returned so it
+    is set aside instead of deleted. DuckDB's message is never passed on: it quotes lines."""
     cols = ", ".join(f"{f} VARCHAR" for f in FIELDS)
     con.execute(f"CREATE TABLE raw (file VARCHAR, line_no BIGINT, {cols})")
     con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
+    unreadable = []
     for name in names:
         path = beacons.duckdb_source(con, name)
         short = name.rsplit("/", 1)[-1]
-        if ".csv" in short:
-            _insert_csv(con, short, path)
+        con.begin()
+        try:
+            if ".csv" in short:
+                _insert_csv(con, short, path)
+            else:
+                _insert_jsonl(con, short, path)
+        except duckdb.Error as exc:
+            con.rollback()
+            log.warning("beacon log %s cannot be read (%s)", short, type(exc).__name__)
+            con.execute("INSERT INTO bad VALUES (?, 0, 'unreadable')", [short])
+            unreadable.append(name)
             continue
-        con.execute(
-            f"""
-            INSERT INTO bad
-            SELECT $file, line_no, 'malformed' FROM (
-                SELECT row_number() OVER () AS line_no, line FROM {LINES}
-            ) WHERE NOT ({IS_OBJECT}) AND trim(line) <> ''
-            """,
-            {"file": short, "path": path},
-        )
-        # DuckDB's JSON reader; a malformed line reads as all-NULL and is dropped here
-        # (it was counted, with its line number, just above).
-        none = " AND ".join(f"{f} IS NULL" for f in FIELDS)
-        con.execute(
-            f"""
-            INSERT INTO raw SELECT $file, NULL, {", ".join(FIELDS)}
-            FROM read_json($path, format='newline_delimited', records=true,
-                           columns={JSON_COLUMNS}, ignore_errors=true)
-            WHERE NOT ({none})
-            """,
-            {"file": short, "path": path},
-        )
+        con.commit()
+    return unreadable
+
+
+def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:
+    """JSON Lines: lines that are not UTF-8 or not a JSON object go to ``bad``."""
+    for table in ("line_rejects", "line_scans"):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+    # Lines that are not UTF-8 are left out of the read (and kept, by number, as rejects),
+    # so the read's own numbering skips them: shifted back below.
+    con.execute(
+        f"""
+        CREATE TEMP TABLE _lines AS
+        SELECT row_number() OVER () AS n, line FROM {LINES_KEEPING_REJECTS}
+        """,
+        {"path": path},
+    )
+    skipped = sorted(r[0] for r in con.execute("SELECT line FROM line_rejects").fetchall())
+    bad = con.execute(
+        f"SELECT n FROM _lines WHERE NOT ({IS_OBJECT}) AND trim(line) <> '' ORDER BY n"
+    ).fetchall()
+    con.execute("DROP TABLE _lines")
+    rows = [(short, n, "not_utf8") for n in skipped]
+    rows += [(short, _true_line(n, skipped), "malformed") for (n,) in bad]
+    if rows:
+        con.executemany("INSERT INTO bad VALUES (?, ?, ?)", rows)
+    # DuckDB's JSON reader; a malformed line reads as all-NULL and is dropped here
+    # (it was counted, with its line number, just above).
+    none = " AND ".join(f"{f} IS NULL" for f in FIELDS)
+    con.execute(
+        f"""
+        INSERT INTO raw SELECT $file, NULL, {", ".join(FIELDS)}
+        FROM read_json($path, format='newline_delimited', records=true,
+                       columns={JSON_COLUMNS}, ignore_errors=true)
+        WHERE NOT ({none})
+        """,
+        {"file": short, "path": path},
+    )
+
+
+def _true_line(n: int, skipped: list[int]) -> int:
+    """The file's line number of the ``n``-th line read, when the ``skipped`` lines (sorted
+    file line numbers) were left out of the read."""
+    for line in skipped:
+        if line > n:
+            break
+        n += 1
+    return n
 
 
 def _classify_hits(con: duckdb.DuckDBPyConnection) -> None:

@@ -40,6 +40,7 @@ from dropvault.tasks.manifests import (
     ManifestRow,
     Rejected,
     RowOutcomes,
+    checked_row,
     content_hash,
     parse_request_time,
 )
@@ -103,7 +104,7 @@ def register_requests(
     for row in rows:
         base = {"manifest": row.manifest, "line": row.line, "received_at": now}
         try:
-            valid.append((row, _validate(row, now)))
+            valid.append((row, checked_row(_validate, row, now)))
         except Rejected as exc:
             rid = (row.fields or {}).get("request_id") or None
             result.note(row, rid, exc.outcome)

@@ -39,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dropvault.storage.catalog import Catalog
 from dropvault.storage.errors import retry_transient
-from dropvault.storage.locations import Entry, Location, UnsafeNameError, safe_relpath
+from dropvault.storage.locations import Entry, Location, is_safe_name
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -55,6 +55,7 @@ class DropFile:
     expected_sha256: str | None = None
     safe: bool = True
     tag: str = ""  # ETag as listed: with size and mtime, tells a replaced object apart
+    problem: str = ""  # set when the listing already shows it cannot be read (see Entry)
 
     def unchanged(self, entry: Entry) -> bool:
         """Whether a fresh listing still shows the object this file was listed as."""
@@ -63,7 +64,15 @@ class DropFile:
 
 def _unlisted(entry: Entry) -> DropFile:
     """A file of a drop without a (readable) manifest: nothing to check it against."""
-    return DropFile(entry.name, entry.size, entry.mtime, None, _is_safe(entry.name), entry.tag)
+    return DropFile(
+        entry.name,
+        entry.size,
+        entry.mtime,
+        None,
+        is_safe_name(entry.name),
+        entry.tag,
+        entry.problem,
+    )
 
 
 @dataclass
@@ -77,10 +86,26 @@ class Drop:
     owners: dict[str, str] = field(default_factory=dict)
     manifest_name: str | None = None
     absent: dict[str, str] = field(default_factory=dict)  # listed, not there: name -> sha256
+    folder: str = ""  # where it is, as listed (raw); "" means facility_id/drop_id
+
+    def __post_init__(self) -> None:
+        if not self.folder:
+            self.folder = f"{self.facility_id}/{self.drop_id}"
 
     @property
     def key(self) -> str:
         return f"{self.facility_id}/{self.drop_id}"
+
+
+def catalog_name(part: str) -> str:
+    """A folder name as the catalog keeps it: as is when it is valid UTF-8, else a stable
+    stand-in (the filesystem handed over bytes that are not text; they cannot be stored)."""
+    try:
+        part.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = part.encode("utf-8", "surrogateescape")
+        return "undecodable-" + hashlib.blake2b(raw, digest_size=8).hexdigest()
+    return part
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -104,14 +129,6 @@ def in_shard(drop_key: str, shard: str | None) -> bool:
     return int.from_bytes(digest, "big") % n == i
 
 
-def _is_safe(name: str) -> bool:
-    try:
-        safe_relpath(name)
-    except UnsafeNameError:
-        return False
-    return True
-
-
 def _parse_manifest(raw: bytes) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
     """``({relative path: (size, sha256)}, owners)``; raises ValueError when malformed."""
     doc = json.loads(raw)
@@ -119,6 +136,8 @@ def _parse_manifest(raw: bytes) -> tuple[dict[str, tuple[int, str]], dict[str, s
         raise ValueError("manifest needs a 'files' list")
     listed: dict[str, tuple[int, str]] = {}
     for item in doc["files"]:
+        if not isinstance(item, dict):
+            raise ValueError("each manifest file is an object")
         path, size, sha = item.get("path"), item.get("size"), item.get("sha256")
         if not isinstance(path, str) or not isinstance(size, int) or not isinstance(sha, str):
             raise ValueError("each manifest file needs path, size and sha256")
@@ -145,13 +164,15 @@ def scan_drops(
     grouped: dict[tuple[str, str], list[Entry]] = {}
     for entry in drops.list():
         parts = entry.name.split("/")
+        if entry.problem and len(parts) < 3:
+            parts = [*parts, "_unreadable", "_"][:3]  # a drop or facility folder itself
         if len(parts) < 3 or parts[-1].startswith(TMP_PREFIX):
             continue  # not inside a drop folder, or an atomic write still under way
         grouped.setdefault((parts[0], parts[1]), []).append(entry)
     clock = _Clock(now, quiet_seconds, incomplete_seconds)
     found = [
         _drop(drops, facility_id, drop_id, entries, clock)
-        for (facility_id, drop_id), entries in sorted(grouped.items())
+        for (facility_id, drop_id), entries in sorted(grouped.items(), key=lambda kv: repr(kv[0]))
     ]
     if catalog is not None:
         _resume_started(catalog, found)
@@ -172,21 +193,28 @@ def _drop(
     every listed file is there whole, incomplete once overdue, else waiting."""
     prefix = f"{facility_id}/{drop_id}/"
     manifest_entry = next((e for e in entries if e.name == prefix + MANIFEST), None)
+    if manifest_entry is not None and manifest_entry.problem:
+        manifest_entry = None  # a symlink or special file named manifest.json: a bad file
     others = [e for e in entries if e is not manifest_entry]
+    folder = prefix[:-1]
+    facility_id, drop_id = catalog_name(facility_id), catalog_name(drop_id)
     if manifest_entry is None:
         newest = max((e.mtime for e in entries), default=0.0)
         quiet = clock.now - newest >= clock.quiet_seconds
         state: DropState = "ready" if quiet else "waiting"
         files = [_unlisted(e) for e in others]
-        return Drop(facility_id, drop_id, files, False, state, "" if quiet else "not quiet yet")
+        why = "" if quiet else "not quiet yet"
+        return Drop(facility_id, drop_id, files, False, state, why, folder=folder)
     overdue = clock.now - manifest_entry.mtime >= clock.incomplete_seconds
     try:
         listed, owners = _parse_manifest(drops.read_bytes(manifest_entry.name, unchecked=True))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
         files = [_unlisted(e) for e in others]
         state = "incomplete" if overdue else "waiting"
         why = f"manifest is malformed ({type(exc).__name__})"
-        return Drop(facility_id, drop_id, files, True, state, why, {}, manifest_entry.name)
+        return Drop(
+            facility_id, drop_id, files, True, state, why, {}, manifest_entry.name, folder=folder
+        )
     present = {e.name[len(prefix) :]: e for e in others}
     missing = sum(
         1 for rel, (size, _) in listed.items() if rel not in present or present[rel].size != size
@@ -198,8 +226,9 @@ def _drop(
             item.size,
             item.mtime,
             listed[rel][1] if rel in listed else None,
-            _is_safe(item.name),
+            is_safe_name(item.name),
             item.tag,
+            item.problem,
         )
         for rel, item in present.items()
     ]
@@ -214,7 +243,16 @@ def _drop(
         why = f"{missing} listed file(s) missing or short" if missing else "unlisted files busy"
     resumable = absent if missing == len(absent) and not unlisted_busy else {}
     return Drop(
-        facility_id, drop_id, files, True, state, why, owners, manifest_entry.name, resumable
+        facility_id,
+        drop_id,
+        files,
+        True,
+        state,
+        why,
+        owners,
+        manifest_entry.name,
+        resumable,
+        folder,
     )
 
 

@@ -36,6 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from dropvault.storage.catalog import insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
+from dropvault.storage.locations import read_problem
 from dropvault.storage.vault import IntegrityError, Sealed, Vault
 from dropvault.tasks.audit import audit
 from dropvault.tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
@@ -47,6 +48,8 @@ from dropvault.tasks.quarantine import (
     quarantine_file,
     quarantine_id,
     quarantine_object_name,
+    quarantine_unreadable,
+    unreadable_id,
 )
 from dropvault.tasks.reasons import QuarantineReason
 from dropvault.tasks.reconcile import clear_pending, record_pending
@@ -166,8 +169,8 @@ def remove_sources(home: Home, work: list[tuple[Drop, DropFile]], names: list[st
     if not names:
         return 0
     listed: dict[str, DropFile] = {f.name: f for _, f in work}
-    prefixes = sorted({f"{d.facility_id}/{d.drop_id}" for d, _ in work})
-    current = {e.name: e for prefix in prefixes for e in home.drops.list(prefix)}
+    prefixes = sorted({d.folder for d, _ in work})
+    current = {e.name: e for prefix in prefixes for e in home.drops.list(prefix, unchecked=True)}
     changed = 0
     for name in names:
         now = current.get(name)
@@ -264,6 +267,7 @@ class _Batch:
         self.vault: Vault = home.vault_store()
         self.stats = IngestStats()
         self.quarantined: list[Quarantined] = []
+        self.unreadable: list[tuple[Drop, DropFile, str, str]] = []  # drop, file, qid, detail
         self.known_quarantine: set[str] = set()
         self.to_remove: list[str] = []
         self.to_quarantine: list[tuple[_Read, QuarantineReason, str, str | None]] = []
@@ -338,15 +342,47 @@ class _Batch:
     # -- stage 1: read, hash and parse ----------------------------------------
 
     def read(self) -> list[_Read]:
+        """Read and hash every file; each one fails on its own. A file that cannot be read
+        (the listing's ``problem``, or an OSError now: permissions, a symlink put in its
+        place, a path past the length limit) is noted for :meth:`report_unreadable`."""
         reads: list[_Read] = []
         for drop, f in self.work:
-            try:
-                reads.append(self.read_one(drop, f))
-            except FileNotFoundError:
-                continue  # vanished since the listing (another run took it)
+            detail = f.problem
+            if not detail:
+                try:
+                    reads.append(self.read_one(drop, f))
+                except FileNotFoundError:
+                    continue  # vanished since the listing (another run took it)
+                except OSError as exc:
+                    detail = read_problem(exc)
+            if detail:
+                qid = unreadable_id(
+                    self.home.pepper, drop.facility_id, drop.drop_id, f.name, f.size, f.mtime
+                )
+                self.unreadable.append((drop, f, qid, detail))
             self.stats.files_seen += 1
             self.stats.count(drop, "files_seen")
         return reads
+
+    def report_unreadable(self) -> None:
+        """Catalog rows for unreadable files not reported before; the files stay in place."""
+        for drop, f, qid, detail in self.unreadable:
+            if qid in self.known_quarantine:
+                continue  # reported by an earlier run, unchanged since
+            self.known_quarantine.add(qid)
+            self.stats.quarantined[QuarantineReason.UNREADABLE] += 1
+            self.stats.count(drop, "quarantined")
+            self.quarantined.append(
+                quarantine_unreadable(
+                    self.home,
+                    facility_id=drop.facility_id,
+                    drop_id=drop.drop_id,
+                    qid=qid,
+                    size=f.size,
+                    detail=detail,
+                    now=self.now,
+                )
+            )
 
     def parse(self, reads: list[_Read]) -> tuple[list[_Read], list[_Rejected]]:
         """``(parsed, rejected)``: parsed items carry their header; rejected ones a reason."""
@@ -379,8 +415,9 @@ class _Batch:
             self.home,
             [h.sop_instance_uid for h in headers],
             sorted({h.study_uid for h in headers}),
-            [r.quarantine_id for r in reads],
+            [r.quarantine_id for r in reads] + [qid for *_, qid, _ in self.unreadable],
         )
+        self.report_unreadable()
         for item, reason, detail in rejected:
             self.quarantine(item, reason, detail)
         fresh: list[tuple[_Read, DicomHeader]] = []
@@ -532,7 +569,8 @@ class _Batch:
         insert_rows(con, "studies", list(self.new_studies.values()), ignore_existing=True)
         insert_rows(con, "objects", [o for o in self.object_rows if o["object_id"] in keep_ids])
         insert_rows(con, "instances", keep)
-        insert_rows(con, "objects", [q.object_row for q in self.quarantined], ignore_existing=True)
+        stored = [q.object_row for q in self.quarantined if q.object_row is not None]
+        insert_rows(con, "objects", stored, ignore_existing=True)
         insert_rows(con, "quarantine", [q.row for q in self.quarantined], ignore_existing=True)
         _fault("mid_commit")
         self._audit(con, len(keep), len(taken))
@@ -716,14 +754,14 @@ def finish_drops(home: Home, drops: list[Drop]) -> dict[str, bool]:
     """Remove manifests and empty folders of drops whose every file is handled."""
     finished = {}
     for drop in drops:
-        prefix = f"{drop.facility_id}/{drop.drop_id}"
-        left = [e for e in home.drops.list(prefix) if e.name != drop.manifest_name]
+        listed = home.drops.list(drop.folder, unchecked=True)
+        left = [e for e in listed if e.name != drop.manifest_name]
         if left:
             finished[drop.key] = False
             continue
         if drop.manifest_name:
             home.drops.delete(drop.manifest_name, unchecked=True)
-        home.drops.rmdir_empty(prefix)
+        home.drops.rmdir_empty(drop.folder, unchecked=True)
         finished[drop.key] = True
     return finished
 

@@ -12,14 +12,19 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from dropvault.storage.errors import TerminalError
-from dropvault.storage.locations import Location
+from dropvault.storage.locations import Location, is_safe_name
 from dropvault.tasks.reasons import RejectReason
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
 PROCESSED = "processed"
@@ -81,6 +86,11 @@ def pending_manifests(location: Location, kind: str) -> list[str]:
         rel = entry.name[len(kind) + 1 :]
         if "/" in rel or rel.startswith(".") or not rel.endswith(SUFFIXES):
             continue
+        if not is_safe_name(entry.name):
+            # Not UTF-8: it cannot be named in the catalog or moved by name. Left in place,
+            # without blocking the others; the operator renames it.
+            log.warning("a %s manifest whose name is not valid UTF-8 is skipped", kind)
+            continue
         names.append(entry.name)
     return sorted(names)
 
@@ -90,6 +100,21 @@ def _clean(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def checked_row(
+    validate: Callable[[ManifestRow, datetime], T], row: ManifestRow, now: datetime
+) -> T:
+    """One row's failure boundary: whatever goes wrong while a row is checked rejects that
+    row (``rejected:malformed`` unless the check named a reason), never the manifest."""
+    try:
+        return validate(row, now)
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the boundary: the other rows still apply
+        # The type only: a message could quote the row's values.
+        log.warning("manifest row on line %d rejected (%s)", row.line, type(exc).__name__)
+        raise Rejected(RejectReason.MALFORMED) from None
 
 
 def parse_manifest(name: str, raw: bytes) -> list[ManifestRow]:
@@ -127,8 +152,7 @@ def _csv_rows(name: str, text: str) -> list[ManifestRow]:
         if len(values) != len(header):
             rows.append(ManifestRow(name, line, None, "malformed"))
             continue
-        fields = {k: v for k, v in zip(header, values, strict=True)}
-        rows.append(ManifestRow(name, line, {k: _clean(v) or "" for k, v in fields.items()}))
+        rows.append(_row(name, line, dict(zip(header, values, strict=True))))
     return rows
 
 
@@ -145,27 +169,63 @@ def _jsonl_rows(name: str, text: str) -> list[ManifestRow]:
         if not isinstance(doc, dict):
             rows.append(ManifestRow(name, line, None, "malformed"))
             continue
-        rows.append(ManifestRow(name, line, {k: _clean(v) or "" for k, v in doc.items()}))
+        rows.append(_row(name, line, doc))
     return rows
 
 
+def _row(name: str, line: int, doc: dict[str, Any]) -> ManifestRow:
+    """A parsed row, or a malformed one when a key or value is not text the catalog can
+    hold (JSON can escape a lone surrogate, ``"\\udce9"``, which no UTF-8 column takes)."""
+    fields = {str(k): _clean(v) or "" for k, v in doc.items()}
+    try:
+        for key, value in fields.items():
+            key.encode("utf-8")
+            value.encode("utf-8")
+    except UnicodeEncodeError:
+        return ManifestRow(name, line, None, "malformed")
+    return ManifestRow(name, line, fields)
+
+
 def read_pending(location: Location, kind: str) -> tuple[list[str], list[ManifestRow]]:
+    """Every pending manifest's rows. One that cannot be read (a symlink, a special file,
+    no permission) is one ``rejected:unreadable`` row, and is archived like the others."""
     names = pending_manifests(location, kind)
     rows: list[ManifestRow] = []
     for name in names:
-        rows += parse_manifest(name, location.read_bytes(name))
+        try:
+            raw = location.read_bytes(name)
+        except FileNotFoundError:
+            raise  # gone since the listing: another sweep took it (the retry lists again)
+        except OSError:
+            rows.append(ManifestRow(name, 0, None, RejectReason.UNREADABLE))
+            continue
+        rows += parse_manifest(name, raw)
     return names, rows
 
 
+# Times a request may carry: anything outside cannot be a real request, and the arithmetic
+# done on it (a due time 24 h later, a zone shift) must not overflow.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def parse_time(value: str | None) -> datetime:
-    """ISO 8601; a time without zone is UTC. Raises ValueError."""
+    """ISO 8601; a time without zone is UTC. Raises ValueError, also for a time outside
+    :data:`EARLIEST` .. :data:`LATEST` (``9999-12-31T23:59:59-23:59`` is past year 9999 in
+    UTC, which Python cannot hold)."""
     if not value:
         raise ValueError("empty timestamp")
     text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
+    if not EARLIEST <= parsed < LATEST:
+        raise ValueError("timestamp out of range")
+    return parsed
 
 
 # How far ahead of the sweep's clock a request may be dated. A share dated a year ahead

@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 
 def keyed_hash(pepper: bytes, *parts: str, length: int = 32) -> str:
-    """HMAC-SHA256 of the parts (NUL-separated), hex, cut to ``length`` characters."""
-    message = "\x00".join(parts).encode("utf-8")
+    """HMAC-SHA256 of the parts (NUL-separated), hex, cut to ``length`` characters. A part
+    may hold a file name that is not UTF-8: its own bytes are hashed (surrogateescape)."""
+    message = "\x00".join(parts).encode("utf-8", "surrogateescape")
     return hmac.new(pepper, message, hashlib.sha256).hexdigest()[:length]
 
 

@@ -36,7 +36,7 @@ class Quarantined:
     quarantine_id: str
     reason: str
     row: dict[str, Any]
-    object_row: dict[str, Any]
+    object_row: dict[str, Any] | None  # None: nothing could be read, so nothing is stored
 
 
 def quarantine_id(pepper: bytes, facility_id: str, drop_id: str, name: str, sha256: str) -> str:
@@ -117,6 +117,44 @@ def quarantine_file(
         created_at=now,
     )
     return Quarantined(qid, reason, row, objects_row)
+
+
+def unreadable_id(
+    pepper: bytes, facility_id: str, drop_id: str, name: str, size: int, mtime: float
+) -> str:
+    """The quarantine id of a file that cannot be read: from what the listing showed, so
+    the same file is reported once, and again only if it changes."""
+    return quarantine_id(pepper, facility_id, drop_id, name, f"unreadable:{size}:{mtime!r}")
+
+
+def quarantine_unreadable(
+    home: Home,
+    *,
+    facility_id: str,
+    drop_id: str,
+    qid: str,
+    size: int,
+    detail: str,
+    now: datetime,
+) -> Quarantined:
+    """The catalog row for a file of a drop that cannot be read (a symlink, a special file,
+    no permission, a path past the length limit). Nothing is stored and the file stays where
+    the facility put it, so nothing is lost; the row tells the facility and the operator.
+    Its name is not kept: the file is in its drop for whoever can read it there."""
+    row = {
+        "quarantine_id": qid,
+        "facility_id": facility_id,
+        "drop_id": drop_id,
+        "reason": QuarantineReason.UNREADABLE,
+        "detail": detail,
+        "object_id": "",
+        "study_uid": None,
+        "size_bytes": size,
+        "sha256": "",
+        "source_name_enc": None,
+        "quarantined_at": now,
+    }
+    return Quarantined(qid, QuarantineReason.UNREADABLE, row, None)
 
 
 def quarantine_list(catalog: Catalog) -> pd.DataFrame:

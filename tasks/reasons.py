@@ -23,12 +23,14 @@ class QuarantineReason(StrEnum):
     UNSAFE_NAME = "unsafe_name"
     TOO_LARGE = "too_large"
     DELETED_BY_OWNER = "deleted_by_owner"
+    UNREADABLE = "unreadable"  # listed but cannot be read: reported, left in place
 
 
 class RejectReason(StrEnum):
     """Why a share, revoke, disclose or deletion row was refused (``rejected:<reason>``)."""
 
     MALFORMED = "malformed"
+    UNREADABLE = "unreadable"  # the manifest file itself cannot be read (e.g. a symlink)
     MISSING_FIELD = "missing_field"
     BAD_TIMESTAMP = "bad_timestamp"
     UNKNOWN_ACTION = "unknown_action"

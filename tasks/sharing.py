@@ -28,6 +28,7 @@ from dropvault.tasks.manifests import (
     Rejected,
     RowOutcomes,
     archive_manifests,
+    checked_row,
     content_hash,
     parse_request_time,
     parse_time,
@@ -232,7 +233,7 @@ def apply_requests(
     valid: list[ShareRequest] = []
     for row in rows:
         try:
-            valid.append(validate_fields(row, now))
+            valid.append(checked_row(validate_fields, row, now))
         except Rejected as exc:
             rid = (row.fields or {}).get("request_id") or None
             result.note(row, rid, exc.outcome)

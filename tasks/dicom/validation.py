@@ -13,11 +13,13 @@ Messages raised from here carry a reason code and a fixed, PHI-free detail.
 
 from __future__ import annotations
 
+import logging
 import struct
 import warnings
 from typing import IO, Any
 
 import pydicom
+import pydicom.config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
@@ -27,6 +29,13 @@ from dropvault.tasks.dicom.elements import UNDEFINED, check_pixel_element, int_v
 from dropvault.tasks.dicom.guards import check_inflated_size, check_meta_whole, check_preamble
 from dropvault.tasks.dicom.header import DEFLATED, REQUIRED_UIDS, DicomHeader, DicomRejected
 from dropvault.tasks.reasons import QuarantineReason
+
+# pydicom's value checks warn and log with the value itself ("Invalid value for VR UI:
+# '<value>'"), which can be PHI; this module validates what the catalog needs on its own.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+_pydicom_log = logging.getLogger("pydicom")
+_pydicom_log.addHandler(logging.NullHandler())
+_pydicom_log.propagate = False  # its messages quote element values
 
 
 def _text(ds: Any, keyword: str) -> str:
@@ -44,7 +53,23 @@ def _is_image_class(ds: Any) -> bool:
 
 
 def read_header(fp: IO[bytes], size: int) -> DicomHeader:
-    """Parse and validate one file's header from a seekable stream of ``size`` bytes."""
+    """Parse and validate one file's header from a seekable stream of ``size`` bytes.
+
+    Raises only :class:`DicomRejected` for a bad file: pydicom converts values lazily and a
+    hostile element can raise anything from deep inside it (``NotImplementedError`` for an
+    unknown VR, say), which is the file's fault, not the batch's. An OSError (the source
+    could not be read) passes through: that is not the content's fault."""
+    try:
+        return _read_header(fp, size)
+    except (DicomRejected, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one file's boundary; the type says enough
+        raise DicomRejected(
+            QuarantineReason.NOT_DICOM, f"header does not parse ({type(exc).__name__})"
+        ) from exc
+
+
+def _read_header(fp: IO[bytes], size: int) -> DicomHeader:
     if size == 0:
         raise DicomRejected(QuarantineReason.NOT_DICOM, "empty file")
     head = fp.read(136)

@@ -1,0 +1,270 @@
+"""No input stops the pipeline: each file, manifest row and beacon line fails on its own.
+
+Each test puts one hostile input beside good ones, as a facility, an owner's portal or a
+web server would, and checks that the good ones apply, the bad one is recorded with a
+reason, and a second run is not blocked by it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from dropvault.flows.beacons import compile_beacon_stats
+from dropvault.flows.deletion import deletion_sweep
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.flows.sharing import apply_share_manifests
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.ingest import ingest_batch
+from tests.helpers import seed, ts, write_manifest
+
+QUIET = Settings(quiet_seconds=0)
+
+
+def good_drop(home: Home, rng: random.Random, facility: str, drop: str, n: int = 2) -> str:
+    uid, files = samples.make_study(rng, samples.make_patient(rng, 1), n, "CT_small.dcm")
+    samples.write_drop(home.drops, facility, drop, files, manifest=False)
+    return uid
+
+
+def instances(home: Home) -> int:
+    return int(home.catalog.query("SELECT count(*) AS n FROM instances")["n"][0])
+
+
+def reasons(home: Home) -> list[str]:
+    return list(home.catalog.query("SELECT reason FROM quarantine ORDER BY reason")["reason"])
+
+
+def test_a_file_name_that_is_not_utf8_is_quarantined_and_the_rest_ingest(
+    local_home: Home, rng: random.Random
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    good_drop(local_home, rng, "fac-b", "d2")
+    folder = Path(local_home.drops.path("fac-a", "d1")).as_posix().encode()
+    Path(os.fsdecode(folder + b"/caf\xe9.dcm")).write_bytes(samples.not_dicom())
+    stats = ingest_drops(home=local_home, settings=QUIET)
+    assert stats.ingested == 4 and instances(local_home) == 4
+    assert reasons(local_home) == ["unsafe_name"]
+    again = ingest_drops(home=local_home, settings=QUIET)
+    assert again.ingested == 0 and reasons(local_home) == ["unsafe_name"]
+
+
+def test_a_drop_folder_name_that_is_not_utf8_does_not_stop_other_drops(
+    local_home: Home, rng: random.Random
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    bad = Path(os.fsdecode(Path(local_home.drops.path("fac-a")).as_posix().encode() + b"/\xff"))
+    bad.mkdir()
+    (bad / "x.dcm").write_bytes(samples.not_dicom())
+    stats = ingest_drops(home=local_home, settings=QUIET)
+    assert stats.ingested == 2
+    assert "unsafe_name" in reasons(local_home)
+    assert ingest_drops(home=local_home, settings=QUIET).ingested == 0
+
+
+def test_symlinks_in_a_drop_are_reported_never_followed(
+    local_home: Home, rng: random.Random, tmp_path: Path
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    secret = tmp_path / "elsewhere.dcm"
+    secret.write_bytes(samples.not_dicom())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    folder = Path(local_home.drops.path("fac-a", "d1"))
+    (folder / "link.dcm").symlink_to(secret)
+    (folder / "series").symlink_to(empty)
+    stats = ingest_drops(home=local_home, settings=QUIET)
+    assert stats.ingested == 2
+    assert reasons(local_home) == ["unreadable", "unreadable"]
+    assert secret.exists() and (folder / "link.dcm").is_symlink()  # nothing lost, nothing followed
+    status = local_home.catalog.query("SELECT status FROM drops")["status"].tolist()
+    assert status == ["partial"]
+    # The next run neither fails nor counts them again.
+    again = ingest_drops(home=local_home, settings=QUIET)
+    assert again.quarantined == {} or sum(again.quarantined.values()) == 0
+    assert reasons(local_home) == ["unreadable", "unreadable"]
+
+
+def test_a_file_swapped_for_a_symlink_after_listing_is_refused(
+    local_home: Home, rng: random.Random
+) -> None:
+    _, theirs = samples.make_study(rng, samples.make_patient(rng, 2), 1, "MR_small.dcm")
+    samples.write_drop(local_home.drops, "fac-b", "d9", theirs, manifest=False)
+    good_drop(local_home, rng, "fac-a", "d1")
+    local_home.catalog.migrate()
+    [drop] = [d for d in scan_drops(local_home.drops, 10**10, 0, 86400) if d.facility_id == "fac-a"]
+    victim = Path(local_home.drops.path(drop.files[0].name))
+    victim.unlink()
+    victim.symlink_to(Path(local_home.drops.path("fac-b", "d9", next(iter(theirs)))))
+    stats = ingest_batch(local_home, [(drop, f) for f in drop.files], max_file_bytes=10**9)
+    assert stats.ingested == 1
+    assert reasons(local_home) == ["unreadable"]
+    facilities = local_home.catalog.query("SELECT DISTINCT facility_id FROM instances")
+    assert facilities["facility_id"].tolist() == ["fac-a"]
+
+
+def test_folders_nested_past_the_path_limit_are_reported(
+    local_home: Home, rng: random.Random
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    fd = os.open(local_home.drops.path("fac-a", "d1"), os.O_RDONLY)
+    try:
+        for _ in range(40):  # 40 x 120 characters: past PATH_MAX (4096)
+            os.mkdir("n" * 120, dir_fd=fd)
+            inner = os.open("n" * 120, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        leaf = os.open("deep.dcm", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
+        os.write(leaf, samples.not_dicom())
+        os.close(leaf)
+    finally:
+        os.close(fd)
+    stats = ingest_drops(home=local_home, settings=QUIET)
+    assert stats.ingested == 2
+    assert reasons(local_home) == ["unreadable"]
+
+
+@pytest.mark.parametrize(
+    "when", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "1e400", "2026-13-01"]
+)
+def test_a_share_row_with_an_impossible_date_is_rejected_and_the_rest_apply(
+    local_home: Home, rng: random.Random, when: str
+) -> None:
+    [uid] = seed(local_home, {"user:alice": 1}, rng)["user:alice"]
+    row = {"owner": "user:alice", "study_uid": uid, "action": "share"}
+    write_manifest(
+        local_home,
+        "m.jsonl",
+        [
+            {**row, "request_id": "bad", "grantee": "user:bob", "requested_at": when},
+            {**row, "request_id": "good", "grantee": "user:carol", "requested_at": ts(-1)},
+        ],
+    )
+    apply_share_manifests(home=local_home)
+    grants = local_home.catalog.query("SELECT grantee FROM grants")["grantee"].tolist()
+    assert grants == ["user:carol"]
+    names = [e.name for e in local_home.manifests.list("shares")]
+    assert names == ["shares/processed/m.jsonl", "shares/processed/m.jsonl.results.jsonl"]
+    results = local_home.manifests.read_bytes("shares/processed/m.jsonl.results.jsonl")
+    outcomes = [json.loads(line)["outcome"] for line in results.decode().splitlines()]
+    assert outcomes == ["rejected:bad_timestamp", "applied"]
+
+
+def test_a_deletion_row_with_an_impossible_date_does_not_stop_the_sweep(
+    local_home: Home, rng: random.Random
+) -> None:
+    uids = seed(local_home, {"user:alice": 2}, rng)["user:alice"]
+    rows = [
+        {"request_id": "r1", "owner": "user:alice", "study_uid": uids[0], "requested_at": ts(-0.1)},
+        {
+            "request_id": "r2",
+            "owner": "user:alice",
+            "study_uid": uids[1],
+            "requested_at": "0001-01-01T00:00:00+01:00",
+        },
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    local_home.manifests.put_bytes("deletions/d.jsonl", text.encode())
+    deletion_sweep(home=local_home)
+    left = local_home.catalog.query("SELECT study_uid FROM studies WHERE status = 'active'")
+    assert left["study_uid"].tolist() == [uids[1]]
+    status = local_home.catalog.query("SELECT status FROM deletion_requests ORDER BY line")
+    assert status["status"].tolist()[1] == "rejected"
+
+
+def test_a_manifest_that_is_a_symlink_is_rejected_unread_and_the_rest_apply(
+    local_home: Home, rng: random.Random, tmp_path: Path
+) -> None:
+    [uid] = seed(local_home, {"user:alice": 1}, rng)["user:alice"]
+    row = {"request_id": "r1", "owner": "user:alice", "study_uid": uid, "requested_at": ts(-0.1)}
+    local_home.manifests.put_bytes("deletions/a.jsonl", (json.dumps(row) + "\n").encode())
+    elsewhere = tmp_path / "secret.jsonl"
+    elsewhere.write_text(json.dumps({**row, "request_id": "SECRET-ROW"}) + "\n")
+    Path(local_home.manifests.path("deletions")).joinpath("b.jsonl").symlink_to(elsewhere)
+    deletion_sweep(home=local_home)
+    done = local_home.catalog.query("SELECT request_id, status FROM deletion_requests")
+    assert sorted(done.itertuples(index=False, name=None)) == [
+        ("deletions/b.jsonl#0", "rejected"),
+        ("r1", "completed"),
+    ]
+    results = local_home.manifests.read_bytes("deletions/processed/b.jsonl.results.jsonl")
+    assert json.loads(results)["outcome"] == "rejected:unreadable"
+    assert b"SECRET-ROW" not in results and elsewhere.exists()
+
+
+def test_a_beacon_log_that_cannot_be_read_is_set_aside(local_home: Home) -> None:
+    day = "2026-11-23"
+    hits = [samples.make_hit(random.Random(i), day) for i in range(30)]
+    samples.write_hits(local_home.beacons, day, hits)
+    local_home.beacons.put_bytes(f"{day}/b.jsonl.gz", b"\x1f\x8b\x08\x00not gzip at all")
+    [stats] = compile_beacon_stats(home=local_home)
+    assert stats.malformed == 1 and stats.lines > 0
+    rejects = local_home.catalog.query("SELECT file, line FROM beacon_rejects")
+    assert rejects.values.tolist() == [["b.jsonl.gz", 0]]
+    assert [e.name for e in local_home.beacons.list()] == [f"rejected/{day}/b.jsonl.gz"]
+
+
+def test_a_beacon_line_that_is_not_utf8_is_rejected_by_line_number(local_home: Home) -> None:
+    day = "2026-11-20"
+    hits = [samples.make_hit(random.Random(i), day) for i in range(40)]
+    lines = [json.dumps(h).encode() for h in hits]
+    lines[5] = b'{"beacon": "page_view", "target": "/\xff\xfe", "ip": "198.51.100.23"}'
+    lines[9] = b"{broken"
+    local_home.beacons.put_bytes(f"{day}/a.jsonl", b"\n".join(lines) + b"\n")
+    [stats] = compile_beacon_stats(home=local_home)
+    assert stats.malformed == 2
+    rejects = local_home.catalog.query("SELECT * FROM beacon_rejects ORDER BY line")
+    assert rejects[["file", "line"]].values.tolist() == [["a.jsonl", 6], ["a.jsonl", 10]]
+    assert "198.51.100.23" not in rejects.to_string()
+    assert compile_beacon_stats(home=local_home) == []  # the day is published, not stuck
+
+
+def test_a_beacon_csv_line_that_is_not_utf8_is_rejected(local_home: Home) -> None:
+    day = "2026-11-21"
+    hits = [samples.make_hit(random.Random(i), day) for i in range(30)]
+    samples.write_hits(local_home.beacons, day, hits, name="a.csv")
+    raw = local_home.beacons.read_bytes(f"{day}/a.csv").split(b"\n")
+    raw[3] = raw[3].replace(b"https", b"\xe9ttps", 1)
+    local_home.beacons.put_bytes(f"{day}/a.csv", b"\n".join(raw))
+    [stats] = compile_beacon_stats(home=local_home)
+    assert stats.malformed == 1
+    rejects = local_home.catalog.query("SELECT file, line FROM beacon_rejects")
+    assert rejects.values.tolist() == [["a.csv", 4]]
+
+
+def test_a_day_with_only_bots_compiles(local_home: Home) -> None:
+    day = "2026-11-22"
+    hits = [samples.make_hit(random.Random(i), day) for i in range(20)]
+    for h in hits:
+        h["user_agent"] = "Googlebot/2.1 (+http://www.google.com/bot.html)"
+    samples.write_hits(local_home.beacons, day, hits)
+    [stats] = compile_beacon_stats(home=local_home)
+    assert stats.bots == 20
+    days = local_home.catalog.query("SELECT bots FROM beacon_days")["bots"].tolist()
+    assert days == [20]
+
+
+def test_a_bad_header_value_is_not_quoted_in_warnings_or_logs(
+    caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    """pydicom warns and logs a bad value with the value itself; such values can be PHI."""
+    import io
+    import logging
+
+    from dropvault.tasks.dicom import DicomRejected, read_header
+
+    data = bytearray(samples._sample_bytes("CT_small.dcm"))
+    at = data.find(b"1.3.6.1.4.1.5962.1.2.1")  # the StudyInstanceUID's value
+    data[at + 2 : at + 10] = b"PHIMARK!"
+    with caplog.at_level(logging.DEBUG), pytest.raises(DicomRejected) as refused:
+        read_header(io.BytesIO(bytes(data)), len(data))
+    assert refused.value.reason == "missing_uid"
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
+    assert not [s for s in said if "PHIMARK" in s]
