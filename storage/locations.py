@@ -181,6 +181,29 @@ class FullReads(io.RawIOBase):
         return getattr(self._raw, name)
 
 
+# Errors that belong to one file, not to the store: retrying cannot help, and the other
+# files are readable. Anything else (an I/O error, a 503 from S3, a dropped connection) is
+# the store's and is raised, so the task's retries take it.
+_FILE_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENXIO,
+        errno.ENODEV,
+        errno.EINVAL,
+    }
+)
+
+
+def is_file_problem(exc: OSError) -> bool:
+    """Whether ``exc`` says this one file cannot be read (see :data:`_FILE_ERRNOS`)."""
+    return isinstance(exc, PermissionError | NotRegularFileError) or exc.errno in _FILE_ERRNOS
+
+
 def read_problem(exc: OSError) -> str:
     """A PHI-free reason why a file cannot be read (an OSError's message has the path)."""
     if isinstance(exc, NotRegularFileError):
@@ -331,7 +354,7 @@ class Location:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
-                if folder == base:
+                if folder == base or not is_file_problem(exc):
                     raise
                 entries.append(Entry(folder[start:], 0, 0.0, problem=read_problem(exc)))
                 continue
@@ -354,6 +377,8 @@ class Location:
         except FileNotFoundError:
             return None  # gone since the folder was read
         except OSError as exc:
+            if not is_file_problem(exc):
+                raise
             return Entry(item.path[start:], 0, 0.0, problem=read_problem(exc))
         if item.is_file(follow_symlinks=False):
             return Entry(item.path[start:], info.st_size, info.st_mtime)

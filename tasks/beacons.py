@@ -184,7 +184,14 @@ def compile_day(
                                     (beacon, partner), (beacon))
             """
         ).df()
-        campaigns = _campaign_rows(con, beacons, sends_name, day)
+        try:
+            campaigns = _campaign_rows(con, beacons, sends_name, day)
+        except duckdb.Error as exc:  # a sends file DuckDB cannot read: set aside, day compiles
+            log.warning("the sends file cannot be read (%s)", type(exc).__name__)
+            stats.malformed_lines.append({"file": SENDS, "line": 0, "reason": "unreadable"})
+            stats.malformed += 1
+            unreadable.append(sends_name or "")
+            sends_name, campaigns = None, []
         unsubscribers = [
             r[0]
             for r in con.execute(

@@ -39,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dropvault.storage.catalog import Catalog
 from dropvault.storage.errors import retry_transient
-from dropvault.storage.locations import Entry, Location, is_safe_name
+from dropvault.storage.locations import Entry, Location, is_file_problem, is_safe_name
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -209,6 +209,8 @@ def _drop(
     try:
         listed, owners = _parse_manifest(drops.read_bytes(manifest_entry.name, unchecked=True))
     except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
+        if isinstance(exc, OSError) and not is_file_problem(exc):
+            raise  # the store's trouble (a 503): the scan retries, the drop is not judged
         files = [_unlisted(e) for e in others]
         state = "incomplete" if overdue else "waiting"
         why = f"manifest is malformed ({type(exc).__name__})"

@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from dropvault.storage.catalog import insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
-from dropvault.storage.locations import read_problem
+from dropvault.storage.locations import is_file_problem, read_problem
 from dropvault.storage.vault import IntegrityError, Sealed, Vault
 from dropvault.tasks.audit import audit
 from dropvault.tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
@@ -354,6 +354,8 @@ class _Batch:
                 except FileNotFoundError:
                     continue  # vanished since the listing (another run took it)
                 except OSError as exc:
+                    if not is_file_problem(exc):
+                        raise  # the store's trouble (a 503, an I/O error): the task retries
                     detail = read_problem(exc)
             if detail:
                 qid = unreadable_id(

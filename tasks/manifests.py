@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from dropvault.storage.errors import TerminalError
-from dropvault.storage.locations import Location, is_safe_name
+from dropvault.storage.locations import Location, is_file_problem, is_safe_name
 from dropvault.tasks.reasons import RejectReason
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,9 @@ def read_pending(location: Location, kind: str) -> tuple[list[str], list[Manifes
             raw = location.read_bytes(name)
         except FileNotFoundError:
             raise  # gone since the listing: another sweep took it (the retry lists again)
-        except OSError:
+        except OSError as exc:
+            if not is_file_problem(exc):
+                raise  # the store's trouble, not the manifest's: the task retries
             rows.append(ManifestRow(name, 0, None, RejectReason.UNREADABLE))
             continue
         rows += parse_manifest(name, raw)

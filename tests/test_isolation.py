@@ -268,3 +268,14 @@ def test_a_bad_header_value_is_not_quoted_in_warnings_or_logs(
     assert refused.value.reason == "missing_uid"
     said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
     assert not [s for s in said if "PHIMARK" in s]
+
+
+def test_a_sends_file_that_cannot_be_read_is_set_aside(local_home: Home) -> None:
+    from dropvault.tasks.beacons import SENDS
+
+    day = "2026-11-24"
+    samples.write_hits(local_home.beacons, day, [samples.make_hit(random.Random(1), day)])
+    local_home.beacons.put_bytes(f"{day}/{SENDS}", b"campaign,sends\nnl-1,\xff\xfePHIMARK\n")
+    [stats] = compile_beacon_stats(home=local_home)
+    assert {"file": SENDS, "line": 0, "reason": "unreadable"} in stats.malformed_lines
+    assert [e.name for e in local_home.beacons.list()] == [f"rejected/{day}/{SENDS}"]
