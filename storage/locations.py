@@ -346,6 +346,9 @@ class Location:
         """
         entries = []
         start = len(self.root.rstrip("/")) + 1
+        if base != self.root and Path(base).is_symlink():
+            # A symlinked folder is one unreadable entry, never listed (or cleaned) through.
+            return [Entry(base[start:], 0, 0.0, problem="a symlink, not a regular file")]
         stack = [base]
         while stack:
             folder = stack.pop()
@@ -410,7 +413,10 @@ class Location:
         last part is opened with ``O_NOFOLLOW``, and on Linux the opened file's own path
         must be ``path`` under the real root (a folder swapped for a symlink after the
         listing would lead elsewhere)."""
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: opening a FIFO put in a file's place must not wait for a writer (it is
+        # then refused as not regular); reads of a regular file are unaffected by it.
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise NotRegularFileError(errno.EINVAL, "not a regular file")
@@ -525,17 +531,22 @@ class Location:
                 total += len(chunk)
         return total
 
-    def move(self, name: str, dest: Location, dest_name: str) -> None:
-        """Move one object, possibly across filesystems (copy, then delete the source)."""
+    def move(self, name: str, dest: Location, dest_name: str, *, unchecked: bool = False) -> None:
+        """Move one object, possibly across filesystems (copy, then delete the source).
+        ``unchecked``: ``name`` is a raw name this location listed (it may be unsafe)."""
+        source = f"{self.root}/{name}" if unchecked else self.path(name)
         if dest.fs is self.fs or (dest.protocol == self.protocol == "file"):
             dest_path = dest.path(dest_name)
             if not self.is_object_store:
                 self.fs.makedirs(posixpath.dirname(dest_path), exist_ok=True)
-            self.fs.mv(self.path(name), dest_path)
+            if self._on_local_disk:
+                Path(source).rename(dest_path)  # the entry itself, even a symlink or FIFO
+            else:
+                self.fs.mv(source, dest_path)
             return
-        with self.open(name) as src:
+        with self.open(name, unchecked=unchecked) as src:
             dest.put_stream(dest_name, src)
-        self.delete(name)
+        self.delete(name, unchecked=unchecked)
 
     def delete(self, name: str, *, unchecked: bool = False) -> int:
         """Delete an object and, on a versioned bucket, every version of it.
@@ -617,7 +628,7 @@ class Location:
         base = f"{self.root}/{prefix}" if unchecked else self.path(prefix)
         if self.is_local:
             root = Path(base)
-            if not root.exists():
+            if not root.exists() or root.is_symlink():
                 return
             folders = (p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())
             for d in sorted(folders, reverse=True):

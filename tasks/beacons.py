@@ -17,7 +17,9 @@ reported both with and without them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
@@ -31,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.errors import retry_transient
-from dropvault.storage.locations import Location
+from dropvault.storage.locations import Entry, Location, is_safe_name
 from dropvault.tasks.audit import audit as audit_event
 from dropvault.tasks.phi import keyed_hash
 from dropvault.tasks.suppression import TOTAL, audit, suppress, with_margins
@@ -115,7 +117,7 @@ EXPORT_COLUMNS = {
     "unique_visitors": "BIGINT",
     "suppressed": "BOOLEAN",
 }
-JSON_COLUMNS = "{" + ", ".join(f"'{f}': 'VARCHAR'" for f in FIELDS) + "}"
+JSON_STRUCT = "{" + ", ".join(f'"{f}": "VARCHAR"' for f in FIELDS) + "}"
 IS_OBJECT = "CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE false END"
 # Each line as one string (the path is bound as a parameter, never spliced in); a line
 # that is not UTF-8 goes to the rejects table line_rejects, by its line number.
@@ -163,15 +165,20 @@ def compile_day(
     Parquet export, store the day in one transaction (:func:`_store_day`), then retire the
     raw logs (:func:`_retire_logs`)."""
     stats = DayStats(day=day)
-    listed = [e.name for e in beacons.list(day)]
+    entries = beacons.list(day)
+    refused = [e.name for e in entries if _refused(e)]
+    listed = [e.name for e in entries if not _refused(e)]
     sends_name = f"{day}/{SENDS}" if f"{day}/{SENDS}" in listed else None
     names = [n for n in listed if n.endswith(SUFFIXES) and n != sends_name]
-    stats.files = len(names)
+    stats.files = len(names) + len(refused)
     with tempfile.TemporaryDirectory(prefix="dv-beacons-") as tmp:
         con = duckdb.connect()
         con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute(f"SET temp_directory = '{tmp}'")
-        unreadable = _load_logs(con, beacons, names)
+        con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
+        for name in refused:
+            con.execute("INSERT INTO bad VALUES (?, 0, 'unreadable')", [_shown(name)])
+        unreadable = _load_logs(con, beacons, names) + refused
         _classify_hits(con)
         _count(con, stats)
         agg = con.execute(
@@ -217,10 +224,34 @@ def compile_day(
     return stats
 
 
+def _refused(entry: Entry) -> bool:
+    """A log that is not read at all: not a regular file (a symlink or a FIFO, which DuckDB
+    would follow or wait on), a name that is not safe, or one DuckDB would take for a glob."""
+    return bool(entry.problem) or not is_safe_name(entry.name) or bool(GLOB.search(entry.name))
+
+
+GLOB = re.compile(r"[*?\[\]{}]")
+
+
+def _shown(name: str) -> str:
+    """A refused log's name as ``beacon_rejects`` shows it."""
+    short = name.rsplit("/", 1)[-1]
+    return short if is_safe_name(short) and not GLOB.search(short) else "(unsafe name)"
+
+
 def _set_aside(beacons: Location, names: list[str]) -> None:
-    """Logs that could not be read at all go to ``rejected/`` (not deleted: nothing lost)."""
+    """Logs that could not be read at all go to ``rejected/`` (not deleted: nothing lost);
+    one whose name is not safe goes there under a stand-in name."""
     for name in names:
-        beacons.move(name, beacons, f"rejected/{name}")
+        day, _, short = name.partition("/")
+        if not is_safe_name(short) or GLOB.search(short):
+            raw = short.encode("utf-8", "surrogateescape")
+            short = "unsafe-" + hashlib.blake2b(raw, digest_size=8).hexdigest()
+        beacons.move(name, beacons, f"rejected/{day}/{short}", unchecked=True)
+
+
+class UnreadableLog(Exception):
+    """A log file that cannot be taken in at all (set aside, the day still compiles)."""
 
 
 def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[str]) -> list[str]:
@@ -230,7 +261,6 @@ def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[st
     is set aside instead of deleted. DuckDB's message is never passed on: it quotes lines."""
     cols = ", ".join(f"{f} VARCHAR" for f in FIELDS)
     con.execute(f"CREATE TABLE raw (file VARCHAR, line_no BIGINT, {cols})")
-    con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
     unreadable = []
     for name in names:
         path = beacons.duckdb_source(con, name)
@@ -241,9 +271,9 @@ def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[st
                 _insert_csv(con, short, path)
             else:
                 _insert_jsonl(con, short, path)
-        except duckdb.Error as exc:
+        except (duckdb.Error, UnreadableLog) as exc:
             con.rollback()
-            log.warning("beacon log %s cannot be read (%s)", short, type(exc).__name__)
+            log.warning("a beacon log cannot be read (%s)", type(exc).__name__)
             con.execute("INSERT INTO bad VALUES (?, 0, 'unreadable')", [short])
             unreadable.append(name)
             continue
@@ -252,39 +282,33 @@ def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[st
 
 
 def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:
-    """JSON Lines: lines that are not UTF-8 or not a JSON object go to ``bad``."""
+    """JSON Lines, one pass: every line into ``raw`` with its number, then the lines that
+    are not a JSON object with at least one known field moved to ``bad``. Lines that are
+    not UTF-8 are left out of the read (kept, by number, as rejects); the read's numbering
+    skips them, so it is shifted back. Lines end at \\n, \\r\\n or \\r alike."""
     for table in ("line_rejects", "line_scans"):
         con.execute(f"DROP TABLE IF EXISTS {table}")
-    # Lines that are not UTF-8 are left out of the read (and kept, by number, as rejects),
-    # so the read's own numbering skips them: shifted back below.
     con.execute(
         f"""
-        CREATE TEMP TABLE _lines AS
-        SELECT row_number() OVER () AS n, line FROM {LINES_KEEPING_REJECTS}
+        INSERT INTO raw SELECT $file, n, {", ".join(f"s.{f}" for f in FIELDS)}
+        FROM (
+            SELECT row_number() OVER () AS n, line,
+                   CASE WHEN {IS_OBJECT} THEN json_transform(line, '{JSON_STRUCT}') END AS s
+            FROM {LINES_KEEPING_REJECTS}
+        ) WHERE trim(line) <> ''
         """,
-        {"path": path},
+        {"file": short, "path": path},
     )
+    none = " AND ".join(f"{f} IS NULL" for f in FIELDS)
     skipped = sorted(r[0] for r in con.execute("SELECT line FROM line_rejects").fetchall())
     bad = con.execute(
-        f"SELECT n FROM _lines WHERE NOT ({IS_OBJECT}) AND trim(line) <> '' ORDER BY n"
+        f"SELECT line_no FROM raw WHERE file = ? AND {none} ORDER BY 1", [short]
     ).fetchall()
-    con.execute("DROP TABLE _lines")
+    con.execute(f"DELETE FROM raw WHERE file = ? AND {none}", [short])  # noqa: S608
     rows = [(short, n, "not_utf8") for n in skipped]
     rows += [(short, _true_line(n, skipped), "malformed") for (n,) in bad]
     if rows:
         con.executemany("INSERT INTO bad VALUES (?, ?, ?)", rows)
-    # DuckDB's JSON reader; a malformed line reads as all-NULL and is dropped here
-    # (it was counted, with its line number, just above).
-    none = " AND ".join(f"{f} IS NULL" for f in FIELDS)
-    con.execute(
-        f"""
-        INSERT INTO raw SELECT $file, NULL, {", ".join(FIELDS)}
-        FROM read_json($path, format='newline_delimited', records=true,
-                       columns={JSON_COLUMNS}, ignore_errors=true)
-        WHERE NOT ({none})
-        """,
-        {"file": short, "path": path},
-    )
 
 
 def _true_line(n: int, skipped: list[int]) -> int:
@@ -326,7 +350,7 @@ def _classify_hits(con: duckdb.DuckDBPyConnection) -> None:
             tp AS third_party,
             regexp_matches(lower(coalesce(r.user_agent, '')), '{BOTS}') AS bot,
             coalesce(ct.changed, false) OR coalesce(cp.changed, false) AS scrubbed,
-            r.beacon IN {KINDS} AS known
+            coalesce(r.beacon IN {KINDS}, false) AS known
         FROM (
             SELECT *, lower(coalesce(third_party, '')) IN ('true', '1', 'yes') AS tp FROM raw
         ) r
@@ -420,6 +444,8 @@ def _insert_csv(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:
         [path],
     )
     have = {r[0] for r in con.execute("SELECT column_name FROM (DESCRIBE _csv)").fetchall()}
+    if not have & set(FIELDS):
+        raise UnreadableLog("a CSV log without a header naming known fields")
     selects = ", ".join(f'"{f}"' if f in have else f"NULL AS {f}" for f in FIELDS)
     con.execute(f"INSERT INTO raw SELECT ?, NULL, {selects} FROM _csv", [short])  # noqa: S608
     con.execute("INSERT INTO bad SELECT ?, line, 'malformed' FROM csv_rejects", [short])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -141,13 +142,29 @@ def _parse_manifest(raw: bytes) -> tuple[dict[str, tuple[int, str]], dict[str, s
         path, size, sha = item.get("path"), item.get("size"), item.get("sha256")
         if not isinstance(path, str) or not isinstance(size, int) or not isinstance(sha, str):
             raise ValueError("each manifest file needs path, size and sha256")
+        if not SHA256.fullmatch(sha):
+            raise ValueError("a manifest sha256 is not 64 hex digits")
         listed[path] = (size, sha.lower())
     owners = doc.get("owners") or {}
     if not isinstance(owners, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in owners.items()
+        isinstance(k, str) and isinstance(v, str) and _text_ok(k) and _text_ok(v)
+        for k, v in owners.items()
     ):
         raise ValueError("manifest 'owners' must map study UIDs to accounts")
     return listed, owners
+
+
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _text_ok(value: str) -> bool:
+    """Text the catalog can hold and a log can show: UTF-8, no control characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not _CONTROL.search(value) and len(value) <= 1024
 
 
 def scan_drops(

@@ -179,7 +179,14 @@ def remove_sources(home: Home, work: list[tuple[Drop, DropFile]], names: list[st
         if not listed[name].unchanged(now):
             changed += 1
             continue
-        home.drops.delete(name, unchecked=True)
+        try:
+            home.drops.delete(name, unchecked=True)
+        except OSError as exc:
+            if not is_file_problem(exc):
+                raise
+            # Cataloged, but the source cannot be removed (an immutable file, a read-only
+            # folder): it stays, and the next run counts it a duplicate and tries again.
+            changed += 1
     return changed
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ from dropvault.tasks.reasons import RejectReason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
 PROCESSED = "processed"
@@ -128,6 +130,14 @@ def parse_manifest(name: str, raw: bytes) -> list[ManifestRow]:
     return _jsonl_rows(name, text)
 
 
+# Every column a share or deletion manifest may have: a CSV header naming none of them is
+# a file without a header (its first row would otherwise be taken for one and vanish).
+KNOWN_FIELDS = frozenset(
+    {"request_id", "action", "owner", "grantee", "study_uid", "requested_at"}
+    | {"expires_at", "purpose", "keep_archive"}
+)
+
+
 def _csv_rows(name: str, text: str) -> list[ManifestRow]:
     reader = csv.reader(io.StringIO(text))
     try:
@@ -135,6 +145,8 @@ def _csv_rows(name: str, text: str) -> list[ManifestRow]:
     except StopIteration:
         return []
     except csv.Error:
+        return [ManifestRow(name, 1, None, "malformed")]
+    if not KNOWN_FIELDS & set(header):
         return [ManifestRow(name, 1, None, "malformed")]
     rows: list[ManifestRow] = []
     line = 1
@@ -158,12 +170,14 @@ def _csv_rows(name: str, text: str) -> list[ManifestRow]:
 
 def _jsonl_rows(name: str, text: str) -> list[ManifestRow]:
     rows: list[ManifestRow] = []
-    for line, text_line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n, \r\n or \r only (str.splitlines would also split at U+2028 inside
+    # a JSON string, breaking one row in two and every line number after it).
+    for line, text_line in enumerate(io.StringIO(text, newline=None), start=1):
         if not text_line.strip():
             continue
         try:
             doc = json.loads(text_line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # also: nesting too deep, an int too long
             rows.append(ManifestRow(name, line, None, "malformed"))
             continue
         if not isinstance(doc, dict):
@@ -176,13 +190,15 @@ def _jsonl_rows(name: str, text: str) -> list[ManifestRow]:
 def _row(name: str, line: int, doc: dict[str, Any]) -> ManifestRow:
     """A parsed row, or a malformed one when a key or value is not text the catalog can
     hold (JSON can escape a lone surrogate, ``"\\udce9"``, which no UTF-8 column takes)."""
-    fields = {str(k): _clean(v) or "" for k, v in doc.items()}
     try:
+        fields = {str(k): _clean(v) or "" for k, v in doc.items()}
         for key, value in fields.items():
             key.encode("utf-8")
             value.encode("utf-8")
-    except UnicodeEncodeError:
+    except (UnicodeEncodeError, ValueError, RecursionError):
         return ManifestRow(name, line, None, "malformed")
+    if any(CONTROL.search(v) for v in fields.values()):
+        return ManifestRow(name, line, None, "malformed")  # NUL, ESC, newlines: no id has them
     return ManifestRow(name, line, fields)
 
 
@@ -249,12 +265,23 @@ def content_hash(fields: dict[str, str], names: tuple[str, ...]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
 
+def _free_name(location: Location, folder: str, base: str) -> str:
+    stem, suffix = posixpath.splitext(base)
+    n, candidate = 1, base
+    while location.exists(f"{folder}/{candidate}"):
+        n += 1
+        candidate = f"{stem}.{n}{suffix}"
+    return candidate
+
+
 def archive_manifests(
     location: Location, kind: str, names: list[str], outcomes: dict[str, list[dict[str, Any]]]
 ) -> None:
-    """Write each manifest's results beside it in ``processed/``, then move it there."""
+    """Write each manifest's results beside it in ``processed/``, then move it there. A name
+    already in ``processed/`` (an owner's portal reusing ``requests.jsonl``) gets a number
+    (``requests.2.jsonl``) instead of replacing the earlier manifest and its results."""
     for name in names:
-        base = posixpath.basename(name)
+        base = _free_name(location, f"{kind}/{PROCESSED}", posixpath.basename(name))
         results = "".join(json.dumps(r, default=str) + "\n" for r in outcomes.get(name, []))
         location.put_bytes(f"{kind}/{PROCESSED}/{base}.results.jsonl", results.encode())
         location.move(name, location, f"{kind}/{PROCESSED}/{base}")

@@ -279,3 +279,128 @@ def test_a_sends_file_that_cannot_be_read_is_set_aside(local_home: Home) -> None
     [stats] = compile_beacon_stats(home=local_home)
     assert {"file": SENDS, "line": 0, "reason": "unreadable"} in stats.malformed_lines
     assert [e.name for e in local_home.beacons.list()] == [f"rejected/{day}/{SENDS}"]
+
+
+# -- regressions from the outside review of this promise ------------------------------
+
+
+def test_one_hostile_share_line_does_not_stop_other_manifests(
+    local_home: Home, rng: random.Random
+) -> None:
+    [uid] = seed(local_home, {"user:alice": 1}, rng)["user:alice"]
+    good = {"request_id": "g", "action": "share", "owner": "user:alice", "study_uid": uid}
+    write_manifest(local_home, "a.jsonl", [{**good, "grantee": "user:bob", "requested_at": ts()}])
+    hostile = b'{"request_id": 1' + b"0" * 5000 + b"}\n" + b"[" * 100000 + b"\n"
+    local_home.manifests.put_bytes("shares/b.jsonl", hostile)
+    local_home.manifests.put_bytes("shares/c.csv", b"user:carol,*,share\n")  # no header
+    apply_share_manifests(home=local_home)
+    assert local_home.catalog.query("SELECT grantee FROM grants")["grantee"].tolist() == [
+        "user:bob"
+    ]
+    done = local_home.manifests.read_bytes("shares/processed/b.jsonl.results.jsonl").decode()
+    assert [json.loads(x)["outcome"] for x in done.splitlines()] == ["rejected:malformed"] * 2
+    headerless = local_home.manifests.read_bytes("shares/processed/c.csv.results.jsonl")
+    assert json.loads(headerless)["outcome"] == "rejected:malformed"
+
+
+@pytest.mark.timeout(120)
+def test_fifos_never_block_a_run(local_home: Home, rng: random.Random) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    Path(local_home.manifests.path("deletions")).mkdir(parents=True, exist_ok=True)
+    os.mkfifo(local_home.manifests.path("deletions", "x.jsonl"))
+    day = "2026-11-25"
+    samples.write_hits(local_home.beacons, day, [samples.make_hit(random.Random(2), day)])
+    os.mkfifo(local_home.beacons.path(day, "fifo.jsonl"))
+    deletion_sweep(home=local_home)
+    [stats] = compile_beacon_stats(home=local_home)
+    assert {"file": "fifo.jsonl", "line": 0, "reason": "unreadable"} in stats.malformed_lines
+    assert ingest_drops(home=local_home, settings=QUIET).ingested == 2
+
+
+def test_a_symlinked_drop_folder_is_not_listed_or_cleaned_through(
+    local_home: Home, rng: random.Random, tmp_path: Path
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    victim = tmp_path / "victim"
+    (victim / "keep-me").mkdir(parents=True)
+    Path(local_home.drops.path("fac-a")).joinpath("PHIMARK-drop").symlink_to(victim)
+    stats = ingest_drops(home=local_home, settings=QUIET)
+    assert stats.ingested == 2 and (victim / "keep-me").is_dir()
+    assert reasons(local_home) == ["unreadable"]
+    drops = local_home.catalog.query("SELECT status FROM drops ORDER BY status")
+    assert drops["status"].tolist() == ["done", "partial"]
+    assert ingest_drops(home=local_home, settings=QUIET).ingested == 0
+
+
+def test_a_drop_manifest_with_text_the_catalog_cannot_hold_waits(
+    local_home: Home, rng: random.Random
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    doc = {"files": [{"path": "missing.dcm", "size": 10, "sha256": "\udce9"}]}
+    local_home.drops.put_bytes("fac-b/d2/manifest.json", json.dumps(doc).encode())
+    owners = {"files": [], "owners": {"1.2.3": "\udce9"}}
+    local_home.drops.put_bytes("fac-c/d3/x.dcm", samples.not_dicom())
+    local_home.drops.put_bytes("fac-c/d3/manifest.json", json.dumps(owners).encode())
+    assert ingest_drops(home=local_home, settings=QUIET).ingested == 2
+
+
+def test_a_header_value_that_overflows_its_column_fails_only_its_file(
+    local_home: Home, rng: random.Random
+) -> None:
+    import io
+
+    import pydicom
+
+    from dropvault.tasks.dicom import DicomHeader, DicomRejected
+
+    good_drop(local_home, rng, "fac-a", "d1")
+    ds = pydicom.dcmread(io.BytesIO(samples._sample_bytes("CT_small.dcm")))
+    ds.NumberOfFrames = "99999999999"
+    ds.Modality = "PHIMARK John Doe 1970"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    local_home.drops.put_bytes("fac-b/d2/big.dcm", out.getvalue())
+    stats = ingest_drops(home=local_home, settings=QUIET)
+    assert stats.ingested == 2 and reasons(local_home) in (["not_dicom"], ["truncated"])
+    with pytest.raises(DicomRejected, match="frames is out of range"):
+        DicomHeader("1.2", "1.2", "1.2", None, "CT", None, 512, 512, 2**40)
+    modalities = local_home.catalog.query("SELECT DISTINCT modality FROM instances")
+    assert modalities["modality"].tolist() == ["CT"]
+
+
+def test_beacon_logs_with_odd_names_and_line_endings(local_home: Home) -> None:
+    day = "2026-11-26"
+    hits = [samples.make_hit(random.Random(i), day) for i in range(12)]
+    for h in hits:
+        h["beacon"], h["user_agent"] = "page_view", samples.AGENTS[0]
+    local_home.beacons.put_bytes(
+        f"{day}/cr.jsonl", b"\r".join(json.dumps(h).encode() for h in hits) + b'\r{"foo": 1}\r'
+    )
+    Path(local_home.beacons.path(day)).joinpath("PHIMARK\\x.jsonl").write_bytes(b"{}\n")
+    Path(local_home.beacons.path(day)).joinpath("*.jsonl").write_bytes(b"{}\n")
+    local_home.beacons.put_bytes(f"{day}/noheader.csv", b"page_view,/,x\npage_view,/,y\n")
+    [stats] = compile_beacon_stats(home=local_home)
+    assert stats.lines == 13 + 3 and stats.counted == 12
+    shown = sorted((m["file"], m["line"]) for m in stats.malformed_lines)
+    assert shown == [("(unsafe name)", 0), ("(unsafe name)", 0), ("cr.jsonl", 13)] + [
+        ("noheader.csv", 0)
+    ]
+    assert len([e for e in local_home.beacons.list() if e.name.startswith("rejected/")]) == 3
+
+
+def test_a_reused_manifest_name_keeps_both_in_processed(
+    local_home: Home, rng: random.Random
+) -> None:
+    [uid] = seed(local_home, {"user:alice": 1}, rng)["user:alice"]
+    row = {"action": "share", "owner": "user:alice", "study_uid": uid, "requested_at": ts()}
+    write_manifest(local_home, "req.jsonl", [{**row, "request_id": "1", "grantee": "user:b"}])
+    apply_share_manifests(home=local_home)
+    write_manifest(local_home, "req.jsonl", [{**row, "request_id": "2", "grantee": "user:c"}])
+    apply_share_manifests(home=local_home)
+    names = sorted(e.name.rsplit("/", 1)[-1] for e in local_home.manifests.list("shares"))
+    assert names == [
+        "req.2.jsonl",
+        "req.2.jsonl.results.jsonl",
+        "req.jsonl",
+        "req.jsonl.results.jsonl",
+    ]
