@@ -433,8 +433,12 @@ def quarantine_export_cmd(
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--version"]:  # works even where the settings are wrong
+    args = sys.argv[1:]
+    if "--version" in args:  # works even where the settings are wrong
         typer.echo(version_text())
+        return
+    if not args or "--help" in args or "-h" in args:
+        app()  # help, too, is shown whatever the settings
         return
     quiet_prefect_defaults()
     try:

@@ -55,6 +55,36 @@ def _folder(facility_id: str, drop_id: str) -> str:
         return "_unsafe"
 
 
+def quarantine_row(
+    *,
+    qid: str,
+    facility_id: str,
+    drop_id: str,
+    reason: QuarantineReason,
+    detail: str,
+    object_id: str,
+    study_uid: str | None,
+    size: int,
+    sha256: str,
+    name_enc: bytes | None,
+    at: datetime,
+) -> dict[str, Any]:
+    """A ``quarantine`` row (the one place such a row is built)."""
+    return {
+        "quarantine_id": qid,
+        "facility_id": facility_id,
+        "drop_id": drop_id,
+        "reason": QuarantineReason(reason),
+        "detail": detail,
+        "object_id": object_id,
+        "study_uid": study_uid,
+        "size_bytes": size,
+        "sha256": sha256,
+        "source_name_enc": name_enc,
+        "quarantined_at": at,
+    }
+
+
 def quarantine_file(
     home: Home,
     *,
@@ -93,19 +123,19 @@ def quarantine_file(
         "quarantined_at": now.isoformat(),
     }
     home.quarantine.put_bytes(f"{folder}/{qid}.json", json.dumps(facts, indent=2).encode())
-    row = {
-        "quarantine_id": qid,
-        "facility_id": facility_id,
-        "drop_id": drop_id,
-        "reason": reason,
-        "detail": detail,
-        "object_id": qid,
-        "study_uid": study_uid,
-        "size_bytes": size,
-        "sha256": sha256,
-        "source_name_enc": seal_fields(record_key, qid, {"name": source_name}),
-        "quarantined_at": now,
-    }
+    row = quarantine_row(
+        qid=qid,
+        facility_id=facility_id,
+        drop_id=drop_id,
+        reason=reason,
+        detail=detail,
+        object_id=qid,
+        study_uid=study_uid,
+        size=size,
+        sha256=sha256,
+        name_enc=seal_fields(record_key, qid, {"name": source_name}),
+        at=now,
+    )
     objects_row = object_row(
         object_id=qid,
         kind="quarantine",
@@ -141,19 +171,19 @@ def quarantine_unreadable(
     no permission, a path past the length limit). Nothing is stored and the file stays where
     the facility put it, so nothing is lost; the row tells the facility and the operator.
     Its name is not kept: the file is in its drop for whoever can read it there."""
-    row = {
-        "quarantine_id": qid,
-        "facility_id": facility_id,
-        "drop_id": drop_id,
-        "reason": QuarantineReason.UNREADABLE,
-        "detail": detail,
-        "object_id": "",
-        "study_uid": None,
-        "size_bytes": size,
-        "sha256": "",
-        "source_name_enc": None,
-        "quarantined_at": now,
-    }
+    row = quarantine_row(
+        qid=qid,
+        facility_id=facility_id,
+        drop_id=drop_id,
+        reason=QuarantineReason.UNREADABLE,
+        detail=detail,
+        object_id="",  # nothing stored
+        study_uid=None,
+        size=size,
+        sha256="",
+        name_enc=None,
+        at=now,
+    )
     return Quarantined(qid, QuarantineReason.UNREADABLE, row, None)
 
 

@@ -73,7 +73,7 @@ def test_deploy_and_run_ingest_on_a_worker(server: dict[str, str], tmp_path: Pat
     samples.write_drop(home.drops, "fac-deploy", "d1", files)
     env = {**server, "DROPVAULT_HOME": str(home_dir)}
     run(env, "work-pool", "create", "dropvault", "--type", "process")
-    run(env, "--no-prompt", "deploy", "--all")
+    run(server, "--no-prompt", "deploy", "--all")  # no dropvault setting where it deploys
     out = run(env, "deployment", "run", "ingest-drops/ingest-drops")
     assert "ingest-drops" in out
     run(env, "worker", "start", "--pool", "dropvault", "--run-once", timeout=300)

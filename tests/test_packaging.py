@@ -122,3 +122,9 @@ def test_version_names_prefect_and_duckdb() -> None:
         f"dropvault {version('dropvault')} (prefect {version('prefect')},"
         f" duckdb {version('duckdb')})"
     )
+    helped = subprocess.run(
+        [str(exe), "--help"], capture_output=True, text=True, check=False, env=env
+    )
+    assert helped.returncode == 0 and "demo" in helped.stdout
+    wrong = subprocess.run([str(exe), "status"], capture_output=True, text=True, env=env)
+    assert wrong.returncode == 1 and "DROPVAULT_HOME" in wrong.stderr
