@@ -196,11 +196,20 @@ def scan_drops(
     return found
 
 
+# A modification time further ahead than this is not a write in progress (a writer's
+# clock is now): it was set by hand or by a skewed clock, and would keep a drop "not quiet"
+# until that date. Such a time counts as long ago.
+FUTURE_SKEW = 3600.0
+
+
 @dataclass(frozen=True)
 class _Clock:
     now: float
     quiet_seconds: float
     incomplete_seconds: float
+
+    def mtime(self, entry: Entry) -> float:
+        return 0.0 if entry.mtime > self.now + FUTURE_SKEW else entry.mtime
 
 
 def _drop(
@@ -216,7 +225,7 @@ def _drop(
     folder = prefix[:-1]
     facility_id, drop_id = catalog_name(facility_id), catalog_name(drop_id)
     if manifest_entry is None:
-        newest = max((e.mtime for e in entries), default=0.0)
+        newest = max((clock.mtime(e) for e in entries), default=0.0)
         quiet = clock.now - newest >= clock.quiet_seconds
         state: DropState = "ready" if quiet else "waiting"
         files = [_unlisted(e) for e in others]
@@ -252,7 +261,7 @@ def _drop(
         for rel, item in present.items()
     ]
     unlisted_busy = any(
-        rel not in listed and clock.now - e.mtime < clock.quiet_seconds
+        rel not in listed and clock.now - clock.mtime(e) < clock.quiet_seconds
         for rel, e in present.items()
     )
     if missing == 0 and not unlisted_busy:

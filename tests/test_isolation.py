@@ -404,3 +404,13 @@ def test_a_reused_manifest_name_keeps_both_in_processed(
         "req.jsonl",
         "req.jsonl.results.jsonl",
     ]
+
+
+def test_a_file_dated_in_the_future_does_not_hold_its_drop_forever(
+    local_home: Home, rng: random.Random
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    future = 4102444800  # 2100-01-01
+    for entry in local_home.drops.list():
+        os.utime(local_home.drops.path(entry.name), (future, future))
+    assert ingest_drops(home=local_home, settings=Settings(quiet_seconds=120)).ingested == 2
