@@ -300,12 +300,17 @@ def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None
         {"file": short, "path": path},
     )
     none = " AND ".join(f"{f} IS NULL" for f in FIELDS)
-    skipped = sorted(r[0] for r in con.execute("SELECT line FROM line_rejects").fetchall())
+    # One line can be rejected for several errors (not UTF-8 and a stray \x1f, say): once.
+    rejected = con.execute(
+        "SELECT line, bool_or(error_type = 'INVALID ENCODING') FROM line_rejects"
+        " GROUP BY line ORDER BY line"
+    ).fetchall()
+    skipped = [n for n, _ in rejected]
     bad = con.execute(
         f"SELECT line_no FROM raw WHERE file = ? AND {none} ORDER BY 1", [short]
     ).fetchall()
     con.execute(f"DELETE FROM raw WHERE file = ? AND {none}", [short])  # noqa: S608
-    rows = [(short, n, "not_utf8") for n in skipped]
+    rows = [(short, n, "not_utf8" if encoding else "malformed") for n, encoding in rejected]
     rows += [(short, _true_line(n, skipped), "malformed") for (n,) in bad]
     if rows:
         con.executemany("INSERT INTO bad VALUES (?, ?, ?)", rows)

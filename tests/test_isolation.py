@@ -414,3 +414,15 @@ def test_a_file_dated_in_the_future_does_not_hold_its_drop_forever(
     for entry in local_home.drops.list():
         os.utime(local_home.drops.path(entry.name), (future, future))
     assert ingest_drops(home=local_home, settings=Settings(quiet_seconds=120)).ingested == 2
+
+
+def test_a_beacon_line_rejected_for_two_reasons_counts_once(local_home: Home) -> None:
+    """Found by the fuzzer: not UTF-8 and a stray \\x1f on one line made two rejects of it
+    and shifted every later line number past the end of the file."""
+    day = "2026-11-27"
+    local_home.beacons.put_bytes(f"{day}/a.jsonl", b"\x80\x1fPHIMARK\n{broken\n")
+    [stats] = compile_beacon_stats(home=local_home)
+    assert sorted((m["line"], m["reason"]) for m in stats.malformed_lines) == [
+        (1, "not_utf8"),
+        (2, "malformed"),
+    ]
