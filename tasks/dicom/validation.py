@@ -56,8 +56,8 @@ def read_header(fp: IO[bytes], size: int) -> DicomHeader:
     """Parse and validate one file's header from a seekable stream of ``size`` bytes.
 
     Raises only :class:`DicomRejected` for a bad file: pydicom converts values lazily and a
-    hostile element can raise anything from deep inside it (``NotImplementedError`` for an
-    unknown VR, say), which is the file's fault, not the batch's. An OSError (the source
+    hostile element can raise any exception from deep inside it (an unknown VR is one the
+    fuzzer found), which is the file's fault, not the batch's. An OSError (the source
     could not be read) passes through: that is not the content's fault."""
     try:
         return _read_header(fp, size)
