@@ -95,7 +95,7 @@ def run(
     home.catalog.migrate()
     fill(home.catalog, images)
     write_tree(root / "drops", files)
-    drops = scan_drops(home.drops, time.time() + 3600, 0, 86400, home.catalog)
+    drops = scan_drops(home.drops, home.pepper, time.time() + 3600, 0, 86400, home.catalog)
     work = [(d, f) for d in drops for f in d.files]
     started = time.perf_counter()
     ingested = 0

@@ -51,7 +51,11 @@ def worker(root: str, lake: Lake | None, shard: str, start: Barrier, out: mp.Que
     if lake:
         home.catalog = Catalog(lake)
     home.catalog.migrate()  # opens the lake: outside the timing, once per worker
-    drops = [d for d in scan_drops(home.drops, time.time(), 0, 86400) if in_shard(d.key, shard)]
+    drops = [
+        d
+        for d in scan_drops(home.drops, home.pepper, time.time(), 0, 86400)
+        if in_shard(d.key, shard)
+    ]
     work = [(d, f) for d in drops for f in d.files]
     start.wait()
     started = time.perf_counter()

@@ -46,6 +46,7 @@ def compile_beacon_stats(
             one,
             settings.beacon_retention,
             settings.beacon_memory_limit,
+            settings.beacon_max_log_bytes,
         )
         results.append(stats)
         get_run_logger().info("beacons %s: %s", one, stats.row())

@@ -408,15 +408,34 @@ def status(
     _print_frame(pd.DataFrame(rows), as_json)
 
 
+NAMES_HELP = "Also open the real folder and file names (PHI: the viewing is audited)."
+
+
+@app.command("drops")
+@one_line_errors
+def drops_cmd(
+    names: Annotated[bool, typer.Option("--names", help=NAMES_HELP)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """List the drops the catalog knows, by keyed id (folder names can hold PHI)."""
+    from dropvault.tasks.drop_names import drops_list
+
+    _print_frame(drops_list(_home(), names=names), as_json)
+
+
 @quarantine_app.command("list")
 @one_line_errors
 def quarantine_list_cmd(
+    names: Annotated[bool, typer.Option("--names", help=NAMES_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
-    """List quarantined files with their reason codes (no file names: they can hold PHI)."""
-    from dropvault.tasks.quarantine import quarantine_list
+    """List quarantined files with their reason codes (no names unless asked: they can
+    hold PHI)."""
+    from dropvault.tasks.quarantine import quarantine_list, quarantine_list_named
 
-    _print_frame(quarantine_list(_home().catalog), as_json)
+    home = _home()
+    frame = quarantine_list_named(home) if names else quarantine_list(home.catalog)
+    _print_frame(frame, as_json)
 
 
 @quarantine_app.command("export")

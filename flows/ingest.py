@@ -22,6 +22,7 @@ from prefect.utilities.annotations import quote
 
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
+from dropvault.tasks.drop_names import rekey_drops_task
 from dropvault.tasks.drops import Drop, DropFile, in_shard, parse_shard, scan_drops_task
 from dropvault.tasks.ingest import (
     IngestStats,
@@ -30,7 +31,6 @@ from dropvault.tasks.ingest import (
     ingest_batch_task,
     record_drops_task,
 )
-from dropvault.tasks.phi import keyed_hash
 from dropvault.tasks.reconcile import ReconcileStats, reconcile_vault_task, settle_pending_task
 
 Progress = Callable[[int, int], None]
@@ -65,8 +65,12 @@ def ingest_drops(
     started = time.perf_counter()
     home.catalog.migrate()
     totals = IngestStats()
+    rekeyed = rekey_drops_task(opaque(home))
+    if rekeyed:
+        logger.info("moved %d drops of an older catalog to keyed ids", rekeyed)
     drops = scan_drops_task(
         home.drops,
+        home.pepper,
         time.time(),
         settings.quiet_seconds,
         settings.incomplete_seconds,
@@ -77,10 +81,8 @@ def ingest_drops(
     for drop in drops:
         if drop.state == "waiting":
             totals.drops_waiting += 1
-            # Drop folder names can be PHI (facilities name them after patients): the log
-            # names the facility and a keyed reference, never the folder.
-            ref = "d_" + keyed_hash(home.pepper, "drop", drop.key, length=12)
-            logger.info("drop %s/%s waits: %s", drop.facility_id, ref, drop.why)
+            # Drop folder names can be PHI: the log names the drop by its keyed id.
+            logger.info("drop %s/%s waits: %s", drop.facility_id, drop.drop_id, drop.why)
     _run_batches(
         home, settings, [(drop, f) for drop in ready for f in drop.files], totals, progress
     )

@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     sweep_batch: int = Field(default=500, gt=0)
     beacon_retention: Literal["delete", "keep"] = "delete"
     beacon_memory_limit: str = "1GB"
+    # A beacon log larger than this once decompressed is set aside unread (too_large).
+    beacon_max_log_bytes: int = Field(default=1 << 30, gt=0)
 
     kek: SecretStr | None = None
     pepper: SecretStr | None = None

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import re
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -157,6 +158,7 @@ def compile_day(
     day: str,
     retention: str = "delete",
     memory_limit: str = "1GB",
+    max_log_bytes: int = 1 << 30,
 ) -> DayStats:
     """Compile one day (idempotently: the day's rows are replaced).
 
@@ -178,7 +180,7 @@ def compile_day(
         con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
         for name in refused:
             con.execute("INSERT INTO bad VALUES (?, 0, 'unreadable')", [_shown(name)])
-        unreadable = _load_logs(con, beacons, names) + refused
+        unreadable = _load_logs(con, beacons, names, max_log_bytes) + refused
         _classify_hits(con)
         _count(con, stats)
         agg = con.execute(
@@ -254,17 +256,26 @@ class UnreadableLog(Exception):
     """A log file that cannot be taken in at all (set aside, the day still compiles)."""
 
 
-def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[str]) -> list[str]:
+def _load_logs(
+    con: duckdb.DuckDBPyConnection, beacons: Location, names: list[str], max_bytes: int
+) -> list[str]:
     """Every log file of the day into ``raw``; malformed lines into ``bad`` with their
     line numbers. Each file fails on its own: one DuckDB cannot read at all (a corrupt
     gzip, say) is one ``bad`` row (line 0, ``unreadable``), and its name is returned so it
-    is set aside instead of deleted. DuckDB's message is never passed on: it quotes lines."""
+    is set aside instead of deleted. DuckDB's message is never passed on: it quotes lines.
+    A log larger than ``max_bytes`` once decompressed, or a gzip that expands like a bomb,
+    is set aside the same way (``too_large``) before DuckDB reads it."""
     cols = ", ".join(f"{f} VARCHAR" for f in FIELDS)
     con.execute(f"CREATE TABLE raw (file VARCHAR, line_no BIGINT, {cols})")
     unreadable = []
     for name in names:
         path = beacons.duckdb_source(con, name)
         short = name.rsplit("/", 1)[-1]
+        if not _within(beacons, name, max_bytes):
+            log.warning("a beacon log is over the size bound and is set aside")
+            con.execute("INSERT INTO bad VALUES (?, 0, 'too_large')", [short])
+            unreadable.append(name)
+            continue
         con.begin()
         try:
             if ".csv" in short:
@@ -279,6 +290,35 @@ def _load_logs(con: duckdb.DuckDBPyConnection, beacons: Location, names: list[st
             continue
         con.commit()
     return unreadable
+
+
+# gzip of real logs shrinks them 5-30 times; a stream that expands more than this past the
+# first MiBs is a decompression bomb, and is refused without expanding the rest.
+BOMB_RATIO = 200
+BOMB_FLOOR = 16 << 20
+
+
+def _within(beacons: Location, name: str, max_bytes: int) -> bool:
+    """Whether a log stays within ``max_bytes`` decompressed (streamed, memory bounded).
+    A gzip that cannot be decompressed is left for DuckDB to report as unreadable."""
+    if not name.endswith(".gz"):
+        return beacons.size(name) <= max_bytes
+    inflate = zlib.decompressobj(wbits=47)  # gzip or zlib header
+    read = out = 0
+    with beacons.open(name) as src:
+        while chunk := src.read(1 << 20):
+            read += len(chunk)
+            while chunk:
+                try:
+                    out += len(inflate.decompress(chunk, 1 << 22))
+                except zlib.error:
+                    return True
+                if out > max_bytes or (out > BOMB_FLOOR and out > BOMB_RATIO * read):
+                    return False
+                chunk = inflate.unconsumed_tail
+                if inflate.eof and inflate.unused_data:  # a second gzip member follows
+                    chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=47)
+    return True
 
 
 def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:

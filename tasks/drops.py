@@ -1,6 +1,8 @@
 """Finding drops and deciding when each is ready.
 
-A drop is ``{drops}/{facility_id}/{drop_id}/...``. It is ready when:
+A drop is ``{drops}/{facility_id}/{folder name}/...``. Its folder name can be PHI, so the
+catalog, logs and quarantine know it by a keyed id (``drop_id``, see
+:mod:`dropvault.tasks.drop_names`). It is ready when:
 
 * it has a ``manifest.json`` and every file the manifest lists is present
   with the listed size (files the manifest does not list must also be quiet);
@@ -41,6 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from dropvault.storage.catalog import Catalog
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.locations import Entry, Location, is_file_problem, is_safe_name
+from dropvault.tasks.drop_names import drop_id_for
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
@@ -79,7 +82,7 @@ def _unlisted(entry: Entry) -> DropFile:
 @dataclass
 class Drop:
     facility_id: str
-    drop_id: str
+    drop_id: str  # keyed id (d_...): the folder name itself is never stored or logged
     files: list[DropFile]
     has_manifest: bool
     state: DropState
@@ -92,6 +95,11 @@ class Drop:
     def __post_init__(self) -> None:
         if not self.folder:
             self.folder = f"{self.facility_id}/{self.drop_id}"
+
+    @property
+    def name(self) -> str:
+        """The folder's own name, as listed (PHI: only ever sealed)."""
+        return self.folder.partition("/")[2]
 
     @property
     def key(self) -> str:
@@ -169,6 +177,7 @@ def _text_ok(value: str) -> bool:
 
 def scan_drops(
     drops: Location,
+    pepper: bytes,
     now: float,
     quiet_seconds: float,
     incomplete_seconds: float,
@@ -177,20 +186,26 @@ def scan_drops(
     """Group the drops location's files into drops and decide each drop's state.
 
     With ``catalog``, a drop an earlier pass left half done is ready (module docstring).
+    ``pepper`` keys the drop ids.
     """
+    clock = _Clock(now, quiet_seconds, incomplete_seconds, pepper)
     grouped: dict[tuple[str, str], list[Entry]] = {}
+    loose: dict[str, int] = {}
     for entry in drops.list():
         parts = entry.name.split("/")
         if entry.problem and len(parts) < 3:
             parts = [*parts, "_unreadable", "_"][:3]  # a drop or facility folder itself
-        if len(parts) < 3 or parts[-1].startswith(TMP_PREFIX):
-            continue  # not inside a drop folder, or an atomic write still under way
+        if len(parts) == 2:
+            loose[parts[0]] = loose.get(parts[0], 0) + 1
+            continue
+        if len(parts) < 3 or _writing(entry, parts[-1], clock):
+            continue  # the drops root's own files (the operator's), or a write under way
         grouped.setdefault((parts[0], parts[1]), []).append(entry)
-    clock = _Clock(now, quiet_seconds, incomplete_seconds)
     found = [
         _drop(drops, facility_id, drop_id, entries, clock)
         for (facility_id, drop_id), entries in sorted(grouped.items(), key=lambda kv: repr(kv[0]))
     ]
+    found += [_loose(facility_id, n, clock) for facility_id, n in sorted(loose.items())]
     if catalog is not None:
         _resume_started(catalog, found)
     return found
@@ -207,9 +222,27 @@ class _Clock:
     now: float
     quiet_seconds: float
     incomplete_seconds: float
+    pepper: bytes
 
     def mtime(self, entry: Entry) -> float:
         return 0.0 if entry.mtime > self.now + FUTURE_SKEW else entry.mtime
+
+
+def _writing(entry: Entry, name: str, clock: _Clock) -> bool:
+    """An atomic write still under way (``.tmp-*``). One left longer than the incomplete
+    window is a crashed writer's leftover: it counts as a file of its drop (and is
+    quarantined, typically), so nothing stays unaccounted for."""
+    return name.startswith(TMP_PREFIX) and clock.now - entry.mtime < clock.incomplete_seconds
+
+
+def _loose(facility_id: str, count: int, clock: _Clock) -> Drop:
+    """Files put straight into a facility folder, outside any drop folder: reported as a
+    waiting drop (logged and counted, never ingested, moved or removed) until someone puts
+    them into a drop folder."""
+    facility_id = catalog_name(facility_id)
+    why = f"{count} file(s) outside any drop folder"
+    drop_id = drop_id_for(clock.pepper, facility_id, "")
+    return Drop(facility_id, drop_id, [], False, "waiting", why, folder=facility_id)
 
 
 def _drop(
@@ -223,7 +256,8 @@ def _drop(
         manifest_entry = None  # a symlink or special file named manifest.json: a bad file
     others = [e for e in entries if e is not manifest_entry]
     folder = prefix[:-1]
-    facility_id, drop_id = catalog_name(facility_id), catalog_name(drop_id)
+    facility_id = catalog_name(facility_id)
+    drop_id = drop_id_for(clock.pepper, facility_id, drop_id)
     if manifest_entry is None:
         newest = max((clock.mtime(e) for e in entries), default=0.0)
         quiet = clock.now - newest >= clock.quiet_seconds

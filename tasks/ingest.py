@@ -40,6 +40,7 @@ from dropvault.storage.locations import is_file_problem, read_problem
 from dropvault.storage.vault import IntegrityError, Sealed, Vault
 from dropvault.tasks.audit import audit
 from dropvault.tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
+from dropvault.tasks.drop_names import seal_names
 from dropvault.tasks.drops import Drop, DropFile
 from dropvault.tasks.objects import object_row
 from dropvault.tasks.phi import patient_key, seal_fields, study_key
@@ -739,6 +740,8 @@ def record_drops(
             ]
         )
 
+    new_names = _seal_new(home, drops)
+
     def work(con: duckdb.DuckDBPyConnection) -> None:
         # Update, then insert the new ones: DuckLake has no keys for ON CONFLICT.
         con.executemany(
@@ -751,12 +754,30 @@ def record_drops(
             *("facility_id", "drop_id", "has_manifest", "status", "files_seen", "ingested"),
             *("duplicates", "quarantined", "bytes", "first_seen_at", "completed_at"),
         )
-        insert_rows(
-            con, "drops", [dict(zip(names, r, strict=True)) for r in rows], ignore_existing=True
-        )
+        fresh = []
+        for r in rows:
+            row = dict(zip(names, r, strict=True))
+            key_id, name_enc = new_names.get(f"{r[0]}/{r[1]}", (None, None))
+            fresh.append({**row, "record_key_id": key_id, "name_enc": name_enc})
+        insert_rows(con, "drops", fresh, ignore_existing=True)
 
     if rows:
         home.catalog.write(work)
+
+
+def _seal_new(home: Home, drops: list[Drop]) -> dict[str, tuple[str, bytes]]:
+    """``{drop key: (record_key_id, name_enc)}`` for the drops the catalog does not know
+    yet: a new drop's folder name is kept only sealed, under a record key of its own."""
+    if not drops:
+        return {}
+    known = home.catalog.query(
+        "SELECT facility_id || '/' || drop_id AS k FROM drops"
+        " WHERE facility_id || '/' || drop_id IN (SELECT unnest(?::VARCHAR[]))",
+        [[d.key for d in drops]],
+    )
+    new = [d for d in drops if d.key not in set(known["k"])]
+    sealed = seal_names(home.keystore, [(d.drop_id, d.name) for d in new])
+    return {d.key: s for d, s in zip(new, sealed, strict=True)}
 
 
 def finish_drops(home: Home, drops: list[Drop]) -> dict[str, bool]:

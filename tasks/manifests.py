@@ -274,12 +274,27 @@ def _free_name(location: Location, folder: str, base: str) -> str:
     return candidate
 
 
+def _clear_processed(location: Location, kind: str) -> None:
+    """A file that sits where the ``processed/`` folder goes (an upload named ``processed``)
+    would stop every archive: it is moved aside under a free name, nothing lost."""
+    folder = f"{kind}/{PROCESSED}"
+    if location.is_object_store or not location.fs.isfile(location.path(folder)):
+        return
+    aside = _free_name(location, kind, f"{PROCESSED}.file")
+    log.warning(
+        "a file named %s/%s was in the way of the archive: moved to %s", *(kind, PROCESSED, aside)
+    )
+    location.move(folder, location, f"{kind}/{aside}", unchecked=True)
+
+
 def archive_manifests(
     location: Location, kind: str, names: list[str], outcomes: dict[str, list[dict[str, Any]]]
 ) -> None:
     """Write each manifest's results beside it in ``processed/``, then move it there. A name
     already in ``processed/`` (an owner's portal reusing ``requests.jsonl``) gets a number
     (``requests.2.jsonl``) instead of replacing the earlier manifest and its results."""
+    if names:
+        _clear_processed(location, kind)
     for name in names:
         base = _free_name(location, f"{kind}/{PROCESSED}", posixpath.basename(name))
         results = "".join(json.dumps(r, default=str) + "\n" for r in outcomes.get(name, []))

@@ -1,7 +1,8 @@
 """Quarantine: files that cannot be cataloged keep their bytes, encrypted, with a reason.
 
 Each quarantined file is stored as a DVLT object under
-``{quarantine}/{facility_id}/{drop_id}/{quarantine_id}.dvlt`` with its own
+``{quarantine}/{facility_id}/{drop_id}/{quarantine_id}.dvlt`` (``drop_id`` the drop's
+keyed id: folder names can be PHI) with its own
 record key, beside ``{quarantine_id}.json`` that holds the reason code and
 PHI-free facts (sizes, hashes, times). The original file name can itself
 carry PHI, so it is kept only encrypted in the catalog.
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from dropvault.storage.catalog import Catalog
 from dropvault.storage.home import Home
+from dropvault.storage.keystore import KeyDestroyedError, UnknownKeyError
 from dropvault.storage.locations import UnsafeNameError, safe_relpath
+from dropvault.tasks.audit import audit
+from dropvault.tasks.drop_names import drop_names, printable
 from dropvault.tasks.objects import object_row
 from dropvault.tasks.phi import keyed_hash, open_fields, seal_fields
 from dropvault.tasks.reasons import QuarantineReason
@@ -188,11 +192,51 @@ def quarantine_unreadable(
 
 
 def quarantine_list(catalog: Catalog) -> pd.DataFrame:
-    """The quarantine, PHI-free (no source names), newest first."""
+    """The quarantine, PHI-free (drops by keyed id, no file names), newest first."""
     return catalog.query(
         "SELECT quarantine_id, facility_id, drop_id, reason, detail, size_bytes, sha256,"
         " quarantined_at FROM quarantine ORDER BY quarantined_at DESC, quarantine_id"
     )
+
+
+def quarantine_list_named(home: Home, *, actor: str = "operator") -> pd.DataFrame:
+    """The quarantine with each file's drop folder name and file name opened (an operator
+    holding the keys, to tell a facility which file to fix); the viewing is audited.
+    A name shows as None where none was kept (an unreadable file) or its key is gone."""
+    frame = home.catalog.query(
+        "SELECT q.quarantine_id, q.facility_id, q.drop_id, q.reason, q.detail, q.size_bytes,"
+        " q.sha256, q.quarantined_at, q.source_name_enc, o.record_key_id"
+        " FROM quarantine q LEFT JOIN objects o USING (object_id)"
+        " ORDER BY q.quarantined_at DESC, q.quarantine_id"
+    )
+    drops = list(zip(frame["facility_id"], frame["drop_id"], strict=True))
+    folders = drop_names(home, drops)
+    frame.insert(3, "drop_name", [folders[d] for d in drops])
+    frame.insert(4, "file_name", [_file_name(home, r) for r in frame.itertuples()])
+    now = datetime.now(UTC)
+    home.catalog.write(
+        lambda con: audit(
+            con,
+            actor=actor,
+            action="quarantine_names_viewed",
+            subject=str(len(frame)),
+            detail=None,
+            at=now,
+        )
+    )
+    return frame.drop(columns=["source_name_enc", "record_key_id"])
+
+
+def _file_name(home: Home, row: Any) -> str | None:
+    if not isinstance(row.source_name_enc, bytes | bytearray) or not isinstance(
+        row.record_key_id, str
+    ):
+        return None  # none kept (an unreadable file)
+    try:
+        key = home.keystore.unwrap(str(row.record_key_id))
+    except (KeyDestroyedError, UnknownKeyError):
+        return None
+    return printable(open_fields(key, str(row.quarantine_id), bytes(row.source_name_enc))["name"])
 
 
 def quarantine_export(home: Home, qid: str, out: Path) -> dict[str, Any]:

@@ -51,7 +51,9 @@ def home_status(
     sla = results[-1]
     for state, count in zip(sla.iloc[:, 0], sla.iloc[:, 1], strict=True):
         rows.append({"section": "deletion_sla", "name": str(state), "value": str(count)})
-    drops = scan_drops(home.drops, time.time(), quiet_seconds, incomplete_seconds, home.catalog)
+    drops = scan_drops(
+        home.drops, home.pepper, time.time(), quiet_seconds, incomplete_seconds, home.catalog
+    )
     for state in ("ready", "waiting", "incomplete"):
         n = sum(1 for d in drops if d.state == state)
         rows.append({"section": "drops", "name": state, "value": str(n)})

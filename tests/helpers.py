@@ -16,6 +16,7 @@ from prefect.settings import PREFECT_API_URL
 from dropvault.storage.ducklake import Lake
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
+from dropvault.tasks.drop_names import drop_id_for
 from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.ingest import ingest_batch
 
@@ -61,7 +62,7 @@ def seed(home: Home, owners: dict[str, int], rng: random.Random) -> dict[str, li
             samples.write_drop(home.drops, "fac", drop_id, files, owners={uid: owner})
             studies.setdefault(owner, []).append(uid)
     home.catalog.migrate()
-    for drop in scan_drops(home.drops, time.time(), 0, 86400):
+    for drop in scan_drops(home.drops, home.pepper, time.time(), 0, 86400):
         ingest_batch(home, [(drop, f) for f in drop.files], max_file_bytes=10**9)
     return studies
 
@@ -91,3 +92,8 @@ def req(
         "requested_at": ts(days),
         **extra,
     }
+
+
+def drop_ref(home: Home, facility_id: str, folder: str) -> str:
+    """The keyed id the catalog knows the drop folder ``facility_id/folder`` by."""
+    return drop_id_for(home.pepper, facility_id, folder)

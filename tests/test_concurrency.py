@@ -42,7 +42,7 @@ def test_ingest_and_sweep_in_parallel_with_a_reader(tmp_path: Path) -> None:
         samples.write_drop(home.drops, "fac", f"old-{i}", files, owners={uid: f"user:{i}"})
         old.append((uid, f"user:{i}"))
     home.catalog.migrate()
-    for drop in scan_drops(home.drops, time.time(), 0, 86400):
+    for drop in scan_drops(home.drops, home.pepper, time.time(), 0, 86400):
         ingest_batch(home, [(drop, f) for f in drop.files], max_file_bytes=10**9)
     now = datetime.now(UTC) - timedelta(hours=1)
     home.manifests.put_bytes(

@@ -36,7 +36,7 @@ def dhome(request: pytest.FixtureRequest, tmp_path: Path) -> Home:
 
 def ingest_all(home: Home) -> None:
     home.catalog.migrate()
-    for drop in scan_drops(home.drops, time.time(), 0, 86400):
+    for drop in scan_drops(home.drops, home.pepper, time.time(), 0, 86400):
         ingest_batch(home, [(drop, f) for f in drop.files], max_file_bytes=10**9)
 
 

@@ -248,7 +248,7 @@ def test_drop_trees_never_stop_ingest(
         where = Path(home.drops.path("fac-fuzz", "d1"))
         made += _make(where.joinpath(*parts), kind, rng, outside)
     with _no_leak(caplog):
-        drops = scan_drops(home.drops, time.time() + 3600, 0, 86400, home.catalog)
+        drops = scan_drops(home.drops, home.pepper, time.time() + 3600, 0, 86400, home.catalog)
         work = [(d, f) for d in drops for f in d.files]
         stats = ingest_batch(home, work, max_file_bytes=10**8) if work else None
     if stats is not None:

@@ -22,11 +22,18 @@ from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.exports import ExportError, export_instance
 from dropvault.tasks.quarantine import quarantine_export
 from dropvault.tasks.reconcile import PENDING, record_pending, settle_pending
+from tests.helpers import drop_ref
 
 
 def run(home: Home, **overrides: object) -> ingest_mod.IngestStats:
     settings = Settings.load(quiet_seconds=0, **overrides)
     return ingest_drops(home=home, settings=settings, orphan_grace_seconds=0)
+
+
+def drop_status(home: Home, facility_id: str, folder: str) -> object:
+    """The catalog's status of a drop, found by its keyed id (the folder name is not kept)."""
+    sql = "SELECT status FROM drops WHERE drop_id = ?"
+    return one(home, sql, [drop_ref(home, facility_id, folder)])
 
 
 def one(home: Home, sql: str, params: list[object] | None = None) -> object:
@@ -46,7 +53,10 @@ def test_ingest_catalogs_encrypts_and_cleans_up(home: Home, rng: random.Random) 
     assert (stats.ingested, stats.duplicates, sum(stats.quarantined.values())) == (3, 0, 0)
     assert one(home, "SELECT count(*) FROM instances WHERE study_uid = ?", [study_uid]) == 3
     assert one(home, "SELECT owner FROM studies WHERE study_uid = ?", [study_uid]) == "user:alice"
-    assert one(home, "SELECT status FROM drops WHERE drop_id = 'd1'") == "done"
+    assert (
+        one(home, "SELECT status FROM drops WHERE drop_id = ?", [drop_ref(home, "fac-a", "d1")])
+        == "done"
+    )
     # Every instance has an object, recorded with where it lives (P8).
     assert (
         one(
@@ -196,7 +206,10 @@ def test_incomplete_manifest_waits_then_quarantines(home: Home, rng: random.Rand
     assert len(home.drops.list()) == 2  # file and manifest untouched
     stats = run(home, incomplete_seconds=0.001)
     assert stats.quarantined == {"incomplete_drop": 1}
-    assert one(home, "SELECT status FROM drops WHERE drop_id = 'd1'") == "incomplete"
+    assert (
+        one(home, "SELECT status FROM drops WHERE drop_id = ?", [drop_ref(home, "fac-a", "d1")])
+        == "incomplete"
+    )
     assert home.drops.list() == []
 
 
@@ -269,7 +282,10 @@ def test_a_drop_left_half_done_resumes_at_once(
     assert stats.drops_waiting == 0 and not stats.quarantined
     assert (stats.ingested, stats.duplicates) == (1, 2)
     assert one(home, "SELECT count(*) FROM instances") == 5
-    assert one(home, "SELECT status FROM drops WHERE drop_id = 'd1'") == "done"
+    assert (
+        one(home, "SELECT status FROM drops WHERE drop_id = ?", [drop_ref(home, "fac-a", "d1")])
+        == "done"
+    )
     assert home.drops.list() == []
 
 
@@ -325,7 +341,7 @@ def test_a_file_that_lost_a_commit_race_is_taken_up_next_pass(
     samples.write_drop(home.drops, "fac-a", "d1", files)
     samples.write_drop(home.drops, "fac-b", "d2", {"again.dcm": twice})
     home.catalog.migrate()
-    drops = {d.key: d for d in scan_drops(home.drops, time.time(), 0, 86400)}
+    drops = {d.folder: d for d in scan_drops(home.drops, home.pepper, time.time(), 0, 86400)}
 
     def other_worker_commits_first() -> None:
         monkeypatch.delitem(ingest_mod.FAULTS, "after_vault_write")
@@ -358,15 +374,21 @@ def test_scan_resumes_only_what_the_catalog_accounts_for(home: Home, rng: random
     # d2 lists one file the catalog has (from d1) and one it has never seen; both absent.
     listed = {"x.dcm": files[names[0]], "y.dcm": other[sorted(other)[0]], "z.dcm": b"z"}
     samples.write_drop(home.drops, "fac-a", "d2", {"z.dcm": b"z"}, listed=listed)
-    scan = {d.key: d for d in scan_drops(home.drops, time.time(), 0, 86400, home.catalog)}
+    scan = {
+        d.folder: d
+        for d in scan_drops(home.drops, home.pepper, time.time(), 0, 86400, home.catalog)
+    }
     assert scan["fac-a/d2"].state == "waiting"
     home.drops.delete("fac-a/d2/manifest.json")
     del listed["y.dcm"]
     samples.write_drop(home.drops, "fac-a", "d2", {"z.dcm": b"z"}, listed=listed)
-    assert {d.key: d for d in scan_drops(home.drops, time.time(), 0, 86400)}[
+    assert {d.folder: d for d in scan_drops(home.drops, home.pepper, time.time(), 0, 86400)}[
         "fac-a/d2"
     ].state == "waiting"  # without the catalog nothing can account for x.dcm
-    scan = {d.key: d for d in scan_drops(home.drops, time.time(), 0, 86400, home.catalog)}
+    scan = {
+        d.folder: d
+        for d in scan_drops(home.drops, home.pepper, time.time(), 0, 86400, home.catalog)
+    }
     assert scan["fac-a/d2"].state == "ready"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,11 @@ def test_a_file_swapped_for_a_symlink_after_listing_is_refused(
     samples.write_drop(local_home.drops, "fac-b", "d9", theirs, manifest=False)
     good_drop(local_home, rng, "fac-a", "d1")
     local_home.catalog.migrate()
-    [drop] = [d for d in scan_drops(local_home.drops, 10**10, 0, 86400) if d.facility_id == "fac-a"]
+    [drop] = [
+        d
+        for d in scan_drops(local_home.drops, local_home.pepper, 10**10, 0, 86400)
+        if d.facility_id == "fac-a"
+    ]
     victim = Path(local_home.drops.path(drop.files[0].name))
     victim.unlink()
     victim.symlink_to(Path(local_home.drops.path("fac-b", "d9", next(iter(theirs)))))
@@ -426,3 +431,81 @@ def test_a_beacon_line_rejected_for_two_reasons_counts_once(local_home: Home) ->
         (1, "not_utf8"),
         (2, "malformed"),
     ]
+
+
+def test_a_gzip_bomb_beacon_log_is_set_aside_without_expanding_it(local_home: Home) -> None:
+    """1 MiB of gzip that expands to ~1 GiB: refused after its first MiBs, in well under the
+    minute DuckDB took to expand it; the good log of the day still compiles."""
+    import gzip
+    import time
+
+    day = "2026-11-22"
+    hits = [samples.make_hit(random.Random(i), day) for i in range(30)]
+    samples.write_hits(local_home.beacons, day, hits)
+    zeros = gzip.compress(b"\n" * (64 << 20), compresslevel=9)
+    local_home.beacons.put_bytes(f"{day}/bomb.jsonl.gz", zeros * 16)  # 16 members: 1 GiB
+    started = time.perf_counter()
+    [stats] = compile_beacon_stats(home=local_home)
+    assert time.perf_counter() - started < 20
+    assert stats.lines == 31  # the 30 hits and the bomb's one reject
+    rejects = local_home.catalog.query("SELECT file, line, reason FROM beacon_rejects")
+    assert rejects.values.tolist() == [["bomb.jsonl.gz", 0, "too_large"]]
+    assert [e.name for e in local_home.beacons.list()] == [f"rejected/{day}/bomb.jsonl.gz"]
+
+
+def test_a_beacon_log_over_the_size_bound_is_set_aside(local_home: Home) -> None:
+    day = "2026-11-19"
+    hits = [samples.make_hit(random.Random(i), day) for i in range(30)]
+    samples.write_hits(local_home.beacons, day, hits)
+    bound = local_home.beacons.size(f"{day}/hits.jsonl")
+    local_home.beacons.put_bytes(f"{day}/big.jsonl", b"\n" * (bound + 1))
+    settings = Settings(beacon_max_log_bytes=bound)
+    [stats] = compile_beacon_stats(home=local_home, settings=settings)
+    rejects = local_home.catalog.query("SELECT file, reason FROM beacon_rejects")
+    assert rejects.values.tolist() == [["big.jsonl", "too_large"]]
+    assert stats.lines == 31
+
+
+def test_files_outside_any_drop_folder_are_reported_and_left(
+    local_home: Home, rng: random.Random
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    local_home.drops.put_bytes("fac-a/loose.dcm", b"x" * 10)
+    stats = ingest_drops(home=local_home, settings=QUIET)
+    assert (stats.ingested, stats.drops_waiting) == (2, 1)
+    assert [e.name for e in local_home.drops.list()] == ["fac-a/loose.dcm"]
+    assert "outside any drop folder" in str(
+        scan_drops(local_home.drops, local_home.pepper, 10**10, 0, 86400)[0].why
+    )
+
+
+def test_a_writers_leftover_temporary_file_is_accounted_for_once_stale(
+    local_home: Home, rng: random.Random
+) -> None:
+    good_drop(local_home, rng, "fac-a", "d1")
+    local_home.drops.put_bytes("fac-a/d1/.tmp-abc", b"half a file")
+    settings = Settings(quiet_seconds=0, incomplete_seconds=3600)
+    assert ingest_drops(home=local_home, settings=settings).ingested == 2
+    assert [e.name for e in local_home.drops.list()] == ["fac-a/d1/.tmp-abc"]  # in flight
+    old = time.time() - 7200
+    os.utime(local_home.drops.path("fac-a/d1/.tmp-abc"), (old, old))
+    stats = ingest_drops(home=local_home, settings=settings)
+    assert dict(stats.quarantined) == {"not_dicom": 1}
+    assert local_home.drops.list() == []
+
+
+def test_a_file_where_the_processed_folder_goes_does_not_stop_archiving(
+    local_home: Home, rng: random.Random
+) -> None:
+    [uid] = seed(local_home, {"user:alice": 1}, rng)["user:alice"]
+    local_home.manifests.put_bytes("shares/processed", b"someone's upload")
+    row = {"action": "share", "owner": "user:alice", "study_uid": uid, "requested_at": ts()}
+    write_manifest(local_home, "req.jsonl", [{**row, "request_id": "1", "grantee": "user:b"}])
+    apply_share_manifests(home=local_home)
+    names = sorted(e.name for e in local_home.manifests.list("shares"))
+    assert names == [
+        "shares/processed.file",
+        "shares/processed/req.jsonl",
+        "shares/processed/req.jsonl.results.jsonl",
+    ]
+    assert local_home.catalog.query("SELECT count(*) AS n FROM grants")["n"][0] == 1
