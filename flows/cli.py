@@ -311,13 +311,17 @@ def incident(
     ] = None,
 ) -> None:
     """Record a wrong-access report: revoke the user's grants and print the breach worksheet."""
+    from datetime import UTC, datetime
+
     from dropvault.flows.sharing import report_wrong_access
+    from dropvault.tasks.incidents import file_incident_request
     from dropvault.tasks.manifests import parse_time
 
-    when = parse_time(reported_at) if reported_at else None
+    when = parse_time(reported_at) if reported_at else datetime.now(UTC)
     settings = Settings.load()
     home = settings.build_home()  # refuses a home never made before the flow starts
-    result = report_wrong_access(user, study, when, home=home, settings=settings)
+    request = file_incident_request(home.manifests, user, study, when)
+    result = report_wrong_access(request, home=home, settings=settings)
     typer.echo(result.report_md)
 
 

@@ -9,7 +9,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
-from dropvault.tasks.incidents import Incident, report_incident_task
+from dropvault.tasks.deletion import tombstoned
+from dropvault.tasks.incidents import (
+    REQUESTS,
+    Incident,
+    read_incident_request,
+    report_incident_task,
+    summary_markdown,
+)
+from dropvault.tasks.manifests import redact_rows
 from dropvault.tasks.sharing import (
     ShareResult,
     apply_share_rows_task,
@@ -28,9 +36,12 @@ def apply_share_manifests(
     home.catalog.migrate()
     names, rows = read_pending_task(home.manifests, "shares")
     now = datetime.now(UTC)
-    result = apply_share_rows_task(home.catalog, rows, now, dry_run)
+    # A row naming a study deleted already is recorded (and archived) with its tombstone key.
+    uids = [r.fields.get("study_uid", "") for r in rows if r.fields]
+    deleted = tombstoned(home.catalog, home.pepper, uids)
+    result = apply_share_rows_task(home.catalog, redact_rows(rows, deleted), now, dry_run)
     if not dry_run:
-        archive_manifests_task(home.manifests, "shares", names, result.outcomes)
+        archive_manifests_task(home.manifests, "shares", names, result.outcomes, deleted)
     summary = result.summary()
     get_run_logger().info(
         "share manifests: %s", {k: v for k, v in summary.items() if k != "rejected_by_reason"}
@@ -46,20 +57,30 @@ def apply_share_manifests(
 
 @flow(name="report-wrong-access", validate_parameters=False)
 def report_wrong_access(
-    user: str,
-    study_uid: str,
-    reported_at: datetime | None = None,
+    request: str,
     home: Home | None = None,
     settings: Settings | None = None,
 ) -> Incident:
-    """``user`` saw a study not theirs: trace, revoke, and write the breach worksheet (P5)."""
+    """A user saw a study not theirs: trace, revoke, and write the breach worksheet (P5).
+
+    ``request`` is the id of a report filed with
+    :func:`~dropvault.tasks.incidents.file_incident_request` (the CLI's ``incident`` does
+    both), so the study's UID is never a parameter Prefect stores. The worksheet goes to
+    ``{manifests}/incidents/{incident_id}.md``; the artifact holds only counts and dates."""
     settings = settings or Settings.load()
     home = home or settings.build_home()
     home.catalog.migrate()
     now = datetime.now(UTC)
-    incident = report_incident_task(home.catalog, user, study_uid, reported_at or now, now)
-    home.manifests.put_bytes(f"incidents/{incident.incident_id}.md", incident.report_md.encode())
+    user, study_uid, reported_at = read_incident_request(home.manifests, request)
+    incident = report_incident_task(home.catalog, user, study_uid, reported_at, now)
+    report = f"incidents/{incident.incident_id}.md"
+    home.manifests.put_bytes(report, incident.report_md.encode())
+    home.manifests.move(
+        f"{REQUESTS}/{request}.json", home.manifests, f"{REQUESTS}/processed/{request}.json"
+    )
     create_markdown_artifact(
-        key="incident-report", markdown=incident.report_md, description=incident.incident_id
+        key="incident-report",
+        markdown=summary_markdown(incident, report),
+        description=incident.incident_id,
     )
     return incident

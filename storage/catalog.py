@@ -126,6 +126,11 @@ def tables() -> tuple[str, ...]:
     return tuple(str(t) for (t,) in found)
 
 
+def column_types() -> dict[str, dict[str, str]]:
+    """``{table or view: {column: type}}`` of the schema the migrations make."""
+    return _schema()[1]
+
+
 def relations() -> frozenset[str]:
     """Every table and view the migrations make, lower-cased: what a reader may name."""
     return frozenset(t.lower() for t in _schema()[1]) | {"schema_migrations"}

@@ -195,8 +195,50 @@ _FILE_ERRNOS = frozenset(
         errno.ENXIO,
         errno.ENODEV,
         errno.EINVAL,
+        errno.ENOTEMPTY,  # a folder that got a file between the listing and its removal
+        errno.EBUSY,
+        errno.EROFS,
     }
 )
+
+
+def _unlink_beneath(root: str, path: str) -> None:
+    """Unlink ``path`` below ``root`` without following a symlink on the way: each folder
+    is opened relative to the one before with ``O_NOFOLLOW``, so a folder swapped for a
+    symlink after the listing cannot send the unlink outside the location (ELOOP)."""
+    top = root.rstrip("/")
+    if not path.startswith(top + "/"):
+        raise UnsafeNameError("a path outside its location")
+    *folders, leaf = path[len(top) + 1 :].split("/")
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in folders:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.unlink(leaf, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _not_a_folder(path: str, start: int) -> builtins.list[Entry] | None:
+    """What listing ``path`` gives when it is not a folder that can be read: nothing (gone),
+    the file itself, or one entry with a ``problem`` (a symlink, a FIFO, no permission);
+    None for a folder to walk."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        if not is_file_problem(exc):
+            raise
+        return [Entry(path[start:], 0, 0.0, problem=read_problem(exc))]
+    if stat.S_ISDIR(info.st_mode):
+        return None
+    if stat.S_ISREG(info.st_mode):
+        return [Entry(path[start:], info.st_size, info.st_mtime)]
+    kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "a special file"
+    return [Entry(path[start:], 0, info.st_mtime, problem=f"{kind}, not a regular file")]
 
 
 def is_file_problem(exc: OSError) -> bool:
@@ -346,9 +388,10 @@ class Location:
         """
         entries = []
         start = len(self.root.rstrip("/")) + 1
-        if base != self.root and Path(base).is_symlink():
-            # A symlinked folder is one unreadable entry, never listed (or cleaned) through.
-            return [Entry(base[start:], 0, 0.0, problem="a symlink, not a regular file")]
+        if base != self.root:
+            odd = _not_a_folder(base, start)
+            if odd is not None:
+                return odd
         stack = [base]
         while stack:
             folder = stack.pop()
@@ -357,8 +400,8 @@ class Location:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
-                if folder == base or not is_file_problem(exc):
-                    raise
+                if (folder == self.root) or not is_file_problem(exc):
+                    raise  # the location's own root: the operator's to fix, said plainly
                 entries.append(Entry(folder[start:], 0, 0.0, problem=read_problem(exc)))
                 continue
             for item in items:
@@ -543,6 +586,10 @@ class Location:
                 Path(source).rename(dest_path)  # the entry itself, even a symlink or FIFO
             else:
                 self.fs.mv(source, dest_path)
+                if self.is_object_store and self.versioned:
+                    # A move is a copy and a delete: the source's versions (and the delete
+                    # marker the move left) would keep its bytes readable. None stays.
+                    self.delete(name, unchecked=unchecked)
             return
         with self.open(name, unchecked=unchecked) as src:
             dest.put_stream(dest_name, src)
@@ -564,7 +611,7 @@ class Location:
         self._invalidate(posixpath.dirname(path))
         if self._on_local_disk:
             try:
-                Path(path).unlink()
+                _unlink_beneath(self.root, path)
             except FileNotFoundError:
                 return 0
             return 1
@@ -572,6 +619,25 @@ class Location:
             self.fs.rm(path)
             removed = 1
         return removed
+
+    def rewrite(self, name: str, data: bytes) -> None:
+        """Replace an object's bytes so that no earlier content survives: written atomically,
+        then, on a versioned bucket, every version but the new one removed."""
+        self.put_bytes(name, data)
+        if not (self.is_object_store and self.versioned):
+            return
+        latest = self._latest_version(name)
+        for version in self.versions(name):
+            if version != latest:
+                self._delete_version(self.path(name), version)
+
+    def _latest_version(self, name: str) -> str | None:
+        from fsspec.asyn import sync
+
+        bucket, key = self.path(name).split("/", 1)
+        fs: Any = self.fs
+        head = sync(fs.loop, fs._call_s3, "head_object", Bucket=bucket, Key=key)
+        return head.get("VersionId")
 
     def remaining(self, name: str) -> int:
         """What is left of an object: its versions and delete markers on a versioned bucket,
@@ -628,8 +694,8 @@ class Location:
         base = f"{self.root}/{prefix}" if unchecked else self.path(prefix)
         if self.is_local:
             root = Path(base)
-            if not root.exists() or root.is_symlink():
-                return
+            if root.is_symlink() or not root.is_dir():
+                return  # gone, a symlink, or a FIFO or file where a folder was
             folders = (p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())
             for d in sorted(folders, reverse=True):
                 if not any(d.iterdir()):

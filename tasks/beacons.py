@@ -25,7 +25,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import duckdb
 import pandas as pd
@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.errors import retry_transient
-from dropvault.storage.locations import Entry, Location, is_safe_name
+from dropvault.storage.locations import Entry, Location, is_file_problem, is_safe_name
 from dropvault.tasks.audit import audit as audit_event
 from dropvault.tasks.phi import keyed_hash
 from dropvault.tasks.suppression import TOTAL, audit, suppress, with_margins
@@ -100,12 +100,23 @@ def pending_days(beacons: Location) -> list[str]:
     days = []
     for name in beacons.list_dirs():
         try:
+            # Only YYYY-MM-DD: fromisoformat alone takes 20260210, which DuckDB's DATE cast
+            # refuses, and such a folder would stop every later day.
+            if not DAY.fullmatch(name):
+                continue
             date.fromisoformat(name)
         except ValueError:
             continue
-        if any(e.name.endswith(SUFFIXES) for e in beacons.list(name)):
+        entries = beacons.list(name)
+        if any(e.problem and e.name == name for e in entries):
+            log.warning("a beacon day folder cannot be read (%s): skipped", entries[0].problem)
+            continue
+        if any(e.name.endswith(SUFFIXES) for e in entries):
             days.append(name)
     return days
+
+
+DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 # The Parquet export's columns (those of beacon_stats, storage/schema/004_beacons.sql).
@@ -172,7 +183,9 @@ def compile_day(
     listed = [e.name for e in entries if not _refused(e)]
     sends_name = f"{day}/{SENDS}" if f"{day}/{SENDS}" in listed else None
     names = [n for n in listed if n.endswith(SUFFIXES) and n != sends_name]
-    stats.files = len(names) + len(refused)
+    # Anything else in the day folder (hits.json, more.log) is not read, but accounted for.
+    others = [n for n in listed if n not in names and n != sends_name]
+    stats.files = len(names) + len(refused) + len(others)
     with tempfile.TemporaryDirectory(prefix="dv-beacons-") as tmp:
         con = duckdb.connect()
         con.execute(f"SET memory_limit = '{memory_limit}'")
@@ -180,7 +193,9 @@ def compile_day(
         con.execute("CREATE TABLE bad (file VARCHAR, line_no BIGINT, reason VARCHAR)")
         for name in refused:
             con.execute("INSERT INTO bad VALUES (?, 0, 'unreadable')", [_shown(name)])
-        unreadable = _load_logs(con, beacons, names, max_log_bytes) + refused
+        for name in others:
+            con.execute("INSERT INTO bad VALUES (?, 0, 'not_a_log')", [_shown(name)])
+        unreadable = _load_logs(con, beacons, names, max_log_bytes) + refused + others
         _classify_hits(con)
         _count(con, stats)
         agg = con.execute(
@@ -271,9 +286,10 @@ def _load_logs(
     for name in names:
         path = beacons.duckdb_source(con, name)
         short = name.rsplit("/", 1)[-1]
-        if not _within(beacons, name, max_bytes):
-            log.warning("a beacon log is over the size bound and is set aside")
-            con.execute("INSERT INTO bad VALUES (?, 0, 'too_large')", [short])
+        refused = _refusal(beacons, name, max_bytes)
+        if refused is not None:
+            log.warning("a beacon log is set aside unread (%s)", refused)
+            con.execute("INSERT INTO bad VALUES (?, 0, ?)", [short, refused])
             unreadable.append(name)
             continue
         con.begin()
@@ -298,27 +314,38 @@ BOMB_RATIO = 200
 BOMB_FLOOR = 16 << 20
 
 
-def _within(beacons: Location, name: str, max_bytes: int) -> bool:
-    """Whether a log stays within ``max_bytes`` decompressed (streamed, memory bounded).
-    A gzip that cannot be decompressed is left for DuckDB to report as unreadable."""
-    if not name.endswith(".gz"):
-        return beacons.size(name) <= max_bytes
-    inflate = zlib.decompressobj(wbits=47)  # gzip or zlib header
+def _refusal(beacons: Location, name: str, max_bytes: int) -> str | None:
+    """Why a log is set aside before DuckDB reads it (``too_large``, ``unreadable``), or
+    None. A gzip is streamed through (memory bounded) to learn its decompressed size; one
+    zlib cannot decompress is refused here, since DuckDB's reader accepts some that zlib
+    does not (a header with unknown flags) and would expand them without the bound."""
+    try:
+        if not name.endswith(".gz"):
+            return "too_large" if beacons.size(name) > max_bytes else None
+        with beacons.open(name) as src:
+            return _gzip_refusal(src, max_bytes)
+    except OSError as exc:
+        if not is_file_problem(exc):
+            raise  # the store's trouble: the task retries
+        return "unreadable"
+
+
+def _gzip_refusal(src: IO[bytes], max_bytes: int) -> str | None:
+    inflate = zlib.decompressobj(wbits=31)  # gzip only
     read = out = 0
-    with beacons.open(name) as src:
-        while chunk := src.read(1 << 20):
-            read += len(chunk)
-            while chunk:
-                try:
-                    out += len(inflate.decompress(chunk, 1 << 22))
-                except zlib.error:
-                    return True
-                if out > max_bytes or (out > BOMB_FLOOR and out > BOMB_RATIO * read):
-                    return False
-                chunk = inflate.unconsumed_tail
-                if inflate.eof and inflate.unused_data:  # a second gzip member follows
-                    chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=47)
-    return True
+    while chunk := src.read(1 << 20):
+        read += len(chunk)
+        while chunk:
+            try:
+                out += len(inflate.decompress(chunk, 1 << 22))
+            except zlib.error:
+                return "unreadable"
+            if out > max_bytes or (out > BOMB_FLOOR and out > BOMB_RATIO * read):
+                return "too_large"
+            chunk = inflate.unconsumed_tail
+            if inflate.eof and inflate.unused_data.strip(b"\0"):  # another gzip member
+                chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+    return None
 
 
 def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:

@@ -32,9 +32,10 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dropvault.storage.catalog import Catalog, insert_rows
-from dropvault.storage.errors import retry_transient
+from dropvault.storage.catalog import Catalog, insert_rows, key_columns
+from dropvault.storage.errors import TerminalError, retry_transient
 from dropvault.storage.home import Home
+from dropvault.storage.identifiers import columns_of_kind
 from dropvault.tasks.audit import audit
 from dropvault.tasks.manifests import (
     ManifestRow,
@@ -43,8 +44,9 @@ from dropvault.tasks.manifests import (
     checked_row,
     content_hash,
     parse_request_time,
+    redact_manifests,
 )
-from dropvault.tasks.phi import study_key
+from dropvault.tasks.phi import DELETED_PREFIX, redact, study_key, tombstone_ref
 from dropvault.tasks.reasons import RejectReason
 from dropvault.tasks.sharing import GrantEvent, insert_grant_events, recompute_grants
 
@@ -144,6 +146,8 @@ def register_requests(
             continue
         if req["study_uid"] == "*":
             reason = None if req["owner"] in owners_with_studies else RejectReason.UNKNOWN_OWNER
+        elif req["study_uid"].startswith(DELETED_PREFIX):
+            reason = RejectReason.STUDY_DELETED
         elif req["study_uid"] not in study_owner:
             reason = RejectReason.UNKNOWN_STUDY
         else:
@@ -185,8 +189,9 @@ class StudyOutcome:
 
 def pending_requests(catalog: Catalog) -> pd.DataFrame:
     return catalog.query(
-        "SELECT request_id, owner, study_uid, keep_archive, requested_at, due_at"
-        " FROM deletion_requests WHERE status = 'pending' ORDER BY due_at, request_id"
+        "SELECT request_id, owner, study_uid, keep_archive, requested_at, due_at, status"
+        " FROM deletion_requests WHERE status IN ('pending', 'failed')"
+        " ORDER BY due_at, request_id"
     )
 
 
@@ -202,8 +207,9 @@ class _Sweep:
     """One batch of studies through the named stages of a deletion, in an order a killed
     sweep resumes from (README, "Deletion"): :meth:`mark` (revoke, mark, tombstone, record
     what must go), :meth:`archive` (the owner's election), :meth:`shred` (destroy the record
-    keys), :meth:`delete_objects` (every version), :meth:`delete_rows` (keep legal history
-    under the tombstone key), :meth:`verify`. Each stage is one transaction or one call."""
+    keys), :meth:`delete_objects` (every version), :meth:`redact_files` (processed
+    manifests and incident reports), :meth:`delete_rows` (keep legal history under the
+    tombstone key), :meth:`verify`. Each stage is one transaction or one call."""
 
     def __init__(self, home: Home, work: list[StudyWork], now: datetime) -> None:
         self.home = home
@@ -398,7 +404,14 @@ class _Sweep:
             if obj.kind == "quarantine":
                 location.delete(str(obj.name)[: -len(".dvlt")] + ".json")
 
-    # -- 5. the rows; legal history stays under the tombstone key -------------------------
+    # -- 5. files that quote the UIDs (processed manifests, incident reports) -------------
+
+    def redact_files(self) -> None:
+        """Before the rows go: a sweep stopped after this still knows the UIDs to redact."""
+        replacements = {u: tombstone_ref(self.home.pepper, u) for u in self.to_delete}
+        redact_manifests(self.home.manifests, replacements)
+
+    # -- 6. the rows; legal history stays under the tombstone key -------------------------
 
     def delete_rows(self) -> None:
         self.home.catalog.write(self._delete_rows)
@@ -406,7 +419,10 @@ class _Sweep:
     def _delete_rows(self, con: duckdb.DuckDBPyConnection) -> None:
         delete = self.to_delete
         mapping = pd.DataFrame(
-            {"study_uid": delete, "replacement": [f"deleted:{self.keys[u]}" for u in delete]}
+            {
+                "study_uid": delete,
+                "replacement": [tombstone_ref(self.home.pepper, u) for u in delete],
+            }
         )
         con.register("_deleted", mapping)
         try:
@@ -427,7 +443,10 @@ class _Sweep:
                 "DELETE FROM studies WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))", [delete]
             )
             _fault("mid_finish")
-            for table in HISTORY_TABLES:
+            _redact_quoting(
+                con, dict(zip(mapping["study_uid"], mapping["replacement"], strict=True))
+            )
+            for table in history_tables():
                 con.execute(
                     f"UPDATE {table} SET study_uid = d.replacement FROM _deleted d"  # noqa: S608
                     f" WHERE {table}.study_uid = d.study_uid"
@@ -463,7 +482,7 @@ class _Sweep:
             at=self.now,
         )
 
-    # -- 6. verify: no version of any former object, no key that unwraps -----------------
+    # -- 7. verify: no version of any former object, no key that unwraps -----------------
 
     def verify(self) -> None:
         left: dict[str, int] = {}
@@ -479,8 +498,36 @@ class _Sweep:
             outcome.verified = left.get(uid, 0) == 0 and not (keys_of.get(uid, set()) & live)
 
 
-# Tables whose rows outlive a deleted study, with the UID replaced by its tombstone key.
-HISTORY_TABLES = ("grants", "grant_events", "disclosures", "share_requests", "deletion_requests")
+def _redact_quoting(con: duckdb.DuckDBPyConnection, replacements: dict[str, str]) -> None:
+    """Free text that quotes a deleted study's UID (an incident's report), on the rows that
+    name the study: the UID replaced by its tombstone key, in place."""
+    for table, column in columns_of_kind("quoting:study"):
+        keys = key_columns()[table]
+        rows = con.execute(
+            f"SELECT {', '.join(keys)}, study_uid, {column} FROM {table}"  # noqa: S608
+            " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
+            [list(replacements)],
+        ).fetchall()
+        where = " AND ".join(f"{k} = ?" for k in keys)
+        updates = [
+            [redact(str(r[-1]), replacements), *r[: len(keys)]] for r in rows if r[-1] is not None
+        ]
+        if updates:
+            con.executemany(
+                f"UPDATE {table} SET {column} = ? WHERE {where}",  # noqa: S608
+                updates,
+            )
+
+
+# Tables whose rows go with a deleted study; every other table with a study UID column
+# (storage/identifiers.py) is history, kept with the UID replaced by its tombstone key.
+REMOVED_WITH_STUDY = ("instances", "quarantine", "studies")
+
+
+def history_tables() -> list[str]:
+    """Tables whose rows outlive a deleted study (grants, events, requests, disclosures,
+    incidents, and any table a later migration adds with a ``study_uid``)."""
+    return sorted({t for t, _ in columns_of_kind("study")} - set(REMOVED_WITH_STUDY))
 
 
 def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[StudyOutcome]:
@@ -497,10 +544,24 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
     _fault("after_shred")
     sweep.delete_objects()
     _fault("after_objects")
+    sweep.redact_files()
     sweep.delete_rows()
     _fault("after_finish")
     sweep.verify()
     return list(sweep.outcomes.values())
+
+
+def tombstoned(catalog: Catalog, pepper: bytes, uids: list[str]) -> dict[str, str]:
+    """``{uid: tombstone ref}`` for those of ``uids`` whose study was deleted: a manifest
+    that names one is archived with the tombstone key in its place."""
+    keys = {study_key(pepper, u): u for u in set(uids) if u and u != "*"}
+    if not keys:
+        return {}
+    found = catalog.query(
+        "SELECT study_key FROM tombstones WHERE study_key IN (SELECT unnest(?::VARCHAR[]))",
+        [sorted(keys)],
+    )
+    return {keys[str(k)]: "deleted:" + str(k) for k in found["study_key"]}
 
 
 def verify_recorded(home: Home, request_ids: list[str]) -> dict[str, bool]:
@@ -531,6 +592,7 @@ class SweepResult:
     resumed: int = 0  # requests whose rows an interrupted run deleted, verified by this one
     sla: dict[str, int] = field(default_factory=dict)
     planned: list[dict[str, Any]] = field(default_factory=list)  # dry run only
+    request_ids: list[str] = field(default_factory=list)  # carried out by this run
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -571,7 +633,10 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
             found = con.execute(
                 "SELECT w.request_id, w.owner, s.study_uid, w.keep_archive FROM _wanted w"
                 " JOIN studies s ON s.owner = w.owner AND (w.scope = '*' OR s.study_uid = w.scope)"
-                " WHERE s.status IN ('active', 'deleting') ORDER BY w.request_id, s.study_uid"
+                " WHERE s.status IN ('active', 'deleting')"
+                # An archived study deleted again, without keep_archive: its archive goes.
+                " OR (s.status = 'archived' AND NOT w.keep_archive)"
+                " ORDER BY w.request_id, s.study_uid"
             ).fetchall()
         finally:
             con.unregister("_wanted")
@@ -602,7 +667,15 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
         )
         for rid, outs in per_request.items()
     ]
-    result.resumed = sum(1 for rid, outs in per_request.items() if not outs and rid in recorded)
+    # Resumed: an interrupted run deleted its rows (recorded objects to verify), or its
+    # compaction scan failed (status 'failed'): either way this run compacts again.
+    failed_before = {str(r.request_id) for r in reqs if getattr(r, "status", "") == "failed"}
+    result.resumed = sum(
+        1
+        for rid, outs in per_request.items()
+        if not outs and (rid in recorded or rid in failed_before)
+    )
+    result.request_ids = list(per_request)
     verified = [
         rid
         for rid, outs in per_request.items()
@@ -611,7 +684,8 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
 
     def complete(con: duckdb.DuckDBPyConnection) -> None:
         con.executemany(
-            "UPDATE deletion_requests SET status = 'completed', completed_at = ?,"
+            "UPDATE deletion_requests SET status = 'completed', outcome = 'applied',"
+            " completed_at = ?,"
             " verified_at = ?, studies = ?, objects = ? WHERE request_id = ?",
             rows,
         )
@@ -623,6 +697,23 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
     home.catalog.write(complete)
     result.requests_done = len(rows)
     return result
+
+
+class CatalogScanFailed(TerminalError, RuntimeError):
+    """After compaction, the byte scan still found a deleted study's identifier."""
+
+
+def mark_unverified(catalog: Catalog, request_ids: list[str], reason: str) -> None:
+    """Requests whose deletion could not be proven: ``failed`` (with the reason in
+    ``outcome``), not verified, and taken again by the next sweep."""
+    if request_ids:
+        catalog.write(
+            lambda con: con.execute(
+                "UPDATE deletion_requests SET status = 'failed', verified_at = NULL,"
+                " outcome = ? WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
+                ["failed:" + reason, request_ids],
+            )
+        )
 
 
 def compact_catalog(
@@ -641,7 +732,9 @@ def compact_catalog(
     catalog.compact()  # also after a resumed deletion: its rows went in the interrupted run
     needles = deleted_uids if len(deleted_uids) <= sample else random.sample(deleted_uids, sample)
     if needles and catalog.holds(needles):
-        raise RuntimeError("deleted identifiers are still in the catalog's files after compaction")
+        raise CatalogScanFailed(
+            "deleted identifiers are still in the catalog's files after compaction"
+        )
     if not needles:
         return f"compacted after {resumed} resumed deletion(s)"
     return f"compacted, byte scan of {len(needles)} UIDs clean"

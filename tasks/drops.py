@@ -46,6 +46,7 @@ from dropvault.storage.locations import Entry, Location, is_file_problem, is_saf
 from dropvault.tasks.drop_names import drop_id_for
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # ~400,000 listed files; a larger one is malformed
 TMP_PREFIX = ".tmp-"
 
 DropState = Literal["ready", "waiting", "incomplete"]
@@ -267,6 +268,8 @@ def _drop(
         return Drop(facility_id, drop_id, files, False, state, why, folder=folder)
     overdue = clock.now - manifest_entry.mtime >= clock.incomplete_seconds
     try:
+        if manifest_entry.size > MAX_MANIFEST_BYTES:
+            raise ValueError("manifest too large")  # read whole, it could exhaust memory
         listed, owners = _parse_manifest(drops.read_bytes(manifest_entry.name, unchecked=True))
     except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
         if isinstance(exc, OSError) and not is_file_problem(exc):

@@ -3,6 +3,7 @@ allowed it is revoked, and a breach worksheet with its 60-day deadline is writte
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,10 +15,48 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dropvault.storage.catalog import Catalog, insert_rows
+from dropvault.storage.locations import Location
 from dropvault.tasks.audit import audit
 from dropvault.tasks.sharing import GrantEvent, recompute_grants
 
 NOTIFY_WITHIN = timedelta(days=60)
+# A report is filed as a request file, and the flow takes only its id: the study UID
+# never becomes a flow-run parameter in the orchestrator's database.
+REQUESTS = "incidents/requests"
+
+
+def file_incident_request(
+    manifests: Location, user: str, study_uid: str, reported_at: datetime
+) -> str:
+    """Write a wrong-access report under ``{manifests}/incidents/requests/``; returns its id
+    (what ``report_wrong_access`` takes)."""
+    request_id = "ir_" + uuid.uuid4().hex[:16]
+    doc = {"user": user, "study_uid": study_uid, "reported_at": reported_at.isoformat()}
+    manifests.put_bytes(f"{REQUESTS}/{request_id}.json", json.dumps(doc).encode())
+    return request_id
+
+
+def read_incident_request(manifests: Location, request_id: str) -> tuple[str, str, datetime]:
+    """``(user, study_uid, reported_at)`` of a filed report."""
+    if not request_id.startswith("ir_") or not request_id[3:].isalnum():
+        raise ValueError("an incident request id looks like ir_<hex>")
+    try:
+        doc = json.loads(manifests.read_bytes(f"{REQUESTS}/{request_id}.json"))
+    except FileNotFoundError:
+        raise LookupError(f"no incident request {request_id}") from None
+    return str(doc["user"]), str(doc["study_uid"]), datetime.fromisoformat(doc["reported_at"])
+
+
+def summary_markdown(incident: Incident, report_name: str) -> str:
+    """What the orchestrator keeps of an incident (its artifact): counts and dates, no
+    study identifier; the worksheet itself is ``report_name`` in the manifests location."""
+    return (
+        f"# Incident {incident.incident_id}\n\n"
+        f"- Grants revoked: {len(incident.revoked)}\n"
+        f"- People who had access: {len(incident.people)}\n"
+        f"- Notification deadline: **{incident.notify_by.date().isoformat()}**\n"
+        f"- Worksheet: `{report_name}` (in the manifests location)\n"
+    )
 
 
 @dataclass

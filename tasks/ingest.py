@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import time
 import uuid
 from collections import Counter
@@ -49,12 +50,14 @@ from dropvault.tasks.quarantine import (
     quarantine_file,
     quarantine_id,
     quarantine_object_name,
+    quarantine_shredded,
     quarantine_unreadable,
     unreadable_id,
 )
 from dropvault.tasks.reasons import QuarantineReason
 from dropvault.tasks.reconcile import clear_pending, record_pending
 
+log = logging.getLogger(__name__)
 IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept for the batch
 
 
@@ -110,7 +113,7 @@ class IngestStats:
             "ingested": self.ingested,
             "duplicates": self.duplicates,
             "quarantined": sum(self.quarantined.values()),
-            "quarantined_by_reason": dict(sorted(self.quarantined.items())),
+            "quarantined_by_reason": {str(r): n for r, n in sorted(self.quarantined.items())},
             "bytes": self.bytes,
             "seconds": round(self.seconds, 3),
             "drops_done": self.drops_done,
@@ -230,13 +233,11 @@ def _existing(
     )
 
 
-def _check(item: _Read, max_file_bytes: int) -> tuple[QuarantineReason, str] | None:
+def _check(item: _Read) -> tuple[QuarantineReason, str] | None:
     """The quarantine reason for a file, or None when it is a valid DICOM file."""
     drop, f = item.drop, item.file
     if not f.safe:
         return QuarantineReason.UNSAFE_NAME, "file name escapes its drop"
-    if f.size > max_file_bytes:
-        return QuarantineReason.TOO_LARGE, f"file is over the {max_file_bytes}-byte limit"
     if drop.state == "incomplete":
         return QuarantineReason.INCOMPLETE_DROP, drop.why or "manifest never completed"
     if f.expected_sha256 and f.expected_sha256 != item.sha256:
@@ -275,7 +276,8 @@ class _Batch:
         self.vault: Vault = home.vault_store()
         self.stats = IngestStats()
         self.quarantined: list[Quarantined] = []
-        self.unreadable: list[tuple[Drop, DropFile, str, str]] = []  # drop, file, qid, detail
+        # drop, file, qid, detail, reason: files reported without being read or stored
+        self.unreadable: list[tuple[Drop, DropFile, str, str, QuarantineReason]] = []
         self.known_quarantine: set[str] = set()
         self.to_remove: list[str] = []
         self.to_quarantine: list[tuple[_Read, QuarantineReason, str, str | None]] = []
@@ -329,6 +331,21 @@ class _Batch:
         for item, reason, detail, study_uid in self.to_quarantine:
             if item.quarantine_id in self.known_quarantine:
                 continue  # the same file listed twice in this batch
+            if reason == QuarantineReason.DELETED_BY_OWNER:
+                # Never stored under a live key: a PHI-free record, and the source goes.
+                self.quarantined.append(
+                    quarantine_shredded(
+                        self.home,
+                        facility_id=item.drop.facility_id,
+                        drop_id=item.drop.drop_id,
+                        qid=item.quarantine_id,
+                        size=item.file.size,
+                        sha256=item.sha256,
+                        now=self.now,
+                    )
+                )
+                self.known_quarantine.add(item.quarantine_id)
+                continue
             with self.open_source(item) as src:
                 self.quarantined.append(
                     quarantine_file(
@@ -355,7 +372,12 @@ class _Batch:
         place, a path past the length limit) is noted for :meth:`report_unreadable`."""
         reads: list[_Read] = []
         for drop, f in self.work:
-            detail = f.problem
+            detail, reason = f.problem, QuarantineReason.UNREADABLE
+            if not detail and f.size > self.max_file_bytes:
+                # Not read at all (a sparse terabyte costs a facility nothing to drop, and
+                # would cost the quarantine its size): reported once, left in place.
+                detail = f"file is over the {self.max_file_bytes}-byte limit; left in its drop"
+                reason = QuarantineReason.TOO_LARGE
             if not detail:
                 try:
                     reads.append(self.read_one(drop, f))
@@ -369,18 +391,18 @@ class _Batch:
                 qid = unreadable_id(
                     self.home.pepper, drop.facility_id, drop.drop_id, f.name, f.size, f.mtime
                 )
-                self.unreadable.append((drop, f, qid, detail))
+                self.unreadable.append((drop, f, qid, detail, reason))
             self.stats.files_seen += 1
             self.stats.count(drop, "files_seen")
         return reads
 
     def report_unreadable(self) -> None:
         """Catalog rows for unreadable files not reported before; the files stay in place."""
-        for drop, f, qid, detail in self.unreadable:
+        for drop, f, qid, detail, reason in self.unreadable:
             if qid in self.known_quarantine:
                 continue  # reported by an earlier run, unchanged since
             self.known_quarantine.add(qid)
-            self.stats.quarantined[QuarantineReason.UNREADABLE] += 1
+            self.stats.quarantined[reason] += 1
             self.stats.count(drop, "quarantined")
             self.quarantined.append(
                 quarantine_unreadable(
@@ -391,6 +413,7 @@ class _Batch:
                     size=f.size,
                     detail=detail,
                     now=self.now,
+                    reason=reason,
                 )
             )
 
@@ -399,7 +422,7 @@ class _Batch:
         parsed: list[_Read] = []
         rejected: list[_Rejected] = []
         for item in reads:
-            problem = _check(item, self.max_file_bytes)
+            problem = _check(item)
             if problem is not None:
                 rejected.append((item, *problem))
                 continue
@@ -425,7 +448,7 @@ class _Batch:
             self.home,
             [h.sop_instance_uid for h in headers],
             sorted({h.study_uid for h in headers}),
-            [r.quarantine_id for r in reads] + [qid for *_, qid, _ in self.unreadable],
+            [r.quarantine_id for r in reads] + [u[2] for u in self.unreadable],
         )
         self.report_unreadable()
         for item, reason, detail in rejected:
@@ -784,16 +807,29 @@ def finish_drops(home: Home, drops: list[Drop]) -> dict[str, bool]:
     """Remove manifests and empty folders of drops whose every file is handled."""
     finished = {}
     for drop in drops:
-        listed = home.drops.list(drop.folder, unchecked=True)
-        left = [e for e in listed if e.name != drop.manifest_name]
-        if left:
+        try:
+            finished[drop.key] = _finish(home, drop)
+        except OSError as exc:
+            if not is_file_problem(exc):
+                raise  # the store's trouble: the task retries
+            # A folder the service account cannot empty (read-only, not a folder at all):
+            # the drop stays partial and is recorded; the error's path is not repeated.
+            problem = read_problem(exc)
+            log.warning(
+                "drop %s/%s cannot be cleaned up (%s)", drop.facility_id, drop.drop_id, problem
+            )
             finished[drop.key] = False
-            continue
-        if drop.manifest_name:
-            home.drops.delete(drop.manifest_name, unchecked=True)
-        home.drops.rmdir_empty(drop.folder, unchecked=True)
-        finished[drop.key] = True
     return finished
+
+
+def _finish(home: Home, drop: Drop) -> bool:
+    listed = home.drops.list(drop.folder, unchecked=True)
+    if [e for e in listed if e.name != drop.manifest_name]:
+        return False
+    if drop.manifest_name:
+        home.drops.delete(drop.manifest_name, unchecked=True)
+    home.drops.rmdir_empty(drop.folder, unchecked=True)
+    return True
 
 
 # Prefect wrappers: one task run per batch (a task run costs ~5 ms; per-file work is plain

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from dropvault.storage.errors import TerminalError
 from dropvault.storage.locations import Location, is_file_problem, is_safe_name
+from dropvault.tasks.phi import redact
 from dropvault.tasks.reasons import RejectReason
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,9 @@ def _row(name: str, line: int, doc: dict[str, Any]) -> ManifestRow:
     return ManifestRow(name, line, fields)
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # a share or deletion manifest larger than this is not read
+
+
 def read_pending(location: Location, kind: str) -> tuple[list[str], list[ManifestRow]]:
     """Every pending manifest's rows. One that cannot be read (a symlink, a special file,
     no permission) is one ``rejected:unreadable`` row, and is archived like the others."""
@@ -209,6 +213,9 @@ def read_pending(location: Location, kind: str) -> tuple[list[str], list[Manifes
     rows: list[ManifestRow] = []
     for name in names:
         try:
+            if location.size(name) > MAX_MANIFEST_BYTES:
+                rows.append(ManifestRow(name, 0, None, RejectReason.TOO_LARGE))
+                continue  # read whole, it could exhaust memory; archived unread
             raw = location.read_bytes(name)
         except FileNotFoundError:
             raise  # gone since the listing: another sweep took it (the retry lists again)
@@ -287,8 +294,25 @@ def _clear_processed(location: Location, kind: str) -> None:
     location.move(folder, location, f"{kind}/{aside}", unchecked=True)
 
 
+def redact_rows(rows: list[ManifestRow], replacements: dict[str, str]) -> list[ManifestRow]:
+    """Rows with each deleted study's UID replaced by its tombstone key, so a request that
+    names a deleted study is recorded (and refused, ``study_deleted``) without the UID."""
+    if not replacements:
+        return rows
+    return [
+        ManifestRow(r.manifest, r.line, {**r.fields, "study_uid": replacements[uid]}, r.error)
+        if r.fields and (uid := r.fields.get("study_uid", "")) in replacements
+        else r
+        for r in rows
+    ]
+
+
 def archive_manifests(
-    location: Location, kind: str, names: list[str], outcomes: dict[str, list[dict[str, Any]]]
+    location: Location,
+    kind: str,
+    names: list[str],
+    outcomes: dict[str, list[dict[str, Any]]],
+    replacements: dict[str, str] | None = None,
 ) -> None:
     """Write each manifest's results beside it in ``processed/``, then move it there. A name
     already in ``processed/`` (an owner's portal reusing ``requests.jsonl``) gets a number
@@ -298,5 +322,45 @@ def archive_manifests(
     for name in names:
         base = _free_name(location, f"{kind}/{PROCESSED}", posixpath.basename(name))
         results = "".join(json.dumps(r, default=str) + "\n" for r in outcomes.get(name, []))
+        results = redact(results, replacements or {})
         location.put_bytes(f"{kind}/{PROCESSED}/{base}.results.jsonl", results.encode())
+        redacted = _redacted(location, name, replacements) if replacements else None
+        if redacted is not None:
+            # It names a study deleted already: archived with the tombstone key instead.
+            location.rewrite(f"{kind}/{PROCESSED}/{base}", redacted)
+            location.delete(name)
+            continue
         location.move(name, location, f"{kind}/{PROCESSED}/{base}")
+
+
+# Folders of the manifests location whose files can quote a study UID once processed.
+QUOTING_FOLDERS = ("shares", "deletions", "incidents")
+
+
+def redact_manifests(location: Location, replacements: dict[str, str]) -> int:
+    """Rewrite every processed manifest, results file and incident report that quotes a
+    deleted study's UID, with its tombstone key instead (each file atomically, no earlier
+    version kept). Pending manifests are left to their flow, which archives them redacted.
+    Returns how many files were rewritten."""
+    if not replacements:
+        return 0
+    changed = 0
+    for folder in QUOTING_FOLDERS:
+        for entry in location.list(folder):
+            rel = entry.name[len(folder) + 1 :]
+            if entry.problem or not is_safe_name(entry.name):
+                continue
+            if folder != "incidents" and not rel.startswith(PROCESSED + "/"):
+                continue
+            redacted = _redacted(location, entry.name, replacements)
+            if redacted is not None:
+                location.rewrite(entry.name, redacted)
+                changed += 1
+    return changed
+
+
+def _redacted(location: Location, name: str, replacements: dict[str, str]) -> bytes | None:
+    """The file's bytes with the identifiers replaced, or None when it quotes none."""
+    text = location.read_bytes(name).decode("utf-8", "surrogateescape")
+    new = redact(text, replacements)
+    return None if new == text else new.encode("utf-8", "surrogateescape")

@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+import re
 import secrets
 
 from cryptography.hazmat.primitives import hashes
@@ -52,3 +54,25 @@ def open_fields(record_key: bytes, context: str, sealed: bytes) -> dict[str, str
 def study_key(pepper: bytes, study_uid: str) -> str:
     """The tombstone key of a study (a keyed hash: the catalog never keeps a deleted UID)."""
     return "st_" + keyed_hash(pepper, "study", study_uid)
+
+
+DELETED_PREFIX = "deleted:"
+
+
+def tombstone_ref(pepper: bytes, study_uid: str) -> str:
+    """What stands for a deleted study's UID wherever history keeps a row or a file."""
+    return DELETED_PREFIX + study_key(pepper, study_uid)
+
+
+def redact(text: str, replacements: dict[str, str]) -> str:
+    """``text`` with each whole identifier in ``replacements`` (a UID: digits and dots)
+    replaced, never a part of a longer one (``1.2.3`` is left alone inside ``1.2.3.4``)."""
+    if not replacements:
+        return text
+    pattern = _identifiers(tuple(sorted(replacements, key=len, reverse=True)))
+    return pattern.sub(lambda m: replacements[m.group(0)], text)
+
+
+@functools.lru_cache(maxsize=16)
+def _identifiers(olds: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(r"(?<![0-9.])(?:" + "|".join(map(re.escape, olds)) + r")(?![0-9.])")

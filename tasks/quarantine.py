@@ -170,16 +170,17 @@ def quarantine_unreadable(
     size: int,
     detail: str,
     now: datetime,
+    reason: QuarantineReason = QuarantineReason.UNREADABLE,
 ) -> Quarantined:
-    """The catalog row for a file of a drop that cannot be read (a symlink, a special file,
-    no permission, a path past the length limit). Nothing is stored and the file stays where
-    the facility put it, so nothing is lost; the row tells the facility and the operator.
-    Its name is not kept: the file is in its drop for whoever can read it there."""
+    """The catalog row for a file of a drop that is not read (a symlink, a special file,
+    no permission, a path past the length limit; or ``too_large``). Nothing is stored and
+    the file stays where the facility put it, so nothing is lost; the row tells the facility
+    and the operator. Its name is not kept: the file is in its drop for whoever can read it."""
     row = quarantine_row(
         qid=qid,
         facility_id=facility_id,
         drop_id=drop_id,
-        reason=QuarantineReason.UNREADABLE,
+        reason=reason,
         detail=detail,
         object_id="",  # nothing stored
         study_uid=None,
@@ -188,7 +189,36 @@ def quarantine_unreadable(
         name_enc=None,
         at=now,
     )
-    return Quarantined(qid, QuarantineReason.UNREADABLE, row, None)
+    return Quarantined(qid, QuarantineReason(reason), row, None)
+
+
+def quarantine_shredded(
+    home: Home,
+    *,
+    facility_id: str,
+    drop_id: str,
+    qid: str,
+    size: int,
+    sha256: str,
+    now: datetime,
+) -> Quarantined:
+    """The record of a file of a study its owner deleted, arrived late: no bytes kept, no
+    key made, no name, no UID; only that a file of this size was refused, and a keyed hash
+    of its content (which proves nothing to anyone without the pepper)."""
+    row = quarantine_row(
+        qid=qid,
+        facility_id=facility_id,
+        drop_id=drop_id,
+        reason=QuarantineReason.DELETED_BY_OWNER,
+        detail="study was deleted by its owner; the file was not kept",
+        object_id="",  # nothing stored
+        study_uid=None,
+        size=size,
+        sha256="kh_" + keyed_hash(home.pepper, "late file", sha256),
+        name_enc=None,
+        at=now,
+    )
+    return Quarantined(qid, QuarantineReason.DELETED_BY_OWNER, row, None)
 
 
 def quarantine_list(catalog: Catalog) -> pd.DataFrame:
@@ -239,8 +269,10 @@ def _file_name(home: Home, row: Any) -> str | None:
     return printable(open_fields(key, str(row.quarantine_id), bytes(row.source_name_enc))["name"])
 
 
-def quarantine_export(home: Home, qid: str, out: Path) -> dict[str, Any]:
-    """Decrypt a quarantined file to ``out`` (for an operator's review)."""
+def quarantine_export(
+    home: Home, qid: str, out: Path, *, actor: str = "operator"
+) -> dict[str, Any]:
+    """Decrypt a quarantined file to ``out`` (for an operator's review); audited."""
     rows = home.catalog.query(
         "SELECT q.facility_id, q.drop_id, q.source_name_enc, o.name, o.record_key_id"
         " FROM quarantine q JOIN objects o USING (object_id) WHERE q.quarantine_id = ?",
@@ -257,4 +289,10 @@ def quarantine_export(home: Home, qid: str, out: Path) -> dict[str, Any]:
     name = open_fields(
         home.keystore.unwrap(str(row["record_key_id"])), qid, bytes(row["source_name_enc"])
     )["name"]
+    now = datetime.now(UTC)
+    home.catalog.write(
+        lambda con: audit(
+            con, actor=actor, action="quarantine_export", subject=qid, detail=None, at=now
+        )
+    )
     return {"quarantine_id": qid, "source_name": name, "out": str(out)}

@@ -31,6 +31,7 @@ class RejectReason(StrEnum):
 
     MALFORMED = "malformed"
     UNREADABLE = "unreadable"  # the manifest file itself cannot be read (e.g. a symlink)
+    TOO_LARGE = "too_large"  # the manifest file is over MAX_MANIFEST_BYTES: not read
     MISSING_FIELD = "missing_field"
     BAD_TIMESTAMP = "bad_timestamp"
     UNKNOWN_ACTION = "unknown_action"
@@ -38,5 +39,6 @@ class RejectReason(StrEnum):
     BAD_KEEP_ARCHIVE = "bad_keep_archive"
     DUPLICATE_REQUEST_ID = "duplicate_request_id"
     UNKNOWN_STUDY = "unknown_study"
+    STUDY_DELETED = "study_deleted"  # the study was deleted; the row keeps its tombstone key
     UNKNOWN_OWNER = "unknown_owner"
     NOT_OWNER = "not_owner"

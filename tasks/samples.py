@@ -171,7 +171,7 @@ def with_uid(data: bytes, sop_uid: str, tweak: bytes = b"") -> bytes:
 def write_drop(
     drops: Location,
     facility_id: str,
-    drop_id: str,
+    folder: str,
     files: dict[str, bytes],
     *,
     manifest: bool = True,
@@ -183,7 +183,7 @@ def write_drop(
     ``listed`` overrides what the manifest says about the files (for bad-manifest tests).
     """
     for name, data in files.items():
-        drops.put_bytes(f"{facility_id}/{drop_id}/{name}", data)
+        drops.put_bytes(f"{facility_id}/{folder}/{name}", data)
     if not manifest:
         return
     described = listed if listed is not None else files
@@ -194,7 +194,7 @@ def write_drop(
         ],
         "owners": owners or {},
     }
-    drops.put_bytes(f"{facility_id}/{drop_id}/manifest.json", json.dumps(doc).encode())
+    drops.put_bytes(f"{facility_id}/{folder}/manifest.json", json.dumps(doc).encode())
 
 
 # -- beacon hits ------------------------------------------------------------

@@ -34,6 +34,7 @@ from dropvault.tasks.manifests import (
     parse_time,
     read_pending,
 )
+from dropvault.tasks.phi import DELETED_PREFIX
 from dropvault.tasks.reasons import RejectReason
 
 SHARE_FIELDS = (
@@ -273,7 +274,9 @@ def _decide(
                 _record(con, req.row, req, outcome, now)
             continue
         reject = None
-        if req.study_uid != "*" and req.study_uid not in owners:
+        if req.study_uid.startswith(DELETED_PREFIX):
+            reject = RejectReason.STUDY_DELETED
+        elif req.study_uid != "*" and req.study_uid not in owners:
             reject = RejectReason.UNKNOWN_STUDY
         elif req.study_uid != "*" and owners[req.study_uid] != req.owner:
             reject = RejectReason.NOT_OWNER

@@ -24,7 +24,8 @@ from dropvault.flows.ingest import ingest_drops
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
-from dropvault.tasks.drop_names import DROP_ID, drops_list, rekey_drops
+from dropvault.tasks.drop_names import DROP_ID, drops_list
+from dropvault.tasks.drop_rekey import rekey_drops
 from dropvault.tasks.quarantine import quarantine_export, quarantine_list_named
 from tests.helpers import drop_ref
 
@@ -222,3 +223,19 @@ def test_odd_folder_names_get_ids_and_come_back_sealed(
     ingest_drops(home=local_home, settings=QUIET)
     assert drops_list(local_home, names=True)["name"].tolist() == [name]
     assert local_home.drops.list() == []
+
+
+def test_rekey_survives_a_quarantine_object_already_gone_and_leaves_no_named_folder(
+    local_home: Home, rng: random.Random
+) -> None:
+    home = local_home
+    hostile_drops(home, rng)
+    ingest_drops(home=home, settings=QUIET)
+    make_legacy(home)
+    [old] = home.catalog.query("SELECT name FROM objects WHERE kind = 'quarantine'")["name"]
+    home.quarantine.delete(old)  # expired, or removed by hand
+    assert rekey_drops(home) == 1
+    assert not list(Path(home.quarantine.root).rglob(f"*{PATIENT_DROP}*"))
+    [new] = home.catalog.query("SELECT name FROM objects WHERE kind = 'quarantine'")["name"]
+    assert PATIENT_DROP not in new
+    assert rekey_drops(home) == 0

@@ -154,9 +154,7 @@ def _bad_files(rng: random.Random) -> dict[str, tuple[str, bytes]]:
     }
 
 
-@pytest.mark.parametrize(
-    "reason", ["not_dicom", "truncated", "missing_uid", "unsafe_name", "too_large"]
-)
+@pytest.mark.parametrize("reason", ["not_dicom", "truncated", "missing_uid", "unsafe_name"])
 def test_each_bad_file_is_quarantined_with_reason(
     home: Home, rng: random.Random, reason: str, tmp_path: Path
 ) -> None:
@@ -169,8 +167,7 @@ def test_each_bad_file_is_quarantined_with_reason(
     else:
         good_files[name] = bad
         samples.write_drop(home.drops, "fac-a", "d1", good_files)
-    limit = {"max_file_bytes": 20_000} if reason == "too_large" else {}
-    stats = run(home, **limit)
+    stats = run(home)
     assert stats.quarantined == {reason: 1}
     assert stats.ingested == 2  # the good files of the same drop still commit
     row = home.catalog.query("SELECT * FROM quarantine").iloc[0]
@@ -184,6 +181,24 @@ def test_each_bad_file_is_quarantined_with_reason(
     quarantine_export(home, str(row["quarantine_id"]), out)
     assert out.read_bytes() == bad
     assert home.drops.list() == []
+
+
+def test_a_file_over_the_size_limit_is_reported_once_and_never_read_or_stored(
+    home: Home, rng: random.Random
+) -> None:
+    """A sparse terabyte costs a facility nothing: it is not read, hashed or stored."""
+    name, big = _bad_files(rng)["too_large"]
+    _, good_files = study_drop(rng, 2, "MR_small.dcm")
+    good_files[name] = big
+    samples.write_drop(home.drops, "fac-a", "d1", good_files, manifest=False)
+    stats = run(home, max_file_bytes=20_000)
+    assert (stats.quarantined, stats.ingested) == ({"too_large": 1}, 2)
+    row = home.catalog.query("SELECT * FROM quarantine").iloc[0]
+    assert (row["reason"], row["object_id"], row["sha256"]) == ("too_large", "", "")
+    assert home.quarantine.list() == []
+    assert [e.name for e in home.drops.list()] == [f"fac-a/d1/{name}"]  # left in place
+    assert run(home, max_file_bytes=20_000).quarantined == {}  # reported once
+    assert drop_status(home, "fac-a", "d1") == "partial"
 
 
 def test_checksum_mismatch(home: Home, rng: random.Random) -> None:

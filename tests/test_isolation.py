@@ -7,9 +7,11 @@ reason, and a second run is not blocked by it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -509,3 +511,99 @@ def test_a_file_where_the_processed_folder_goes_does_not_stop_archiving(
         "shares/processed/req.jsonl.results.jsonl",
     ]
     assert local_home.catalog.query("SELECT count(*) AS n FROM grants")["n"][0] == 1
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that runs without root's power to ignore permissions (as a
+    service account would), or skips the test where that cannot be had."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv to drop root's DAC override")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
+
+
+@pytest.mark.integration
+def test_folders_a_service_account_cannot_list_or_empty_stop_nothing(
+    local_home: Home, rng: random.Random
+) -> None:
+    """An unlistable drop folder, a facility folder that cannot be written (an SFTP
+    chroot), and a FIFO where a drop folder goes, beside good drops: one run ingests and
+    records every good drop, and no folder name reaches the output."""
+    import stat
+    import subprocess
+
+    from tests.helpers import EXE, cli_env
+
+    drops = local_home.drops
+    good_drop(local_home, rng, "fac3", "ZQXgood")
+    good_drop(local_home, rng, "fac3", "ZQXlocked")
+    good_drop(local_home, rng, "fac5", "ZQXchroot")
+    good_drop(local_home, rng, "fac6", "ZQXgood2")
+    os.mkfifo(drops.path("fac6/ZQXfifo"))
+    locked, chroot = Path(drops.path("fac3/ZQXlocked")), Path(drops.path("fac5"))
+    locked.chmod(0)
+    chroot.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+    try:
+        root = local_home.catalog.path.parent
+        env = {**cli_env(root), "DROPVAULT_QUIET_SECONDS": "0"}
+        proc = subprocess.run(  # noqa: S603 - our own CLI
+            [*unprivileged(), EXE, "ingest"], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        locked.chmod(0o755)
+        chroot.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ZQX" not in proc.stdout + proc.stderr
+    rows = local_home.catalog.query(
+        "SELECT drop_id, status, ingested FROM drops ORDER BY ingested DESC, status"
+    )
+    assert sorted(rows["ingested"].tolist()) == [0, 0, 2, 2, 2]  # locked and the FIFO: 0
+    assert instances(local_home) == 6
+
+
+def test_a_gzip_zlib_refuses_is_set_aside_not_expanded_by_duckdb(local_home: Home) -> None:
+    """A gzip header with unknown flags: zlib refuses it, DuckDB would read it unbounded."""
+    import gzip
+
+    day = "2026-11-18"
+    hits = [samples.make_hit(random.Random(i), day) for i in range(30)]
+    samples.write_hits(local_home.beacons, day, hits)
+    flagged = bytearray(gzip.compress(b"\n".join(json.dumps(h).encode() for h in hits)))
+    flagged[3] = 0x80  # FLG: a reserved bit
+    local_home.beacons.put_bytes(f"{day}/odd.jsonl.gz", bytes(flagged))
+    [stats] = compile_beacon_stats(home=local_home)
+    rejects = local_home.catalog.query("SELECT file, reason FROM beacon_rejects")
+    assert rejects.values.tolist() == [["odd.jsonl.gz", "unreadable"]]
+    assert stats.lines == 31
+
+
+def test_odd_day_folders_and_files_are_accounted_for_and_stop_nothing(local_home: Home) -> None:
+    hits = [samples.make_hit(random.Random(i), "2026-11-17") for i in range(30)]
+    samples.write_hits(local_home.beacons, "20260210", hits)  # not YYYY-MM-DD
+    samples.write_hits(local_home.beacons, "2026-11-17", hits)
+    local_home.beacons.put_bytes("2026-11-17/more.log", b"x")
+    [stats] = compile_beacon_stats(home=local_home)
+    assert stats.day == "2026-11-17"
+    rejects = local_home.catalog.query("SELECT file, reason FROM beacon_rejects")
+    assert rejects.values.tolist() == [["more.log", "not_a_log"]]
+    assert "rejected/2026-11-17/more.log" in [e.name for e in local_home.beacons.list()]
+
+
+def test_a_folder_swapped_for_a_symlink_cannot_redirect_a_delete(
+    local_home: Home, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "1.dcm").write_bytes(b"someone else's")
+    drops = local_home.drops
+    drops.put_bytes("fac/D/sub/1.dcm", b"ours")
+    sub = Path(drops.path("fac/D/sub"))
+    (sub / "1.dcm").unlink()
+    sub.rmdir()
+    sub.symlink_to(victim)  # after the listing, before the unlink
+    with pytest.raises(OSError) as refused:
+        drops.delete("fac/D/sub/1.dcm", unchecked=True)
+    assert refused.value.errno in (errno.ELOOP, errno.ENOTDIR)  # never followed
+    assert (victim / "1.dcm").read_bytes() == b"someone else's"

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from dropvault.flows.sharing import apply_share_manifests, report_wrong_access
 from dropvault.storage.catalog import Catalog
 from dropvault.storage.home import Home
+from dropvault.tasks.incidents import file_incident_request
 from dropvault.tasks.manifests import parse_manifest
 from dropvault.tasks.sharing import (
     access_list,
@@ -168,7 +169,8 @@ def test_incident_revokes_traces_and_reports(shared: tuple[Home, dict[str, list[
     )
     apply_share_manifests(home=home)
     reported = NOW - timedelta(days=1)
-    incident = report_wrong_access("dr:eve", a1, reported_at=reported, home=home)
+    request = file_incident_request(home.manifests, "dr:eve", a1, reported)
+    incident = report_wrong_access(request, home=home)
     assert len(incident.revoked) == 2
     assert not can_access(home.catalog, "dr:eve", a1)
     assert can_access(home.catalog, "dr:ok", a1)

@@ -1,0 +1,264 @@
+"""Deletion leaves nothing (issue #18): after a sweep, a byte scan of every file of the home
+and of Prefect's database finds no identifier of the deleted study, whatever happened to
+it first (shares, a revoke, a disclosure, an incident, a quarantined copy, a late file,
+a share request that arrives after the deletion), on file:// and on moto's versioned S3.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from fsspec.asyn import sync
+from prefect.logging.handlers import APILogHandler
+from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+
+from dropvault.flows.deletion import deletion_sweep
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.flows.sharing import apply_share_manifests, report_wrong_access
+from dropvault.storage.home import LOCATIONS, Home
+from dropvault.storage.locations import Location
+from dropvault.tasks import samples
+from dropvault.tasks.deletion import CatalogScanFailed
+from dropvault.tasks.incidents import file_incident_request
+from dropvault.tasks.phi import tombstone_ref
+from dropvault.tasks.quarantine import quarantine_export
+from tests.conftest import VERSIONED_BUCKET, make_home
+
+NOW = datetime.now(UTC)
+QUIET = Settings(quiet_seconds=0)
+
+
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.integration)])
+def dhome(request: pytest.FixtureRequest, tmp_path: Path) -> Home:
+    """A home on file://, or on moto S3 with a *versioned* bucket."""
+    if request.param == "file":
+        return make_home("file", tmp_path)
+    endpoint = request.getfixturevalue("moto_endpoint")
+    return make_home("s3", tmp_path, endpoint, bucket=VERSIONED_BUCKET)
+
+
+def every_version(loc: Location) -> list[tuple[str, bytes]]:
+    """Every object of a location, and on a versioned bucket every version of each."""
+    if loc.protocol != "s3":
+        return [(e.name, loc.read_bytes(e.name, unchecked=True)) for e in loc.list()]
+    bucket, prefix = loc.root.split("/", 1)
+    fs: Any = loc.fs
+    found = []
+    pages = sync(fs.loop, fs._call_s3, "list_object_versions", Bucket=bucket, Prefix=prefix)
+    for v in pages.get("Versions", []):
+        body = sync(
+            fs.loop,
+            fs._call_s3,
+            "get_object",
+            Bucket=bucket,
+            Key=v["Key"],
+            VersionId=v["VersionId"],
+        )
+        found.append((v["Key"], sync(fs.loop, body["Body"].read)))
+    return found
+
+
+def prefect_database() -> bytes:
+    APILogHandler().flush()
+    path = Path(PREFECT_API_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    return b"".join(
+        p.read_bytes() for p in (path, path.with_name(path.name + "-wal")) if p.exists()
+    )
+
+
+def everything(home: Home, tmp_path: Path) -> list[tuple[str, bytes]]:
+    """Every byte the home keeps: local files (catalog, WAL, keystore, keys), every object
+    and version of every location, the catalog's stored files, and Prefect's database."""
+    blobs = [(str(p), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()]
+    for name in LOCATIONS:
+        loc = getattr(home, name)
+        if not loc.is_local:
+            blobs += every_version(loc)
+    home.catalog.drop_reader()
+    blobs += list(home.catalog.stored_files())
+    blobs.append(("prefect database", prefect_database()))
+    return blobs
+
+
+def share_rows(owner: str, uid: str, prefix: str = "s") -> str:
+    rows = [
+        {"request_id": "s1", "action": "share", "grantee": "dr:x", "days": -3},
+        {"request_id": "s2", "action": "share", "grantee": "dr:y", "days": -3},
+        {"request_id": "s3", "action": "revoke", "grantee": "dr:y", "days": -2},
+        {
+            "request_id": "s4",
+            "action": "disclose",
+            "grantee": "insurer:z",
+            "days": -2,
+            "purpose": "billing",
+        },
+    ]
+    return "".join(
+        json.dumps(
+            {
+                "owner": owner,
+                "study_uid": uid,
+                **{k: v for k, v in r.items() if k != "days"},
+                "request_id": prefix + str(r["request_id"]),
+                "requested_at": (NOW + timedelta(days=float(str(r["days"])))).isoformat(),
+            }
+        )
+        + "\n"
+        for r in rows
+    )
+
+
+def test_a_deleted_study_leaves_no_trace_anywhere(
+    dhome: Home, rng: random.Random, tmp_path: Path
+) -> None:
+    home = dhome
+    patient = samples.make_patient(rng, 7)
+    uid, files = samples.make_study(rng, patient, 2, "MR_small.dcm")
+    first = next(iter(files.values()))
+    header = pydicom.dcmread(io.BytesIO(first), stop_before_pixels=True)
+    series_uid = str(header.SeriesInstanceUID)
+    sop_uids = [samples.sop_uid(d) for d in files.values()]
+    folder = f"DOE_{patient.patient_id}"
+    samples.write_drop(home.drops, "fac", folder, files, owners={uid: "user:ann"})
+    kept_uid, kept_files = samples.make_study(rng, samples.make_patient(rng, 8), 1, "MR_small.dcm")
+    samples.write_drop(home.drops, "fac", "other", kept_files, owners={kept_uid: "user:ben"})
+    ingest_drops(home=home, settings=QUIET)
+    # A conflicting copy of one image is quarantined, naming the study.
+    conflict = samples.with_uid(first, sop_uids[0], tweak=b"x")
+    samples.write_drop(home.drops, "fac", f"{folder}_again", {"c.dcm": conflict}, manifest=False)
+    ingest_drops(home=home, settings=QUIET)
+    assert home.catalog.query("SELECT count(*) AS n FROM quarantine")["n"][0] == 1
+    # Shares, a revoke and a disclosure; an incident with its worksheet.
+    home.manifests.put_bytes("shares/s.jsonl", share_rows("user:ann", uid).encode())
+    apply_share_manifests(home=home)
+    request = file_incident_request(home.manifests, "dr:x", uid, NOW - timedelta(hours=1))
+    report_wrong_access(request, home=home)
+    [qid] = home.catalog.query("SELECT quarantine_id FROM quarantine")["quarantine_id"]
+    quarantine_export(home, qid, tmp_path / "review" / "q.dcm")  # an operator's review
+    (tmp_path / "review" / "q.dcm").unlink()
+
+    # The scan sees what it looks for: the UID is in the catalog and the manifests now, and
+    # Prefect's database holds these runs.
+    before = everything(home, tmp_path)
+    assert sum(uid.encode() in data for _, data in before) >= 3
+    assert b"report-wrong-access" in dict(before)["prefect database"]
+
+    deletion = {
+        "request_id": "del-1",
+        "owner": "user:ann",
+        "study_uid": uid,
+        "requested_at": (NOW - timedelta(hours=1)).isoformat(),
+    }
+    home.manifests.put_bytes("deletions/d.jsonl", (json.dumps(deletion) + "\n").encode())
+    result = deletion_sweep(home=home)
+    assert result.summary()["studies_deleted"] == 1 and result.summary()["all_verified"]
+
+    # After the deletion: a late image of the study, and a share naming it, arrive.
+    late = samples.make_instance(patient, uid, series_uid, "MR_small.dcm")
+    samples.write_drop(home.drops, "fac", f"{folder}_late", {"late.dcm": late}, manifest=False)
+    stats = ingest_drops(home=home, settings=QUIET)
+    assert dict(stats.quarantined) == {"deleted_by_owner": 1}
+    home.manifests.put_bytes("shares/late.jsonl", share_rows("user:ann", uid, "late-").encode())
+    shared = apply_share_manifests(home=home)
+    assert shared.summary()["rejected_by_reason"] == {"study_deleted": 4}
+    deletion_sweep(home=home)  # a later sweep: compacts what the late rows left
+
+    needles = {
+        "study UID": uid,
+        "series UID": series_uid,
+        **{f"SOP UID {i}": s for i, s in enumerate(sop_uids)},
+        "patient name": patient.name,
+        "patient ID": patient.patient_id,
+        "drop name": folder,
+    }
+    leaks = [
+        f"{what} in {where}"
+        for where, data in everything(home, tmp_path)
+        for what, needle in needles.items()
+        if needle.encode() in data
+    ]
+    assert leaks == []
+    # The history is kept, under the tombstone key.
+    ref = tombstone_ref(home.pepper, uid)
+    for table in ("grant_events", "grants", "disclosures", "incidents", "share_requests"):
+        n = home.catalog.query(f"SELECT count(*) AS n FROM {table} WHERE study_uid = ?", [ref])  # noqa: S608
+        assert n["n"][0] > 0, table
+    report = home.catalog.query("SELECT report_md FROM incidents")["report_md"][0]
+    assert ref in report
+    # The other patient's study is untouched, in rows and in files.
+    assert (
+        home.catalog.query("SELECT count(*) AS n FROM studies WHERE study_uid = ?", [kept_uid])[
+            "n"
+        ][0]
+        == 1
+    )
+
+
+def test_a_sweep_whose_catalog_scan_fails_is_not_verified_and_a_rerun_finishes(
+    local_home: Home, rng: random.Random, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compaction that leaves the bytes (a fault injected into it; the scan is real): the
+    request is ``failed``, not verified, and the next sweep compacts, scans and verifies."""
+    home = local_home
+    uid, files = samples.make_study(rng, samples.make_patient(rng, 1), 1, "MR_small.dcm")
+    samples.write_drop(home.drops, "fac", "d", files, owners={uid: "user:ann"})
+    ingest_drops(home=home, settings=QUIET)
+    deletion = {
+        "request_id": "del-1",
+        "owner": "user:ann",
+        "study_uid": uid,
+        "requested_at": NOW.isoformat(),
+    }
+    home.manifests.put_bytes("deletions/d.jsonl", (json.dumps(deletion) + "\n").encode())
+    monkeypatch.setattr(type(home.catalog), "compact", lambda self: None)
+    with pytest.raises(CatalogScanFailed):
+        deletion_sweep(home=home)
+    row = home.catalog.query("SELECT status, outcome, verified_at FROM deletion_requests")
+    assert row[["status", "outcome"]].values.tolist() == [["failed", "failed:catalog_scan"]]
+    assert row["verified_at"].isna().all()
+    assert home.catalog.query("SELECT sla_state FROM deletion_sla")["sla_state"][0] != "completed"
+    monkeypatch.undo()
+    deletion_sweep(home=home)
+    row = home.catalog.query("SELECT status, outcome, verified_at FROM deletion_requests")
+    assert row[["status", "outcome"]].values.tolist() == [["completed", "applied"]]
+    assert row["verified_at"].notna().all()
+    assert not home.catalog.holds([uid])
+
+
+def test_an_archived_study_deleted_later_loses_its_archive_copy(
+    dhome: Home, rng: random.Random, tmp_path: Path
+) -> None:
+    home = dhome
+    patient = samples.make_patient(rng, 3)
+    uid, files = samples.make_study(rng, patient, 2, "MR_small.dcm")
+    samples.write_drop(home.drops, "fac", "d", files, owners={uid: "user:cat"})
+    ingest_drops(home=home, settings=QUIET)
+
+    def delete(rid: str, keep: bool) -> dict[str, Any]:
+        row = {
+            "request_id": rid,
+            "owner": "user:cat",
+            "study_uid": uid,
+            "requested_at": NOW.isoformat(),
+            "keep_archive": str(keep).lower(),
+        }
+        home.manifests.put_bytes(f"deletions/{rid}.jsonl", (json.dumps(row) + "\n").encode())
+        return deletion_sweep(home=home).summary()
+
+    assert delete("arch-1", keep=True)["studies_archived"] == 1
+    assert len(home.archive.list()) == 2
+    summary = delete("del-2", keep=False)
+    assert (summary["studies_deleted"], summary["objects"], summary["all_verified"]) == (1, 2, True)
+    assert home.archive.list() == []
+    assert every_version(home.archive) == []
+    assert home.catalog.query("SELECT count(*) AS n FROM studies")["n"][0] == 0
+    leaks = [w for w, data in everything(home, tmp_path) if patient.patient_id.encode() in data]
+    assert leaks == []
