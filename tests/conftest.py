@@ -15,6 +15,7 @@ moto's S3), with the locations on ``s3://`` only.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import uuid
@@ -42,7 +43,13 @@ from tests.postgres import PostgresServer  # noqa: E402
 BUCKET = "dropvault-test"
 VERSIONED_BUCKET = "dropvault-versioned"
 LAKE_BUCKET = "dropvault-lake"
-LAKE_SUITES = {"test_ingest", "test_sharing", "test_deletion", "test_manifest_races"}
+LAKE_SUITES = {
+    "test_ingest",
+    "test_sharing",
+    "test_deletion",
+    "test_deletion_traces",
+    "test_manifest_races",
+}
 HOME_FIXTURES = ("home", "dhome")
 
 # Set per test in a DuckLake run: returns a fresh, empty lake.
@@ -202,3 +209,15 @@ def local_home(tmp_path: Path) -> Home:
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)
+
+
+@pytest.fixture
+def run_logs_at_debug() -> Iterator[None]:
+    """The suite runs Prefect at WARNING; here every run log line must reach the API."""
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+    yield
+    for lg, level in zip(loggers, before, strict=True):
+        lg.setLevel(level)

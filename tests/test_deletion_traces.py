@@ -74,10 +74,16 @@ def prefect_database() -> bytes:
     )
 
 
-def everything(home: Home, tmp_path: Path) -> list[tuple[str, bytes]]:
+def everything(
+    home: Home, tmp_path: Path, request: pytest.FixtureRequest
+) -> list[tuple[str, bytes]]:
     """Every byte the home keeps: local files (catalog, WAL, keystore, keys), every object
-    and version of every location, the catalog's stored files, and Prefect's database."""
+    and version of every location, the catalog's stored files (a lake's Parquet files and
+    a dump of its metadata database), and Prefect's database."""
     blobs = [(str(p), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()]
+    if home.catalog.lake is not None:
+        dump = request.getfixturevalue("postgres").dump(schema=home.catalog.lake.schema)
+        blobs.append(("lake metadata (pg_dump)", dump))
     for name in LOCATIONS:
         loc = getattr(home, name)
         if not loc.is_local:
@@ -116,8 +122,9 @@ def share_rows(owner: str, uid: str, prefix: str = "s") -> str:
     )
 
 
+@pytest.mark.usefixtures("run_logs_at_debug")
 def test_a_deleted_study_leaves_no_trace_anywhere(
-    dhome: Home, rng: random.Random, tmp_path: Path
+    dhome: Home, rng: random.Random, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     home = dhome
     patient = samples.make_patient(rng, 7)
@@ -139,15 +146,15 @@ def test_a_deleted_study_leaves_no_trace_anywhere(
     # Shares, a revoke and a disclosure; an incident with its worksheet.
     home.manifests.put_bytes("shares/s.jsonl", share_rows("user:ann", uid).encode())
     apply_share_manifests(home=home)
-    request = file_incident_request(home.manifests, "dr:x", uid, NOW - timedelta(hours=1))
-    report_wrong_access(request, home=home)
+    filed = file_incident_request(home.manifests, "dr:x", uid, NOW - timedelta(hours=1))
+    report_wrong_access(filed, home=home)
     [qid] = home.catalog.query("SELECT quarantine_id FROM quarantine")["quarantine_id"]
     quarantine_export(home, qid, tmp_path / "review" / "q.dcm")  # an operator's review
     (tmp_path / "review" / "q.dcm").unlink()
 
     # The scan sees what it looks for: the UID is in the catalog and the manifests now, and
     # Prefect's database holds these runs.
-    before = everything(home, tmp_path)
+    before = everything(home, tmp_path, request)
     assert sum(uid.encode() in data for _, data in before) >= 3
     assert b"report-wrong-access" in dict(before)["prefect database"]
 
@@ -181,7 +188,7 @@ def test_a_deleted_study_leaves_no_trace_anywhere(
     }
     leaks = [
         f"{what} in {where}"
-        for where, data in everything(home, tmp_path)
+        for where, data in everything(home, tmp_path, request)
         for what, needle in needles.items()
         if needle.encode() in data
     ]
@@ -234,7 +241,7 @@ def test_a_sweep_whose_catalog_scan_fails_is_not_verified_and_a_rerun_finishes(
 
 
 def test_an_archived_study_deleted_later_loses_its_archive_copy(
-    dhome: Home, rng: random.Random, tmp_path: Path
+    dhome: Home, rng: random.Random, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     home = dhome
     patient = samples.make_patient(rng, 3)
@@ -260,5 +267,7 @@ def test_an_archived_study_deleted_later_loses_its_archive_copy(
     assert home.archive.list() == []
     assert every_version(home.archive) == []
     assert home.catalog.query("SELECT count(*) AS n FROM studies")["n"][0] == 0
-    leaks = [w for w, data in everything(home, tmp_path) if patient.patient_id.encode() in data]
+    leaks = [
+        w for w, data in everything(home, tmp_path, request) if patient.patient_id.encode() in data
+    ]
     assert leaks == []

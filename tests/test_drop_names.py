@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,18 +75,6 @@ def prefect_database(until_logged: str) -> bytes:
     return b"".join(
         p.read_bytes() for p in (path, path.with_name(path.name + "-wal")) if p.exists()
     )
-
-
-@pytest.fixture
-def run_logs_at_debug() -> Iterator[None]:
-    """The suite runs Prefect at WARNING; here every run log line must reach the API."""
-    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
-    before = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.DEBUG)
-    yield
-    for lg, level in zip(loggers, before, strict=True):
-        lg.setLevel(level)
 
 
 @pytest.mark.usefixtures("run_logs_at_debug")
