@@ -556,10 +556,10 @@ class Location:
         try:
             with self.fs.open(tmp, "wb") as fh:
                 yield fh
-            self.fs.mv(tmp, final)
+            self._move_exact(tmp, final)
         except BaseException:
             if self.fs.exists(tmp):
-                self.fs.rm(tmp)
+                self.fs.rm_file(tmp)
             raise
 
     def put_bytes(self, name: str, data: bytes) -> None:
@@ -585,7 +585,7 @@ class Location:
             if self._on_local_disk:
                 Path(source).rename(dest_path)  # the entry itself, even a symlink or FIFO
             else:
-                self.fs.mv(source, dest_path)
+                self._move_exact(source, dest_path)
                 if self.is_object_store and self.versioned:
                     # A move is a copy and a delete: the source's versions (and the delete
                     # marker the move left) would keep its bytes readable. None stays.
@@ -616,9 +616,15 @@ class Location:
                 return 0
             return 1
         if self.fs.exists(path):
-            self.fs.rm(path)
+            self.fs.rm_file(path)  # the exact key: rm would expand *, ? and [ ] as a glob
             removed = 1
         return removed
+
+    def _move_exact(self, source: str, dest: str) -> None:
+        """Copy then delete one object by its exact key (``mv`` expands glob characters, and
+        a drop may be named ``*``)."""
+        self.fs.cp_file(source, dest)
+        self.fs.rm_file(source)
 
     def rewrite(self, name: str, data: bytes) -> None:
         """Replace an object's bytes so that no earlier content survives: written atomically,
@@ -703,5 +709,12 @@ class Location:
             if not any(root.iterdir()):
                 root.rmdir()
             return
-        if self.fs.exists(base) and not self.fs.find(base):
-            self.fs.rm(base, recursive=True)
+        if not self.fs.exists(base) or self.fs.find(base):
+            return
+        # Folder by folder, by exact name: rm(recursive=True) would expand a * in the name.
+        folders = self.fs.find(base, withdirs=True, detail=True)
+        for path in sorted(
+            (p for p, i in folders.items() if i["type"] == "directory"), reverse=True
+        ):
+            self.fs.rmdir(path)
+        self.fs.rmdir(base)

@@ -607,3 +607,21 @@ def test_a_folder_swapped_for_a_symlink_cannot_redirect_a_delete(
         drops.delete("fac/D/sub/1.dcm", unchecked=True)
     assert refused.value.errno in (errno.ELOOP, errno.ENOTDIR)  # never followed
     assert (victim / "1.dcm").read_bytes() == b"someone else's"
+
+
+@pytest.mark.parametrize("name", ["*", "[ab]", "?"])
+def test_glob_characters_in_names_never_touch_other_files(
+    home: Home, rng: random.Random, name: str
+) -> None:
+    """Removing the source ``fac/*/s/0000.dcm`` must not remove ``fac/waiting/s/0000.dcm``
+    of a drop still waiting for its manifest (an S3 rm expands the glob)."""
+    _, files = samples.make_study(rng, samples.make_patient(rng, 1), 1, "CT_small.dcm")
+    data = next(iter(files.values()))
+    home.drops.put_bytes(f"fac/{name}/s/0000.dcm", data)
+    home.drops.put_bytes("fac/a/s/0000.dcm", data)  # [ab] and ? match this folder
+    waiting = {"s/0000.dcm": data, "s/missing.dcm": b"x" * 10}
+    samples.write_drop(home.drops, "fac", "waiting", {"s/0000.dcm": data}, listed=waiting)
+    stats = ingest_drops(home=home, settings=QUIET)
+    assert stats.drops_waiting == 1
+    left = sorted(e.name for e in home.drops.list())
+    assert "fac/waiting/s/0000.dcm" in left and f"fac/{name}/s/0000.dcm" not in left
