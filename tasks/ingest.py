@@ -40,7 +40,13 @@ from dropvault.storage.home import Home
 from dropvault.storage.locations import is_file_problem, read_problem
 from dropvault.storage.vault import IntegrityError, Sealed, Vault
 from dropvault.tasks.audit import audit
-from dropvault.tasks.dicom import DicomHeader, DicomRejected, header_from_bytes, read_header
+from dropvault.tasks.dicom import (
+    DicomHeader,
+    DicomRejected,
+    header_from_bytes,
+    read_header,
+    study_uid_hint,
+)
 from dropvault.tasks.drop_names import seal_names
 from dropvault.tasks.drops import Drop, DropFile
 from dropvault.tasks.objects import object_row
@@ -58,6 +64,7 @@ from dropvault.tasks.reasons import QuarantineReason
 from dropvault.tasks.reconcile import clear_pending, record_pending
 
 log = logging.getLogger(__name__)
+HINT_BYTES = 1 << 20  # a header that names the study lies well within the first MiB
 IN_MEMORY_MAX = 8 * 1024 * 1024  # files up to this size are read once and kept for the batch
 
 
@@ -439,20 +446,36 @@ class _Batch:
 
     # -- stage 2: dedupe against the catalog and within the batch --------------
 
+    def study_hint(self, item: _Read) -> str | None:
+        """The study a rejected file names, when its first bytes say (deletion finds its
+        quarantined copy by it)."""
+        if item.data is not None:
+            return study_uid_hint(item.data[:HINT_BYTES])
+        try:
+            with self.open_source(item) as src:
+                return study_uid_hint(src.read(HINT_BYTES))
+        except OSError:
+            return None  # gone or unreadable now: quarantined without a hint
+
     def classify(
         self, reads: list[_Read], parsed: list[_Read], rejected: list[_Rejected]
     ) -> list[tuple[_Read, DicomHeader]]:
         """Quarantine the rejected, count duplicates, and return the fresh instances."""
         headers = [r.header for r in parsed if r.header is not None]
+        hints = [self.study_hint(item) for item, _, _ in rejected]
         known_sha, self.study_keys, self.known_quarantine, deleted = _existing(
             self.home,
             [h.sop_instance_uid for h in headers],
-            sorted({h.study_uid for h in headers}),
+            sorted({h.study_uid for h in headers} | {h for h in hints if h}),
             [r.quarantine_id for r in reads] + [u[2] for u in self.unreadable],
         )
         self.report_unreadable()
-        for item, reason, detail in rejected:
-            self.quarantine(item, reason, detail)
+        for (item, reason, detail), hint in zip(rejected, hints, strict=True):
+            if hint in deleted:
+                # A damaged copy of a study its owner deleted: kept no more than a whole one.
+                self.quarantine(item, QuarantineReason.DELETED_BY_OWNER, "study was deleted")
+            else:
+                self.quarantine(item, reason, detail, hint)
         fresh: list[tuple[_Read, DicomHeader]] = []
         seen: dict[str, str] = dict(known_sha)
         for item in parsed:

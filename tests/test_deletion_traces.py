@@ -138,17 +138,20 @@ def test_a_deleted_study_leaves_no_trace_anywhere(
     kept_uid, kept_files = samples.make_study(rng, samples.make_patient(rng, 8), 1, "MR_small.dcm")
     samples.write_drop(home.drops, "fac", "other", kept_files, owners={kept_uid: "user:ben"})
     ingest_drops(home=home, settings=QUIET)
-    # A conflicting copy of one image is quarantined, naming the study.
+    # A conflicting copy and a truncated copy of one image are quarantined; both name the
+    # study (the truncated one through its header's first bytes).
     conflict = samples.with_uid(first, sop_uids[0], tweak=b"x")
-    samples.write_drop(home.drops, "fac", f"{folder}_again", {"c.dcm": conflict}, manifest=False)
+    again = {"c.dcm": conflict, "t.dcm": samples.truncated(first)}
+    samples.write_drop(home.drops, "fac", f"{folder}_again", again, manifest=False)
     ingest_drops(home=home, settings=QUIET)
-    assert home.catalog.query("SELECT count(*) AS n FROM quarantine")["n"][0] == 1
+    named = home.catalog.query("SELECT reason, study_uid FROM quarantine ORDER BY reason")
+    assert named.values.tolist() == [["truncated", uid], ["uid_conflict", uid]]
     # Shares, a revoke and a disclosure; an incident with its worksheet.
     home.manifests.put_bytes("shares/s.jsonl", share_rows("user:ann", uid).encode())
     apply_share_manifests(home=home)
     filed = file_incident_request(home.manifests, "dr:x", uid, NOW - timedelta(hours=1))
     report_wrong_access(filed, home=home)
-    [qid] = home.catalog.query("SELECT quarantine_id FROM quarantine")["quarantine_id"]
+    qid = home.catalog.query("SELECT quarantine_id FROM quarantine")["quarantine_id"][0]
     quarantine_export(home, qid, tmp_path / "review" / "q.dcm")  # an operator's review
     (tmp_path / "review" / "q.dcm").unlink()
 

@@ -13,10 +13,17 @@ import io
 
 from dropvault.tasks.dicom.guards import check_preamble
 from dropvault.tasks.dicom.header import DicomHeader, DicomRejected
-from dropvault.tasks.dicom.validation import read_header
+from dropvault.tasks.dicom.validation import read_header, study_uid_hint
 from dropvault.tasks.dicom.walk import lean_header
 
-__all__ = ["DicomHeader", "DicomRejected", "header_from_bytes", "lean_header", "read_header"]
+__all__ = [
+    "DicomHeader",
+    "DicomRejected",
+    "header_from_bytes",
+    "lean_header",
+    "read_header",
+    "study_uid_hint",
+]
 
 
 def header_from_bytes(data: bytes) -> DicomHeader:

@@ -13,7 +13,9 @@ Messages raised from here carry a reason code and a fixed, PHI-free detail.
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 import struct
 import warnings
 from typing import IO, Any
@@ -178,3 +180,24 @@ def _required_uids(ds: Dataset, ended_early: bool) -> dict[str, str]:
             raise DicomRejected(QuarantineReason.MISSING_UID, f"{keyword} is not a valid UID")
         uids[keyword] = value
     return uids
+
+
+UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*")
+STUDY_UID_TAG = 0x0020000D
+
+
+def study_uid_hint(head: bytes) -> str | None:
+    """The StudyInstanceUID a rejected file's first bytes name, if a parse can find one (a
+    truncated copy of a study's image still names it), so its quarantined copy is deleted
+    with the study. Best effort on hostile bytes: None on any failure or a value that is
+    not a UID (free text there could be PHI)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(
+                io.BytesIO(head), force=True, stop_before_pixels=True, specific_tags=[STUDY_UID_TAG]
+            )
+            value = str(ds.get("StudyInstanceUID") or "").strip("\0 ")
+    except Exception:  # noqa: BLE001 - any failure on a bad file means "no hint"
+        return None
+    return value if len(value) <= 64 and UID_TEXT.fullmatch(value) else None
