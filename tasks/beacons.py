@@ -136,6 +136,7 @@ IS_OBJECT = "CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE fal
 LINES_KEEPING_REJECTS = (
     "read_csv($path, columns={'line': 'VARCHAR'}, header=false, delim=chr(31),"
     " quote='', escape='', auto_detect=false, store_rejects=true,"
+    " max_line_size=16777216, buffer_size=33554432,"
     " rejects_table='line_rejects', rejects_scan='line_scans')"
 )
 

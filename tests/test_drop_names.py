@@ -104,8 +104,9 @@ def test_no_drop_or_file_name_is_readable_in_the_catalog_quarantine_or_prefect(
 
 
 def test_an_operator_with_the_keys_sees_the_real_names_and_the_viewing_is_audited(
-    home: Home, rng: random.Random
+    local_home: Home, rng: random.Random
 ) -> None:
+    home = local_home
     hostile_drops(home, rng)
     ingest_drops(home=home, settings=QUIET)
     plain = drops_list(home)
