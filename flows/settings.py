@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import os
 import re
 from contextlib import suppress
 from pathlib import Path
@@ -53,6 +54,10 @@ DUCKLAKE_PREFIX = "ducklake:postgres:"
 
 class SettingsError(TerminalError, ValueError):
     """A setting is wrong; the message names it."""
+
+
+# Endpoint variables botocore honours on its own (besides the profile's endpoint_url).
+AWS_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_KMS")
 
 
 def _check_url(value: str | None, name: str) -> str | None:
@@ -207,6 +212,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _keys(self) -> Settings:
+        # botocore reads these itself: the same TLS rule as DROPVAULT_S3_ENDPOINT_URL.
+        for name in AWS_ENDPOINT_VARIABLES:
+            try:
+                check_endpoint_tls(os.environ.get(name) or None)
+            except InsecureEndpointError as exc:
+                raise SettingsError(f"{name}: {exc}") from exc
         _decode_key(self.kek, "DROPVAULT_KEK")
         _decode_key(self.pepper, "DROPVAULT_PEPPER")
         if self.kek is not None and self.kek_kms_key_id:

@@ -30,6 +30,8 @@ def test_locations_derive_from_home(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("DROPVAULT_QUIET_SECONDS", "-5", "DROPVAULT_QUIET_SECONDS"),
         ("DROPVAULT_DROPS_URL", "ftp://host/x", "DROPVAULT_DROPS_URL"),
         ("DROPVAULT_S3_ENDPOINT_URL", "http://s3.example.org", "DROPVAULT_S3_ENDPOINT_URL"),
+        ("AWS_ENDPOINT_URL", "http://s3.example.org", "AWS_ENDPOINT_URL"),
+        ("AWS_ENDPOINT_URL_S3", "http://s3.example.org", "AWS_ENDPOINT_URL_S3"),
         ("DROPVAULT_KEK", "not base64!", "DROPVAULT_KEK"),
         ("DROPVAULT_KEK", base64.b64encode(b"short").decode(), "DROPVAULT_KEK"),
         ("DROPVAULT_MAX_FILE_BYTES", "0", "DROPVAULT_MAX_FILE_BYTES"),
