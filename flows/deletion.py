@@ -15,16 +15,19 @@ from dropvault.tasks.deletion import (
     CatalogScanFailed,
     IntakeResult,
     SweepResult,
+    clear_scan_needles,
     compact_catalog_task,
     deletion_sla,
     dry_run_sweep,
     mark_unverified,
+    open_scan_needles,
     pending_requests,
     register_requests_task,
+    seal_scan_needles,
     sweep_requests_task,
     tombstoned,
 )
-from dropvault.tasks.manifests import redact_rows
+from dropvault.tasks.manifests import redact_rows, uid_tokens
 from dropvault.tasks.sharing import archive_manifests_task, read_pending_task
 
 
@@ -62,7 +65,7 @@ def deletion_sweep(
     try:
         names, rows = read_pending_task(home.manifests, "deletions")
         # A row naming a study deleted already is recorded with its tombstone key.
-        uids = [r.fields.get("study_uid", "") for r in rows if r.fields]
+        uids = uid_tokens(rows)
         gone = tombstoned(home.catalog, home.pepper, uids)
         intake = register_requests_task(home.catalog, redact_rows(rows, gone), now)
         archive_manifests_task(home.manifests, "deletions", names, intake.outcomes, gone)
@@ -81,12 +84,22 @@ def deletion_sweep(
         if progress:
             progress(min(start + settings.sweep_batch, len(pending)), len(pending))
     deleted = [s.study_uid for s in result.studies if s.outcome == "deleted"]
+    # UIDs an earlier sweep could not prove gone (sealed until a scan passes): scanned too.
+    earlier, earlier_keys = open_scan_needles(home)
     try:
-        result.compacted = compact_catalog_task(home.catalog, deleted, resumed=result.resumed)
+        result.compacted = compact_catalog_task(
+            home.catalog, deleted + earlier, resumed=result.resumed
+        )
     except CatalogScanFailed:
         # Not proven: the requests are not verified; the next sweep compacts and scans again.
+        needles: dict[str, list[str]] = {}
+        for s in result.studies:
+            if s.outcome == "deleted":
+                needles.setdefault(s.request_id, []).append(s.study_uid)
+        seal_scan_needles(home, needles)
         mark_unverified(home.catalog, result.request_ids, "catalog_scan")
         raise
+    clear_scan_needles(home, earlier_keys)
     sla = deletion_sla(home.catalog, settings.deletion_at_risk_hours)
     result.sla = {str(k): int(v) for k, v in sla["sla_state"].value_counts().items()}
     create_table_artifact(

@@ -17,7 +17,7 @@ from dropvault.tasks.incidents import (
     report_incident_task,
     summary_markdown,
 )
-from dropvault.tasks.manifests import redact_rows
+from dropvault.tasks.manifests import redact_rows, uid_tokens
 from dropvault.tasks.sharing import (
     ShareResult,
     apply_share_rows_task,
@@ -37,7 +37,7 @@ def apply_share_manifests(
     names, rows = read_pending_task(home.manifests, "shares")
     now = datetime.now(UTC)
     # A row naming a study deleted already is recorded (and archived) with its tombstone key.
-    uids = [r.fields.get("study_uid", "") for r in rows if r.fields]
+    uids = uid_tokens(rows)
     deleted = tombstoned(home.catalog, home.pepper, uids)
     result = apply_share_rows_task(home.catalog, redact_rows(rows, deleted), now, dry_run)
     if not dry_run:
@@ -72,7 +72,12 @@ def report_wrong_access(
     home.catalog.migrate()
     now = datetime.now(UTC)
     user, study_uid, reported_at = read_incident_request(home.manifests, request)
-    incident = report_incident_task(home.catalog, user, study_uid, reported_at, now)
+    try:
+        incident = report_incident_task(home.catalog, user, study_uid, reported_at, now)
+    except LookupError:
+        # No such study (or deleted already): the request names a UID and goes, not kept.
+        home.manifests.delete(f"{REQUESTS}/{request}.json")
+        raise
     report = f"incidents/{incident.incident_id}.md"
     home.manifests.put_bytes(report, incident.report_md.encode())
     home.manifests.move(

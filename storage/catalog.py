@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -78,6 +79,15 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
     """Roll back if a transaction is still open (a failed COMMIT has already ended it)."""
     with suppress(duckdb.TransactionException):
         con.execute("ROLLBACK")
+
+
+def whole_uids(uids: Sequence[str]) -> re.Pattern[bytes]:
+    """A bytes pattern matching any of ``uids`` as a whole UID: not preceded by a digit (or
+    a digit and a dot) and not followed by one (or a dot and a digit), so a UID that is the
+    prefix of a longer one, or a UID ending a sentence, is told apart."""
+    olds = sorted({u.encode() for u in uids}, key=len, reverse=True)
+    body = b"|".join(re.escape(o) for o in olds)
+    return re.compile(rb"(?<![0-9])(?<![0-9]\.)(?:" + body + rb")(?![0-9])(?!\.[0-9])")
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -526,9 +536,12 @@ class Catalog:
             yield from ducklake.metadata_text(con, self.lake)
 
     def holds(self, needles: Sequence[str]) -> bool:
-        """Whether any of ``needles`` is in the catalog's stored bytes (a byte scan)."""
-        encoded = [n.encode() for n in needles]
-        return any(n in data for _, data in self.stored_files() for n in encoded)
+        """Whether any of ``needles`` (UIDs) is in the catalog's stored bytes (a byte scan),
+        as a whole UID: ``1.2.3.40`` inside a live ``1.2.3.40.4`` does not count."""
+        if not needles:
+            return False
+        pattern = whole_uids(needles)
+        return any(pattern.search(data) for _, data in self.stored_files())
 
     def rewrite(self) -> None:
         """Copy the live data into a fresh file and swap it in (drops every dead block).

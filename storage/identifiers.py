@@ -32,6 +32,22 @@ SEALED_SUFFIX = "_enc"
 QUOTING = {
     ("incidents", "report_md"): "study",
     ("audit_log", "subject"): "instance",  # an export's subject is the SOP Instance UID
+    # Text an owner or a portal types into a request can quote a UID too.
+    **dict.fromkeys(
+        [
+            ("share_requests", "grantee"),
+            ("share_requests", "purpose"),
+            ("share_requests", "manifest"),
+            ("grants", "grantee"),
+            ("grant_events", "grantee"),
+            ("disclosures", "recipient"),
+            ("disclosures", "purpose"),
+            ("disclosures", "description"),
+            ("deletion_requests", "manifest"),
+            ("incidents", "reported_user"),
+        ],
+        "study",
+    ),
 }
 # Text columns that never hold an identifier of a study, a patient or a drop.
 CLEAN = frozenset(
@@ -41,23 +57,23 @@ CLEAN = frozenset(
         ("beacon_days", "day"),
         *(("beacon_stats", c) for c in ("beacon", "target", "partner")),  # scrubbed
         *(("deletion_objects", c) for c in ("request_id", "study_key", "location_url")),
+        *(("deletion_scans", c) for c in ("request_id", "record_key_id")),
         ("deletion_objects", "name"),  # a vault object name: a random id
         ("deletion_objects", "record_key_id"),
         *(
             ("deletion_requests", c)
-            for c in ("request_id", "content_hash", "owner", "status", "outcome", "manifest")
+            for c in ("request_id", "content_hash", "owner", "status", "outcome")
         ),
         *(("deletion_sla", c) for c in ("request_id", "owner", "sla_state")),
-        *(("disclosures", c) for c in ("disclosure_id", "owner", "recipient", "purpose")),
-        ("disclosures", "description"),  # scope only, validated
+        *(("disclosures", c) for c in ("disclosure_id", "owner")),
         *(("drops", c) for c in ("facility_id", "status", "record_key_id")),
         *(("email_campaigns", c) for c in ("campaign",)),
         *(("facilities", c) for c in ("facility_id",)),
-        *(("grant_events", c) for c in ("event_id", "action", "owner", "grantee", "actor")),
+        *(("grant_events", c) for c in ("event_id", "action", "owner", "actor")),
         ("grant_events", "reason"),
-        *(("grants", c) for c in ("owner", "grantee", "grant_request_id", "revoked_by")),
+        *(("grants", c) for c in ("owner", "grant_request_id", "revoked_by")),
         *(("grants", c) for c in ("revoke_reason", "revoke_request_id")),
-        *(("incidents", c) for c in ("incident_id", "reported_user")),
+        ("incidents", "incident_id"),
         *(("instances", c) for c in ("sop_class_uid", "modality", "transfer_syntax")),
         *(("instances", c) for c in ("facility_id", "object_id", "sha256")),
         ("newsletter_suppression", "address_key"),  # keyed hash
@@ -67,7 +83,7 @@ CLEAN = frozenset(
         *(("quarantine", c) for c in ("quarantine_id", "facility_id", "reason", "detail")),
         *(("quarantine", c) for c in ("object_id", "sha256")),
         *(("share_requests", c) for c in ("request_id", "content_hash", "action", "owner")),
-        *(("share_requests", c) for c in ("grantee", "purpose", "manifest", "outcome")),
+        ("share_requests", "outcome"),
         *(("studies", c) for c in ("owner", "facility_id", "record_key_id", "status")),
         *(("tombstones", c) for c in ("study_key", "request_id", "outcome")),
         *(("access_list", c) for c in ("owner", "grantee", "scope", "status")),

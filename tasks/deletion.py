@@ -22,7 +22,9 @@ if a byte scan still finds a deleted UID).
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,6 +38,7 @@ from dropvault.storage.catalog import Catalog, insert_rows, key_columns
 from dropvault.storage.errors import TerminalError, retry_transient
 from dropvault.storage.home import Home
 from dropvault.storage.identifiers import columns_of_kind
+from dropvault.storage.keystore import KeyError_
 from dropvault.tasks.audit import audit
 from dropvault.tasks.manifests import (
     ManifestRow,
@@ -46,7 +49,14 @@ from dropvault.tasks.manifests import (
     parse_request_time,
     redact_manifests,
 )
-from dropvault.tasks.phi import DELETED_PREFIX, redact, study_key, tombstone_ref
+from dropvault.tasks.phi import (
+    DELETED_PREFIX,
+    open_fields,
+    redact,
+    seal_fields,
+    study_key,
+    tombstone_ref,
+)
 from dropvault.tasks.reasons import RejectReason
 from dropvault.tasks.sharing import GrantEvent, insert_grant_events, recompute_grants
 
@@ -232,6 +242,7 @@ class _Sweep:
         self.studies = pd.DataFrame()
         self.doomed = pd.DataFrame()
         self.key_ids: list[str] = []
+        self.drop_keys: list[str] = []  # sealed drop names to erase with the studies
 
     # -- 1. revoke, mark, tombstone: one transaction -----------------------------------
 
@@ -285,6 +296,20 @@ class _Sweep:
             [self.uids],
         ).df()
         self._record_what_must_go(con, objects, studies)
+        # The drops that brought a study to be deleted: their folder names can name the
+        # patient, so their sealed names go with it (their keys are destroyed in shred).
+        self.drop_keys = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT d.record_key_id FROM drops d JOIN ("
+                " SELECT facility_id, drop_id FROM instances"
+                " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))"
+                " UNION SELECT facility_id, drop_id FROM quarantine"
+                " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))) x"
+                " USING (facility_id, drop_id) WHERE d.record_key_id IS NOT NULL",
+                [self.to_delete, self.to_delete],
+            ).fetchall()
+        ]
         return objects, studies
 
     def _revoke(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -383,7 +408,7 @@ class _Sweep:
             self.studies["study_uid"].isin(self.to_delete), "record_key_id"
         ]
         self.key_ids = sorted(set(self.doomed["record_key_id"]) | set(study_key_ids))
-        self.home.keystore.destroy(self.key_ids)
+        self.home.keystore.destroy(self.key_ids + self.drop_keys)
         shredded: dict[str, set[str]] = {}
         for uid, key_id in zip(self.doomed["study_uid"], self.doomed["record_key_id"], strict=True):
             shredded.setdefault(str(uid), set()).add(str(key_id))
@@ -442,6 +467,11 @@ class _Sweep:
             con.execute(
                 "DELETE FROM studies WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))", [delete]
             )
+            con.execute(
+                "UPDATE drops SET name_enc = NULL WHERE record_key_id"
+                " IN (SELECT unnest(?::VARCHAR[]))",
+                [self.drop_keys],
+            )
             _fault("mid_finish")
             _redact_quoting(
                 con, dict(zip(mapping["study_uid"], mapping["replacement"], strict=True))
@@ -499,19 +529,24 @@ class _Sweep:
 
 
 def _redact_quoting(con: duckdb.DuckDBPyConnection, replacements: dict[str, str]) -> None:
-    """Free text that quotes a deleted study's UID (an incident's report), on the rows that
-    name the study: the UID replaced by its tombstone key, in place."""
+    """Free text that can quote a deleted study's UID (an incident's report, a request's
+    purpose or grantee, a manifest's name), in any row: each whole UID is replaced by its
+    tombstone key, in place. RE2 finds the candidate rows; Python decides whole UIDs."""
+    candidates = "|".join(re.escape(u) for u in replacements)
     for table, column in columns_of_kind("quoting:study"):
         keys = key_columns()[table]
         rows = con.execute(
-            f"SELECT {', '.join(keys)}, study_uid, {column} FROM {table}"  # noqa: S608
-            " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
-            [list(replacements)],
+            f"SELECT {', '.join(keys)}, {column} FROM {table}"  # noqa: S608
+            f" WHERE regexp_matches({column}, ?)",
+            [candidates],
         ).fetchall()
         where = " AND ".join(f"{k} = ?" for k in keys)
-        updates = [
-            [redact(str(r[-1]), replacements), *r[: len(keys)]] for r in rows if r[-1] is not None
-        ]
+        updates = []
+        for row in rows:
+            text = str(row[-1])
+            new = redact(text, replacements)
+            if new != text:
+                updates.append([new, *row[: len(keys)]])
         if updates:
             con.executemany(
                 f"UPDATE {table} SET {column} = ? WHERE {where}",  # noqa: S608
@@ -697,6 +732,48 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
     home.catalog.write(complete)
     result.requests_done = len(rows)
     return result
+
+
+def seal_scan_needles(home: Home, needles: dict[str, list[str]]) -> None:
+    """Keep each request's deleted UIDs sealed until a later sweep's scan passes."""
+    if not needles:
+        return
+    key_id, record_key = home.keystore.create()
+    rows = [
+        {
+            "request_id": rid,
+            "record_key_id": key_id,
+            "needles_enc": seal_fields(record_key, rid, {"uids": json.dumps(sorted(uids))}),
+        }
+        for rid, uids in needles.items()
+    ]
+    home.catalog.write(lambda con: insert_rows(con, "deletion_scans", rows))
+
+
+def open_scan_needles(home: Home) -> tuple[list[str], list[str]]:
+    """``(uids, key ids)`` that earlier sweeps could not prove gone."""
+    rows = home.catalog.query("SELECT request_id, record_key_id, needles_enc FROM deletion_scans")
+    uids: list[str] = []
+    for rid, key_id, sealed in rows.itertuples(index=False):
+        try:
+            key = home.keystore.unwrap(str(key_id))
+        except KeyError_:
+            continue
+        uids += json.loads(open_fields(key, str(rid), bytes(sealed))["uids"])
+    return uids, sorted(set(rows["record_key_id"]))
+
+
+def clear_scan_needles(home: Home, key_ids: list[str]) -> None:
+    """The scan passed: the sealed UIDs' key is destroyed and their rows deleted."""
+    if not key_ids:
+        return
+    home.keystore.destroy(key_ids)
+    home.catalog.write(
+        lambda con: con.execute(
+            "DELETE FROM deletion_scans WHERE record_key_id IN (SELECT unnest(?::VARCHAR[]))",
+            [key_ids],
+        )
+    )
 
 
 class CatalogScanFailed(TerminalError, RuntimeError):

@@ -294,17 +294,39 @@ def _clear_processed(location: Location, kind: str) -> None:
     location.move(folder, location, f"{kind}/{aside}", unchecked=True)
 
 
+UID_TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)+")
+
+
+def uid_tokens(rows: list[ManifestRow]) -> list[str]:
+    """Every UID-shaped token in the rows' values (a study UID can be quoted anywhere)."""
+    found = {
+        token
+        for r in rows
+        if r.fields
+        for value in r.fields.values()
+        if value
+        for token in UID_TOKEN.findall(value)
+    }
+    return sorted(found)
+
+
 def redact_rows(rows: list[ManifestRow], replacements: dict[str, str]) -> list[ManifestRow]:
-    """Rows with each deleted study's UID replaced by its tombstone key, so a request that
-    names a deleted study is recorded (and refused, ``study_deleted``) without the UID."""
+    """Rows with each deleted study's UID, wherever a value quotes it (study_uid, purpose,
+    grantee, ...), replaced by its tombstone key: a request that names a deleted study is
+    recorded (and refused, ``study_deleted``) without the UID. The request id is kept."""
     if not replacements:
         return rows
-    return [
-        ManifestRow(r.manifest, r.line, {**r.fields, "study_uid": replacements[uid]}, r.error)
-        if r.fields and (uid := r.fields.get("study_uid", "")) in replacements
-        else r
-        for r in rows
-    ]
+    out = []
+    for r in rows:
+        if not r.fields:
+            out.append(r)
+            continue
+        fields = {
+            k: v if k == "request_id" or not v else redact(v, replacements)
+            for k, v in r.fields.items()
+        }
+        out.append(r if fields == r.fields else ManifestRow(r.manifest, r.line, fields, r.error))
+    return out
 
 
 def archive_manifests(
@@ -320,7 +342,8 @@ def archive_manifests(
     if names:
         _clear_processed(location, kind)
     for name in names:
-        base = _free_name(location, f"{kind}/{PROCESSED}", posixpath.basename(name))
+        own = redact(posixpath.basename(name), replacements or {})  # a name can quote a UID
+        base = _free_name(location, f"{kind}/{PROCESSED}", own)
         results = "".join(json.dumps(r, default=str) + "\n" for r in outcomes.get(name, []))
         results = redact(results, replacements or {})
         location.put_bytes(f"{kind}/{PROCESSED}/{base}.results.jsonl", results.encode())
@@ -353,7 +376,13 @@ def redact_manifests(location: Location, replacements: dict[str, str]) -> int:
             if folder != "incidents" and not rel.startswith(PROCESSED + "/"):
                 continue
             redacted = _redacted(location, entry.name, replacements)
-            if redacted is not None:
+            renamed = redact(entry.name, replacements)
+            if renamed != entry.name:  # the file's own name quotes the UID
+                data = redacted if redacted is not None else location.read_bytes(entry.name)
+                location.rewrite(renamed, data)
+                location.delete(entry.name)
+                changed += 1
+            elif redacted is not None:
                 location.rewrite(entry.name, redacted)
                 changed += 1
     return changed

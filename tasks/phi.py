@@ -66,7 +66,8 @@ def tombstone_ref(pepper: bytes, study_uid: str) -> str:
 
 def redact(text: str, replacements: dict[str, str]) -> str:
     """``text`` with each whole identifier in ``replacements`` (a UID: digits and dots)
-    replaced, never a part of a longer one (``1.2.3`` is left alone inside ``1.2.3.4``)."""
+    replaced, never a part of a longer one (``1.2.3`` is left alone inside ``1.2.3.4``).
+    JSON may spell a digit as ``\\u0039``: callers redact decoded text where it matters."""
     if not replacements:
         return text
     pattern = _identifiers(tuple(sorted(replacements, key=len, reverse=True)))
@@ -75,4 +76,7 @@ def redact(text: str, replacements: dict[str, str]) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _identifiers(olds: tuple[str, ...]) -> re.Pattern[str]:
-    return re.compile(r"(?<![0-9.])(?:" + "|".join(map(re.escape, olds)) + r")(?![0-9.])")
+    # Whole UIDs: not inside a longer UID (a digit, or a dot and a digit, on either side),
+    # but a UID that ends a sentence ("... on 1.2.3.") is still one.
+    body = "|".join(map(re.escape, olds))
+    return re.compile(r"(?<![0-9])(?<![0-9]\.)(?:" + body + r")(?![0-9])(?!\.[0-9])")

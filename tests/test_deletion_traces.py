@@ -27,6 +27,7 @@ from dropvault.storage.home import LOCATIONS, Home
 from dropvault.storage.locations import Location
 from dropvault.tasks import samples
 from dropvault.tasks.deletion import CatalogScanFailed
+from dropvault.tasks.drop_names import drops_list
 from dropvault.tasks.incidents import file_incident_request
 from dropvault.tasks.phi import tombstone_ref
 from dropvault.tasks.quarantine import quarantine_export
@@ -96,7 +97,13 @@ def everything(
 
 def share_rows(owner: str, uid: str, prefix: str = "s") -> str:
     rows = [
-        {"request_id": "s1", "action": "share", "grantee": "dr:x", "days": -3},
+        {
+            "request_id": "s1",
+            "action": "share",
+            "grantee": "dr:x",
+            "days": -3,
+            "purpose": "on UID.",
+        },
         {"request_id": "s2", "action": "share", "grantee": "dr:y", "days": -3},
         {"request_id": "s3", "action": "revoke", "grantee": "dr:y", "days": -2},
         {
@@ -112,7 +119,7 @@ def share_rows(owner: str, uid: str, prefix: str = "s") -> str:
             {
                 "owner": owner,
                 "study_uid": uid,
-                **{k: v for k, v in r.items() if k != "days"},
+                **{k: str(v).replace("UID", uid) for k, v in r.items() if k != "days"},
                 "request_id": prefix + str(r["request_id"]),
                 "requested_at": (NOW + timedelta(days=float(str(r["days"])))).isoformat(),
             }
@@ -171,11 +178,32 @@ def test_a_deleted_study_leaves_no_trace_anywhere(
     result = deletion_sweep(home=home)
     assert result.summary()["studies_deleted"] == 1 and result.summary()["all_verified"]
 
-    # After the deletion: a late image of the study, and a share naming it, arrive.
+    # After the deletion: late images of the study (whole, truncated, one whose manifest
+    # checksum is wrong), a share naming it, a share of another study whose purpose quotes
+    # it, and an incident about it arrive.
     late = samples.make_instance(patient, uid, series_uid, "MR_small.dcm")
-    samples.write_drop(home.drops, "fac", f"{folder}_late", {"late.dcm": late}, manifest=False)
+    lates = {"late.dcm": late, "cut.dcm": samples.truncated(late)}
+    samples.write_drop(home.drops, "fac", f"{folder}_late", lates, manifest=False)
+    other = samples.with_uid(late, sop_uids[1] + ".9")
+    listed = {"m.dcm": other[:-1] + bytes([other[-1] ^ 1])}  # same size, other checksum
+    samples.write_drop(home.drops, "fac", f"{folder}_sum", {"m.dcm": other}, listed=listed)
     stats = ingest_drops(home=home, settings=QUIET)
-    assert dict(stats.quarantined) == {"deleted_by_owner": 1}
+    assert dict(stats.quarantined) == {"deleted_by_owner": 3}
+    quote = {
+        "request_id": "q1",
+        "action": "share",
+        "owner": "user:ben",
+        "grantee": "dr:q",
+        "study_uid": kept_uid,
+        "purpose": f"compare with {uid}",
+        "requested_at": NOW.isoformat(),
+    }
+    home.manifests.put_bytes("shares/quote.jsonl", (json.dumps(quote) + "\n").encode())
+    apply_share_manifests(home=home)
+    late_incident = file_incident_request(home.manifests, "dr:x", uid, NOW)
+    with pytest.raises(LookupError):
+        report_wrong_access(late_incident, home=home)
+    assert drops_list(home, names=True).set_index("drop_id")["name"].isna().sum() >= 1
     home.manifests.put_bytes("shares/late.jsonl", share_rows("user:ann", uid, "late-").encode())
     shared = apply_share_manifests(home=home)
     assert shared.summary()["rejected_by_reason"] == {"study_deleted": 4}
@@ -231,6 +259,9 @@ def test_a_sweep_whose_catalog_scan_fails_is_not_verified_and_a_rerun_finishes(
     monkeypatch.setattr(type(home.catalog), "compact", lambda self: None)
     with pytest.raises(CatalogScanFailed):
         deletion_sweep(home=home)
+    with pytest.raises(CatalogScanFailed):  # a rerun scans for the sealed UIDs again
+        deletion_sweep(home=home)
+    assert home.catalog.query("SELECT count(*) AS n FROM deletion_scans")["n"][0] == 1
     row = home.catalog.query("SELECT status, outcome, verified_at FROM deletion_requests")
     assert row[["status", "outcome"]].values.tolist() == [["failed", "failed:catalog_scan"]]
     assert row["verified_at"].isna().all()
@@ -241,6 +272,7 @@ def test_a_sweep_whose_catalog_scan_fails_is_not_verified_and_a_rerun_finishes(
     assert row[["status", "outcome"]].values.tolist() == [["completed", "applied"]]
     assert row["verified_at"].notna().all()
     assert not home.catalog.holds([uid])
+    assert home.catalog.query("SELECT count(*) AS n FROM deletion_scans")["n"][0] == 0
 
 
 def test_an_archived_study_deleted_later_loses_its_archive_copy(
