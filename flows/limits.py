@@ -4,8 +4,10 @@ DuckDB lets one process write at a time. Flows that share a Prefect server
 (every deployment does) take one slot of ``dropvault-catalog-write`` around
 each catalog write, so a second writer queues on the server instead of
 spinning on the file lock. The lock back-off in :mod:`dropvault.storage.catalog` stays
-as the backstop for writers outside Prefect (a notebook calling ``.fn()``, or
-two CLI runs that each start their own embedded server).
+as the backstop for writers outside Prefect (a notebook calling ``.fn()``), and is the only
+guard of runs without a Prefect server (``PREFECT_API_URL`` unset: each CLI run starts its
+own embedded server, whose leases live in memory, so a killed run's slot would never be
+freed; ``Settings`` then passes no write guard).
 
 The limit is created with one slot on first use if it does not exist; an
 operator may create it beforehand (``prefect gcl create

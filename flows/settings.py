@@ -60,6 +60,16 @@ class SettingsError(TerminalError, ValueError):
 AWS_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_KMS")
 
 
+def _prefect_server() -> bool:
+    """Whether flows report to a Prefect server (``PREFECT_API_URL``). Without one, each CLI
+    run starts its own embedded server, which keeps concurrency leases in memory: a run
+    killed -9 would hold the catalog-write slot for good, so embedded runs rely on
+    DuckDB's own file lock (released when a process dies) instead."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 def _check_url(value: str | None, name: str) -> str | None:
     if value is None:
         return None
@@ -461,7 +471,11 @@ class Settings(BaseSettings):
         return Catalog(
             self.catalog_target(),
             lock_timeout=self.lock_timeout_seconds,
-            write_guard=functools.partial(catalog_write_slot, self.lock_timeout_seconds),
+            write_guard=(
+                functools.partial(catalog_write_slot, self.lock_timeout_seconds)
+                if _prefect_server()
+                else None
+            ),
             reader_memory_limit=self.reader_memory_limit,
             reader_timeout=self.reader_timeout_seconds,
         )
