@@ -64,3 +64,18 @@ def test_production_keys_from_environment(tmp_path: Path, monkeypatch: pytest.Mo
     assert not (tmp_path / "h" / "keys" / "kek.key").exists()
     key_id, key = home.keystore.create()
     assert home.keystore.unwrap(key_id) == key
+
+
+def test_runs_without_a_prefect_server_take_no_catalog_write_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedded server keeps concurrency leases in memory: a run killed -9 would hold
+    the slot for good. Without PREFECT_API_URL the DuckDB file lock is the only guard."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("DROPVAULT_HOME", str(tmp_path / "h"))
+    home, _ = Settings.load().init_home()
+    assert home.catalog.write_guard is not None  # the session's test server
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        embedded = Settings.load().build_home()
+    assert embedded.catalog.write_guard is None
