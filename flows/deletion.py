@@ -15,7 +15,6 @@ from dropvault.tasks.deletion import (
     CatalogScanFailed,
     IntakeResult,
     SweepResult,
-    clear_scan_needles,
     compact_catalog_task,
     deletion_sla,
     dry_run_sweep,
@@ -23,9 +22,9 @@ from dropvault.tasks.deletion import (
     open_scan_needles,
     pending_requests,
     register_requests_task,
-    seal_scan_needles,
     sweep_requests_task,
     tombstoned,
+    verify_scanned,
 )
 from dropvault.tasks.manifests import redact_rows, uid_tokens
 from dropvault.tasks.sharing import archive_manifests_task, read_pending_task
@@ -83,23 +82,16 @@ def deletion_sweep(
         result.request_ids += part.request_ids
         if progress:
             progress(min(start + settings.sweep_batch, len(pending)), len(pending))
-    deleted = [s.study_uid for s in result.studies if s.outcome == "deleted"]
-    # UIDs an earlier sweep could not prove gone (sealed until a scan passes): scanned too.
-    earlier, earlier_keys = open_scan_needles(home)
+    # Every UID not yet proven gone (this run's, and any an earlier or killed run left),
+    # kept sealed in deletion_scans until this scan passes.
+    needles, scan_keys, scan_requests = open_scan_needles(home)
     try:
-        result.compacted = compact_catalog_task(
-            home.catalog, deleted + earlier, resumed=result.resumed
-        )
+        result.compacted = compact_catalog_task(home.catalog, needles, resumed=result.resumed)
     except CatalogScanFailed:
-        # Not proven: the requests are not verified; the next sweep compacts and scans again.
-        needles: dict[str, list[str]] = {}
-        for s in result.studies:
-            if s.outcome == "deleted":
-                needles.setdefault(s.request_id, []).append(s.study_uid)
-        seal_scan_needles(home, needles)
-        mark_unverified(home.catalog, result.request_ids, "catalog_scan")
+        # Not proven: not verified, and the next sweep compacts and scans again.
+        mark_unverified(home.catalog, scan_requests, "catalog_scan")
         raise
-    clear_scan_needles(home, earlier_keys)
+    verify_scanned(home, scan_keys, datetime.now(UTC))
     sla = deletion_sla(home.catalog, settings.deletion_at_risk_hours)
     result.sla = {str(k): int(v) for k, v in sla["sla_state"].value_counts().items()}
     create_table_artifact(

@@ -12,6 +12,7 @@ S3 itself makes visible only when whole.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import functools
 import io
@@ -713,8 +714,7 @@ class Location:
             return
         # Folder by folder, by exact name: rm(recursive=True) would expand a * in the name.
         folders = self.fs.find(base, withdirs=True, detail=True)
-        for path in sorted(
-            (p for p, i in folders.items() if i["type"] == "directory"), reverse=True
-        ):
-            self.fs.rmdir(path)
-        self.fs.rmdir(base)
+        paths = sorted((p for p, i in folders.items() if i["type"] == "directory"), reverse=True)
+        for path in [*paths, base]:
+            with contextlib.suppress(FileNotFoundError):  # implied by its files, never made
+                self.fs.rmdir(path)

@@ -51,6 +51,7 @@ from dropvault.tasks.manifests import (
 )
 from dropvault.tasks.phi import (
     DELETED_PREFIX,
+    keyed_hash,
     open_fields,
     redact,
     seal_fields,
@@ -243,10 +244,17 @@ class _Sweep:
         self.doomed = pd.DataFrame()
         self.key_ids: list[str] = []
         self.drop_keys: list[str] = []  # sealed drop names to erase with the studies
+        self.scan_rows: list[dict[str, Any]] = []
 
     # -- 1. revoke, mark, tombstone: one transaction -----------------------------------
 
     def mark(self) -> None:
+        # The UIDs the catalog scan must not find, sealed before any row goes, so a sweep
+        # killed after the rows went still scans for them (deletion_scans).
+        needles: dict[str, list[str]] = {}
+        for study in self.to_delete:
+            needles.setdefault(self.by_uid[study].request_id, []).append(study)
+        self.scan_rows = scan_rows(self.home, needles)
         self.objects, self.studies = self.home.catalog.write(self._mark)
         for uid, count in zip(self.studies["study_uid"], self.studies["instances"], strict=True):
             self.outcomes[str(uid)].instances = int(count)
@@ -254,6 +262,7 @@ class _Sweep:
             self.outcomes[str(uid)].objects = len(group)
 
     def _mark(self, con: duckdb.DuckDBPyConnection) -> tuple[pd.DataFrame, pd.DataFrame]:
+        insert_rows(con, "deletion_scans", self.scan_rows)
         self._revoke(con)
         con.execute(
             "UPDATE studies SET status = 'archived', rev = rev + 1"
@@ -323,7 +332,10 @@ class _Sweep:
             con,
             [
                 GrantEvent(
-                    event_id=f"deletion:{self.by_uid[s].request_id}:{self.keys[s]}:{g}",
+                    # The grantee by a keyed hash: an id is kept verbatim, and a grantee's
+                    # text could quote the UID (the grantee column itself is redacted).
+                    event_id=f"deletion:{self.by_uid[s].request_id}:{self.keys[s]}:"
+                    + keyed_hash(self.home.pepper, "grantee", g, length=16),
                     action="revoke",
                     owner=o,
                     grantee=g,
@@ -724,6 +736,12 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
             " verified_at = ?, studies = ?, objects = ? WHERE request_id = ?",
             rows,
         )
+        # A request whose UIDs still wait for the catalog scan is not verified yet: the
+        # flow verifies it once the scan passes (verify_scanned).
+        con.execute(
+            "UPDATE deletion_requests SET verified_at = NULL"
+            " WHERE request_id IN (SELECT request_id FROM deletion_scans)"
+        )
         con.execute(
             "DELETE FROM deletion_objects WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
             [verified],
@@ -734,12 +752,13 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
     return result
 
 
-def seal_scan_needles(home: Home, needles: dict[str, list[str]]) -> None:
-    """Keep each request's deleted UIDs sealed until a later sweep's scan passes."""
+def scan_rows(home: Home, needles: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """``deletion_scans`` rows keeping each request's UIDs sealed (one new record key) until
+    a catalog scan proves them gone."""
     if not needles:
-        return
+        return []
     key_id, record_key = home.keystore.create()
-    rows = [
+    return [
         {
             "request_id": rid,
             "record_key_id": key_id,
@@ -747,11 +766,10 @@ def seal_scan_needles(home: Home, needles: dict[str, list[str]]) -> None:
         }
         for rid, uids in needles.items()
     ]
-    home.catalog.write(lambda con: insert_rows(con, "deletion_scans", rows))
 
 
-def open_scan_needles(home: Home) -> tuple[list[str], list[str]]:
-    """``(uids, key ids)`` that earlier sweeps could not prove gone."""
+def open_scan_needles(home: Home) -> tuple[list[str], list[str], list[str]]:
+    """``(uids, key ids, request ids)`` of every deletion not yet proven by a catalog scan."""
     rows = home.catalog.query("SELECT request_id, record_key_id, needles_enc FROM deletion_scans")
     uids: list[str] = []
     for rid, key_id, sealed in rows.itertuples(index=False):
@@ -760,20 +778,30 @@ def open_scan_needles(home: Home) -> tuple[list[str], list[str]]:
         except KeyError_:
             continue
         uids += json.loads(open_fields(key, str(rid), bytes(sealed))["uids"])
-    return uids, sorted(set(rows["record_key_id"]))
+    return uids, sorted(set(rows["record_key_id"])), sorted(set(rows["request_id"]))
 
 
-def clear_scan_needles(home: Home, key_ids: list[str]) -> None:
-    """The scan passed: the sealed UIDs' key is destroyed and their rows deleted."""
+def verify_scanned(home: Home, key_ids: list[str], now: datetime) -> None:
+    """The scan passed: the requests whose UIDs it looked for are verified (unless an object
+    of theirs is still unproven), and the sealed UIDs' key is destroyed, their rows deleted."""
     if not key_ids:
         return
-    home.keystore.destroy(key_ids)
-    home.catalog.write(
-        lambda con: con.execute(
+
+    def work(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(
+            "UPDATE deletion_requests SET verified_at = ? WHERE status = 'completed'"
+            " AND request_id IN (SELECT request_id FROM deletion_scans"
+            " WHERE record_key_id IN (SELECT unnest(?::VARCHAR[])))"
+            " AND request_id NOT IN (SELECT request_id FROM deletion_objects)",
+            [now, key_ids],
+        )
+        con.execute(
             "DELETE FROM deletion_scans WHERE record_key_id IN (SELECT unnest(?::VARCHAR[]))",
             [key_ids],
         )
-    )
+
+    home.catalog.write(work)
+    home.keystore.destroy(key_ids)
 
 
 class CatalogScanFailed(TerminalError, RuntimeError):

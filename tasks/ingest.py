@@ -832,6 +832,8 @@ def finish_drops(home: Home, drops: list[Drop]) -> dict[str, bool]:
     for drop in drops:
         try:
             finished[drop.key] = _finish(home, drop)
+        except FileNotFoundError:
+            finished[drop.key] = True  # gone already (another run finished it)
         except OSError as exc:
             if not is_file_problem(exc):
                 raise  # the store's trouble: the task retries

@@ -105,11 +105,22 @@ def _clean(value: Any) -> str | None:
     return text or None
 
 
+# Values a request names things by, kept verbatim as keys of its history.
+NAMED_BY_REQUESTER = ("request_id", "owner")
+UID_IN_NAME = re.compile(r"[0-9]+(?:\.[0-9]+){2,}")
+
+
 def checked_row(
     validate: Callable[[ManifestRow, datetime], T], row: ManifestRow, now: datetime
 ) -> T:
     """One row's failure boundary: whatever goes wrong while a row is checked rejects that
     row (``rejected:malformed`` unless the check named a reason), never the manifest."""
+    if row.fields and any(
+        UID_IN_NAME.search(row.fields.get(name) or "") for name in NAMED_BY_REQUESTER
+    ):
+        # Ids and accounts are kept as they are (they key history): a UID there would
+        # outlive the study's deletion.
+        raise Rejected(RejectReason.UID_IN_NAME)
     try:
         return validate(row, now)
     except Rejected:

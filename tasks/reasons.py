@@ -39,6 +39,7 @@ class RejectReason(StrEnum):
     BAD_KEEP_ARCHIVE = "bad_keep_archive"
     DUPLICATE_REQUEST_ID = "duplicate_request_id"
     UNKNOWN_STUDY = "unknown_study"
+    UID_IN_NAME = "uid_in_name"  # a request id or owner account quotes a UID
     STUDY_DELETED = "study_deleted"  # the study was deleted; the row keeps its tombstone key
     UNKNOWN_OWNER = "unknown_owner"
     NOT_OWNER = "not_owner"

@@ -306,3 +306,42 @@ def test_an_archived_study_deleted_later_loses_its_archive_copy(
         w for w, data in everything(home, tmp_path, request) if patient.patient_id.encode() in data
     ]
     assert leaks == []
+
+
+def test_a_sweep_killed_after_the_rows_went_is_verified_only_by_a_real_scan(
+    local_home: Home, rng: random.Random, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the study's rows were deleted, before compaction: the rerun still knows
+    the UIDs (sealed in deletion_scans at mark time) and scans for them before verifying."""
+    import dropvault.flows.deletion as flows_deletion
+    from dropvault.tasks import deletion as deletion_mod
+
+    home = local_home
+    uid, files = samples.make_study(rng, samples.make_patient(rng, 1), 1, "MR_small.dcm")
+    samples.write_drop(home.drops, "fac", "d", files, owners={uid: "user:ann"})
+    ingest_drops(home=home, settings=QUIET)
+    row = {"request_id": "del-1", "owner": "user:ann", "study_uid": uid}
+    row["requested_at"] = NOW.isoformat()
+    home.manifests.put_bytes("deletions/d.jsonl", (json.dumps(row) + "\n").encode())
+
+    def killed() -> None:
+        raise RuntimeError("killed after the rows went")
+
+    monkeypatch.setitem(deletion_mod.FAULTS, "after_finish", killed)
+    monkeypatch.setattr(
+        flows_deletion,
+        "sweep_requests_task",
+        deletion_mod.sweep_requests_task.with_options(retries=0),
+    )
+    with pytest.raises(RuntimeError, match="killed"):
+        deletion_sweep(home=home)
+    assert home.catalog.query("SELECT count(*) AS n FROM studies")["n"][0] == 0
+    monkeypatch.delitem(deletion_mod.FAULTS, "after_finish")
+    monkeypatch.setattr(type(home.catalog), "compact", lambda self: None)  # bytes stay
+    with pytest.raises(CatalogScanFailed):  # the rerun scans: the UID is found, not verified
+        deletion_sweep(home=home)
+    monkeypatch.undo()
+    deletion_sweep(home=home)
+    done = home.catalog.query("SELECT status, verified_at FROM deletion_requests")
+    assert done["status"].tolist() == ["completed"] and done["verified_at"].notna().all()
+    assert not home.catalog.holds([uid])
