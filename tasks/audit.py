@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
 
-from dropvault.storage.catalog import insert_rows
+from dropvault.storage.catalog import Catalog, insert_rows
 
 
 def audit(
@@ -44,3 +44,12 @@ def audit(
         ],
     )
     return event_id
+
+
+def audit_viewing(catalog: Catalog, *, actor: str, action: str, subject: str | None) -> None:
+    """One audit row in a transaction of its own, for a read that must leave a trace (an
+    operator opening names, exporting a quarantined file)."""
+    now = datetime.now(UTC)
+    catalog.write(
+        lambda con: audit(con, actor=actor, action=action, subject=subject, detail=None, at=now)
+    )

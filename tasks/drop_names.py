@@ -16,14 +16,13 @@ to keyed ids and seals the names.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
 
 from dropvault.storage.home import Home
 from dropvault.storage.keystore import KeyDestroyedError, Keystore, UnknownKeyError
-from dropvault.tasks.audit import audit
+from dropvault.tasks.audit import audit_viewing
 from dropvault.tasks.phi import keyed_hash, open_fields, seal_fields
 
 DROP_ID = re.compile(r"d_[0-9a-f]{24}")
@@ -79,16 +78,8 @@ def drops_list(home: Home, *, names: bool = False, actor: str = "operator") -> p
                 for r in frame.itertuples()
             ],
         )
-        now = datetime.now(UTC)
-        home.catalog.write(
-            lambda con: audit(
-                con,
-                actor=actor,
-                action="drop_names_viewed",
-                subject=str(len(frame)),
-                detail=None,
-                at=now,
-            )
+        audit_viewing(
+            home.catalog, actor=actor, action="drop_names_viewed", subject=str(len(frame))
         )
     return frame.drop(columns=["record_key_id", "name_enc"])
 

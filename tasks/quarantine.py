@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from dropvault.storage.catalog import Catalog
 from dropvault.storage.home import Home
 from dropvault.storage.keystore import KeyDestroyedError, UnknownKeyError
 from dropvault.storage.locations import UnsafeNameError, safe_relpath
-from dropvault.tasks.audit import audit
+from dropvault.tasks.audit import audit_viewing
 from dropvault.tasks.drop_names import drop_names, printable
 from dropvault.tasks.objects import object_row
 from dropvault.tasks.phi import keyed_hash, open_fields, seal_fields
@@ -243,16 +243,8 @@ def quarantine_list_named(home: Home, *, actor: str = "operator") -> pd.DataFram
     folders = drop_names(home, drops)
     frame.insert(3, "drop_name", [folders[d] for d in drops])
     frame.insert(4, "file_name", [_file_name(home, r) for r in frame.itertuples()])
-    now = datetime.now(UTC)
-    home.catalog.write(
-        lambda con: audit(
-            con,
-            actor=actor,
-            action="quarantine_names_viewed",
-            subject=str(len(frame)),
-            detail=None,
-            at=now,
-        )
+    audit_viewing(
+        home.catalog, actor=actor, action="quarantine_names_viewed", subject=str(len(frame))
     )
     return frame.drop(columns=["source_name_enc", "record_key_id"])
 
@@ -289,10 +281,5 @@ def quarantine_export(
     name = open_fields(
         home.keystore.unwrap(str(row["record_key_id"])), qid, bytes(row["source_name_enc"])
     )["name"]
-    now = datetime.now(UTC)
-    home.catalog.write(
-        lambda con: audit(
-            con, actor=actor, action="quarantine_export", subject=qid, detail=None, at=now
-        )
-    )
+    audit_viewing(home.catalog, actor=actor, action="quarantine_export", subject=qid)
     return {"quarantine_id": qid, "source_name": name, "out": str(out)}
