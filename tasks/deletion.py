@@ -660,12 +660,8 @@ class SweepResult:
         return pd.DataFrame(rows).to_html(index=False)
 
 
-def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepResult:
-    """Carry out a batch of pending requests; each is completed once all its studies are."""
-    result = SweepResult()
-    if requests.empty:
-        return result
-    reqs = list(requests.itertuples())
+def _resolve(home: Home, reqs: list[Any]) -> list[StudyWork]:
+    """The studies each request covers (a study named twice goes to the first request)."""
 
     def resolve(con: duckdb.DuckDBPyConnection) -> list[StudyWork]:
         wanted = pd.DataFrame(
@@ -695,8 +691,40 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
                 work.append(StudyWork(request_id, owner, uid, bool(keep)))
         return work
 
-    work = home.catalog.write(resolve)
-    done = delete_studies(home, work, now)
+    return home.catalog.write(resolve)
+
+
+def _complete(home: Home, rows: list[tuple[Any, ...]], verified: list[str]) -> None:
+    """Mark the requests completed; those whose objects are proven gone drop their record
+    of what must go. Verified only once no UID of theirs waits for the catalog scan."""
+
+    def complete(con: duckdb.DuckDBPyConnection) -> None:
+        con.executemany(
+            "UPDATE deletion_requests SET status = 'completed', outcome = 'applied',"
+            " completed_at = ?,"
+            " verified_at = ?, studies = ?, objects = ? WHERE request_id = ?",
+            rows,
+        )
+        # The flow verifies these once the scan passes (verify_scanned).
+        con.execute(
+            "UPDATE deletion_requests SET verified_at = NULL"
+            " WHERE request_id IN (SELECT request_id FROM deletion_scans)"
+        )
+        con.execute(
+            "DELETE FROM deletion_objects WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
+            [verified],
+        )
+
+    home.catalog.write(complete)
+
+
+def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepResult:
+    """Carry out a batch of pending requests; each is completed once all its studies are."""
+    result = SweepResult()
+    if requests.empty:
+        return result
+    reqs = list(requests.itertuples())
+    done = delete_studies(home, _resolve(home, reqs), now)
     result.studies = done
     finished = datetime.now(UTC)
     per_request: dict[str, list[StudyOutcome]] = {str(r.request_id): [] for r in reqs}
@@ -704,10 +732,15 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
         per_request[outcome.request_id].append(outcome)
     # Also what earlier, interrupted runs of these requests recorded (step 1 of delete_studies).
     recorded = verify_recorded(home, list(per_request))
+    verified = [
+        rid
+        for rid, outs in per_request.items()
+        if all(o.verified for o in outs) and recorded.get(rid, True)
+    ]
     rows = [
         (
             finished,
-            finished if all(o.verified for o in outs) and recorded.get(rid, True) else None,
+            finished if rid in verified else None,
             len(outs),
             sum(o.objects for o in outs),
             rid,
@@ -723,31 +756,7 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
         if not outs and (rid in recorded or rid in failed_before)
     )
     result.request_ids = list(per_request)
-    verified = [
-        rid
-        for rid, outs in per_request.items()
-        if all(o.verified for o in outs) and recorded.get(rid, True)
-    ]
-
-    def complete(con: duckdb.DuckDBPyConnection) -> None:
-        con.executemany(
-            "UPDATE deletion_requests SET status = 'completed', outcome = 'applied',"
-            " completed_at = ?,"
-            " verified_at = ?, studies = ?, objects = ? WHERE request_id = ?",
-            rows,
-        )
-        # A request whose UIDs still wait for the catalog scan is not verified yet: the
-        # flow verifies it once the scan passes (verify_scanned).
-        con.execute(
-            "UPDATE deletion_requests SET verified_at = NULL"
-            " WHERE request_id IN (SELECT request_id FROM deletion_scans)"
-        )
-        con.execute(
-            "DELETE FROM deletion_objects WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
-            [verified],
-        )
-
-    home.catalog.write(complete)
+    _complete(home, rows, verified)
     result.requests_done = len(rows)
     return result
 

@@ -171,6 +171,7 @@ def quarantine_unreadable(
     detail: str,
     now: datetime,
     reason: QuarantineReason = QuarantineReason.UNREADABLE,
+    sha256: str = "",
 ) -> Quarantined:
     """The catalog row for a file of a drop that is not read (a symlink, a special file,
     no permission, a path past the length limit; or ``too_large``). Nothing is stored and
@@ -185,7 +186,7 @@ def quarantine_unreadable(
         object_id="",  # nothing stored
         study_uid=None,
         size=size,
-        sha256="",
+        sha256=sha256,
         name_enc=None,
         at=now,
     )
@@ -205,20 +206,17 @@ def quarantine_shredded(
     """The record of a file of a study its owner deleted, arrived late: no bytes kept, no
     key made, no name, no UID; only that a file of this size was refused, and a keyed hash
     of its content (which proves nothing to anyone without the pepper)."""
-    row = quarantine_row(
-        qid=qid,
+    return quarantine_unreadable(
+        home,
         facility_id=facility_id,
         drop_id=drop_id,
-        reason=QuarantineReason.DELETED_BY_OWNER,
-        detail="study was deleted by its owner; the file was not kept",
-        object_id="",  # nothing stored
-        study_uid=None,
+        qid=qid,
         size=size,
+        detail="study was deleted by its owner; the file was not kept",
+        now=now,
+        reason=QuarantineReason.DELETED_BY_OWNER,
         sha256="kh_" + keyed_hash(home.pepper, "late file", sha256),
-        name_enc=None,
-        at=now,
     )
-    return Quarantined(qid, QuarantineReason.DELETED_BY_OWNER, row, None)
 
 
 def quarantine_list(catalog: Catalog) -> pd.DataFrame:
