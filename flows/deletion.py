@@ -27,6 +27,7 @@ from dropvault.tasks.deletion import (
     verify_scanned,
 )
 from dropvault.tasks.manifests import redact_rows, uid_tokens
+from dropvault.tasks.quarantine import expire_quarantine_task
 from dropvault.tasks.sharing import archive_manifests_task, read_pending_task
 
 
@@ -82,6 +83,9 @@ def deletion_sweep(
         result.request_ids += part.request_ids
         if progress:
             progress(min(start + settings.sweep_batch, len(pending)), len(pending))
+    result.quarantine_expired = expire_quarantine_task(
+        home, now, settings.quarantine_retention_days
+    )
     # Every UID not yet proven gone (this run's, and any an earlier or killed run left),
     # kept sealed in deletion_scans until this scan passes.
     needles, scan_keys, scan_requests = open_scan_needles(home)

@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     region: str = "local"
     deletion_at_risk_hours: float = Field(default=6.0, gt=0)
     sweep_batch: int = Field(default=500, gt=0)
+    # Quarantined files are shredded after this many days (0 keeps them): a damaged copy
+    # that names no study cannot go with its study's deletion, so none is kept for ever.
+    quarantine_retention_days: int = Field(default=90, ge=0)
     beacon_retention: Literal["delete", "keep"] = "delete"
     beacon_memory_limit: str = "1GB"
     # A beacon log larger than this once decompressed is set aside unread (too_large).

@@ -86,6 +86,9 @@ CLEAN = frozenset(
         ("share_requests", "outcome"),
         *(("studies", c) for c in ("owner", "facility_id", "record_key_id", "status")),
         *(("tombstones", c) for c in ("study_key", "request_id", "outcome")),
+        # keyed hashes of UIDs (as tombstones.study_key), and our own ids
+        *(("quarantine_uids", c) for c in ("quarantine_id", "uid_key")),
+        *(("tombstone_uids", c) for c in ("uid_key", "study_key")),
         *(("access_list", c) for c in ("owner", "grantee", "scope", "status")),
         *(("study_access", c) for c in ("user_id", "via")),
     }

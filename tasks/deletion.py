@@ -31,10 +31,11 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+from cryptography.exceptions import InvalidTag
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dropvault.storage.catalog import Catalog, insert_rows, key_columns
+from dropvault.storage.catalog import Catalog, column_types, insert_rows, key_columns
 from dropvault.storage.errors import TerminalError, retry_transient
 from dropvault.storage.home import Home
 from dropvault.storage.identifiers import columns_of_kind
@@ -53,7 +54,9 @@ from dropvault.tasks.phi import (
     DELETED_PREFIX,
     keyed_hash,
     open_fields,
+    patient_quotes,
     redact,
+    redact_quotes,
     seal_fields,
     study_key,
     tombstone_ref,
@@ -245,6 +248,8 @@ class _Sweep:
         self.key_ids: list[str] = []
         self.drop_keys: list[str] = []  # sealed drop names to erase with the studies
         self.scan_rows: list[dict[str, Any]] = []
+        self.members: dict[str, list[str]] = {}  # study -> its series and instance UIDs
+        self.quotes: dict[str, list[str]] = {}  # study -> its patient's name and ID
 
     # -- 1. revoke, mark, tombstone: one transaction -----------------------------------
 
@@ -254,7 +259,8 @@ class _Sweep:
         needles: dict[str, list[str]] = {}
         for study in self.to_delete:
             needles.setdefault(self.by_uid[study].request_id, []).append(study)
-        self.scan_rows = scan_rows(self.home, needles)
+        self.quotes = self._patient_quotes()
+        self.scan_rows = scan_rows(self.home, needles, self.quotes)
         self.objects, self.studies = self.home.catalog.write(self._mark)
         for uid, count in zip(self.studies["study_uid"], self.studies["instances"], strict=True):
             self.outcomes[str(uid)].instances = int(count)
@@ -288,6 +294,7 @@ class _Sweep:
             ],
             ignore_existing=True,
         )
+        self._claim_quarantined(con)
         objects = con.execute(
             "SELECT i.study_uid, o.object_id, o.kind, o.location_url, o.name, o.record_key_id"
             " FROM objects o JOIN instances i USING (object_id) WHERE i.study_uid"
@@ -320,6 +327,74 @@ class _Sweep:
             ).fetchall()
         ]
         return objects, studies
+
+    def _claim_quarantined(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Tie to each study the quarantined files whose bytes name it, one of its series
+        or instances (a damaged copy whose study UID no parse could read), so they go with
+        it; and tombstone its series and instance UIDs, so a damaged copy arriving later
+        is refused as a whole one is."""
+        pepper = self.home.pepper
+        keyed = {self.keys[s]: s for s in self.to_delete}
+        for study, series, sop in con.execute(
+            "SELECT study_uid, series_uid, sop_instance_uid FROM instances"
+            " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
+            [self.to_delete],
+        ).fetchall():
+            keyed.setdefault(study_key(pepper, series), study)
+            keyed.setdefault(study_key(pepper, sop), study)
+            self.members.setdefault(study, []).extend((series, sop))
+        con.register(
+            "_uid_keys", pd.DataFrame({"uid_key": list(keyed), "study_uid": list(keyed.values())})
+        )
+        try:
+            con.execute(
+                "UPDATE quarantine SET study_uid = k.study_uid"
+                " FROM quarantine_uids u JOIN _uid_keys k USING (uid_key)"
+                " WHERE quarantine.quarantine_id = u.quarantine_id"
+                " AND (quarantine.study_uid IS NULL"
+                "  OR quarantine.study_uid NOT IN (SELECT study_uid FROM studies))"
+            )
+        finally:
+            con.unregister("_uid_keys")
+        insert_rows(
+            con,
+            "tombstone_uids",
+            [
+                {"uid_key": k, "study_key": self.keys[s]}
+                for k, s in keyed.items()
+                if k != self.keys[s]
+            ],
+            ignore_existing=True,
+        )
+
+    def _patient_quotes(self) -> dict[str, list[str]]:
+        """How free text may quote each study's patient (name, ID), read while the record
+        keys live; a sweep resumed after they went reads what the stopped run sealed."""
+        rows = self.home.catalog.query(
+            "SELECT study_uid, record_key_id, phi_enc FROM studies"
+            " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
+            [self.to_delete],
+        )
+        quotes: dict[str, list[str]] = {}
+        for uid, key_id, sealed in rows.itertuples(index=False):
+            try:
+                key = self.home.keystore.unwrap(str(key_id))
+                quotes[str(uid)] = patient_quotes(open_fields(key, str(uid), bytes(sealed)))
+            except (KeyError_, InvalidTag, TypeError, ValueError):
+                continue  # shredded by a stopped run: below
+        missing = {self.by_uid[u].request_id for u in self.to_delete if u not in quotes}
+        for uid, found in sealed_quotes(self.home, sorted(missing)).items():
+            quotes.setdefault(uid, found)
+        return quotes
+
+    def replacements(self) -> dict[str, str]:
+        """Each deleted study's UID, and its series and instance UIDs, to its tombstone key."""
+        pepper = self.home.pepper
+        return {
+            uid: tombstone_ref(pepper, study)
+            for study in self.to_delete
+            for uid in (study, *self.members.get(study, ()))
+        }
 
     def _revoke(self, con: duckdb.DuckDBPyConnection) -> None:
         grants = con.execute(
@@ -445,8 +520,7 @@ class _Sweep:
 
     def redact_files(self) -> None:
         """Before the rows go: a sweep stopped after this still knows the UIDs to redact."""
-        replacements = {u: tombstone_ref(self.home.pepper, u) for u in self.to_delete}
-        redact_manifests(self.home.manifests, replacements)
+        redact_manifests(self.home.manifests, self.replacements(), self.quotes)
 
     # -- 6. the rows; legal history stays under the tombstone key -------------------------
 
@@ -467,6 +541,11 @@ class _Sweep:
                 "UPDATE audit_log SET subject = d.replacement FROM instances i"
                 " JOIN _deleted d USING (study_uid) WHERE audit_log.subject = i.sop_instance_uid"
             )
+            con.execute(
+                "DELETE FROM quarantine_uids WHERE quarantine_id IN (SELECT quarantine_id"
+                " FROM quarantine WHERE study_uid IN (SELECT unnest(?::VARCHAR[])))",
+                [delete],
+            )
             for table in ("instances", "quarantine"):
                 con.execute(
                     f"DELETE FROM {table} WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",  # noqa: S608
@@ -485,9 +564,8 @@ class _Sweep:
                 [self.drop_keys],
             )
             _fault("mid_finish")
-            _redact_quoting(
-                con, dict(zip(mapping["study_uid"], mapping["replacement"], strict=True))
-            )
+            _redact_tied(con, self.quotes)
+            _redact_quoting(con, self.replacements())
             for table in history_tables():
                 con.execute(
                     f"UPDATE {table} SET study_uid = d.replacement FROM _deleted d"  # noqa: S608
@@ -538,6 +616,32 @@ class _Sweep:
         for uid in self.to_delete:
             outcome = self.outcomes[uid]
             outcome.verified = left.get(uid, 0) == 0 and not (keys_of.get(uid, set()) & live)
+
+
+def _redact_tied(con: duckdb.DuckDBPyConnection, quotes: dict[str, list[str]]) -> None:
+    """A deleted study's patient (name, ID) quoted in free text of a row about that study
+    (a share's purpose, an incident's report): redacted in place. Text about other studies
+    is not searched (a name is not unique; it may be another patient's)."""
+    if not quotes:
+        return
+    types = column_types()
+    for table, column in columns_of_kind("quoting:study"):
+        if "study_uid" not in types[table]:
+            continue
+        keys = key_columns()[table]
+        rows = con.execute(
+            f"SELECT {', '.join(keys)}, study_uid, {column} FROM {table}"  # noqa: S608
+            f" WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) AND {column} IS NOT NULL",
+            [sorted(quotes)],
+        ).fetchall()
+        where = " AND ".join(f"{k} = ?" for k in keys)
+        updates = []
+        for *key, study, text in rows:
+            new = redact_quotes(str(text), quotes[str(study)])
+            if new != text:
+                updates.append([new, *key])
+        if updates:
+            con.executemany(f"UPDATE {table} SET {column} = ? WHERE {where}", updates)  # noqa: S608
 
 
 def _redact_quoting(con: duckdb.DuckDBPyConnection, replacements: dict[str, str]) -> None:
@@ -636,6 +740,7 @@ class SweepResult:
     studies: list[StudyOutcome] = field(default_factory=list)
     intake: IntakeResult = field(default_factory=IntakeResult)
     compacted: str = ""
+    quarantine_expired: int = 0  # files past the quarantine's retention, shredded
     resumed: int = 0  # requests whose rows an interrupted run deleted, verified by this one
     sla: dict[str, int] = field(default_factory=dict)
     planned: list[dict[str, Any]] = field(default_factory=list)  # dry run only
@@ -650,6 +755,7 @@ class SweepResult:
             "studies_archived": sum(1 for s in self.studies if s.outcome == "archived"),
             "objects": sum(s.objects for s in self.studies),
             "all_verified": all(s.verified for s in self.studies),
+            "quarantine_expired": self.quarantine_expired,
             "catalog_compaction": self.compacted,
             **{f"sla_{k}": v for k, v in sorted(self.sla.items())},
         }
@@ -761,20 +867,50 @@ def sweep_requests(home: Home, requests: pd.DataFrame, now: datetime) -> SweepRe
     return result
 
 
-def scan_rows(home: Home, needles: dict[str, list[str]]) -> list[dict[str, Any]]:
+def scan_rows(
+    home: Home, needles: dict[str, list[str]], quotes: dict[str, list[str]] | None = None
+) -> list[dict[str, Any]]:
     """``deletion_scans`` rows keeping each request's UIDs sealed (one new record key) until
-    a catalog scan proves them gone."""
+    a catalog scan proves them gone, with its patient's quotes (for a resumed sweep)."""
     if not needles:
         return []
+    quotes = quotes or {}
     key_id, record_key = home.keystore.create()
     return [
         {
             "request_id": rid,
             "record_key_id": key_id,
-            "needles_enc": seal_fields(record_key, rid, {"uids": json.dumps(sorted(uids))}),
+            "needles_enc": seal_fields(
+                record_key,
+                rid,
+                {
+                    "uids": json.dumps(sorted(uids)),
+                    "quotes": json.dumps({u: quotes.get(u, []) for u in uids}),
+                },
+            ),
         }
         for rid, uids in needles.items()
     ]
+
+
+def sealed_quotes(home: Home, request_ids: list[str]) -> dict[str, list[str]]:
+    """The patient quotes an earlier sweep of these requests sealed in ``deletion_scans``."""
+    if not request_ids:
+        return {}
+    rows = home.catalog.query(
+        "SELECT request_id, record_key_id, needles_enc FROM deletion_scans"
+        " WHERE request_id IN (SELECT unnest(?::VARCHAR[]))",
+        [request_ids],
+    )
+    found: dict[str, list[str]] = {}
+    for rid, key_id, sealed in rows.itertuples(index=False):
+        try:
+            fields = open_fields(home.keystore.unwrap(str(key_id)), str(rid), bytes(sealed))
+        except (KeyError_, InvalidTag):
+            continue
+        for uid, values in json.loads(fields.get("quotes", "{}")).items():
+            found.setdefault(uid, []).extend(values)
+    return found
 
 
 def open_scan_needles(home: Home) -> tuple[list[str], list[str], list[str]]:

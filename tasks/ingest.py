@@ -34,7 +34,7 @@ import duckdb
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dropvault.storage.catalog import insert_rows
+from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
 from dropvault.storage.locations import is_file_problem, read_problem
@@ -46,6 +46,7 @@ from dropvault.tasks.dicom import (
     header_from_bytes,
     read_header,
     study_uid_hint,
+    uids_named,
 )
 from dropvault.tasks.drop_names import seal_names
 from dropvault.tasks.drops import Drop, DropFile
@@ -75,6 +76,7 @@ class DropCounts:
     duplicates: int = 0
     quarantined: int = 0
     bytes: int = 0
+    shredded: int = 0  # files of a deleted study: the drop's name goes too
 
 
 @dataclass
@@ -111,7 +113,7 @@ class IngestStats:
         self.retry += other.retry
         for key, counts in other.drops.items():
             mine = self.drops.setdefault(key, DropCounts())
-            for name in ("files_seen", "ingested", "duplicates", "quarantined", "bytes"):
+            for name in DropCounts.__dataclass_fields__:
                 setattr(mine, name, getattr(mine, name) + getattr(counts, name))
 
     def as_dict(self) -> dict[str, Any]:
@@ -240,6 +242,18 @@ def _existing(
     )
 
 
+def _deleted_uid_keys(catalog: Catalog, keys: set[str]) -> set[str]:
+    """Those of ``keys`` (keyed UIDs) that name a deleted study, series or instance."""
+    if not keys:
+        return set()
+    found = catalog.query(
+        "SELECT study_key AS k FROM tombstones WHERE study_key IN (SELECT unnest(?::VARCHAR[]))"
+        " UNION SELECT uid_key FROM tombstone_uids WHERE uid_key IN (SELECT unnest(?::VARCHAR[]))",
+        [sorted(keys), sorted(keys)],
+    )
+    return set(found["k"])
+
+
 def _check(item: _Read) -> tuple[QuarantineReason, str] | None:
     """The quarantine reason for a file, or None when it is a valid DICOM file."""
     drop, f = item.drop, item.file
@@ -288,6 +302,7 @@ class _Batch:
         self.known_quarantine: set[str] = set()
         self.to_remove: list[str] = []
         self.to_quarantine: list[tuple[_Read, QuarantineReason, str, str | None]] = []
+        self.uid_keys: dict[str, set[str]] = {}  # quarantine id -> keyed UIDs its bytes name
         self.study_keys: dict[str, str] = {}  # study UID -> record key id
         self.new_studies: dict[str, dict[str, Any]] = {}
         self.instance_rows: list[dict[str, Any]] = []
@@ -324,6 +339,8 @@ class _Batch:
         """Count a file as quarantined; :meth:`write_quarantine` stores it later."""
         self.stats.quarantined[reason] += 1
         self.stats.count(item.drop, "quarantined")
+        if reason == QuarantineReason.DELETED_BY_OWNER:
+            self.stats.count(item.drop, "shredded")
         self.to_remove.append(item.file.name)
         if item.quarantine_id not in self.known_quarantine:  # else an earlier run stored it
             self.to_quarantine.append((item, reason, detail, study_uid))
@@ -446,35 +463,51 @@ class _Batch:
 
     # -- stage 2: dedupe against the catalog and within the batch --------------
 
-    def study_hint(self, item: _Read) -> str | None:
-        """The study a rejected file names, when its first bytes say (deletion finds its
-        quarantined copy by it)."""
-        if item.data is not None:
-            return study_uid_hint(item.data[:HINT_BYTES])
+    def traces(self, item: _Read) -> tuple[str | None, set[str]]:
+        """The study a rejected file names, when its first bytes parse that far, and every
+        UID its bytes hold: deletion finds the quarantined copy by either."""
         try:
             with self.open_source(item) as src:
-                return study_uid_hint(src.read(HINT_BYTES))
+                hint = study_uid_hint(src.read(HINT_BYTES))
+                src.seek(0)
+                return hint, uids_named(src, self.max_file_bytes)
         except OSError:
-            return None  # gone or unreadable now: quarantined without a hint
+            return None, set()  # gone or unreadable now: quarantined without a hint
 
     def classify(
         self, reads: list[_Read], parsed: list[_Read], rejected: list[_Rejected]
     ) -> list[tuple[_Read, DicomHeader]]:
         """Quarantine the rejected, count duplicates, and return the fresh instances."""
         headers = [r.header for r in parsed if r.header is not None]
-        hints = [self.study_hint(item) for item, _, _ in rejected]
+        traces = [self.traces(item) for item, _, _ in rejected]
+        pepper = self.home.pepper
+        uid_keys = [{study_key(pepper, u) for u in uids} for _, uids in traces]
         known_sha, self.study_keys, self.known_quarantine, deleted = _existing(
             self.home,
             [h.sop_instance_uid for h in headers],
-            sorted({h.study_uid for h in headers} | {h for h in hints if h}),
+            sorted({h.study_uid for h in headers}),
             [r.quarantine_id for r in reads] + [u[2] for u in self.unreadable],
         )
+        # A file bearing a deleted instance's or series' UID is a copy of it, whatever
+        # study UID it claims now.
+        copy_keys = {
+            h.sop_instance_uid: {
+                study_key(pepper, h.sop_instance_uid),
+                study_key(pepper, h.series_uid),
+            }
+            for h in headers
+        }
+        deleted_keys = _deleted_uid_keys(
+            self.home.catalog, set().union(*uid_keys, *copy_keys.values())
+        )
         self.report_unreadable()
-        for (item, reason, detail), hint in zip(rejected, hints, strict=True):
-            if hint in deleted:
-                # A damaged copy of a study its owner deleted: kept no more than a whole one.
+        for (item, reason, detail), (hint, _), keys in zip(rejected, traces, uid_keys, strict=True):
+            if keys & deleted_keys:
+                # A damaged copy of a study its owner deleted (it names the study, one of
+                # its series or instances): kept no more than a whole one.
                 self.quarantine(item, QuarantineReason.DELETED_BY_OWNER, "study was deleted")
             else:
+                self.uid_keys[item.quarantine_id] = keys
                 self.quarantine(item, reason, detail, hint)
         fresh: list[tuple[_Read, DicomHeader]] = []
         seen: dict[str, str] = dict(known_sha)
@@ -482,7 +515,7 @@ class _Batch:
             header = item.header
             assert header is not None  # noqa: S101 - parsed items have headers
             prior = seen.get(header.sop_instance_uid)
-            if header.study_uid in deleted:
+            if header.study_uid in deleted or copy_keys[header.sop_instance_uid] & deleted_keys:
                 # The owner deleted this study while the file was on its way: the tombstone wins.
                 self.quarantine(
                     item, QuarantineReason.DELETED_BY_OWNER, "study was deleted by its owner"
@@ -495,6 +528,11 @@ class _Batch:
                 self.stats.count(item.drop, "duplicates")
                 self.to_remove.append(item.file.name)
             else:
+                # Its UIDs, keyed: deletion of the study it claims to be a copy of takes it.
+                self.uid_keys[item.quarantine_id] = {
+                    study_key(self.home.pepper, u)
+                    for u in (header.study_uid, header.series_uid, header.sop_instance_uid)
+                }
                 self.quarantine(
                     item,
                     QuarantineReason.UID_CONFLICT,
@@ -628,6 +666,17 @@ class _Batch:
         stored = [q.object_row for q in self.quarantined if q.object_row is not None]
         insert_rows(con, "objects", stored, ignore_existing=True)
         insert_rows(con, "quarantine", [q.row for q in self.quarantined], ignore_existing=True)
+        insert_rows(
+            con,
+            "quarantine_uids",
+            [
+                {"quarantine_id": q.quarantine_id, "uid_key": k}
+                for q in self.quarantined
+                if q.object_row is not None
+                for k in sorted(self.uid_keys.get(q.quarantine_id, ()))
+            ],
+            ignore_existing=True,
+        )
         _fault("mid_commit")
         self._audit(con, len(keep), len(taken))
         return taken
@@ -786,7 +835,10 @@ def record_drops(
             ]
         )
 
-    new_names = _seal_new(home, drops)
+    # A drop that brought files of a deleted study: its folder name can name the patient,
+    # so it is not kept (a new drop's is never sealed; a known one's key is destroyed).
+    shredded = {k for k, c in stats.drops.items() if c.shredded}
+    new_names = _seal_new(home, [d for d in drops if d.key not in shredded])
 
     def work(con: duckdb.DuckDBPyConnection) -> None:
         # Update, then insert the new ones: DuckLake has no keys for ON CONFLICT.
@@ -806,9 +858,19 @@ def record_drops(
             key_id, name_enc = new_names.get(f"{r[0]}/{r[1]}", (None, None))
             fresh.append({**row, "record_key_id": key_id, "name_enc": name_enc})
         insert_rows(con, "drops", fresh, ignore_existing=True)
+        if shredded:
+            where = " WHERE facility_id || '/' || drop_id IN (SELECT unnest(?::VARCHAR[]))"
+            found = con.execute(
+                "SELECT record_key_id FROM drops" + where + " AND record_key_id IS NOT NULL",  # noqa: S608
+                [sorted(shredded)],
+            ).fetchall()
+            keys.update(r[0] for r in found)
+            con.execute("UPDATE drops SET name_enc = NULL" + where, [sorted(shredded)])  # noqa: S608
 
+    keys: set[str] = set()
     if rows:
         home.catalog.write(work)
+        home.keystore.destroy(sorted(keys))
 
 
 def _seal_new(home: Home, drops: list[Drop]) -> dict[str, tuple[str, bytes]]:

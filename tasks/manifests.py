@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from dropvault.storage.errors import TerminalError
 from dropvault.storage.locations import Location, is_file_problem, is_safe_name
-from dropvault.tasks.phi import redact
+from dropvault.tasks.phi import redact, redact_quotes
 from dropvault.tasks.reasons import RejectReason
 
 log = logging.getLogger(__name__)
@@ -371,11 +371,16 @@ def archive_manifests(
 QUOTING_FOLDERS = ("shares", "deletions", "incidents")
 
 
-def redact_manifests(location: Location, replacements: dict[str, str]) -> int:
+def redact_manifests(
+    location: Location,
+    replacements: dict[str, str],
+    quotes: dict[str, list[str]] | None = None,
+) -> int:
     """Rewrite every processed manifest, results file and incident report that quotes a
-    deleted study's UID, with its tombstone key instead (each file atomically, no earlier
-    version kept). Pending manifests are left to their flow, which archives them redacted.
-    Returns how many files were rewritten."""
+    deleted study's UID (or one of its series or instances), with its tombstone key instead
+    (each file atomically, no earlier version kept); on a line that names one of the
+    studies in ``quotes``, its patient's name and ID go too. Pending manifests are left to
+    their flow, which archives them redacted. Returns how many files were rewritten."""
     if not replacements:
         return 0
     changed = 0
@@ -386,7 +391,7 @@ def redact_manifests(location: Location, replacements: dict[str, str]) -> int:
                 continue
             if folder != "incidents" and not rel.startswith(PROCESSED + "/"):
                 continue
-            redacted = _redacted(location, entry.name, replacements)
+            redacted = _redacted(location, entry.name, replacements, quotes)
             renamed = redact(entry.name, replacements)
             if renamed != entry.name:  # the file's own name quotes the UID
                 data = redacted if redacted is not None else location.read_bytes(entry.name)
@@ -399,8 +404,21 @@ def redact_manifests(location: Location, replacements: dict[str, str]) -> int:
     return changed
 
 
-def _redacted(location: Location, name: str, replacements: dict[str, str]) -> bytes | None:
+def _redacted(
+    location: Location,
+    name: str,
+    replacements: dict[str, str],
+    quotes: dict[str, list[str]] | None = None,
+) -> bytes | None:
     """The file's bytes with the identifiers replaced, or None when it quotes none."""
-    text = location.read_bytes(name).decode("utf-8", "surrogateescape")
+    text = original = location.read_bytes(name).decode("utf-8", "surrogateescape")
+    if quotes:
+        lines = text.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if any(uid in line for uid in quotes):
+                lines[i] = redact_quotes(
+                    line, [q for uid, qs in quotes.items() if uid in line for q in qs]
+                )
+        text = "".join(lines)
     new = redact(text, replacements)
-    return None if new == text else new.encode("utf-8", "surrogateescape")
+    return None if new == original else new.encode("utf-8", "surrogateescape")

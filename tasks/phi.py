@@ -74,6 +74,30 @@ def redact(text: str, replacements: dict[str, str]) -> str:
     return pattern.sub(lambda m: replacements[m.group(0)], text)
 
 
+REDACTED = "[redacted]"
+
+
+def patient_quotes(phi: dict[str, str]) -> list[str]:
+    """How free text may quote a patient: the name as DICOM spells it (``DOE^JOHN``), as
+    words either way round (``DOE JOHN``, ``JOHN DOE``), and the patient ID."""
+    name = phi.get("patient_name", "")
+    parts = [p for p in name.split("^") if p.strip()]
+    forms = {name, " ".join(parts), phi.get("patient_id", "")}
+    if len(parts) >= 2:
+        forms.add(f"{parts[1]} {parts[0]}")
+    return sorted(f.strip() for f in forms if len(f.strip()) >= 2)
+
+
+def redact_quotes(text: str, quotes: list[str]) -> str:
+    """``text`` with each whole-word occurrence of ``quotes`` (any case) replaced by
+    :data:`REDACTED`. For text already tied to a deleted study: a patient's name or ID is
+    not unique, so text about other studies is never searched for it."""
+    if not quotes:
+        return text
+    body = "|".join(map(re.escape, sorted(set(quotes), key=len, reverse=True)))
+    return re.sub(r"(?<!\w)(?:" + body + r")(?!\w)", REDACTED, text, flags=re.IGNORECASE)
+
+
 @functools.lru_cache(maxsize=16)
 def _identifiers(olds: tuple[str, ...]) -> re.Pattern[str]:
     # Whole UIDs: not inside a longer UID (a digit, or a dot and a digit, on either side),

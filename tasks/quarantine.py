@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import duckdb
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from dropvault.storage.catalog import Catalog
+from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
 from dropvault.storage.keystore import KeyDestroyedError, UnknownKeyError
 from dropvault.storage.locations import UnsafeNameError, safe_relpath
-from dropvault.tasks.audit import audit_viewing
+from dropvault.tasks.audit import audit, audit_viewing
 from dropvault.tasks.drop_names import drop_names, printable
 from dropvault.tasks.objects import object_row
 from dropvault.tasks.phi import keyed_hash, open_fields, seal_fields
@@ -281,3 +286,59 @@ def quarantine_export(
     )["name"]
     audit_viewing(home.catalog, actor=actor, action="quarantine_export", subject=qid)
     return {"quarantine_id": qid, "source_name": name, "out": str(out)}
+
+
+def expire_quarantine(home: Home, now: datetime, days: int) -> int:
+    """Shred every quarantined file kept longer than ``days`` (0: keep for ever).
+
+    A damaged file that names no study by any UID cannot be deleted with its study, yet
+    may still hold a patient's name; so no quarantined file outlives its retention. The
+    record key is destroyed first (any copy or version is unreadable from then), then
+    every version of the object and its reason file go, then the row keeps only PHI-free
+    facts (reason, size, time) and says it was shredded. A stopped run resumes from any
+    step. Returns how many files were shredded."""
+    if days <= 0:
+        return 0
+    due = home.catalog.query(
+        "SELECT q.quarantine_id, o.location_url, o.name, o.record_key_id"
+        " FROM quarantine q JOIN objects o USING (object_id) WHERE q.quarantined_at < ?",
+        [now - timedelta(days=days)],
+    )
+    if due.empty:
+        return 0
+    home.keystore.destroy(sorted(set(due["record_key_id"])))
+    for url, name in zip(due["location_url"], due["name"], strict=True):
+        location = home.location_for(str(url))
+        location.delete(str(name))
+        location.delete(str(name)[: -len(".dvlt")] + ".json")
+    ids = list(due["quarantine_id"])
+
+    def work(con: duckdb.DuckDBPyConnection) -> None:
+        ids_in = "IN (SELECT unnest(?::VARCHAR[]))"
+        for table, column in (("objects", "object_id"), ("quarantine_uids", "quarantine_id")):
+            con.execute(f"DELETE FROM {table} WHERE {column} {ids_in}", [ids])  # noqa: S608
+        con.execute(
+            "UPDATE quarantine SET object_id = '', source_name_enc = NULL, study_uid = NULL,"
+            " detail = ? WHERE quarantine_id IN (SELECT unnest(?::VARCHAR[]))",
+            [f"kept {days} days, then shredded", ids],
+        )
+        audit(
+            con,
+            actor="deletion",
+            action="quarantine_expired",
+            subject=f"{len(ids)} files",
+            detail={"retention_days": days},
+            at=now,
+        )
+
+    home.catalog.write(work)
+    return len(ids)
+
+
+expire_quarantine_task = task(
+    name="expire-quarantine",
+    retries=2,
+    retry_condition_fn=retry_transient,
+    retry_delay_seconds=[1, 5],
+    cache_policy=NO_CACHE,
+)(expire_quarantine)

@@ -95,14 +95,14 @@ def everything(
     return blobs
 
 
-def share_rows(owner: str, uid: str, prefix: str = "s") -> str:
+def share_rows(owner: str, uid: str, prefix: str = "s", quote: str = "") -> str:
     rows = [
         {
             "request_id": "s1",
             "action": "share",
             "grantee": "dr:x",
             "days": -3,
-            "purpose": "on UID.",
+            "purpose": "on UID." + quote,
         },
         {"request_id": "s2", "action": "share", "grantee": "dr:y", "days": -3},
         {"request_id": "s3", "action": "revoke", "grantee": "dr:y", "days": -2},
@@ -154,7 +154,12 @@ def test_a_deleted_study_leaves_no_trace_anywhere(
     named = home.catalog.query("SELECT reason, study_uid FROM quarantine ORDER BY reason")
     assert named.values.tolist() == [["truncated", uid], ["uid_conflict", uid]]
     # Shares, a revoke and a disclosure; an incident with its worksheet.
-    home.manifests.put_bytes("shares/s.jsonl", share_rows("user:ann", uid).encode())
+    # A purpose that quotes the series, an image and the patient (as an owner would type).
+    family, given = patient.name.split("^")[:2]
+    quote = (
+        f" Series {series_uid}, image {sop_uids[0]}, for {given} {family} ({patient.patient_id})"
+    )
+    home.manifests.put_bytes("shares/s.jsonl", share_rows("user:ann", uid, quote=quote).encode())
     apply_share_manifests(home=home)
     filed = file_incident_request(home.manifests, "dr:x", uid, NOW - timedelta(hours=1))
     report_wrong_access(filed, home=home)
@@ -214,6 +219,7 @@ def test_a_deleted_study_leaves_no_trace_anywhere(
         "series UID": series_uid,
         **{f"SOP UID {i}": s for i, s in enumerate(sop_uids)},
         "patient name": patient.name,
+        "patient name as typed": f"{given} {family}",
         "patient ID": patient.patient_id,
         "drop name": folder,
     }

@@ -5,6 +5,7 @@
 - ``walk.py``: the lean byte walk for well-formed files in memory (accepts or declines).
 - ``validation.py``: the pydicom path, which names the reason for every refusal.
 - ``elements.py``: the element structure both paths check.
+- ``uid_scan.py``: the UIDs a file's bytes name, found without a parse (for deletion).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 
 from dropvault.tasks.dicom.guards import check_preamble
 from dropvault.tasks.dicom.header import DicomHeader, DicomRejected
+from dropvault.tasks.dicom.uid_scan import uids_named
 from dropvault.tasks.dicom.validation import read_header, study_uid_hint
 from dropvault.tasks.dicom.walk import lean_header
 
@@ -23,6 +25,7 @@ __all__ = [
     "lean_header",
     "read_header",
     "study_uid_hint",
+    "uids_named",
 ]
 
 

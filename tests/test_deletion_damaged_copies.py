@@ -1,0 +1,242 @@
+"""Deletion leaves nothing (issue #18), for damaged copies: a copy of a study's image that
+no parse can read to its StudyInstanceUID (cut before it, a malformed UID, VR UN, no
+preamble, the UID past the first MiB, a deflated data set cut short) still carries the
+patient's name. Its quarantined copy goes with the study (matched by any UID its bytes
+name), one arriving after the deletion is never kept, and no quarantined file outlives
+the quarantine's retention.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import struct
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from dropvault.flows.deletion import deletion_sweep
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.drop_names import drops_list
+from dropvault.tasks.quarantine import expire_quarantine, quarantine_export
+from tests.conftest import make_home
+
+QUIET = Settings(quiet_seconds=0)
+STUDY_UID_ELEMENT = b"\x20\x00\x0d\x00UI"
+
+
+def _study_uid_at(data: bytes) -> int:
+    at = data.find(STUDY_UID_ELEMENT)
+    assert at > 0
+    return at
+
+
+def cut_before_study_uid(data: bytes) -> bytes:
+    return data[: _study_uid_at(data)]
+
+
+def malformed_study_uid(data: bytes) -> bytes:
+    at = _study_uid_at(data)
+    length = struct.unpack_from("<H", data, at + 6)[0]
+    value = data[at + 8 : at + 8 + length]
+    bad = b"0" + value[1:]  # a leading zero: not a valid UID, nor the study's
+    return data[: at + 8] + bad + data[at + 8 + length :]
+
+
+def study_uid_as_un(data: bytes) -> bytes:
+    at = _study_uid_at(data)
+    length = struct.unpack_from("<H", data, at + 6)[0]
+    head = data[:at] + b"\x20\x00\x0d\x00UN\x00\x00" + struct.pack("<I", length)
+    return samples.truncated(head + data[at + 8 :], 0.8)
+
+
+def no_preamble(data: bytes) -> bytes:
+    return samples.truncated(data[132:], 0.8)
+
+
+def study_uid_past_first_mib(data: bytes) -> bytes:
+    at = _study_uid_at(data)
+    blob = bytes(random.Random(7).getrandbits(8) for _ in range(1 << 12)) * 384  # 1.5 MiB
+    private = (
+        b"\x19\x00\x10\x00LO\x04\x00ACME"
+        + b"\x19\x00\x00\x10OB\x00\x00"
+        + struct.pack("<I", len(blob))
+        + blob
+    )
+    return data[:at] + private + data[at:-7]
+
+
+def deflated_and_cut(data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return samples.truncated(out.getvalue(), 0.7)
+
+
+DAMAGES: dict[str, Callable[[bytes], bytes]] = {
+    "cut before the study UID": cut_before_study_uid,
+    "malformed study UID": malformed_study_uid,
+    "study UID as VR UN, cut": study_uid_as_un,
+    "no preamble, cut": no_preamble,
+    "study UID past the first MiB, cut": study_uid_past_first_mib,
+    "deflated, cut": deflated_and_cut,
+}
+
+
+def _readable(blob: bytes) -> bytes:
+    """What an attacker reads from a file: its bytes, and a deflated data set inflated
+    (found by trying each offset after the file meta)."""
+    if b"1.2.840.10008.1.2.1.99" not in blob:
+        return blob
+    for start in range(132, min(len(blob), 600)):
+        try:
+            out = zlib.decompressobj(-zlib.MAX_WBITS).decompress(blob[start:])
+        except zlib.error:
+            continue
+        if len(out) > 64:
+            return blob + out
+    return blob
+
+
+def _home_bytes(home: Home, tmp_path: Path) -> list[tuple[str, bytes]]:
+    home.catalog.drop_reader()
+    blobs = [(str(p), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()]
+    return blobs + list(home.catalog.stored_files())
+
+
+def _study(tmp_path: Path) -> tuple[Home, samples.Patient, str, dict[str, bytes], bytes]:
+    rng = random.Random(18)
+    home = make_home("file", tmp_path)
+    patient = samples.make_patient(rng, 3)
+    uid, files = samples.make_study(rng, patient, 2, "MR_small.dcm")
+    samples.write_drop(home.drops, "fac", "intact", files, owners={uid: "user:ann"})
+    ingest_drops(home=home, settings=QUIET)
+    return home, patient, uid, files, next(iter(files.values()))
+
+
+def _delete(home: Home, uid: str) -> None:
+    row = {
+        "request_id": "del-1",
+        "owner": "user:ann",
+        "study_uid": uid,
+        "requested_at": datetime.now(UTC).isoformat(),
+    }
+    home.manifests.put_bytes("deletions/d.jsonl", (json.dumps(row) + "\n").encode())
+    summary = deletion_sweep(home=home, settings=QUIET).summary()
+    assert summary["studies_deleted"] == 1 and summary["all_verified"]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_copy_goes_with_its_study_and_a_late_one_is_never_kept(
+    tmp_path: Path, damage: str
+) -> None:
+    home, patient, uid, files, first = _study(tmp_path)
+    damaged = DAMAGES[damage](first)
+    samples.write_drop(home.drops, "fac", "again", {"x.dcm": damaged}, manifest=False)
+    ingest_drops(home=home, settings=QUIET)
+    qid = home.catalog.query("SELECT quarantine_id FROM quarantine")["quarantine_id"][0]
+    # The attack is real: the quarantined copy gives the patient's name back.
+    out = tmp_path / "review.dcm"
+    quarantine_export(home, str(qid), out)
+    assert patient.patient_id.encode() in _readable(out.read_bytes())
+    out.unlink()
+
+    _delete(home, uid)
+    left = home.catalog.query(
+        "SELECT count(*) AS n FROM quarantine WHERE quarantine_id = ?", [str(qid)]
+    )
+    assert left["n"][0] == 0
+    with pytest.raises(LookupError):
+        quarantine_export(home, str(qid), out)
+
+    # The same damaged copy, late, in a drop named after the patient: refused, not kept.
+    folder = f"LATE_{patient.patient_id}"
+    samples.write_drop(home.drops, "fac", folder, {"x.dcm": damaged}, manifest=False)
+    stats = ingest_drops(home=home, settings=QUIET)
+    assert dict(stats.quarantined) == {"deleted_by_owner": 1}
+    named = drops_list(home, names=True)
+    assert folder not in set(named["name"].dropna())
+    deletion_sweep(home=home, settings=QUIET)  # compacts what the late rows left
+
+    header = pydicom.dcmread(io.BytesIO(first), stop_before_pixels=True)
+    needles = {
+        "study UID": uid,
+        "series UID": str(header.SeriesInstanceUID),
+        **{f"SOP UID {i}": samples.sop_uid(d) for i, d in enumerate(files.values())},
+        "patient name": str(patient.name),
+        "patient ID": patient.patient_id,
+        "drop name": folder,
+    }
+    leaks = [
+        f"{what} in {where}"
+        for where, data in _home_bytes(home, tmp_path)
+        for what, needle in needles.items()
+        if needle.encode() in _readable(data)
+    ]
+    assert leaks == []
+
+
+def test_a_damaged_copy_of_a_live_study_stays_and_another_studys_deletion_leaves_it(
+    tmp_path: Path,
+) -> None:
+    """The match is by the study's own UIDs: deleting another study takes nothing else."""
+    home, patient, uid, _, first = _study(tmp_path)
+    other_uid, other = samples.make_study(
+        random.Random(2), samples.make_patient(random.Random(2), 4), 1, "MR_small.dcm"
+    )
+    samples.write_drop(home.drops, "fac", "other", other, owners={other_uid: "user:ann"})
+    samples.write_drop(
+        home.drops, "fac", "again", {"x.dcm": cut_before_study_uid(first)}, manifest=False
+    )
+    ingest_drops(home=home, settings=QUIET)
+    _delete(home, other_uid)
+    assert home.catalog.query("SELECT count(*) AS n FROM quarantine")["n"][0] == 1
+
+
+def test_no_quarantined_file_outlives_the_retention(tmp_path: Path) -> None:
+    home, patient, _, _, first = _study(tmp_path)
+    # Bytes that name no study at all, yet carry the patient's ID.
+    stray = b"not DICOM; patient " + patient.patient_id.encode() + b" " * 200
+    samples.write_drop(home.drops, "fac", "stray", {"note.txt": stray}, manifest=False)
+    ingest_drops(home=home, settings=QUIET)
+    q = home.catalog.query(
+        "SELECT q.quarantine_id, o.record_key_id FROM quarantine q JOIN objects o USING (object_id)"
+    )
+    assert len(q) == 1
+    qid, key_id = str(q["quarantine_id"][0]), str(q["record_key_id"][0])
+    now = datetime.now(UTC)
+    assert expire_quarantine(home, now + timedelta(days=89), 90) == 0  # still within it
+    home.catalog.write(
+        lambda con: con.execute(
+            "UPDATE quarantine SET quarantined_at = quarantined_at - INTERVAL 91 DAY"
+        )
+    )
+    summary = deletion_sweep(home=home, settings=QUIET).summary()
+    assert summary["quarantine_expired"] == 1
+    row = home.catalog.query(
+        "SELECT reason, object_id, source_name_enc, detail FROM quarantine WHERE quarantine_id = ?",
+        [qid],
+    ).iloc[0]
+    assert (row["reason"], row["object_id"]) == ("not_dicom", "")
+    assert pd.isna(row["source_name_enc"]) and "shredded" in row["detail"]
+    assert not home.keystore.live([key_id])
+    assert not [e for e in home.quarantine.list() if qid in e.name]
+    with pytest.raises(LookupError):
+        quarantine_export(home, qid, tmp_path / "q.bin")
+    audit = home.catalog.query(
+        "SELECT count(*) AS n FROM audit_log WHERE action = 'quarantine_expired'"
+    )
+    assert audit["n"][0] == 1
+    # Kept for ever when the operator says so.
+    assert expire_quarantine(home, now + timedelta(days=10_000), 0) == 0
