@@ -37,14 +37,15 @@ LEGACY_AFTER = 7  # the last migration before 008 dropped the per-image indexes
 
 
 def legacy_catalog(path: Path) -> Catalog:
-    """A catalog as it was before 008: migrations 1-7, with 008 stamped as applied."""
+    """A catalog without 008 (the tables as they were before it), every other migration
+    applied, and 008 stamped as applied."""
     with duckdb.connect(str(path)) as con:
         con.execute(
             "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR,"
             " applied_at TIMESTAMPTZ)"
         )
         for version, name, sql in migrations():
-            if version <= LEGACY_AFTER:
+            if version != LEGACY_AFTER + 1:
                 con.execute(sql)
             con.execute("INSERT INTO schema_migrations VALUES (?, ?, now())", [version, name])
     return Catalog(path)

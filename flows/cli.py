@@ -143,6 +143,14 @@ def init() -> None:
     typer.echo(made)
 
 
+@app.command("rotate-kek")
+@one_line_errors
+def rotate_kek() -> None:
+    """Re-wrap every record key under a new KEK (objects are untouched); safe while flows
+    run, and resumed by the next start if it is killed."""
+    typer.echo(Settings.load().rotate_kek())
+
+
 @app.command("rotate-kms-key")
 @one_line_errors
 def rotate_kms_key(

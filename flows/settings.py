@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     beacon_max_log_bytes: int = Field(default=1 << 30, gt=0)
 
     kek: SecretStr | None = None
+    # Only for `dropvault rotate-kek` on a home whose KEK is given as DROPVAULT_KEK.
+    new_kek: SecretStr | None = None
     pepper: SecretStr | None = None
     # AWS KMS key (id, ARN or alias) that seals the KEK; KMS's endpoint and region if not AWS's.
     kek_kms_key_id: str | None = None
@@ -364,6 +366,33 @@ class Settings(BaseSettings):
     def _kek_setting(self) -> str:
         return "DROPVAULT_KEK_KMS_KEY_ID" if self.kek_kms_key_id else "DROPVAULT_KEK"
 
+    def rotate_kek(self) -> str:
+        """``dropvault rotate-kek``: re-wrap every record key under a new KEK, atomically
+        (see ``Keystore.rotate``). A key-file home gets a new ``keys/kek.key``; a home
+        whose KEK is a setting takes the new one from DROPVAULT_NEW_KEK."""
+        if self.kek_kms_key_id:
+            raise SettingsError(
+                "invalid setting: DROPVAULT_KEK_KMS_KEY_ID: a KMS-sealed KEK is rotated with"
+                " KMS (dropvault rotate-kms-key, or the KMS key's automatic rotation)"
+            )
+        keystore, _ = self.check_keys()
+        if self.kek is None:
+            count = keystore.rotate_local()
+            return f"{count} record keys re-wrapped under a new KEK in keys/kek.key"
+        new = _decode_key(self.new_kek, "DROPVAULT_NEW_KEK")
+        if new is None:
+            raise SettingsError(
+                "invalid setting: DROPVAULT_NEW_KEK is not set (the KEK is given as"
+                " DROPVAULT_KEK, so the new one must be given too)"
+            )
+        if new == _decode_key(self.kek, "DROPVAULT_KEK"):
+            raise SettingsError("invalid setting: DROPVAULT_NEW_KEK is the current KEK")
+        count = keystore.rotate(new)
+        return (
+            f"{count} record keys re-wrapped: set DROPVAULT_KEK to the new KEK now (runs"
+            " still holding the old one stop at their next key use)"
+        )
+
     def _pepper(self, record: HomeRecord) -> tuple[bytes, str]:
         """``(pepper, where it came from)``."""
         pepper = _decode_key(self.pepper, "DROPVAULT_PEPPER")
@@ -384,20 +413,17 @@ class Settings(BaseSettings):
         name = self._kek_setting
         try:
             if kek is not None:
-                record.verify("kek", kek, name)
-                return self._same_keystore(record, Keystore(self.keys_path, kek))
+                keystore = Keystore(self.keys_path, kek)
+                record.verify_kek(keystore, name)
+                return self._same_keystore(record, keystore)
             keystore = Keystore.local(self.keys_path)
+            record.verify_kek(keystore, "keys/kek.key")
         except KeyCheckError as exc:
             raise SettingsError(f"invalid setting: {exc}") from None
         except MissingKeystoreError as exc:
             raise SettingsError(f"invalid setting: DROPVAULT_KEYS_DIR: {exc}") from None
         except (KeyError_, KeyFileError) as exc:
             raise SettingsError(f"invalid setting: {name}: {exc}") from None
-        if keystore.kek_check != record.kek_check:
-            raise SettingsError(
-                "invalid setting: DROPVAULT_KEK: keys/kek.key is not the KEK this home was made"
-                " with; restore the right key"
-            )
         return self._same_keystore(record, keystore)
 
     @staticmethod

@@ -96,6 +96,16 @@ class HomeRecord:
                 "keys/keystore.sqlite is not the keystore this home was made with; restore it",
             )
 
+    def verify_kek(self, keystore: Keystore, given_as: str) -> None:
+        """The keystore's KEK is the one this home was made with, or the one a rotation
+        put in place since (the keystore records it in the rotation's own transaction)."""
+        if keystore.kek_check not in (self.kek_check, keystore.current_check()):
+            raise KeyCheckError(
+                "kek",
+                f"{given_as} is not the KEK this home was made with (or rotated to);"
+                " restore the right key",
+            )
+
     def verify(self, which: KeyName, key: bytes, given_as: str) -> None:
         """Raise :class:`KeyCheckError` unless ``key`` is the one this home was made with."""
         if check_value(key) != getattr(self, f"{which}_check"):
@@ -255,10 +265,7 @@ class Home:
             keystore = Keystore.local(keys)
         except (MissingKEKError, KeyFileError) as exc:
             raise KeyCheckError("kek", str(exc)) from None
-        if keystore.kek_check != record.kek_check:
-            raise KeyCheckError(
-                "kek", "keys/kek.key is not the KEK this home was made with; restore the right key"
-            )
+        record.verify_kek(keystore, "keys/kek.key")
         record.verify_keystore(keystore)
         pepper = local_pepper(keys, record)
         record.verify("pepper", pepper, "keys/pepper.key")

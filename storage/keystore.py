@@ -8,7 +8,12 @@
   and a rollback journal, so a destroyed key's bytes are overwritten in the
   file rather than left in a free page or a WAL.
 * Rotation re-wraps every record key under a new KEK; no object is
-  re-encrypted, because objects carry data keys wrapped by record keys.
+  re-encrypted, because objects carry data keys wrapped by record keys. The
+  re-wrap and the record of the current KEK (``keystore_meta``: ``kek_id``,
+  ``kek_check``) are one transaction, so a process that opened the keystore before
+  a rotation notices it at its next key operation: it reloads the key file
+  (embedded default) or stops with :class:`KEKRotatedError` (a KEK given as a
+  setting), and never wraps a new key under the discarded KEK.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import secrets
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +58,21 @@ class WrongKEKError(KeyError_):
 
 class MissingKEKError(KeyError_):
     """The keystore holds record keys but the KEK that wraps them is not there."""
+
+
+class KEKRotatedError(KeyError_):
+    """The KEK was rotated after this process opened the keystore, and the new one cannot
+    be loaded here (it was given as a setting): restart with the new KEK."""
+
+
+# Fault-injection points for the rotation tests: name -> callable.
+FAULTS: dict[str, Callable[[], None]] = {}
+
+
+def _fault(point: str) -> None:
+    hook = FAULTS.get(point)
+    if hook is not None:
+        hook()
 
 
 class MissingKeystoreError(KeyError_):
@@ -160,12 +180,30 @@ def kek_id(kek: bytes) -> str:
     return hashlib.sha256(b"dropvault-kek-id\x00" + kek).hexdigest()[:16]
 
 
+def _key_file(directory: Path, want: str) -> bytes | None:
+    """The KEK with id ``want`` from the key files (a rotation's new file first)."""
+    for name in ("kek.key.new", "kek.key"):
+        try:
+            kek = load_secret(directory / name)
+        except (FileNotFoundError, KeyFileError):
+            continue
+        if kek_id(kek) == want:
+            return kek
+    return None
+
+
 class Keystore:
     """Record keys wrapped by a KEK, in a SQLite file under ``directory``."""
 
     FILE = "keystore.sqlite"
 
-    def __init__(self, directory: Path, kek: bytes, create: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        kek: bytes,
+        create: bool = False,
+        reload: Callable[[str], bytes | None] | None = None,
+    ) -> None:
         """Open the keystore under ``directory``; only ``create`` (``dropvault init``) may
         make the file. A missing or empty one raises :class:`MissingKeystoreError`: making
         a new one would strand every object sealed under the old record keys."""
@@ -174,6 +212,9 @@ class Keystore:
         self.directory = Path(directory)
         self.path = self.directory / self.FILE
         self._kek = kek
+        # Loads the KEK with this id after a rotation by another process (the key file);
+        # None: the KEK was given as a setting and cannot change under a running process.
+        self._reload = reload
         self._cache: dict[str, bytes] = {}
         self.keystore_id = ""
         if not create and not self._has_table():
@@ -298,7 +339,7 @@ class Keystore:
             raise MissingKEKError(
                 f"{directory.name}/kek.key is missing: restore the key file or set DROPVAULT_KEK"
             ) from None
-        return cls(directory, kek, create=create)
+        return cls(directory, kek, create=create, reload=lambda want: _key_file(directory, want))
 
     @property
     def kek_id(self) -> str:
@@ -335,6 +376,7 @@ class Keystore:
             ("rk_" + secrets.token_hex(12), secrets.token_bytes(KEY_BYTES)) for _ in range(count)
         ]
         with self._connect() as con:
+            self._follow_rotation(con)
             con.executemany(
                 "INSERT INTO record_keys (key_id, wrapped, kek_id, created_at) VALUES (?,?,?,?)",
                 [(kid, aes_key_wrap(self._kek, key), self.kek_id, now) for kid, key in made],
@@ -348,6 +390,7 @@ class Keystore:
         if cached is not None:
             return cached
         with self._connect() as con:
+            self._follow_rotation(con)
             row = con.execute(
                 "SELECT wrapped, destroyed_at FROM record_keys WHERE key_id = ?", (key_id,)
             ).fetchone()
@@ -367,6 +410,7 @@ class Keystore:
         """Which of these keys still unwrap (one read; for proofs of destruction)."""
         wanted = set(key_ids)
         with self._connect() as con:
+            self._follow_rotation(con)  # a stale KEK would call every key dead
             rows = con.execute(
                 "SELECT key_id, wrapped FROM record_keys WHERE destroyed_at IS NULL"
             ).fetchall()
@@ -408,16 +452,40 @@ class Keystore:
             con.execute("VACUUM")
         return count
 
+    def _follow_rotation(self, con: sqlite3.Connection) -> None:
+        """Inside a key transaction: if another process rotated the KEK since this one
+        opened the keystore, load the new KEK (or refuse); the rotation cannot happen
+        meanwhile (the transaction holds SQLite's write lock)."""
+        row = con.execute("SELECT value FROM keystore_meta WHERE name = 'kek_id'").fetchone()
+        if row is None or row[0] == self.kek_id:
+            return
+        new = self._reload(row[0]) if self._reload is not None else None
+        if new is None or kek_id(new) != row[0]:
+            raise KEKRotatedError(
+                f"the KEK was rotated (now {row[0]}) after this process started; restart it"
+                " with the new KEK"
+            )
+        self._kek = new
+
+    def current_check(self) -> str | None:
+        """The check value of the KEK the last rotation put in place (None: never rotated)."""
+        with self._connect() as con:
+            row = con.execute("SELECT value FROM keystore_meta WHERE name = 'kek_check'").fetchone()
+        return None if row is None else str(row[0])
+
     def rotate(self, new_kek: bytes) -> int:
         """Re-wrap every live record key under ``new_kek``. Returns how many were re-wrapped.
 
-        All in one transaction: a failure leaves every key under the old KEK.
-        The caller stores ``new_kek`` (see :meth:`rotate_local`).
+        All in one transaction, with the record of the new KEK: a failure leaves every
+        key under the old KEK; a process still holding the old one notices at its next key
+        operation (:meth:`_follow_rotation`). The caller stores ``new_kek`` first
+        (see :meth:`rotate_local`).
         """
         if len(new_kek) != KEY_BYTES:
             raise ValueError("the new KEK must be 32 bytes (AES-256)")
         new_id = kek_id(new_kek)
         with self._connect() as con:
+            self._follow_rotation(con)
             rows = con.execute(
                 "SELECT key_id, wrapped FROM record_keys WHERE destroyed_at IS NULL"
             ).fetchall()
@@ -430,15 +498,28 @@ class Keystore:
                     "UPDATE record_keys SET wrapped = ?, kek_id = ? WHERE key_id = ?",
                     (aes_key_wrap(new_kek, key), new_id, key_id),
                 )
+            con.executemany(
+                "INSERT OR REPLACE INTO keystore_meta VALUES (?, ?)",
+                [("kek_id", new_id), ("kek_check", check_value(new_kek))],
+            )
+            _fault("before_commit")
         self._kek = new_kek
+        self._cache.clear()
         return len(rows)
 
     def rotate_local(self) -> int:
-        """Rotate the embedded default's key file: new KEK, re-wrap, then swap the file."""
-        new_kek = secrets.token_bytes(KEY_BYTES)
+        """Rotate the embedded default's key file: the new KEK is written to
+        ``kek.key.new`` (0600), the keys are re-wrapped (one transaction), then the file
+        replaces ``kek.key``. Killed at any step, the next open finishes or undoes it
+        (:meth:`local`), and no key is ever under a KEK that no file holds."""
         pending = self.directory / "kek.key.new"
-        pending.unlink(missing_ok=True)
+        if pending.exists():
+            # An earlier rotation stopped: finish it (its commit happened) or drop it.
+            self._kek = Keystore.local(self.directory)._kek
+        new_kek = secrets.token_bytes(KEY_BYTES)
         write_secret_file(pending, new_kek)
+        _fault("after_new_file")
         count = self.rotate(new_kek)
+        _fault("after_commit")
         pending.replace(self.directory / "kek.key")
         return count
