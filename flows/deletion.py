@@ -26,7 +26,7 @@ from dropvault.tasks.deletion import (
     tombstoned,
     verify_scanned,
 )
-from dropvault.tasks.manifests import redact_rows, uid_tokens
+from dropvault.tasks.manifests import redact_rows, refuse_phi_in_names, uid_tokens
 from dropvault.tasks.quarantine import expire_quarantine_task
 from dropvault.tasks.sharing import archive_manifests_task, read_pending_task
 
@@ -67,7 +67,8 @@ def deletion_sweep(
         # A row naming a study deleted already is recorded with its tombstone key.
         uids = uid_tokens(rows)
         gone = tombstoned(home.catalog, home.pepper, uids)
-        intake = register_requests_task(home.catalog, redact_rows(rows, gone), now)
+        rows = refuse_phi_in_names(home.catalog, home.keystore, redact_rows(rows, gone))
+        intake = register_requests_task(home.catalog, rows, now)
         archive_manifests_task(home.manifests, "deletions", names, intake.outcomes, gone)
     except Exception as exc:  # noqa: BLE001 - reported below, after the pending ones are done
         intake_failed = type(exc).__name__  # the type only: a message may quote a row

@@ -17,7 +17,7 @@ from dropvault.tasks.incidents import (
     report_incident_task,
     summary_markdown,
 )
-from dropvault.tasks.manifests import redact_rows, uid_tokens
+from dropvault.tasks.manifests import redact_rows, refuse_phi_in_names, uid_tokens
 from dropvault.tasks.sharing import (
     ShareResult,
     apply_share_rows_task,
@@ -39,7 +39,8 @@ def apply_share_manifests(
     # A row naming a study deleted already is recorded (and archived) with its tombstone key.
     uids = uid_tokens(rows)
     deleted = tombstoned(home.catalog, home.pepper, uids)
-    result = apply_share_rows_task(home.catalog, redact_rows(rows, deleted), now, dry_run)
+    rows = refuse_phi_in_names(home.catalog, home.keystore, redact_rows(rows, deleted))
+    result = apply_share_rows_task(home.catalog, rows, now, dry_run)
     if not dry_run:
         archive_manifests_task(home.manifests, "shares", names, result.outcomes, deleted)
     summary = result.summary()

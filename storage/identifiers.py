@@ -35,6 +35,9 @@ QUOTING = {
     # Text an owner or a portal types into a request can quote a UID too.
     **dict.fromkeys(
         [
+            # a rejected row's id is "<manifest>#<line>", and a manifest's name is free
+            ("share_requests", "request_id"),
+            ("deletion_requests", "request_id"),
             ("share_requests", "grantee"),
             ("share_requests", "purpose"),
             ("share_requests", "manifest"),
@@ -60,10 +63,7 @@ CLEAN = frozenset(
         *(("deletion_scans", c) for c in ("request_id", "record_key_id")),
         ("deletion_objects", "name"),  # a vault object name: a random id
         ("deletion_objects", "record_key_id"),
-        *(
-            ("deletion_requests", c)
-            for c in ("request_id", "content_hash", "owner", "status", "outcome")
-        ),
+        *(("deletion_requests", c) for c in ("content_hash", "owner", "status", "outcome")),
         *(("deletion_sla", c) for c in ("request_id", "owner", "sla_state")),
         *(("disclosures", c) for c in ("disclosure_id", "owner")),
         *(("drops", c) for c in ("facility_id", "status", "record_key_id")),
@@ -82,7 +82,7 @@ CLEAN = frozenset(
         ("objects", "record_key_id"),
         *(("quarantine", c) for c in ("quarantine_id", "facility_id", "reason", "detail")),
         *(("quarantine", c) for c in ("object_id", "sha256")),
-        *(("share_requests", c) for c in ("request_id", "content_hash", "action", "owner")),
+        *(("share_requests", c) for c in ("content_hash", "action", "owner")),
         ("share_requests", "outcome"),
         *(("studies", c) for c in ("owner", "facility_id", "record_key_id", "status")),
         *(("tombstones", c) for c in ("study_key", "request_id", "outcome")),

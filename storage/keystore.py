@@ -406,14 +406,25 @@ class Keystore:
         self._cache[key_id] = key
         return key
 
+    def unwrap_many(self, key_ids: list[str]) -> dict[str, bytes]:
+        """The live ones of these record keys, unwrapped, in one read."""
+        wanted = set(key_ids) - set(self._cache)
+        if wanted:
+            with self._connect() as con:
+                rows = self._live_rows(con)
+            for key_id, wrapped in rows:
+                if key_id in wanted:
+                    try:
+                        self._cache[key_id] = aes_key_unwrap(self._kek, wrapped)
+                    except InvalidUnwrap as exc:
+                        raise WrongKEKError("the KEK does not unwrap this keystore") from exc
+        return {k: self._cache[k] for k in key_ids if k in self._cache}
+
     def live(self, key_ids: list[str]) -> set[str]:
         """Which of these keys still unwrap (one read; for proofs of destruction)."""
         wanted = set(key_ids)
         with self._connect() as con:
-            self._follow_rotation(con)  # a stale KEK would call every key dead
-            rows = con.execute(
-                "SELECT key_id, wrapped FROM record_keys WHERE destroyed_at IS NULL"
-            ).fetchall()
+            rows = self._live_rows(con)  # (a stale KEK would call every key dead)
         alive = set()
         for key_id, wrapped in rows:
             if key_id not in wanted:
@@ -467,6 +478,13 @@ class Keystore:
             )
         self._kek = new
 
+    def _live_rows(self, con: sqlite3.Connection) -> list[tuple[str, bytes]]:
+        """Every live wrapped key, read after following any rotation."""
+        self._follow_rotation(con)
+        return con.execute(
+            "SELECT key_id, wrapped FROM record_keys WHERE destroyed_at IS NULL"
+        ).fetchall()
+
     def current_check(self) -> str | None:
         """The check value of the KEK the last rotation put in place (None: never rotated)."""
         with self._connect() as con:
@@ -485,10 +503,7 @@ class Keystore:
             raise ValueError("the new KEK must be 32 bytes (AES-256)")
         new_id = kek_id(new_kek)
         with self._connect() as con:
-            self._follow_rotation(con)
-            rows = con.execute(
-                "SELECT key_id, wrapped FROM record_keys WHERE destroyed_at IS NULL"
-            ).fetchall()
+            rows = self._live_rows(con)
             for key_id, wrapped in rows:
                 try:
                     key = aes_key_unwrap(self._kek, wrapped)

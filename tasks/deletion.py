@@ -54,11 +54,11 @@ from dropvault.tasks.phi import (
     DELETED_PREFIX,
     keyed_hash,
     open_fields,
-    patient_quotes,
     redact,
     redact_quotes,
     seal_fields,
     study_key,
+    study_quotes,
     tombstone_ref,
 )
 from dropvault.tasks.reasons import RejectReason
@@ -350,9 +350,9 @@ class _Sweep:
             con.execute(
                 "UPDATE quarantine SET study_uid = k.study_uid"
                 " FROM quarantine_uids u JOIN _uid_keys k USING (uid_key)"
+                # Whatever study it claims: a file bearing one of this study's UIDs is a
+                # copy of its image (a copy filed under another study's UID too).
                 " WHERE quarantine.quarantine_id = u.quarantine_id"
-                " AND (quarantine.study_uid IS NULL"
-                "  OR quarantine.study_uid NOT IN (SELECT study_uid FROM studies))"
             )
         finally:
             con.unregister("_uid_keys")
@@ -370,18 +370,7 @@ class _Sweep:
     def _patient_quotes(self) -> dict[str, list[str]]:
         """How free text may quote each study's patient (name, ID), read while the record
         keys live; a sweep resumed after they went reads what the stopped run sealed."""
-        rows = self.home.catalog.query(
-            "SELECT study_uid, record_key_id, phi_enc FROM studies"
-            " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
-            [self.to_delete],
-        )
-        quotes: dict[str, list[str]] = {}
-        for uid, key_id, sealed in rows.itertuples(index=False):
-            try:
-                key = self.home.keystore.unwrap(str(key_id))
-                quotes[str(uid)] = patient_quotes(open_fields(key, str(uid), bytes(sealed)))
-            except (KeyError_, InvalidTag, TypeError, ValueError):
-                continue  # shredded by a stopped run: below
+        quotes = study_quotes(self.home.catalog, self.home.keystore, self.to_delete)
         missing = {self.by_uid[u].request_id for u in self.to_delete if u not in quotes}
         for uid, found in sealed_quotes(self.home, sorted(missing)).items():
             quotes.setdefault(uid, found)
@@ -620,28 +609,54 @@ class _Sweep:
 
 def _redact_tied(con: duckdb.DuckDBPyConnection, quotes: dict[str, list[str]]) -> None:
     """A deleted study's patient (name, ID) quoted in free text of a row about that study
-    (a share's purpose, an incident's report): redacted in place. Text about other studies
-    is not searched (a name is not unique; it may be another patient's)."""
+    (a share's purpose, an incident's report), or of a row from a manifest that carried
+    one (its name, a rejected row's id ``<manifest>#<line>``): redacted in place. Other
+    text is not searched (a name is not unique; it may be another patient's)."""
     if not quotes:
         return
     types = column_types()
+    studies = sorted(quotes)
+    every = sorted({q for qs in quotes.values() for q in qs})
+    manifests = sorted(
+        {
+            str(r[0])
+            for table in ("share_requests", "deletion_requests")
+            for r in con.execute(
+                f"SELECT DISTINCT manifest FROM {table}"  # noqa: S608
+                " WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) AND manifest IS NOT NULL",
+                [studies],
+            ).fetchall()
+        }
+    )
     for table, column in columns_of_kind("quoting:study"):
         if "study_uid" not in types[table]:
             continue
         keys = key_columns()[table]
+        where = "study_uid IN (SELECT unnest(?::VARCHAR[]))"
+        params: list[Any] = [studies]
+        if "manifest" in types[table]:
+            where = f"({where} OR manifest IN (SELECT unnest(?::VARCHAR[])))"
+            params.append(manifests)
+        if column == "request_id":
+            # An applied request's id keys its history (intake refuses one quoting the
+            # patient: phi_in_name); a rejected row's id is its manifest's name and line.
+            where += " AND outcome LIKE 'rejected%'"
         rows = con.execute(
             f"SELECT {', '.join(keys)}, study_uid, {column} FROM {table}"  # noqa: S608
-            f" WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) AND {column} IS NOT NULL",
-            [sorted(quotes)],
+            f" WHERE {where} AND {column} IS NOT NULL",
+            params,
         ).fetchall()
-        where = " AND ".join(f"{k} = ?" for k in keys)
         updates = []
         for *key, study, text in rows:
-            new = redact_quotes(str(text), quotes[str(study)])
+            new = redact_quotes(str(text), quotes.get(str(study), every))
             if new != text:
                 updates.append([new, *key])
         if updates:
-            con.executemany(f"UPDATE {table} SET {column} = ? WHERE {where}", updates)  # noqa: S608
+            set_where = " AND ".join(f"{k} = ?" for k in keys)
+            con.executemany(
+                f"UPDATE {table} SET {column} = ? WHERE {set_where}",  # noqa: S608
+                updates,
+            )
 
 
 def _redact_quoting(con: duckdb.DuckDBPyConnection, replacements: dict[str, str]) -> None:

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from dropvault.storage.catalog import Catalog
 from dropvault.storage.errors import TerminalError
+from dropvault.storage.keystore import Keystore
 from dropvault.storage.locations import Location, is_file_problem, is_safe_name
-from dropvault.tasks.phi import redact, redact_quotes
+from dropvault.tasks.phi import REDACTED, quotes_any, redact, redact_quotes, study_quotes
 from dropvault.tasks.reasons import RejectReason
 
 log = logging.getLogger(__name__)
@@ -222,14 +224,18 @@ def read_pending(location: Location, kind: str) -> tuple[list[str], list[Manifes
     no permission) is one ``rejected:unreadable`` row, and is archived like the others."""
     names = pending_manifests(location, kind)
     rows: list[ManifestRow] = []
-    for name in names:
+    for name in list(names):
         try:
             if location.size(name) > MAX_MANIFEST_BYTES:
                 rows.append(ManifestRow(name, 0, None, RejectReason.TOO_LARGE))
                 continue  # read whole, it could exhaust memory; archived unread
             raw = location.read_bytes(name)
         except FileNotFoundError:
-            raise  # gone since the listing: another sweep took it (the retry lists again)
+            # Gone since the listing (another sweep took it), or a link to nothing: skipped,
+            # and never named (a manifest's name can quote a UID or a patient).
+            log.warning("a %s manifest went away before it was read; skipped", kind)
+            names.remove(name)
+            continue
         except OSError as exc:
             if not is_file_problem(exc):
                 raise  # the store's trouble, not the manifest's: the task retries
@@ -376,49 +382,130 @@ def redact_manifests(
     replacements: dict[str, str],
     quotes: dict[str, list[str]] | None = None,
 ) -> int:
-    """Rewrite every processed manifest, results file and incident report that quotes a
+    """Rewrite every processed manifest, results file and incident file that quotes a
     deleted study's UID (or one of its series or instances), with its tombstone key instead
-    (each file atomically, no earlier version kept); on a line that names one of the
-    studies in ``quotes``, its patient's name and ID go too. Pending manifests are left to
-    their flow, which archives them redacted. Returns how many files were rewritten."""
+    (each file atomically, no earlier version kept). A file that names one of the studies
+    in ``quotes`` (in its text, JSON escapes decoded, or its name) loses that patient's name
+    and ID everywhere in it and in its name, and so does its results file. Pending
+    manifests are left to their flow, which archives them redacted. Returns how many files
+    were rewritten."""
     if not replacements:
         return 0
+    quotes = quotes or {}
     changed = 0
     for folder in QUOTING_FOLDERS:
-        for entry in location.list(folder):
-            rel = entry.name[len(folder) + 1 :]
-            if entry.problem or not is_safe_name(entry.name):
-                continue
-            if folder != "incidents" and not rel.startswith(PROCESSED + "/"):
-                continue
-            redacted = _redacted(location, entry.name, replacements, quotes)
-            renamed = redact(entry.name, replacements)
-            if renamed != entry.name:  # the file's own name quotes the UID
-                data = redacted if redacted is not None else location.read_bytes(entry.name)
-                location.rewrite(renamed, data)
-                location.delete(entry.name)
-                changed += 1
-            elif redacted is not None:
-                location.rewrite(entry.name, redacted)
-                changed += 1
+        names = [
+            e.name
+            for e in location.list(folder)
+            if not e.problem
+            and is_safe_name(e.name)
+            and (folder == "incidents" or e.name[len(folder) + 1 :].startswith(PROCESSED + "/"))
+        ]
+        results = {n for n in names if n.endswith(RESULTS)}
+        for name in sorted(set(names) - results):
+            text = _decoded(location.read_bytes(name).decode("utf-8", "surrogateescape"))
+            quoted = sorted({q for u, qs in quotes.items() if u in text or u in name for q in qs})
+            new = _renamed(location, name, replacements, quoted)
+            changed += _rewrite(location, name, new, replacements, quoted)
+            if name + RESULTS in results:
+                results.discard(name + RESULTS)
+                changed += _rewrite(location, name + RESULTS, new + RESULTS, replacements, quoted)
+        for name in sorted(results):  # results whose manifest is gone
+            new = _renamed(location, name, replacements, [])
+            changed += _rewrite(location, name, new, replacements, [])
     return changed
+
+
+RESULTS = ".results.jsonl"
+
+
+def _renamed(location: Location, name: str, replacements: dict[str, str], quoted: list[str]) -> str:
+    """The name a file gets once its UIDs and patient quotes are out of it (a free one)."""
+    folder, base = posixpath.split(name)
+    new = redact_quotes(redact(base, replacements), quoted).replace(REDACTED, "redacted")
+    if new == base:
+        return name
+    if new.endswith(RESULTS):
+        return f"{folder}/{new}"  # its manifest's new name decided it
+    return f"{folder}/{_free_name(location, folder, new)}"
+
+
+def _rewrite(
+    location: Location, name: str, new: str, replacements: dict[str, str], quoted: list[str]
+) -> int:
+    redacted = _redacted(location, name, replacements, quoted)
+    if new != name:
+        location.rewrite(new, redacted if redacted is not None else location.read_bytes(name))
+        location.delete(name)
+        return 1
+    if redacted is not None:
+        location.rewrite(name, redacted)
+        return 1
+    return 0
+
+
+def _decoded(text: str) -> str:
+    """``text`` with each JSON line that escapes characters (``\\u0031``) written out as
+    the characters, so a UID or a name spelled with escapes is found, and redacted."""
+    if "\\u" not in text:
+        return text
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if "\\u" not in line:
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        end = line[len(line.rstrip("\r\n")) :]
+        lines[i] = json.dumps(doc, ensure_ascii=False) + end
+    return "".join(lines)
 
 
 def _redacted(
     location: Location,
     name: str,
     replacements: dict[str, str],
-    quotes: dict[str, list[str]] | None = None,
+    quoted: list[str] | None = None,
 ) -> bytes | None:
-    """The file's bytes with the identifiers replaced, or None when it quotes none."""
-    text = original = location.read_bytes(name).decode("utf-8", "surrogateescape")
-    if quotes:
-        lines = text.splitlines(keepends=True)
-        for i, line in enumerate(lines):
-            if any(uid in line for uid in quotes):
-                lines[i] = redact_quotes(
-                    line, [q for uid, qs in quotes.items() if uid in line for q in qs]
-                )
-        text = "".join(lines)
-    new = redact(text, replacements)
+    """The file's bytes with the identifiers (and ``quoted``) replaced, or None when it
+    quotes none."""
+    original = location.read_bytes(name).decode("utf-8", "surrogateescape")
+    text = _decoded(original)
+    if not any(u in text for u in replacements) and not (quoted and quotes_any(text, quoted)):
+        return None
+    new = redact(redact_quotes(text, quoted or []), replacements)
     return None if new == original else new.encode("utf-8", "surrogateescape")
+
+
+def refuse_phi_in_names(
+    catalog: Catalog, keystore: Keystore, rows: list[ManifestRow]
+) -> list[ManifestRow]:
+    """Rows whose request id or owner quotes the patient (name or ID) of the study they
+    name, or for ``*`` of any study of the owner, become ``rejected:phi_in_name`` rows: ids
+    and accounts key a request's history verbatim, so a patient there would outlive the
+    study's deletion."""
+    asked = [r.fields for r in rows if r.fields]
+    named = {f.get("study_uid") or "" for f in asked} - {"", "*"}
+    owners = sorted({f.get("owner") or "" for f in asked if f.get("study_uid") == "*"})
+    owned = catalog.query(
+        "SELECT owner, study_uid FROM studies WHERE owner IN (SELECT unnest(?::VARCHAR[]))",
+        [owners],
+    )
+    studies_of: dict[str, list[str]] = {}
+    for owner, uid in owned.itertuples(index=False):
+        studies_of.setdefault(str(owner), []).append(str(uid))
+    found = study_quotes(catalog, keystore, sorted(named | set(map(str, owned["study_uid"]))))
+    if not found:
+        return rows
+    out = []
+    for r in rows:
+        f = r.fields or {}
+        uid = f.get("study_uid") or ""
+        covered = studies_of.get(f.get("owner") or "", []) if uid == "*" else [uid]
+        quoted = [q for u in covered for q in found.get(u, [])]
+        if quoted and any(quotes_any(f.get(n) or "", quoted) for n in NAMED_BY_REQUESTER):
+            out.append(ManifestRow(r.manifest, r.line, None, RejectReason.PHI_IN_NAME))
+        else:
+            out.append(r)
+    return out

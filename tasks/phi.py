@@ -17,9 +17,13 @@ import json
 import re
 import secrets
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from dropvault.storage.catalog import Catalog
+from dropvault.storage.keystore import Keystore
 
 
 def keyed_hash(pepper: bytes, *parts: str, length: int = 32) -> str:
@@ -78,13 +82,20 @@ REDACTED = "[redacted]"
 
 
 def patient_quotes(phi: dict[str, str]) -> list[str]:
-    """How free text may quote a patient: the name as DICOM spells it (``DOE^JOHN``), as
-    words either way round (``DOE JOHN``, ``JOHN DOE``), and the patient ID."""
+    """How free text or a name may quote a patient: the name as DICOM spells it
+    (``DOE^JOHN^A``); family and given name either way round, joined by a space, a comma,
+    an underscore, a hyphen or a dot (``DOE, JOHN``, ``JOHN_DOE``); every component joined
+    the same ways; and the patient ID. Matched whole-word, in any case
+    (:func:`redact_quotes`)."""
     name = phi.get("patient_name", "")
-    parts = [p for p in name.split("^") if p.strip()]
-    forms = {name, " ".join(parts), phi.get("patient_id", "")}
+    parts = [p.strip() for p in name.split("^") if p.strip()]
+    forms = {name, phi.get("patient_id", "")}
+    orders = [parts]
     if len(parts) >= 2:
-        forms.add(f"{parts[1]} {parts[0]}")
+        orders += [[parts[0], parts[1]], [parts[1], parts[0]]]
+    for order in orders:
+        for sep in (" ", ", ", ",", "_", "-", "."):
+            forms.add(sep.join(order))
     return sorted(f.strip() for f in forms if len(f.strip()) >= 2)
 
 
@@ -95,7 +106,14 @@ def redact_quotes(text: str, quotes: list[str]) -> str:
     if not quotes:
         return text
     body = "|".join(map(re.escape, sorted(set(quotes), key=len, reverse=True)))
-    return re.sub(r"(?<!\w)(?:" + body + r")(?!\w)", REDACTED, text, flags=re.IGNORECASE)
+    # Whole words, where an underscore also separates (``shares/DOE_JOHN.jsonl``).
+    edge = r"[^\W_]"
+    return re.sub(rf"(?<!{edge})(?:{body})(?!{edge})", REDACTED, text, flags=re.IGNORECASE)
+
+
+def quotes_any(text: str, quoted: list[str]) -> bool:
+    """Whether ``text`` quotes any of ``quoted`` (as :func:`redact_quotes` would find)."""
+    return redact_quotes(text, quoted) != text
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,3 +122,26 @@ def _identifiers(olds: tuple[str, ...]) -> re.Pattern[str]:
     # but a UID that ends a sentence ("... on 1.2.3.") is still one.
     body = "|".join(map(re.escape, olds))
     return re.compile(r"(?<![0-9])(?<![0-9]\.)(?:" + body + r")(?![0-9])(?!\.[0-9])")
+
+
+def study_quotes(catalog: Catalog, keystore: Keystore, uids: list[str]) -> dict[str, list[str]]:
+    """``{study UID: its patient's quotes}`` (:func:`patient_quotes`) for the studies whose
+    record key still opens their sealed PHI; others are left out."""
+    if not uids:
+        return {}
+    rows = catalog.query(
+        "SELECT study_uid, record_key_id, phi_enc FROM studies"
+        " WHERE study_uid IN (SELECT unnest(?::VARCHAR[])) AND phi_enc IS NOT NULL",
+        [sorted(set(uids))],
+    )
+    keys = keystore.unwrap_many(sorted(set(map(str, rows["record_key_id"]))))
+    found: dict[str, list[str]] = {}
+    for uid, key_id, sealed in rows.itertuples(index=False):
+        if str(key_id) not in keys:
+            continue  # shredded
+        try:
+            phi = open_fields(keys[str(key_id)], str(uid), bytes(sealed))
+        except (InvalidTag, ValueError):
+            continue  # not ours to open
+        found[str(uid)] = patient_quotes(phi)
+    return found

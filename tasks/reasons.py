@@ -40,6 +40,7 @@ class RejectReason(StrEnum):
     DUPLICATE_REQUEST_ID = "duplicate_request_id"
     UNKNOWN_STUDY = "unknown_study"
     UID_IN_NAME = "uid_in_name"  # a request id or owner account quotes a UID
+    PHI_IN_NAME = "phi_in_name"  # a request id or owner quotes the study's patient
     STUDY_DELETED = "study_deleted"  # the study was deleted; the row keeps its tombstone key
     UNKNOWN_OWNER = "unknown_owner"
     NOT_OWNER = "not_owner"
