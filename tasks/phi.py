@@ -79,6 +79,7 @@ def redact(text: str, replacements: dict[str, str]) -> str:
 
 
 REDACTED = "[redacted]"
+MIN_QUOTE = 4
 
 
 def patient_quotes(phi: dict[str, str]) -> list[str]:
@@ -96,7 +97,8 @@ def patient_quotes(phi: dict[str, str]) -> list[str]:
     for order in orders:
         for sep in (" ", ", ", ",", "_", "-", "."):
             forms.add(sep.join(order))
-    return sorted(f.strip() for f in forms if len(f.strip()) >= 2)
+    # Shorter values (an ID "12") are everywhere in other text: dates, counts, other ids.
+    return sorted(f.strip() for f in forms if len(f.strip()) >= MIN_QUOTE)
 
 
 def redact_quotes(text: str, quotes: list[str]) -> str:
