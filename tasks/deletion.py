@@ -455,10 +455,14 @@ class _Sweep:
             return
         home = self.home
         to_archive = self.objects[self.objects["study_uid"].isin(self.to_archive)]
+        sources = {}
         for obj in to_archive.itertuples():
             source = home.location_for(str(obj.location_url))
+            sources[str(obj.object_id)] = source
+            # A stopped run moved some already: those are no longer at the source.
             if source.url != home.archive.url and source.exists(str(obj.name)):
                 source.move(str(obj.name), home.archive, str(obj.name))
+                _fault("mid_archive")
         moved = list(to_archive["object_id"])
         home.catalog.write(
             lambda con: con.execute(
@@ -467,10 +471,16 @@ class _Sweep:
                 [home.archive.url, moved],
             )
         )
+        # Verified in its final place: in the archive, and nothing (no version, no delete
+        # marker) left where it was.
         missing = {
-            str(uid)
-            for uid, name in zip(to_archive["study_uid"], to_archive["name"], strict=True)
-            if not home.archive.exists(str(name))
+            str(obj.study_uid)
+            for obj in to_archive.itertuples()
+            if not home.archive.exists(str(obj.name))
+            or (
+                sources[str(obj.object_id)].url != home.archive.url
+                and sources[str(obj.object_id)].remaining(str(obj.name))
+            )
         }
         for uid in self.to_archive:
             self.outcomes[uid].verified = uid not in missing
@@ -800,7 +810,12 @@ def _resolve(home: Home, reqs: list[Any]) -> list[StudyWork]:
                 " WHERE s.status IN ('active', 'deleting')"
                 # An archived study deleted again, without keep_archive: its archive goes.
                 " OR (s.status = 'archived' AND NOT w.keep_archive)"
-                " ORDER BY w.request_id, s.study_uid"
+                # An archive move a stopped run left half done: it resumes.
+                " OR (s.status = 'archived' AND w.keep_archive AND s.study_uid IN ("
+                "  SELECT i.study_uid FROM instances i JOIN objects o USING (object_id)"
+                "  WHERE o.location_url <> ?))"
+                " ORDER BY w.request_id, s.study_uid",
+                [home.archive.url],
             ).fetchall()
         finally:
             con.unregister("_wanted")
