@@ -521,6 +521,8 @@ class Catalog:
             return
         with self._writer() as con:
             ducklake.compact(con)
+            ducklake.purge_old_versions(self.lake)
+            ducklake.vacuum_metadata(self.lake)
         self.drop_reader()  # its cached metadata names files and inlined rows now gone
 
     def stored_files(self) -> Iterator[tuple[str, bytes]]:

@@ -36,6 +36,7 @@ import duckdb
 import fsspec
 
 from dropvault.storage.errors import DropvaultError
+from dropvault.storage.locations import Location
 
 # package name on PyPI (import name) -> extension name
 EXTENSIONS = {
@@ -213,16 +214,54 @@ def compact(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"CALL ducklake_delete_orphaned_files('{ALIAS}', cleanup_all => true)")
 
 
-def data_files(lake: Lake) -> Iterator[tuple[str, bytes]]:
-    """Every file under the data path, with its bytes."""
+def data_location(lake: Lake) -> Location:
     scheme = urlsplit(lake.data_url).scheme or "file"
     options = lake.s3 if scheme in ("s3", "s3a") else {}
     fs = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
-    root = _data_path(lake.data_url)
-    if not fs.exists(root):
+    return Location(_data_path(lake.data_url), fs=fs)
+
+
+def vacuum_metadata(lake: Lake) -> None:
+    """After :func:`compact`: ``VACUUM FULL`` every metadata table of the lake, so the
+    deleted rows' dead tuples leave PostgreSQL's heap files (each table is rewritten; the
+    old file is truncated at once). PostgreSQL's WAL still holds them until it recycles its
+    segments (README, "Deletion"). Needs ``psycopg`` (the ``lake`` extra): VACUUM cannot
+    run inside the transaction DuckDB's postgres extension opens."""
+    import psycopg  # local: only DuckLake catalogs need it
+    from psycopg import sql
+
+    schema = lake.schema or "public"
+    try:
+        with psycopg.connect(lake.metadata, autocommit=True) as pg:
+            tables = pg.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema]
+            ).fetchall()
+            for (table,) in tables:
+                pg.execute(sql.SQL("VACUUM FULL {}").format(sql.Identifier(schema, table)))
+    except psycopg.Error as exc:
+        first = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise LakeSetupError(f"cannot vacuum the metadata of {lake!r}: {first}") from exc
+
+
+def data_files(lake: Lake) -> Iterator[tuple[str, bytes]]:
+    """Every file under the data path, with its bytes; on a versioned bucket every older
+    version too (a deleted row's bytes in a replaced Parquet file are still stored)."""
+    location = data_location(lake)
+    fs = location.fs
+    if not fs.exists(location.root):
         return
-    for path in fs.find(root):
+    for path in fs.find(location.root):
         yield path, fs.cat_file(path)
+    for path, version, marker in location.old_versions():
+        if not marker:
+            yield f"{path}?versionId={version}", location.read_version(path, version)
+
+
+def purge_old_versions(lake: Lake) -> int:
+    """After :func:`compact`: the lake keeps its own history (snapshots), so no older
+    version of a data file (a rewritten or deleted Parquet file) stays on a versioned
+    bucket; returns how many versions and delete markers were removed."""
+    return data_location(lake).purge_old_versions()
 
 
 def metadata_text(con: duckdb.DuckDBPyConnection, lake: Lake) -> Iterator[tuple[str, bytes]]:

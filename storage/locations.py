@@ -657,24 +657,60 @@ class Location:
         """Every version id (and delete marker) of an object on a versioned bucket, across
         as many listing pages as it takes (S3 returns at most 1,000 per call)."""
         path = f"{self.root}/{name}" if unchecked else self.path(name)
-        bucket, key = path.split("/", 1)
+        key = path.split("/", 1)[1]
+        return [v["VersionId"] for v in self._version_items(path) if v["Key"] == key]
+
+    def _version_items(self, prefix_path: str) -> Iterator[dict[str, Any]]:
+        """Every version and delete marker under a path prefix (``Marker`` set on delete
+        markers), across as many listing pages as it takes (S3 gives 1,000 per call)."""
+        bucket, key = (prefix_path.split("/", 1) + [""])[:2]
         from fsspec.asyn import sync  # local: only object stores need it
 
         fs: Any = self.fs
-        found: builtins.list[str] = []
         marks: dict[str, str] = {}
         while True:
             resp = sync(
                 fs.loop, fs._call_s3, "list_object_versions", Bucket=bucket, Prefix=key, **marks
             )
-            items = resp.get("Versions", []) + resp.get("DeleteMarkers", [])
-            found += [item["VersionId"] for item in items if item["Key"] == key]
+            yield from resp.get("Versions", [])
+            yield from ({**m, "Marker": True} for m in resp.get("DeleteMarkers", []))
             if not resp.get("IsTruncated"):
-                return found
+                return
             marks = {
                 "KeyMarker": resp["NextKeyMarker"],
                 "VersionIdMarker": resp["NextVersionIdMarker"],
             }
+
+    def old_versions(self) -> builtins.list[tuple[str, str, bool]]:
+        """``(bucket/key, version id, is a delete marker)`` of every noncurrent version and
+        delete marker below this location on a versioned bucket (none elsewhere)."""
+        if not (self.is_object_store and self.versioned):
+            return []
+        bucket = self.root.split("/", 1)[0]
+        return [
+            (f"{bucket}/{v['Key']}", str(v["VersionId"]), bool(v.get("Marker")))
+            for v in self._version_items(self.root + "/")
+            if v.get("Marker") or not v.get("IsLatest")
+        ]
+
+    def read_version(self, path: str, version: str) -> bytes:
+        """The bytes of one version (``path`` as :meth:`old_versions` gives it)."""
+        from fsspec.asyn import sync
+
+        bucket, key = path.split("/", 1)
+        fs: Any = self.fs
+        body = sync(fs.loop, fs._call_s3, "get_object", Bucket=bucket, Key=key, VersionId=version)[
+            "Body"
+        ]
+        return bytes(sync(fs.loop, body.read))
+
+    def purge_old_versions(self) -> int:
+        """Delete every noncurrent version and delete marker below this location (a store
+        whose history must not outlive a deletion, such as a lake's data files)."""
+        old = self.old_versions()
+        for path, version, _ in old:
+            self._delete_version(path, version)
+        return len(old)
 
     def duckdb_source(self, con: Any, name: str) -> str:
         """A path to ``name`` that DuckDB connection ``con`` can read: a local path as it

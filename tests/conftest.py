@@ -103,9 +103,10 @@ def moto_endpoint() -> Iterator[str]:
     client.create_bucket(Bucket=BUCKET)
     client.create_bucket(Bucket=LAKE_BUCKET)
     client.create_bucket(Bucket=VERSIONED_BUCKET)
-    client.put_bucket_versioning(
-        Bucket=VERSIONED_BUCKET, VersioningConfiguration={"Status": "Enabled"}
-    )
+    for versioned in (VERSIONED_BUCKET, LAKE_BUCKET):  # a lake's old Parquet versions too
+        client.put_bucket_versioning(
+            Bucket=versioned, VersioningConfiguration={"Status": "Enabled"}
+        )
     yield endpoint
     server.stop()
 

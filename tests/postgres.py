@@ -70,6 +70,18 @@ class PostgresServer:
         )  # fmt: skip
         return out.stdout
 
+    def heap_files(self) -> list[tuple[str, bytes]]:
+        """Every table and index file of the cluster after a CHECKPOINT (dirty pages
+        written out), without the WAL: what a copy of the data folder would hold."""
+        self.psql("CHECKPOINT")
+        data = self.root / "data"
+        return [
+            (f"postgres {p.relative_to(data)}", p.read_bytes())
+            for folder in ("base", "global")
+            for p in (data / folder).rglob("*")
+            if p.is_file()
+        ]
+
     @classmethod
     @contextlib.contextmanager
     def start(cls) -> Iterator[PostgresServer]:

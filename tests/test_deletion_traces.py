@@ -83,8 +83,9 @@ def everything(
     a dump of its metadata database), and Prefect's database."""
     blobs = [(str(p), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()]
     if home.catalog.lake is not None:
-        dump = request.getfixturevalue("postgres").dump(schema=home.catalog.lake.schema)
-        blobs.append(("lake metadata (pg_dump)", dump))
+        postgres = request.getfixturevalue("postgres")
+        blobs.append(("lake metadata (pg_dump)", postgres.dump(schema=home.catalog.lake.schema)))
+        blobs += postgres.heap_files()  # dead tuples too (the WAL is documented, not scanned)
     for name in LOCATIONS:
         loc = getattr(home, name)
         if not loc.is_local:
