@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from dropvault.flows.settings import Settings
+from dropvault.flows.settings import Settings, for_run
 from dropvault.storage.home import Home
 from dropvault.tasks.beacons import (
     DayStats,
@@ -26,8 +26,7 @@ def compile_beacon_stats(
     are set aside under ``late/`` and counted (see :func:`dropvault.tasks.beacons.hold_late_files`).
     Naming the ``day`` recompiles it and replaces its rows.
     """
-    settings = settings or Settings.load()
-    home = home or settings.build_home()
+    settings, home = for_run(home, settings)
     home.catalog.migrate()
     days = [day] if day else pending_days_task(home.beacons)
     published = set() if day else published_days(home.catalog)

@@ -143,6 +143,20 @@ def init() -> None:
     typer.echo(made)
 
 
+@app.command("work-pool")
+@one_line_errors
+def work_pool(
+    name: Annotated[str, typer.Argument(help="The pool's name (prefect.yaml uses dropvault).")] = (
+        "dropvault"
+    ),
+) -> None:
+    """Create (or lock down) the process work pool the deployments run on: no deployment or
+    run can override its command, environment or working directory."""
+    from dropvault.flows.work_pool import ensure_work_pool
+
+    typer.echo(f"work pool {name}: {ensure_work_pool(name)}")
+
+
 @app.command("rotate-kek")
 @one_line_errors
 def rotate_kek() -> None:

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from dropvault.flows.ingest import Progress
-from dropvault.flows.settings import Settings
+from dropvault.flows.settings import Settings, for_run
 from dropvault.storage.errors import TerminalError
 from dropvault.storage.home import Home
 from dropvault.tasks.deletion import (
@@ -51,8 +51,7 @@ def deletion_sweep(
 
     ``progress(done, total)`` is called after each batch with requests handled so far.
     """
-    settings = settings or Settings.load()
-    home = home or settings.build_home()
+    settings, home = for_run(home, settings)
     home.catalog.migrate()
     logger = get_run_logger()
     now = datetime.now(UTC)

@@ -20,7 +20,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
 
-from dropvault.flows.settings import Settings
+from dropvault.flows.settings import Settings, for_run
 from dropvault.storage.home import Home
 from dropvault.tasks.drop_rekey import rekey_drops_task
 from dropvault.tasks.drops import Drop, DropFile, in_shard, parse_shard, scan_drops_task
@@ -59,8 +59,7 @@ def ingest_drops(
     """
     if shard is not None:
         parse_shard(shard)  # a bad value fails before any work
-    settings = settings or Settings.load()
-    home = home or settings.build_home()
+    settings, home = for_run(home, settings)
     logger = get_run_logger()
     started = time.perf_counter()
     home.catalog.migrate()
@@ -176,8 +175,7 @@ def reconcile_vault(
 ) -> ReconcileStats:
     """Remove vault and quarantine objects that have no catalog row: pending records of
     stopped batches first, then a full listing, a group of top-level folders at a time."""
-    settings = settings or Settings.load()
-    home = home or settings.build_home()
+    settings, home = for_run(home, settings)
     home.catalog.migrate()
     grace = settings.orphan_grace_seconds if min_age_seconds is None else min_age_seconds
     stats = reconcile_vault_task(home, grace)

@@ -542,6 +542,26 @@ class Settings(BaseSettings):
         )
 
 
+class ParameterRefused(TerminalError, ValueError):
+    """A deployment run was given a home or settings as a parameter."""
+
+
+def for_run(home: Home | None, settings: Settings | None) -> tuple[Settings, Home]:
+    """The settings and home a flow run uses. Called in process (a notebook, a test), a
+    flow takes them as arguments; a deployment run takes them from its worker's environment
+    only, so a Prefect API user cannot point a scheduled flow at other locations or keys
+    with a run parameter (README, "Deploying")."""
+    from prefect.runtime import deployment
+
+    if deployment.id is not None and (home is not None or settings is not None):
+        raise ParameterRefused(
+            "a deployment run takes its home and settings from the worker's environment,"
+            " not from run parameters"
+        )
+    settings = settings or Settings.load()
+    return settings, home or settings.build_home()
+
+
 def quiet_prefect_defaults() -> None:
     """Defaults for running flows from the CLI with no server: no telemetry, quiet logs.
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dropvault.flows.settings import Settings
+from dropvault.flows.settings import Settings, for_run
 from dropvault.storage.home import Home
 from dropvault.tasks.deletion import tombstoned
 from dropvault.tasks.incidents import (
@@ -31,8 +31,7 @@ def apply_share_manifests(
     home: Home | None = None, settings: Settings | None = None, dry_run: bool = False
 ) -> ShareResult:
     """Apply every pending share manifest; with ``dry_run`` report the diff and change nothing."""
-    settings = settings or Settings.load()
-    home = home or settings.build_home()
+    settings, home = for_run(home, settings)
     home.catalog.migrate()
     names, rows = read_pending_task(home.manifests, "shares")
     now = datetime.now(UTC)
@@ -68,8 +67,7 @@ def report_wrong_access(
     :func:`~dropvault.tasks.incidents.file_incident_request` (the CLI's ``incident`` does
     both), so the study's UID is never a parameter Prefect stores. The worksheet goes to
     ``{manifests}/incidents/{incident_id}.md``; the artifact holds only counts and dates."""
-    settings = settings or Settings.load()
-    home = home or settings.build_home()
+    settings, home = for_run(home, settings)
     home.catalog.migrate()
     now = datetime.now(UTC)
     user, study_uid, reported_at = read_incident_request(home.manifests, request)

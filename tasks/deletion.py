@@ -329,10 +329,11 @@ class _Sweep:
         return objects, studies
 
     def _claim_quarantined(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Tie to each study the quarantined files whose bytes name it, one of its series
-        or instances (a damaged copy whose study UID no parse could read), so they go with
-        it; and tombstone its series and instance UIDs, so a damaged copy arriving later
-        is refused as a whole one is."""
+        """Tie to each study the quarantined files whose bytes claim it or one of its
+        instances as their own (a damaged copy whose study UID no parse could read), so
+        they go with it; and tombstone its instance UIDs, so a damaged copy arriving later
+        is refused as a whole one is. Series UIDs are not matched: a file's series claim is
+        no proof of identity, and one shared by another study's file would take it."""
         pepper = self.home.pepper
         keyed = {self.keys[s]: s for s in self.to_delete}
         for study, series, sop in con.execute(
@@ -340,7 +341,6 @@ class _Sweep:
             " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
             [self.to_delete],
         ).fetchall():
-            keyed.setdefault(study_key(pepper, series), study)
             keyed.setdefault(study_key(pepper, sop), study)
             self.members.setdefault(study, []).extend((series, sop))
         con.register(

@@ -303,6 +303,7 @@ class _Batch:
         self.to_remove: list[str] = []
         self.to_quarantine: list[tuple[_Read, QuarantineReason, str, str | None]] = []
         self.uid_keys: dict[str, set[str]] = {}  # quarantine id -> keyed UIDs its bytes name
+        self.late: list[Quarantined] = []  # copies of a study deleted since stage 2
         self.study_keys: dict[str, str] = {}  # study UID -> record key id
         self.new_studies: dict[str, dict[str, Any]] = {}
         self.instance_rows: list[dict[str, Any]] = []
@@ -470,7 +471,7 @@ class _Batch:
             with self.open_source(item) as src:
                 hint = study_uid_hint(src.read(HINT_BYTES))
                 src.seek(0)
-                return hint, uids_named(src, self.max_file_bytes)
+                return hint, uids_named(src)
         except OSError:
             return None, set()  # gone or unreadable now: quarantined without a hint
 
@@ -488,15 +489,9 @@ class _Batch:
             sorted({h.study_uid for h in headers}),
             [r.quarantine_id for r in reads] + [u[2] for u in self.unreadable],
         )
-        # A file bearing a deleted instance's or series' UID is a copy of it, whatever
-        # study UID it claims now.
-        copy_keys = {
-            h.sop_instance_uid: {
-                study_key(pepper, h.sop_instance_uid),
-                study_key(pepper, h.series_uid),
-            }
-            for h in headers
-        }
+        # A file bearing a deleted instance's UID is a copy of it, whatever study UID it
+        # claims now.
+        copy_keys = {h.sop_instance_uid: {study_key(pepper, h.sop_instance_uid)} for h in headers}
         deleted_keys = _deleted_uid_keys(
             self.home.catalog, set().union(*uid_keys, *copy_keys.values())
         )
@@ -531,7 +526,7 @@ class _Batch:
                 # Its UIDs, keyed: deletion of the study it claims to be a copy of takes it.
                 self.uid_keys[item.quarantine_id] = {
                     study_key(self.home.pepper, u)
-                    for u in (header.study_uid, header.series_uid, header.sop_instance_uid)
+                    for u in (header.study_uid, header.sop_instance_uid)
                 }
                 self.quarantine(
                     item,
@@ -643,6 +638,11 @@ class _Batch:
     def commit(self, con: duckdb.DuckDBPyConnection) -> set[str]:
         """Catalog the batch; returns the UIDs left out (raced or deleted meanwhile)."""
         taken = self._taken(con)
+        self.late = self._deleted_meanwhile(con)
+        late = {q.quarantine_id for q in self.late}
+        quarantined = [
+            self._as_shredded(q) if q.quarantine_id in late else q for q in self.quarantined
+        ]
         keep = [r for r in self.instance_rows if r["sop_instance_uid"] not in taken]
         keep_ids = {r["object_id"] for r in keep}
         # Bump the studies we add to: a sweep marking one of them conflicts with this
@@ -663,15 +663,15 @@ class _Batch:
         insert_rows(con, "studies", list(self.new_studies.values()), ignore_existing=True)
         insert_rows(con, "objects", [o for o in self.object_rows if o["object_id"] in keep_ids])
         insert_rows(con, "instances", keep)
-        stored = [q.object_row for q in self.quarantined if q.object_row is not None]
+        stored = [q.object_row for q in quarantined if q.object_row is not None]
         insert_rows(con, "objects", stored, ignore_existing=True)
-        insert_rows(con, "quarantine", [q.row for q in self.quarantined], ignore_existing=True)
+        insert_rows(con, "quarantine", [q.row for q in quarantined], ignore_existing=True)
         insert_rows(
             con,
             "quarantine_uids",
             [
                 {"quarantine_id": q.quarantine_id, "uid_key": k}
-                for q in self.quarantined
+                for q in quarantined
                 if q.object_row is not None
                 for k in sorted(self.uid_keys.get(q.quarantine_id, ()))
             ],
@@ -680,6 +680,60 @@ class _Batch:
         _fault("mid_commit")
         self._audit(con, len(keep), len(taken))
         return taken
+
+    def _deleted_meanwhile(self, con: duckdb.DuckDBPyConnection) -> list[Quarantined]:
+        """Re-checked inside the transaction: quarantined copies (stored since stage 2) of a
+        study its owner deleted meanwhile; they are recorded shredded, not stored."""
+        pepper = self.home.pepper
+        keys_of = {
+            q.quarantine_id: self.uid_keys.get(q.quarantine_id, set())
+            | ({study_key(pepper, q.row["study_uid"])} if q.row["study_uid"] else set())
+            for q in self.quarantined
+            if q.object_row is not None
+        }
+        wanted = sorted(set().union(*keys_of.values()))
+        if not wanted:
+            return []
+        hit = {
+            row[0]
+            for row in con.execute(
+                "SELECT study_key FROM tombstones WHERE study_key IN (SELECT unnest(?::VARCHAR[]))"
+                " UNION SELECT uid_key FROM tombstone_uids"
+                " WHERE uid_key IN (SELECT unnest(?::VARCHAR[]))",
+                [wanted, wanted],
+            ).fetchall()
+        }
+        return [q for q in self.quarantined if keys_of.get(q.quarantine_id, set()) & hit]
+
+    def _as_shredded(self, q: Quarantined) -> Quarantined:
+        return quarantine_shredded(
+            self.home,
+            facility_id=q.row["facility_id"],
+            drop_id=q.row["drop_id"],
+            qid=q.quarantine_id,
+            size=q.row["size_bytes"],
+            sha256=q.row["sha256"],
+            now=self.now,
+        )
+
+    def shred_late(self) -> None:
+        """After the commit: the copies :meth:`_deleted_meanwhile` found lose their key and
+        their bytes (a run stopped before this leaves objects no row names, which the
+        pending record's reconcile deletes), and count as ``deleted_by_owner``."""
+        if not self.late:
+            return
+        stored = [(q, q.object_row) for q in self.late if q.object_row is not None]
+        self.home.keystore.destroy(sorted({str(o["record_key_id"]) for _, o in stored}))
+        for q, obj in stored:
+            name = str(obj["name"])
+            self.home.quarantine.delete(name)
+            self.home.quarantine.delete(name[: -len(".dvlt")] + ".json")
+            self.stats.quarantined[q.reason] -= 1
+            if self.stats.quarantined[q.reason] <= 0:
+                del self.stats.quarantined[q.reason]
+            self.stats.quarantined[QuarantineReason.DELETED_BY_OWNER] += 1
+            key = f"{q.row['facility_id']}/{q.row['drop_id']}"
+            self.stats.drops.setdefault(key, DropCounts()).shredded += 1
 
     def _taken(self, con: duckdb.DuckDBPyConnection) -> set[str]:
         """Re-checked inside the transaction: UIDs a concurrent run cataloged since stage 2,
@@ -743,6 +797,7 @@ class _Batch:
         for name in self.written:
             if name not in cataloged:  # raced, failed its read-back, or its source changed
                 self.vault.location.delete(name)
+        self.shred_late()
         clear_pending(self.home, self.pending)
         for row in committed:
             item = self.source_of[row["object_id"]]

@@ -24,7 +24,14 @@ from dropvault.storage.catalog import Catalog
 from dropvault.storage.errors import TerminalError
 from dropvault.storage.keystore import Keystore
 from dropvault.storage.locations import Location, is_file_problem, is_safe_name
-from dropvault.tasks.phi import REDACTED, quotes_any, redact, redact_quotes, study_quotes
+from dropvault.tasks.phi import (
+    REDACTED,
+    quoted_uids,
+    quotes_any,
+    redact,
+    redact_quotes,
+    study_quotes,
+)
 from dropvault.tasks.reasons import RejectReason
 
 log = logging.getLogger(__name__)
@@ -404,7 +411,8 @@ def redact_manifests(
         results = {n for n in names if n.endswith(RESULTS)}
         for name in sorted(set(names) - results):
             text = _decoded(location.read_bytes(name).decode("utf-8", "surrogateescape"))
-            quoted = sorted({q for u, qs in quotes.items() if u in text or u in name for q in qs})
+            named = quoted_uids(text, quotes) | quoted_uids(name, quotes)
+            quoted = sorted({q for u in named for q in quotes[u]})
             new = _renamed(location, name, replacements, quoted)
             changed += _rewrite(location, name, new, replacements, quoted)
             if name + RESULTS in results:
@@ -445,21 +453,22 @@ def _rewrite(
 
 
 def _decoded(text: str) -> str:
-    """``text`` with each JSON line that escapes characters (``\\u0031``) written out as
-    the characters, so a UID or a name spelled with escapes is found, and redacted."""
+    """``text`` with JSON's ``\\uXXXX`` escapes written out as the characters, so a UID or
+    a name spelled with escapes is found, and redacted."""
     if "\\u" not in text:
         return text
-    lines = text.splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if "\\u" not in line:
-            continue
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        end = line[len(line.rstrip("\r\n")) :]
-        lines[i] = json.dumps(doc, ensure_ascii=False) + end
-    return "".join(lines)
+    return _ESCAPE.sub(_unescape, text)
+
+
+_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = int(match.group(1), 16)
+    # Kept escaped: what would break the line's JSON (controls, quote, backslash) or
+    # cannot be UTF-8 (a lone surrogate); none of them spells a UID or a name.
+    keep = code < 0x20 or code in (0x22, 0x5C) or 0xD800 <= code <= 0xDFFF
+    return match.group(0) if keep else chr(code)
 
 
 def _redacted(

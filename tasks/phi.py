@@ -16,6 +16,7 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -116,6 +117,12 @@ def redact_quotes(text: str, quotes: list[str]) -> str:
 def quotes_any(text: str, quoted: list[str]) -> bool:
     """Whether ``text`` quotes any of ``quoted`` (as :func:`redact_quotes` would find)."""
     return redact_quotes(text, quoted) != text
+
+
+def quoted_uids(text: str, uids: Iterable[str]) -> set[str]:
+    """Those of ``uids`` that ``text`` quotes whole (as :func:`redact` would replace)."""
+    wanted = tuple(sorted(set(uids), key=len, reverse=True))
+    return set(_identifiers(wanted).findall(text)) if wanted else set()
 
 
 @functools.lru_cache(maxsize=16)

@@ -12,6 +12,7 @@ import io
 import json
 import random
 import struct
+import subprocess
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -20,18 +21,20 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from dropvault.flows.deletion import deletion_sweep
 from dropvault.flows.ingest import ingest_drops
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
-from dropvault.tasks import samples
+from dropvault.tasks import ingest, samples
 from dropvault.tasks.drop_names import drops_list
 from dropvault.tasks.quarantine import expire_quarantine, quarantine_export
 from tests.conftest import make_home
+from tests.helpers import EXE, cli_env
 
 QUIET = Settings(quiet_seconds=0)
+NOW = datetime.now(UTC).isoformat()
 STUDY_UID_ELEMENT = b"\x20\x00\x0d\x00UI"
 
 
@@ -96,17 +99,16 @@ DAMAGES: dict[str, Callable[[bytes], bytes]] = {
 
 def _readable(blob: bytes) -> bytes:
     """What an attacker reads from a file: its bytes, and a deflated data set inflated
-    (found by trying each offset after the file meta)."""
+    (from every offset after the file meta that inflates at all)."""
     if b"1.2.840.10008.1.2.1.99" not in blob:
         return blob
+    found = [blob]
     for start in range(132, min(len(blob), 600)):
         try:
-            out = zlib.decompressobj(-zlib.MAX_WBITS).decompress(blob[start:])
+            found.append(zlib.decompressobj(-zlib.MAX_WBITS).decompress(blob[start:]))
         except zlib.error:
             continue
-        if len(out) > 64:
-            return blob + out
-    return blob
+    return b"".join(found)
 
 
 def _home_bytes(home: Home, tmp_path: Path) -> list[tuple[str, bytes]]:
@@ -240,3 +242,74 @@ def test_no_quarantined_file_outlives_the_retention(tmp_path: Path) -> None:
     assert audit["n"][0] == 1
     # Kept for ever when the operator says so.
     assert expire_quarantine(home, now + timedelta(days=10_000), 0) == 0
+
+
+@pytest.mark.integration
+def test_a_deletion_between_an_ingests_check_and_its_commit_keeps_no_copy(
+    tmp_path: Path,
+) -> None:
+    """The sweep runs (another process) after an ingest batch checked a damaged and a
+    changed copy against the tombstones, before it commits them."""
+    home, patient, uid, files, first = _study(tmp_path)
+    ds = pydicom.dcmread(io.BytesIO(first))
+    ds.PatientComments = "changed"
+    changed = io.BytesIO()
+    ds.save_as(changed, enforce_file_format=True)
+    folder = f"LATE_{patient.patient_id}"
+    copies = {"cut.dcm": cut_before_study_uid(first), "conflict.dcm": changed.getvalue()}
+    samples.write_drop(home.drops, "fac", folder, copies, manifest=False)
+    row = {"request_id": "d", "owner": "user:ann", "study_uid": uid, "requested_at": NOW}
+    home.manifests.put_bytes("deletions/d.jsonl", (json.dumps(row) + "\n").encode())
+    swept: list[subprocess.CompletedProcess[str]] = []
+
+    def sweep_in_another_process() -> None:
+        if not swept:
+            swept.append(
+                subprocess.run(
+                    [EXE, "sweep"],
+                    env=cli_env(tmp_path / "home"),
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    check=False,
+                )
+            )
+
+    ingest.FAULTS["after_vault_write"] = sweep_in_another_process
+    try:
+        stats = ingest_drops(home=home, settings=QUIET)
+    finally:
+        ingest.FAULTS.pop("after_vault_write", None)
+    assert swept and swept[0].returncode == 0, swept[0].stderr[-2000:]
+    assert dict(stats.quarantined) == {"deleted_by_owner": 2}
+    rows = home.catalog.query("SELECT reason, object_id FROM quarantine")
+    assert rows.values.tolist() == [["deleted_by_owner", ""]] * 2
+    assert home.quarantine.list() == []
+    assert folder not in set(drops_list(home, names=True)["name"].dropna())
+
+
+def test_a_uid_other_files_share_is_no_claim_on_them(tmp_path: Path) -> None:
+    """A deleted study whose series UID is one every file of a writer carries (its
+    implementation class UID) takes no other patient's quarantined file, and refuses
+    none that arrives later."""
+    rng = random.Random(9)
+    home = make_home("file", tmp_path)
+    shared = "1.3.6.1.4.1.5962.2"  # pydicom's ImplementationClassUID, in every sample
+    a_patient, b_patient, c_patient = (samples.make_patient(rng, i) for i in range(3))
+    a_uid = generate_uid()
+    a_files = {
+        f"{i}.dcm": samples.make_instance(a_patient, a_uid, shared, "MR_small.dcm")
+        for i in range(2)
+    }
+    _, b_files = samples.make_study(rng, b_patient, 1, "MR_small.dcm")
+    _, c_files = samples.make_study(rng, c_patient, 1, "MR_small.dcm")
+    b_cut = cut_before_study_uid(next(iter(b_files.values())))
+    assert shared.encode() in b_cut
+    samples.write_drop(home.drops, "fac", "a", a_files, owners={a_uid: "user:ann"})
+    samples.write_drop(home.drops, "fac", "b", {"x.dcm": b_cut}, manifest=False)
+    ingest_drops(home=home, settings=QUIET)
+    _delete(home, a_uid)
+    assert home.catalog.query("SELECT reason FROM quarantine")["reason"].tolist() == ["truncated"]
+    c_cut = cut_before_study_uid(next(iter(c_files.values())))
+    samples.write_drop(home.drops, "fac", "c", {"x.dcm": c_cut}, manifest=False)
+    assert dict(ingest_drops(home=home, settings=QUIET).quarantined) == {"truncated": 1}

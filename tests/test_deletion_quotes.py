@@ -48,11 +48,11 @@ def _leaks(home: Home, tmp_path: Path, needles: dict[str, str]) -> list[str]:
     return found
 
 
-def _share(request_id: str, uid: str, **extra: str) -> dict[str, str]:
+def _share(request_id: str, uid: str, owner: str = "user:ann", **extra: str) -> dict[str, str]:
     return {
         "request_id": request_id,
         "action": "share",
-        "owner": "user:ann",
+        "owner": owner,
         "grantee": "dr:" + request_id,
         "study_uid": uid,
         "requested_at": NOW,
@@ -174,3 +174,35 @@ def test_a_changed_copy_filed_under_a_live_study_goes_with_the_deleted_one(
     live = home.catalog.query("SELECT study_uid FROM studies")["study_uid"].tolist()
     assert live == [b_uid]
     assert _leaks(home, tmp_path, {"A's patient": PATIENT.patient_id, "A": a_uid}) == []
+
+
+def test_a_deletion_leaves_other_patients_text_alone_and_odd_rows_do_not_stop_it(
+    tmp_path: Path,
+) -> None:
+    home = make_home("file", tmp_path)
+    lee_a = samples.Patient(patient_id="MRN11112222", name="LEE^ANN", birth_date="19600101")
+    lee_b = samples.Patient(patient_id="MRN33334444", name="LEE^ANN", birth_date="19700101")
+    a_uid = "1.2.826.0.1.3680043.8.498.4242"
+    b_uid = a_uid + "1"  # another study, whose UID the deleted one prefixes
+    a_files = {"a.dcm": samples.make_instance(lee_a, a_uid, a_uid + ".1", "MR_small.dcm")}
+    b_files = {"b.dcm": samples.make_instance(lee_b, b_uid, b_uid + ".1", "MR_small.dcm")}
+    samples.write_drop(home.drops, "fac", "a", a_files, owners={a_uid: "user:ann"})
+    samples.write_drop(home.drops, "fac", "b", b_files, owners={b_uid: "user:bob"})
+    ingest_drops(home=home, settings=QUIET)
+    bob = _share("b1", b_uid, owner="user:bob", purpose="second opinion for LEE ANN")
+    home.manifests.put_bytes("shares/bob-ann-lee.jsonl", _lines(bob))
+    # A lone surrogate escaped in a row of the owner's manifest: refused, archived as is.
+    odd = '{"request_id": "a2", "purpose": "\\ud800", "study_uid": "' + a_uid + '"}\n'
+    home.manifests.put_bytes("shares/a.jsonl", _lines(_share("a1", a_uid)) + odd.encode())
+    apply_share_manifests(home=home)
+    kept = home.manifests.read_bytes("shares/processed/bob-ann-lee.jsonl")
+    deletion = {"request_id": "d", "owner": "user:ann", "study_uid": a_uid, "requested_at": NOW}
+    home.manifests.put_bytes("deletions/d.jsonl", _lines(deletion))
+    summary = deletion_sweep(home=home, settings=QUIET).summary()
+    assert summary["studies_deleted"] == 1 and summary["all_verified"]
+    assert home.manifests.read_bytes("shares/processed/bob-ann-lee.jsonl") == kept
+    purpose = home.catalog.query(
+        "SELECT purpose, outcome FROM share_requests WHERE request_id = 'b1'"
+    )
+    assert purpose.values.tolist() == [["second opinion for LEE ANN", "applied"]]
+    assert a_uid.encode() not in home.manifests.read_bytes("shares/processed/a.jsonl")

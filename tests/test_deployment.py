@@ -15,6 +15,7 @@ import yaml
 from dropvault.storage.catalog import Catalog
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
+from tests.helpers import EXE
 from tests.prefect_server import PREFECT, prefect_server
 
 pytestmark = pytest.mark.integration
@@ -72,7 +73,8 @@ def test_deploy_and_run_ingest_on_a_worker(server: dict[str, str], tmp_path: Pat
     uid, files = samples.make_study(rng, samples.make_patient(rng, 1), 3, "CT_small.dcm")
     samples.write_drop(home.drops, "fac-deploy", "d1", files)
     env = {**server, "DROPVAULT_HOME": str(home_dir)}
-    run(env, "work-pool", "create", "dropvault", "--type", "process")
+    made = subprocess.run([EXE, "work-pool"], env=env, capture_output=True, text=True, check=True)
+    assert "work pool dropvault: created" in made.stdout
     run(server, "--no-prompt", "deploy", "--all")  # no dropvault setting where it deploys
     out = run(env, "deployment", "run", "ingest-drops/ingest-drops")
     assert "ingest-drops" in out
@@ -86,3 +88,28 @@ def test_deploy_and_run_ingest_on_a_worker(server: dict[str, str], tmp_path: Pat
     )["n"][0]
     assert n == 3
     assert home.drops.list() == []
+
+    # A Prefect API user cannot run another command on the worker (one printing its
+    # environment, with the keys), nor point a flow at other locations.
+    leak = tmp_path / "env.txt"
+    refused = subprocess.run(
+        [PREFECT, "deployment", "run", "reconcile-vault/reconcile-vault", "--job-variable",
+         f'command=sh -c "env > {leak}"'],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "command" in refused.stdout + refused.stderr
+    elsewhere = tmp_path / "elsewhere"
+    samples.write_drop(Home.init(elsewhere).drops, "fac", "d9", files)
+    run(
+        env, "deployment", "run", "ingest-drops/ingest-drops", "--param",
+        f'settings={{"home": "{elsewhere}", "drops_url": "{(elsewhere / "drops").as_uri()}"}}',
+    )  # fmt: skip
+    run(env, "worker", "start", "--pool", "dropvault", "--run-once", timeout=300)
+    runs = httpx.post(
+        f"{env['PREFECT_API_URL']}/flow_runs/filter",
+        json={"limit": 5, "sort": "EXPECTED_START_TIME_DESC"},
+        timeout=10,
+    ).json()
+    assert runs[0]["state_type"] == "FAILED"
+    assert not leak.exists()
+    assert len(Home.local(elsewhere).drops.list()) == 4  # untouched: three images, manifest

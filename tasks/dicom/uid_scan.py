@@ -2,10 +2,11 @@
 
 A damaged copy of a study's image (cut short, a bad header, no preamble, an element of
 VR UN, a UID past the first MiB, a deflated data set) cannot be parsed, yet it still
-names the study, its series or the instance, and still carries the patient's name. Its
-quarantined copy must go when the study is deleted, so ingest records keyed hashes of
-every UID its bytes hold (``quarantine_uids``), and deletion matches them. UID values
-are ASCII in every transfer syntax except the deflated one, which is inflated here too.
+names the study or the instance, and still carries the patient's name. Its quarantined
+copy must go when the study is deleted, so ingest records keyed hashes of the UIDs its
+bytes claim as its own (``quarantine_uids``), found by their element headers, and
+deletion matches them. UID values are ASCII in every transfer syntax except the deflated
+one, which is inflated here too.
 """
 
 from __future__ import annotations
@@ -19,19 +20,40 @@ from typing import IO
 from pydicom.uid import UID
 
 MAX_UIDS = 1024  # a file naming more is hostile or not DICOM; the first ones suffice
+# How far into a file (and into its inflated data set) the UIDs are looked for: the
+# header that names them comes before the pixel data; a deflate bomb stops here.
+SCAN_BYTES = 64 << 20
 MAX_UID_LEN = 64
 CHUNK = 1 << 20
-_RUN = re.compile(rb"[0-9.]+")
-_TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)+")
+OVERLAP = 96  # an element header and a whole UID value: what a chunk's end may cut
 # Transfer syntaxes, SOP classes and the like: DICOM's own root, never a study's UID.
 DICOM_ROOT = "1.2.840.10008."
 DEFLATED = b"1.2.840.10008.1.2.1.99"
 _LONG_VR = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
+# The elements by which a file says which study and instance it is: only a UID found as
+# one of these counts (an implementation, frame of reference or referenced UID is shared
+# by other files, and matching it would take other patients' files).
+IDENTITY_TAGS = {
+    (0x0002, 0x0003): "MediaStorageSOPInstanceUID",
+    (0x0008, 0x0018): "SOPInstanceUID",
+    (0x0020, 0x000D): "StudyInstanceUID",
+}
+# A lookahead: a big-endian tag may overlap a little-endian one by a byte.
+_TAG = re.compile(
+    b"(?=(?:"
+    + b"|".join(
+        re.escape(struct.pack(order, g, e)) for g, e in IDENTITY_TAGS for order in ("<HH", ">HH")
+    )
+    + b"))"
+)
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)+")
 
 
-def uids_named(src: IO[bytes], max_bytes: int) -> set[str]:
-    """Every valid UID (outside DICOM's own root) in the first ``max_bytes`` of ``src``,
-    and in its inflated data set when it is deflated; at most :data:`MAX_UIDS`."""
+def uids_named(src: IO[bytes], max_bytes: int = SCAN_BYTES) -> set[str]:
+    """The study and instance UIDs the file's bytes claim as its own (values of
+    :data:`IDENTITY_TAGS` in explicit or implicit VR, little or big endian, or as VR UN),
+    in its first ``max_bytes`` and in its inflated data set when it is deflated; at most
+    :data:`MAX_UIDS`."""
     found: set[str] = set()
     head = bytearray()
 
@@ -43,45 +65,56 @@ def uids_named(src: IO[bytes], max_bytes: int) -> set[str]:
                 head.extend(data[: CHUNK - len(head)])
             yield data
 
-    _collect(_runs(reads()), found)
+    _collect(reads(), found)
     start = _meta_end(bytes(head)) if DEFLATED in head else None
     if start is not None and len(found) < MAX_UIDS:
         try:
             src.seek(start)
         except (OSError, ValueError):
             return found
-        _collect(_runs(_inflated(src, max_bytes)), found)
+        _collect(_inflated(src, max_bytes), found)
     return found
 
 
-def _runs(parts: Iterator[bytes]) -> Iterator[bytes]:
-    """Runs of UID characters across chunk boundaries (a run cut by a chunk's end is
-    carried into the next; a run longer than a UID is no UID and is cut short)."""
-    carry = b""
+def _collect(parts: Iterator[bytes], found: set[str]) -> None:
+    """Identity UIDs in a stream of chunks (each scanned with the end of the one before,
+    so an element cut by a chunk's end is still read)."""
+    tail = b""
     for part in parts:
-        data = carry + part
-        runs = _RUN.findall(data)
-        carry = b""
-        if runs and data.endswith(runs[-1]):
-            carry = runs.pop()[-(MAX_UID_LEN + 1) :]
-        yield from runs
-    if carry:
-        yield carry
-
-
-def _collect(runs: Iterator[bytes], found: set[str]) -> None:
-    for run in runs:
-        if len(run) < 3:
-            continue
-        for token in _TOKEN.findall(run.decode("ascii")):
-            if (
-                len(token) <= MAX_UID_LEN
-                and not token.startswith(DICOM_ROOT)
-                and UID(token).is_valid
-            ):
-                found.add(token)
+        data = tail + part
+        for match in _TAG.finditer(data):
+            value = _value_after(data, match.start() + 4)
+            if value is not None:
+                found.add(value)
                 if len(found) >= MAX_UIDS:
                     return
+        tail = data[-OVERLAP:]
+
+
+def _value_after(data: bytes, at: int) -> str | None:
+    """The UID an element header starting right before ``at`` holds, if any: explicit VR
+    ``UI``/``UN`` (either byte order) or implicit VR (a 4-byte length)."""
+    header = data[at : at + 8]
+    candidates = []
+    if header[:2] == b"UI":
+        candidates += [(2, 2, "<H"), (2, 2, ">H")]
+    if header[:4] == b"UN\0\0":
+        candidates += [(4, 4, "<I"), (4, 4, ">I")]
+    candidates += [(0, 4, "<I"), (0, 4, ">I")]
+    for skip, size, fmt in candidates:
+        if len(data) < at + skip + size:
+            continue
+        length = struct.unpack_from(fmt, data, at + skip)[0]
+        if not 0 < length <= MAX_UID_LEN:
+            continue
+        start = at + skip + size
+        raw = data[start : start + length]
+        if len(raw) < length:
+            continue
+        text = raw.rstrip(b"\0 ").decode("ascii", "replace")
+        if _UID.fullmatch(text) and not text.startswith(DICOM_ROOT) and UID(text).is_valid:
+            return text
+    return None
 
 
 def _inflated(src: IO[bytes], max_bytes: int) -> Iterator[bytes]:

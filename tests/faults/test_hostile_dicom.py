@@ -77,7 +77,7 @@ def test_hostile_drop_quarantines_each_file_and_commits_the_good_ones(tmp_path: 
     samples.write_drop(home.drops, "fac", "hostile", files)
     started = time.perf_counter()
     stats = ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
-    assert time.perf_counter() - started < 120
+    assert time.perf_counter() - started < 300  # a hang, not speed: CI machines are shared
     assert stats.ingested == 3
     assert home.catalog.query("SELECT DISTINCT study_uid FROM instances")["study_uid"].tolist() == [
         study_uid
