@@ -40,6 +40,20 @@ class DeletionIntakeFailed(TerminalError, RuntimeError):
     carried out, and the new manifests stay in place for the next sweep."""
 
 
+def _compact_and_prove(home: Home, resumed: int) -> str:
+    """Compact the catalog, then scan it for every UID not yet proven gone (this run's, and
+    any an earlier or killed run left, kept sealed in deletion_scans until a scan passes)."""
+    needles, scan_keys, scan_requests = open_scan_needles(home)
+    try:
+        compacted = compact_catalog_task(home.catalog, needles, resumed=resumed)
+    except CatalogScanFailed:
+        # Not proven: not verified, and the next sweep compacts and scans again.
+        mark_unverified(home.catalog, scan_requests, "catalog_scan")
+        raise
+    verify_scanned(home, scan_keys, datetime.now(UTC))
+    return compacted
+
+
 @flow(name="deletion-sweep", validate_parameters=False)
 def deletion_sweep(
     home: Home | None = None,
@@ -86,16 +100,7 @@ def deletion_sweep(
     result.quarantine_expired = expire_quarantine_task(
         home, now, settings.quarantine_retention_days
     )
-    # Every UID not yet proven gone (this run's, and any an earlier or killed run left),
-    # kept sealed in deletion_scans until this scan passes.
-    needles, scan_keys, scan_requests = open_scan_needles(home)
-    try:
-        result.compacted = compact_catalog_task(home.catalog, needles, resumed=result.resumed)
-    except CatalogScanFailed:
-        # Not proven: not verified, and the next sweep compacts and scans again.
-        mark_unverified(home.catalog, scan_requests, "catalog_scan")
-        raise
-    verify_scanned(home, scan_keys, datetime.now(UTC))
+    result.compacted = _compact_and_prove(home, result.resumed)
     sla = deletion_sla(home.catalog, settings.deletion_at_risk_hours)
     result.sla = {str(k): int(v) for k, v in sla["sla_state"].value_counts().items()}
     create_table_artifact(

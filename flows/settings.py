@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import configparser
 import functools
 import os
 import re
@@ -68,6 +69,35 @@ def _prefect_server() -> bool:
     from prefect.settings import PREFECT_API_URL
 
     return bool(PREFECT_API_URL.value())
+
+
+def _profile_endpoints() -> list[tuple[str, str]]:
+    """``(where, endpoint)`` of every ``endpoint_url`` the active AWS profile sets in the
+    shared config file (botocore uses them as it does AWS_ENDPOINT_URL): at the profile's
+    level, under its ``s3``/``kms`` keys, or in the ``services`` section it names."""
+    if (os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") or "").lower() == "true":
+        return []
+    path = Path(os.environ.get("AWS_CONFIG_FILE") or Path.home() / ".aws" / "config")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, configparser.Error):
+        return []  # none, or not one botocore could read either
+    profile = os.environ.get("AWS_PROFILE") or "default"
+    sections = [s for s in (profile, f"profile {profile}") if parser.has_section(s)]
+    for section in list(sections):
+        service = parser.get(section, "services", fallback="")
+        if service and parser.has_section(f"services {service}"):
+            sections.append(f"services {service}")
+    found = []
+    for section in sections:
+        for key, value in parser.items(section):
+            text = f"{key} = {value}" if key == "endpoint_url" else value
+            for line in text.splitlines():
+                name, _, url = line.partition("=")
+                if name.strip() == "endpoint_url" and url.strip():
+                    found.append((f"{path.name} [{section}] {key}", url.strip()))
+    return found
 
 
 def _check_url(value: str | None, name: str) -> str | None:
@@ -228,9 +258,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys(self) -> Settings:
         # botocore reads these itself: the same TLS rule as DROPVAULT_S3_ENDPOINT_URL.
-        for name in AWS_ENDPOINT_VARIABLES:
+        endpoints = [(name, os.environ.get(name) or None) for name in AWS_ENDPOINT_VARIABLES]
+        for name, value in endpoints + _profile_endpoints():
             try:
-                check_endpoint_tls(os.environ.get(name) or None)
+                check_endpoint_tls(value)
             except InsecureEndpointError as exc:
                 raise SettingsError(f"{name}: {exc}") from exc
         _decode_key(self.kek, "DROPVAULT_KEK")

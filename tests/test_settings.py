@@ -79,3 +79,34 @@ def test_runs_without_a_prefect_server_take_no_catalog_write_slot(
     with temporary_settings(updates={PREFECT_API_URL: None}):
         embedded = Settings.load().build_home()
     assert embedded.catalog.write_guard is None
+
+
+@pytest.mark.parametrize(
+    ("config", "refused"),
+    [
+        ("[profile lab]\nendpoint_url = http://s3.example.org\n", True),
+        ("[profile lab]\ns3 =\n  endpoint_url = http://s3.example.org\n", True),
+        (
+            "[profile lab]\nservices = mine\n[services mine]\ns3 =\n"
+            "  endpoint_url = http://s3.example.org\n",
+            True,
+        ),
+        ("[profile lab]\ns3 =\n  endpoint_url = https://s3.example.org\n", False),
+        ("[profile lab]\nendpoint_url = http://127.0.0.1:9000\n", False),
+        ("[profile other]\nendpoint_url = http://s3.example.org\n", False),
+    ],
+)
+def test_an_aws_profile_endpoint_follows_the_same_tls_rule(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config: str, refused: bool
+) -> None:
+    """botocore takes endpoint_url from the shared config file as from AWS_ENDPOINT_URL."""
+    (tmp_path / "config").write_text(config)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    if not refused:
+        Settings.load()
+        return
+    with pytest.raises(SettingsError, match=r"config \[.*(lab|mine).*must use https"):
+        Settings.load()
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")  # botocore skips it too
+    Settings.load()
