@@ -2,12 +2,18 @@
 
 A process pool whose base job template takes no job variable but a run's name and labels:
 the command, the environment and the working directory are fixed in the template, and the
-variables schema refuses any other key (``additionalProperties: false``), so neither a
-deployment nor a run created through Prefect's API or UI can run another command (one that
-prints the worker's environment, with its keys) or point a flow at other locations. Each
-flow run inherits the worker's own environment. Prefect's open-source server has no roles:
-anyone who can reach its API can also edit the pool, so the API itself must be closed
-(README, "Deploying": ``PREFECT_SERVER_API_AUTH_STRING`` or an authenticating proxy).
+variables schema refuses any other key (``additionalProperties: false``), so no deployment or
+run sets another command or environment through job variables, and a run cannot point a
+flow at other locations (``for_run``). Each flow run inherits the worker's own environment.
+
+What it cannot stop: a deployment's *pull steps*. Prefect's process worker resolves each
+flow run's flow in its own process (``prefect/workers/process.py`` passes
+``load_flow_from_flow_run``), which runs the deployment's pull steps, so a Prefect API user
+who creates a deployment on this pool with a ``run_shell_script`` step runs a command with
+the worker's environment, keys included. Prefect's open-source server has no roles (anyone
+who reaches its API can also edit the pool), so the API itself must be closed (README,
+"Deploying": ``PREFECT_SERVER_API_AUTH_STRING``, an authenticating proxy, a private
+network), and a key file or KMS is better than a KEK in the worker's environment.
 """
 
 from __future__ import annotations

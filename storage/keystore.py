@@ -180,6 +180,51 @@ def kek_id(kek: bytes) -> str:
     return hashlib.sha256(b"dropvault-kek-id\x00" + kek).hexdigest()[:16]
 
 
+def _settle_pending(directory: Path) -> None:
+    """A ``kek.key.new`` a rotation left: promoted when its re-wrap committed, else removed.
+
+    Decided under the keystore's write lock. A rotation writes the file inside its own
+    transaction (:meth:`Keystore.rotate_local`), so while this holds the lock no rotation is
+    between writing the file and committing: the file is either committed or abandoned."""
+    pending = directory / "kek.key.new"
+    store_file = directory / Keystore.FILE
+    if not pending.exists() or not store_file.exists():
+        return
+    with closing(sqlite3.connect(store_file, timeout=60, isolation_level=None)) as con:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            if not pending.exists():
+                return  # another process settled it meanwhile
+            new = load_secret(pending)
+            try:
+                row = con.execute(
+                    "SELECT value FROM keystore_meta WHERE name = 'kek_id'"
+                ).fetchone()
+                sample = con.execute(
+                    "SELECT wrapped FROM record_keys WHERE destroyed_at IS NULL LIMIT 1"
+                ).fetchone()
+            except sqlite3.OperationalError:
+                row = sample = None  # an empty or older keystore
+            if row is not None:
+                committed = row[0] == kek_id(new)
+            else:  # rotated before keystore_meta recorded the KEK: the keys tell
+                committed = sample is not None and _unwraps(new, sample[0])
+            if committed:
+                pending.replace(directory / "kek.key")
+            else:
+                pending.unlink()
+        finally:
+            con.execute("COMMIT")
+
+
+def _unwraps(kek: bytes, wrapped: bytes) -> bool:
+    try:
+        aes_key_unwrap(kek, wrapped)
+    except InvalidUnwrap:
+        return False
+    return True
+
+
 def _key_file(directory: Path, want: str) -> bytes | None:
     """The KEK with id ``want`` from the key files (a rotation's new file first)."""
     for name in ("kek.key.new", "kek.key"):
@@ -319,20 +364,7 @@ class Keystore:
                     f"the keystore holds {live} record keys but {directory.name}/kek.key is"
                     " missing: restore the key file or set DROPVAULT_KEK"
                 )
-        pending = directory / "kek.key.new"
-        if pending.exists():
-            try:
-                store = cls(directory, load_secret(pending), create=create)
-                with store._connect() as con:
-                    used = con.execute(
-                        "SELECT count(*) FROM record_keys WHERE kek_id = ?", (store.kek_id,)
-                    ).fetchone()[0]
-            except WrongKEKError:
-                used = 0  # the rotation stopped before its commit: the old KEK still rules
-            if used:
-                pending.replace(directory / "kek.key")
-            else:
-                pending.unlink()
+        _settle_pending(directory)
         try:
             kek = load_secret(directory / "kek.key")
         except FileNotFoundError:
@@ -491,7 +523,7 @@ class Keystore:
             row = con.execute("SELECT value FROM keystore_meta WHERE name = 'kek_check'").fetchone()
         return None if row is None else str(row[0])
 
-    def rotate(self, new_kek: bytes) -> int:
+    def rotate(self, new_kek: bytes, prepare: Callable[[], None] | None = None) -> int:
         """Re-wrap every live record key under ``new_kek``. Returns how many were re-wrapped.
 
         All in one transaction, with the record of the new KEK: a failure leaves every
@@ -504,6 +536,8 @@ class Keystore:
         new_id = kek_id(new_kek)
         with self._connect() as con:
             rows = self._live_rows(con)
+            if prepare is not None:
+                prepare()  # under the write lock (rotate_local writes kek.key.new here)
             for key_id, wrapped in rows:
                 try:
                     key = aes_key_unwrap(self._kek, wrapped)
@@ -532,9 +566,20 @@ class Keystore:
             # An earlier rotation stopped: finish it (its commit happened) or drop it.
             self._kek = Keystore.local(self.directory)._kek
         new_kek = secrets.token_bytes(KEY_BYTES)
-        write_secret_file(pending, new_kek)
-        _fault("after_new_file")
-        count = self.rotate(new_kek)
+
+        def write_new() -> None:
+            # Inside the re-wrap's transaction: a start settling a leftover kek.key.new
+            # (_settle_pending) takes the same lock, so it never sees this file before its
+            # keys are committed, and never removes it.
+            write_secret_file(pending, new_kek)
+            _fault("after_new_file")
+
+        count = self.rotate(new_kek, prepare=write_new)
         _fault("after_commit")
-        pending.replace(self.directory / "kek.key")
+        try:
+            pending.replace(self.directory / "kek.key")
+        except FileNotFoundError:
+            # A start promoted it first (it was committed): kek.key holds it already.
+            if _key_file(self.directory, kek_id(new_kek)) is None:
+                raise
         return count

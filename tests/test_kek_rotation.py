@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from pydantic import SecretStr
 
 from dropvault.flows.ingest import ingest_drops
 from dropvault.flows.settings import Settings
+from dropvault.storage import keystore
 from dropvault.storage.home import Home, HomeRecord
 from dropvault.storage.keystore import KEKRotatedError, Keystore
 from dropvault.storage.vault import decrypt_segments, encrypt_stream
@@ -148,3 +150,36 @@ def test_rotate_kek_racing_an_ingest_loses_no_image(tmp_path: Path) -> None:
         export_instance(fresh, str(sop), out / f"{sop}.dcm")
     assert sorted(p.read_bytes() for p in out.iterdir()) == sorted(files.values())
     assert (root / "keys" / "kek.key").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.integration
+def test_a_start_during_a_rotation_does_not_take_its_new_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation that has written kek.key.new and not yet committed, while another process
+    starts on the home (which settles a left-over kek.key.new): no key is lost."""
+    root = tmp_path / "home"
+    home = Home.init(root)
+    sealed = [_sealed(home.keystore) for _ in range(5)]
+    started = threading.Event()
+
+    def pause() -> None:
+        started.set()
+        # The window, long enough for the other process to start within it: the new file
+        # is written, the re-wrap not committed.
+        time.sleep(8)
+
+    monkeypatch.setitem(keystore.FAULTS, "after_new_file", pause)
+    rotation = threading.Thread(target=Home.local(root).keystore.rotate_local)
+    rotation.start()
+    assert started.wait(30)
+    status = subprocess.run(
+        [EXE, "ingest"], env=cli_env(root), capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+    rotation.join()
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert not (root / "keys" / "kek.key.new").exists()
+    for _, blob in sealed:
+        assert _opens(root / "keys", blob)
+    assert Home.local(root).keystore.rotate_local() == 5
