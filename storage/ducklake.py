@@ -225,7 +225,8 @@ def vacuum_metadata(lake: Lake) -> None:
     """After :func:`compact`: ``VACUUM FULL`` every metadata table of the lake, so the
     deleted rows' dead tuples leave PostgreSQL's heap files (each table is rewritten; the
     old file is truncated at once). PostgreSQL's WAL still holds them until it recycles its
-    segments (README, "Deletion"). Needs ``psycopg`` (the ``lake`` extra): VACUUM cannot
+    segments (README, "Deletion"). Column statistics are refreshed and, for a superuser,
+    ``pg_statistic`` rewritten. Needs ``psycopg`` (the ``lake`` extra): VACUUM cannot
     run inside the transaction DuckDB's postgres extension opens."""
     import psycopg  # local: only DuckLake catalogs need it
     from psycopg import sql
@@ -237,7 +238,14 @@ def vacuum_metadata(lake: Lake) -> None:
                 "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema]
             ).fetchall()
             for (table,) in tables:
-                pg.execute(sql.SQL("VACUUM FULL {}").format(sql.Identifier(schema, table)))
+                # ANALYZE too: column statistics (pg_statistic) keep sample values.
+                pg.execute(
+                    sql.SQL("VACUUM (FULL, ANALYZE) {}").format(sql.Identifier(schema, table))
+                )
+            # The statistics the ANALYZE replaced are dead tuples of pg_statistic: only a
+            # superuser can rewrite it (for others PostgreSQL skips it with a warning, and
+            # autovacuum reclaims the space later).
+            pg.execute("VACUUM FULL pg_catalog.pg_statistic")
     except psycopg.Error as exc:
         first = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise LakeSetupError(f"cannot vacuum the metadata of {lake!r}: {first}") from exc

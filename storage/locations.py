@@ -540,7 +540,12 @@ class Location:
                 handle.discard()
                 handle.closed = True
                 raise
-            handle.close()
+            try:
+                handle.close()  # uploads the last part and completes the upload
+            except BaseException:
+                handle.discard()  # a part that failed here: abort, leave no upload behind
+                handle.closed = True
+                raise
             return
         parent = posixpath.dirname(final)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"

@@ -74,13 +74,22 @@ class PostgresServer:
         """Every table and index file of the cluster after a CHECKPOINT (dirty pages
         written out), without the WAL: what a copy of the data folder would hold."""
         self.psql("CHECKPOINT")
+        names = dict(
+            line.split("|", 1)
+            for line in self.psql(
+                "SELECT pg_relation_filenode(oid), relname FROM pg_class"
+                " WHERE pg_relation_filenode(oid) IS NOT NULL"
+            ).splitlines()
+            if "|" in line
+        )
         data = self.root / "data"
         return [
-            (f"postgres {p.relative_to(data)}", p.read_bytes())
+            (f"postgres {p.relative_to(data)} ({names.get(p.name.split('_')[0], '?')})",
+             p.read_bytes())
             for folder in ("base", "global")
             for p in (data / folder).rglob("*")
             if p.is_file()
-        ]
+        ]  # fmt: skip
 
     @classmethod
     @contextlib.contextmanager

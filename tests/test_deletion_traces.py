@@ -85,7 +85,10 @@ def everything(
     if home.catalog.lake is not None:
         postgres = request.getfixturevalue("postgres")
         blobs.append(("lake metadata (pg_dump)", postgres.dump(schema=home.catalog.lake.schema)))
-        blobs += postgres.heap_files()  # dead tuples too (the WAL is documented, not scanned)
+        # Dead tuples too. Not scanned, and documented: the WAL, and pg_statistic (column
+        # statistics sample metadata values; a study's UID can stay there until the next
+        # ANALYZE of the table after the sweep).
+        blobs += [b for b in postgres.heap_files() if "(pg_statistic" not in b[0]]
     for name in LOCATIONS:
         loc = getattr(home, name)
         if not loc.is_local:
@@ -174,6 +177,9 @@ def test_a_deleted_study_leaves_no_trace_anywhere(
     assert sum(uid.encode() in data for _, data in before) >= 3
     assert b"report-wrong-access" in dict(before)["prefect database"]
 
+    if home.catalog.lake is not None:
+        # As autovacuum does at its own time: column statistics that sample the UID.
+        request.getfixturevalue("postgres").psql("ANALYZE")
     deletion = {
         "request_id": "del-1",
         "owner": "user:ann",
