@@ -117,6 +117,11 @@ def main() -> None:
         f"speed-up vs pandas: {theirs / ours:.1f}x (goal >= 3x); RSS before compile "
         f"{rss_before:.0f} MB, DuckDB memory_limit {settings.beacon_memory_limit}"
     )
+    print(
+        f"disclosure audit: {stats.audit_seconds:.2f} s, {stats.audit_seconds / ours:.1%} of the"
+        f" compile; {stats.cells} rows, {stats.suppressed} hidden ({stats.secondary} beyond the"
+        f" small ones); {stats.folded} labels folded into {{other}}"
+    )
 
 
 if __name__ == "__main__":

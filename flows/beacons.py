@@ -48,10 +48,17 @@ def compile_beacon_stats(
             settings.beacon_max_log_bytes,
         )
         results.append(stats)
-        get_run_logger().info("beacons %s: %s", one, stats.row())
+        get_run_logger().info(
+            "beacons %s: %s (audit %.2f s, %d hidden beyond the small cells)",
+            one,
+            stats.public_row(),
+            stats.audit_seconds,
+            stats.secondary,
+        )
+    # The artifact shows what the catalog shows: audited counters (None where hidden).
     create_table_artifact(
         key="beacon-stats",
-        table=[s.row() for s in results] or [{"day": "none", "files": 0}],
-        description="beacon days compiled: lines, malformed, rejected, scrubbed, bots, cells",
+        table=[s.public_row() for s in results] or [{"day": "none", "files": 0}],
+        description="beacon days compiled, as published: lines, malformed, bots, cells",
     )
     return results

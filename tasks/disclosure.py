@@ -1,0 +1,273 @@
+"""Disclosure control for every number a compile publishes: one system, audited by LP.
+
+Every published number (a ``beacon_stats`` cell or margin, an ``email_campaigns`` open
+count, a ``beacon_days`` counter, a weekly or monthly figure) is a *form*: the sum of some
+underlying *variables* (the hit count of one day, beacon, target and partner; the distinct
+visitors of one published row; an operational counter such as malformed lines). Forms are
+grouped into *publications* (a row: its hits and unique visitors), which are shown or
+hidden as a whole, and the same form published twice (``beacon_days.mpp_opens`` and the
+``email_open_mpp`` grand total) is one form: hiding it hides every row that restates it.
+
+The method is the one statistical offices use for tabular data, after τ-ARGUS
+(Hundepool et al., *Statistical Disclosure Control*, Wiley 2012, §4.3-4.4; de Wolf,
+"τ-ARGUS", and the audit of Fischetti and Salazar-González, "Models and algorithms for
+optimizing cell suppression in tabular data with linear constraints", JASA 2000):
+
+1. **Primary suppression.** A publication with a person-count form from 1 to 10 is hidden.
+2. **Audit.** For each hidden form with a value from 1 to 10, two linear programs (HiGHS,
+   through :func:`scipy.optimize.linprog`) give the smallest and largest value it can take
+   given every published form as an equality, every variable non-negative (a row that is
+   listed at all has at least one hit), and the known inequalities between distinct
+   counts (a row's visitors are at most its hits; a margin's visitors are at least each
+   part's and at most their sum). The form is *protected* when that interval, rounded
+   inwards to integers, does not lie within 1-10: the attacker cannot tell it is a small
+   count, nor that it is not zero.
+3. **Secondary suppression.** While a form is unprotected, the published forms that bind
+   its bound (non-zero dual values of the failing LP) are candidates; the cheapest
+   publication holding one (inner cells before margins before day counters, then the
+   smallest value) is hidden, and the form is audited again. Hiding only removes
+   equalities, so a protected form stays protected: one pass over the sensitive forms,
+   with newly hidden small forms queued, ends with every form protected.
+
+Limits (README, "Beacon and e-mail statistics"): the audit is the integer-relaxed LP, as
+τ-ARGUS's is, so an attacker solving the integer problem can in rare tables narrow an
+interval further; distinct counts are bounded by inequalities only, so outside knowledge
+(that no visitor used two partners, say) is not modelled; and what is published elsewhere
+(an access log, a partner's own figures) is outside the system.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linprog
+from scipy.sparse import csr_matrix
+
+SMALL_MIN, SMALL_MAX = 1, 10
+EPS = 1e-6
+
+Var = Hashable
+Form = frozenset[Var]
+
+
+class DisclosureError(RuntimeError):
+    """No suppression can protect a form (every number that binds it is already fixed)."""
+
+
+@dataclass
+class AuditResult:
+    hidden: set[Hashable]  # publication keys hidden
+    primary: int = 0
+    secondary: int = 0
+    linear_programs: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Publication:
+    key: Hashable
+    forms: tuple[Form, ...]
+    rank: int  # cost class: lower is hidden first by secondary suppression
+    fixed: bool | None  # None: this compile decides; True/False: already shown/hidden
+
+
+@dataclass
+class DisclosureSystem:
+    """Variables, the forms published over them, and inequalities between variables."""
+
+    values: dict[Var, int] = field(default_factory=dict)
+    lower: dict[Var, int] = field(default_factory=dict)
+    person: set[Var] = field(default_factory=set)
+    publications: dict[Hashable, Publication] = field(default_factory=dict)
+    inequalities: list[tuple[Form, Form]] = field(default_factory=list)  # sum(a) <= sum(b)
+
+    def variable(self, var: Var, value: int, *, lower: int = 0, person: bool = True) -> None:
+        """A variable with its true value; ``lower`` is what an attacker knows (1 for a
+        listed hit cell); ``person`` marks counts of people or their hits (sensitive)."""
+        self.values[var] = int(value)
+        self.lower[var] = lower
+        if person:
+            self.person.add(var)
+
+    def publish(
+        self,
+        key: Hashable,
+        forms: Iterable[Iterable[Var]],
+        *,
+        rank: int = 0,
+        fixed: bool | None = None,
+    ) -> None:
+        """A publication (shown or hidden as a whole) of one or more forms."""
+        made = tuple(frozenset(f) for f in forms)
+        made = tuple(f for f in made if f)  # an empty sum is a structural zero
+        self.publications[key] = Publication(key, made, rank, fixed)
+
+    def at_most(self, small: Iterable[Var], big: Iterable[Var]) -> None:
+        """Known to any attacker: ``sum(small) <= sum(big)``."""
+        self.inequalities.append((frozenset(small), frozenset(big)))
+
+    def value(self, form: Form) -> int:
+        return sum(self.values[v] for v in form)
+
+    def sensitive(self, form: Form) -> bool:
+        return bool(form & self.person) and SMALL_MIN <= self.value(form) <= SMALL_MAX
+
+    def protect(self) -> AuditResult:
+        """Hide publications until every hidden small form is protected (see module)."""
+        return _Auditor(self).run()
+
+
+class _Auditor:
+    def __init__(self, system: DisclosureSystem) -> None:
+        self.s = system
+        self.index = {v: i for i, v in enumerate(system.values)}
+        self.by_form: dict[Form, list[Hashable]] = {}
+        for pub in system.publications.values():
+            for form in pub.forms:
+                self.by_form.setdefault(form, []).append(pub.key)
+        self.hidden_forms: set[Form] = set()
+        self.hidden: set[Hashable] = set()
+        self.result = AuditResult(hidden=self.hidden)
+        self._eq: tuple[list[Form], csr_matrix, np.ndarray] | None = None
+        self._ub = self._inequality_matrix()
+        self.bounds = [(system.lower[v], None) for v in system.values]
+
+    def run(self) -> AuditResult:
+        start = time.perf_counter()
+        for pub in self.s.publications.values():
+            if pub.fixed is False:
+                self._hide(pub.key)
+        queue: list[Form] = []
+        for pub in self.s.publications.values():
+            if pub.fixed is None and any(self.s.sensitive(f) for f in pub.forms):
+                queue += self._hide(pub.key)
+                self.result.primary += 1
+        queue += [f for f in self.hidden_forms if self.s.sensitive(f) and f not in queue]
+        while queue:
+            form = queue.pop()
+            while True:
+                dual = self._unprotected(form)
+                if dual is None:
+                    break
+                queue += self._hide(self._cheapest(form, dual))
+                self.result.secondary += 1
+        self.result.seconds = time.perf_counter() - start
+        return self.result
+
+    def _hide(self, key: Hashable) -> list[Form]:
+        """Hide a publication and every publication sharing a form with it; the newly
+        hidden sensitive forms are returned (they need their own audit)."""
+        todo, new = [key], []
+        while todo:
+            k = todo.pop()
+            if k in self.hidden:
+                continue
+            pub = self.s.publications[k]
+            if pub.fixed is True:
+                raise DisclosureError("a number already published restates a hidden one")
+            self.hidden.add(k)
+            for form in pub.forms:
+                if form not in self.hidden_forms:
+                    self.hidden_forms.add(form)
+                    self._eq = None
+                    if self.s.sensitive(form):
+                        new.append(form)
+                    todo += self.by_form[form]
+        return new
+
+    def _closure_fixed(self, key: Hashable) -> bool:
+        """Whether hiding ``key`` would hide a publication that is already shown."""
+        seen, todo = set(), [key]
+        while todo:
+            k = todo.pop()
+            if k in seen or k in self.hidden:
+                continue
+            seen.add(k)
+            pub = self.s.publications[k]
+            if pub.fixed is True:
+                return True
+            for form in pub.forms:
+                todo += self.by_form[form]
+        return False
+
+    def _cheapest(self, form: Form, dual: dict[Form, float]) -> Hashable:
+        binding = [f for f, d in dual.items() if abs(d) > 1e-9]
+        for pool in (binding, [f for f in self._published() if f & form], self._published()):
+            keys = {k for f in pool for k in self.by_form[f] if k not in self.hidden} - {
+                k for k in self.hidden
+            }
+            keys = {k for k in keys if not self._closure_fixed(k)}
+            if keys:
+                return min(keys, key=self._cost)
+        raise DisclosureError("no publication left to hide that protects a small count")
+
+    def _cost(self, key: Hashable) -> tuple[int, int, str]:
+        pub = self.s.publications[key]
+        return (pub.rank, max((self.s.value(f) for f in pub.forms), default=0), repr(key))
+
+    def _published(self) -> list[Form]:
+        return [f for f in self.by_form if f not in self.hidden_forms]
+
+    def _equalities(self) -> tuple[list[Form], csr_matrix, np.ndarray]:
+        if self._eq is None:
+            forms = self._published()
+            self._eq = (forms, self._matrix(forms), np.array([self.s.value(f) for f in forms]))
+        return self._eq
+
+    def _matrix(self, rows: list[Form], signs: list[Form] | None = None) -> csr_matrix:
+        data, ri, ci = [], [], []
+        for r, form in enumerate(rows):
+            for v in form:
+                data.append(1.0)
+                ri.append(r)
+                ci.append(self.index[v])
+            for v in signs[r] if signs else ():
+                data.append(-1.0)
+                ri.append(r)
+                ci.append(self.index[v])
+        return csr_matrix((data, (ri, ci)), shape=(len(rows), len(self.index)))
+
+    def _inequality_matrix(self) -> tuple[csr_matrix, np.ndarray] | None:
+        if not self.s.inequalities:
+            return None
+        small = [a for a, _ in self.s.inequalities]
+        big = [b for _, b in self.s.inequalities]
+        # sum(a) - sum(b) <= 0; a variable on both sides cancels (csr sums duplicates).
+        return self._matrix(small, big), np.zeros(len(small))
+
+    def _unprotected(self, form: Form) -> dict[Form, float] | None:
+        """The max LP's duals when ``form`` is pinned within 1-10, else None."""
+        hi, dual = self._solve(form, maximise=True)
+        if hi >= SMALL_MAX + 1 - EPS:
+            return None
+        lo, lo_dual = self._solve(form, maximise=False)
+        if lo <= SMALL_MIN - 1 + EPS:
+            return None
+        return dual if any(abs(d) > 1e-9 for d in dual.values()) else lo_dual
+
+    def _solve(self, form: Form, maximise: bool) -> tuple[float, dict[Form, float]]:
+        forms, a_eq, b_eq = self._equalities()
+        c = np.zeros(len(self.index))
+        for v in form:
+            c[self.index[v]] = -1.0 if maximise else 1.0
+        ub = self._ub
+        self.result.linear_programs += 1
+        res = linprog(
+            c,
+            A_ub=ub[0] if ub else None,
+            b_ub=ub[1] if ub else None,
+            A_eq=a_eq if forms else None,
+            b_eq=b_eq if forms else None,
+            bounds=self.bounds,
+            method="highs",
+        )
+        if res.status == 3:  # unbounded: nothing published limits it
+            return (np.inf if maximise else -np.inf), {}
+        if res.status != 0:
+            raise DisclosureError(f"the audit's linear program failed: {res.message}")
+        value = -res.fun if maximise else res.fun
+        marginals = res.eqlin.marginals if forms else []
+        return float(value), dict(zip(forms, (float(m) for m in marginals), strict=True))

@@ -1,0 +1,130 @@
+"""Identifiers out of beacon labels (targets, partners, campaign names) before counting.
+
+A label is first normalised, so an identifier cannot hide behind an encoding:
+percent-decoding is repeated (at most :data:`MAX_DECODES` times) until the text stops
+changing, then Unicode NFKC folds compatibility forms (a full-width ``＠`` is ``@``), and
+the query string and fragment are cut. Then each pattern of :data:`PATTERNS` replaces what
+it matches with its placeholder, case-insensitively. Each pattern carries an example it
+must scrub and a counter-example it must keep (``tests/test_scrubbing.py`` checks both).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+MAX_DECODES = 5
+# Characters that end an e-mail-like token on either side of the @.
+_EDGE = r"""[^\s/@?#:;,<>()\[\]\\"'{}]"""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    regex: re.Pattern[str]
+    placeholder: str
+    example: str  # scrubbed
+    counter_example: str  # kept as it is
+    valid: Callable[[str], bool] | None = None  # a match is replaced only when this holds
+
+    def sub(self, text: str) -> str:
+        if self.valid is None:
+            return self.regex.sub(self.placeholder, text)
+        check = self.valid
+        return self.regex.sub(lambda m: self.placeholder if check(m.group(0)) else m.group(0), text)
+
+
+# A date (a month's newsletter, a news page) is left as it is: alone it names no one.
+ISO_DATE = re.compile(r"(?:19|20)\d{2}-\d{2}(?:-\d{2})?")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "email",
+        re.compile(rf"{_EDGE}+@{_EDGE}+", re.IGNORECASE),
+        "{email}",
+        example="/share/jürgen.müller@example.de",
+        counter_example="/users/@me",
+    ),
+    Pattern(
+        "ipv6",
+        re.compile(
+            r"(?<![0-9a-z:.])(?:[0-9a-f]{0,4}:){2,7}"
+            r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{0,4})(?![0-9a-z:])",
+            re.IGNORECASE,
+        ),
+        "{ip}",
+        example="/from/2001:db8::8a2e:370:7334",
+        counter_example="/at/12:30",
+        valid=_is_ip,
+    ),
+    Pattern(
+        "ipv4",
+        re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])"),
+        "{ip}",
+        example="/from/203.0.113.7",
+        counter_example="/docs/v1.2.3",
+        valid=_is_ip,
+    ),
+    Pattern(
+        "uid",
+        re.compile(r"(?<![\d.])\d+(?:\.\d+){3,}(?![\d])"),
+        "{uid}",
+        example="/studies/1.2.840.113619.2.55.3",
+        counter_example="/docs/v1.2.3",
+    ),
+    Pattern(
+        "patient_key",
+        re.compile(r"pk_[0-9a-z]{16,}", re.IGNORECASE),
+        "{patient}",
+        example="/p/PK_0123456789ABCDEF0123456789ABCDEF",
+        counter_example="/p/pk_test",
+    ),
+    Pattern(
+        "ssn",
+        re.compile(r"(?<!\d)\d{3}[- .]\d{2}[- .]\d{4}(?!\d)"),
+        "{id}",
+        example="/case/123-45-6789",
+        counter_example="/case/123-45",
+    ),
+    Pattern(
+        "mrn",  # six or more digits, run together or split by - . _ or a space; not a date
+        re.compile(r"(?<!\d)\d(?:[-._ ]?\d){5,}(?!\d)"),
+        "{id}",
+        example="/record/MRN-0012-3456",
+        counter_example="/news/2026-11-20",
+        valid=lambda digits: not ISO_DATE.fullmatch(digits),
+    ),
+)
+
+
+def normalise(text: str) -> str:
+    """Percent-decoded (repeatedly, bounded), NFKC-folded, query and fragment cut."""
+    for _ in range(MAX_DECODES):
+        decoded = unquote(text, errors="replace")
+        if decoded == text:
+            break
+        text = decoded
+    text = unicodedata.normalize("NFKC", text)
+    return re.split(r"[?#]", text, maxsplit=1)[0]
+
+
+def scrub(label: str | None) -> tuple[str, bool]:
+    """The label with every identifier replaced, and whether any pattern matched."""
+    text = normalise(label or "")
+    clean = text
+    for pattern in PATTERNS:
+        clean = pattern.sub(clean)
+    return clean, clean != text

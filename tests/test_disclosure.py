@@ -1,0 +1,177 @@
+"""Disclosure control: no published number, alone or with any other, pins a hidden one.
+
+Each check is an attacker's: :mod:`tests.lp_attacker` reads only what the catalog shows
+and solves for every hidden number's interval.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dropvault.flows.beacons import compile_beacon_stats
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.beacons import beacon_stats, compile_day
+from dropvault.tasks.disclosure import DisclosureSystem
+from tests.lp_attacker import Model, attack
+from tests.test_beacons import DAY, hit
+
+# The issue's day: /t1 has one partner, so /t0·p2 = (88 - 48) - (61 - 30) = 9.
+CROSS = {
+    ("/t0", "p0"): 22,
+    ("/t0", "p2"): 9,
+    ("/t1", "p0"): 9,
+    ("/t2", "p0"): 30,
+    ("/t2", "p1"): 16,
+    ("/t2", "p2"): 2,
+}
+
+
+def grid_system(cells: dict[tuple[str, str], int]) -> tuple[DisclosureSystem, dict]:
+    """One table with its margins, as the compile publishes it (hits only)."""
+    system = DisclosureSystem()
+    for cell, v in cells.items():
+        system.variable(cell, v, lower=1)
+    forms: dict[tuple[str, str], list[tuple[str, str]]] = {c: [c] for c in cells}
+    for t in {t for t, _ in cells}:
+        forms[(t, "*")] = [c for c in cells if c[0] == t]
+    for p in {p for _, p in cells}:
+        forms[("*", p)] = [c for c in cells if c[1] == p]
+    forms[("*", "*")] = list(cells)
+    for key, form in forms.items():
+        system.publish(key, [form], rank=key.count("*"))
+    return system, forms
+
+
+def grid_attack(cells: dict, forms: dict, hidden: set) -> list:
+    """The attacker's LP over a published grid (independent of the production audit)."""
+    m = Model()
+    for c in cells:
+        m.var(c, lower=1)
+    for key, form in forms.items():
+        if key in hidden:
+            m.unknown.append((str(key), form))
+        else:
+            m.eq.append(({c: 1 for c in form}, float(sum(cells[c] for c in form))))
+    return m.pinned()
+
+
+def test_the_old_rule_leaked_the_cross_relation_cell() -> None:
+    """What the per-relation rule published (each relation hiding none or two) pins a cell."""
+    _, forms = grid_system(CROSS)
+    shown = {("*", "*"), ("/t2", "*"), ("*", "p0"), ("/t2", "p0")}
+    pinned = grid_attack(CROSS, forms, set(forms) - shown)
+    assert ("('/t0', 'p2')", 9.0, 9.0) in [(n, round(lo), round(hi)) for n, lo, hi in pinned]
+
+
+def test_cross_relation_cell_is_protected() -> None:
+    system, forms = grid_system(CROSS)
+    result = system.protect()
+    assert grid_attack(CROSS, forms, result.hidden) == []
+    assert result.secondary > 0 and ("*", "*") not in result.hidden
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.dictionaries(
+        st.tuples(st.sampled_from(["a", "b", "c", "d", "e"]), st.sampled_from(["x", "y", "z"])),
+        st.one_of(st.integers(1, 12), st.integers(11, 80)),
+        min_size=1,
+        max_size=15,
+    )
+)
+def test_random_tables_leave_no_pinned_cell(cells: dict[tuple[str, str], int]) -> None:
+    system, forms = grid_system(cells)
+    result = system.protect()
+    assert grid_attack(cells, forms, result.hidden) == []
+    for key, form in forms.items():
+        if key not in result.hidden:
+            assert not 1 <= sum(cells[c] for c in form) <= 10
+
+
+def test_campaigns_mpp_and_day_counters_leak_nothing(home: Home) -> None:
+    """The issue's leaks: a campaign's opens hidden in one table and shown in another,
+    opens_with_mpp minus opens, and beacon_days.mpp_opens shown while small."""
+    hits = [hit("email_open", "nl-a", f"a{i}") for i in range(30)]
+    hits += [hit("email_open", "nl-a", f"m{i}", user_agent="Mozilla/5.0") for i in range(4)]
+    hits += [hit("email_open", "nl-b", f"b{i}") for i in range(25)]
+    hits += [hit("email_open", "nl-c", f"c{i}") for i in range(3)]
+    hits += [hit("page_view", "/", f"v{i}") for i in range(40)]
+    hits += [hit("unsubscribe", "nl-a", f"u{i}") for i in range(2)]
+    samples.write_hits(home.beacons, DAY, hits)
+    home.beacons.put_bytes(f"{DAY}/sends.csv", b"campaign,sends\nnl-a,300\nnl-b,200\nnl-c,90\n")
+    [stats] = compile_beacon_stats(home=home)
+    assert stats.mpp_opens == 4 and stats.unsubscribes == 2
+    day = home.catalog.query("SELECT mpp_opens, unsubscribes, counted FROM beacon_days")
+    assert day["mpp_opens"].isna().all() and day["unsubscribes"].isna().all()
+    camps = home.catalog.query("SELECT * FROM email_campaigns ORDER BY campaign")
+    assert camps.set_index("campaign").loc["nl-c", "suppressed"]
+    shown = camps[~camps["suppressed"]]
+    assert ((shown["opens_with_mpp"] - shown["opens"]).fillna(0).between(1, 10)).sum() == 0
+    assert attack(home.catalog) == []
+
+
+def test_a_rare_page_is_named_nowhere(home: Home) -> None:
+    hits = [hit("page_view", "/study/ROE^RICHARD-hiv-clinic", "p1")]
+    hits += [hit("page_view", "/", f"v{i}") for i in range(30)]
+    hits += [hit("page_view", "/about", f"w{i}") for i in range(30)]
+    samples.write_hits(home.beacons, DAY, hits)
+    compile_beacon_stats(home=home)
+    home.catalog.checkpoint()
+    blobs = [data for _, data in home.catalog.stored_files()]
+    blobs += [home.exports.read_bytes(e.name) for e in home.exports.list()]
+    assert not any(b"RICHARD" in blob or b"hiv-clinic" in blob for blob in blobs)
+    assert "{other}" in set(beacon_stats(home.catalog, day=DAY)["target"])
+
+
+def test_no_consent_means_no_visitor_identifier(home: Home) -> None:
+    hits = [hit("page_view", "/", f"v{i}", consent="false") for i in range(20)]
+    hits += [hit("page_view", "/", f"w{i}", consent="true") for i in range(15)]
+    hits += [hit("unsubscribe", "nl-a", f"x{i}@example.org", consent="no") for i in range(12)]
+    samples.write_hits(home.beacons, DAY, hits)
+    [stats] = compile_beacon_stats(home=home)
+    row = beacon_stats(home.catalog, day=DAY).set_index(["beacon", "target", "partner"])
+    assert row.loc[("page_view", "/", "*"), "hits"] == 35
+    assert row.loc[("page_view", "/", "*"), "unique_visitors"] == 15
+    assert stats.unsubscribes == 0
+    assert home.catalog.query("SELECT count(*) AS n FROM newsletter_suppression")["n"][0] == 0
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(st.integers(0, 10**6))
+def test_random_days_give_an_attacker_nothing(local_home: Home, seed: int) -> None:
+    """Random days (small and rare cells, campaigns, MPP, unsubscribes, bad lines): the
+    independent attacker finds no hidden number pinned within 1-10."""
+    rng, home, day = random.Random(seed), local_home, DAY
+    kinds = ["page_view", "email_open", "cobrand", "unsubscribe"]
+    hits = []
+    for _ in range(rng.randrange(30, 400)):
+        kind = rng.choice(kinds)
+        target = (
+            f"nl-{rng.randrange(3)}"
+            if kind in ("email_open", "unsubscribe")
+            else f"/p{rng.randrange(6)}"
+        )
+        h = hit(kind, target, f"v{rng.randrange(rng.choice([15, 60, 300]))}")
+        h["ts"] = f"{day}T10:00:00Z"
+        h["partner"] = f"q{rng.randrange(3)}" if kind == "cobrand" else ""
+        if kind == "email_open" and rng.random() < 0.3:
+            h["user_agent"] = "Mozilla/5.0"
+        if rng.random() < 0.05:
+            h["user_agent"] = "Googlebot/2.1"
+        hits.append(h)
+    samples.write_hits(home.beacons, day, hits)
+    if rng.random() < 0.7:
+        home.beacons.put_bytes(f"{day}/sends.csv", b"campaign,sends\nnl-0,500\nnl-1,80\n")
+    if rng.random() < 0.3:
+        home.beacons.put_bytes(f"{day}/bad.jsonl", b"{broken\n" * rng.randrange(1, 4))
+    home.catalog.migrate()
+    compile_day(home.beacons, home.exports, home.catalog, home.pepper, day)
+    assert attack(home.catalog) == []
