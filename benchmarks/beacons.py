@@ -91,7 +91,9 @@ def main() -> None:
         size_mb = source.stat().st_size / 1e6
         baseline_copy = root / "baseline.jsonl"
         shutil.copyfile(source, baseline_copy)
-        settings = Settings.load(home=root / "home", beacon_memory_limit="1GB")
+        settings = Settings.load(
+            home=root / "home", beacon_memory_limit="1GB", beacon_max_log_bytes=16 << 30
+        )
         compile_beacon_stats(home=Home.init(root / "warm"), settings=settings)  # Prefect up
         rss_before = rss_mb()
         started = time.perf_counter()

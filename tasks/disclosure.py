@@ -15,19 +15,21 @@ optimizing cell suppression in tabular data with linear constraints", JASA 2000)
 
 1. **Primary suppression.** A publication with a person-count form from 1 to 10 is hidden.
 2. **Audit.** For each hidden form with a value from 1 to 10, two linear programs (HiGHS,
-   through :func:`scipy.optimize.linprog`) give the smallest and largest value it can take
-   given every published form as an equality, every variable non-negative (a row that is
-   listed at all has at least one hit), and the known inequalities between distinct
-   counts (a row's visitors are at most its hits; a margin's visitors are at least each
-   part's and at most their sum). The form is *protected* when that interval, rounded
-   inwards to integers, does not lie within 1-10: the attacker cannot tell it is a small
-   count, nor that it is not zero.
+   through ``highspy``, one model warm-started from query to query) give the smallest and
+   largest value it can take given every published form as an equality, every variable
+   non-negative (a row that is listed at all has at least one hit), and the known
+   inequalities between distinct counts (a row's visitors are at most its hits; a
+   margin's visitors are at least each part's and at most their sum). The form is
+   *protected* when that interval, rounded inwards to integers, does not lie within
+   1-10: the attacker cannot tell it is a small count, nor that it is not zero.
 3. **Secondary suppression.** While a form is unprotected, the published forms that bind
    its bound (non-zero dual values of the failing LP) are candidates; the cheapest
    publication holding one (inner cells before margins before day counters, then the
    smallest value) is hidden, and the form is audited again. Hiding only removes
    equalities, so a protected form stays protected: one pass over the sensitive forms,
-   with newly hidden small forms queued, ends with every form protected.
+   with newly hidden small forms queued, ends with every form protected. A point an
+   earlier LP found stays feasible, so it protects any form it gives a value outside
+   1-10 without a new LP.
 
 Limits (README, "Beacon and e-mail statistics"): the audit is the integer-relaxed LP, as
 τ-ARGUS's is, so an attacker solving the integer problem can in rare tables narrow an
@@ -38,16 +40,36 @@ interval further; distinct counts are bounded by inequalities only, so outside k
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
+import highspy
 import numpy as np
-from scipy.optimize import linprog
-from scipy.sparse import csr_matrix
 
 SMALL_MIN, SMALL_MAX = 1, 10
 EPS = 1e-6
+INF = highspy.kHighsInf
+
+
+def _first_highs_quietly() -> None:
+    """highspy prints its banner to the process's stdout when the first model is made, even
+    with output off, which would corrupt ``--json`` output: make that first one with
+    stdout pointed at /dev/null (at import, before any thread of ours runs)."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+_first_highs_quietly()
 
 Var = Hashable
 Form = frozenset[Var]
@@ -131,9 +153,12 @@ class _Auditor:
         self.hidden_forms: set[Form] = set()
         self.hidden: set[Hashable] = set()
         self.result = AuditResult(hidden=self.hidden)
-        self._eq: tuple[list[Form], csr_matrix, np.ndarray] | None = None
-        self._ub = self._inequality_matrix()
-        self.bounds = [(system.lower[v], None) for v in system.values]
+        self.forms = list(self.by_form)
+        self.row_of = {f: i for i, f in enumerate(self.forms)}
+        self.lp = self._model()
+        self.costed = np.zeros(0, dtype=np.int32)
+        self.points: list[np.ndarray] = []  # feasible points the LPs found
+        self._stacked = np.zeros((0, len(self.index)))
 
     def run(self) -> AuditResult:
         start = time.perf_counter()
@@ -172,7 +197,8 @@ class _Auditor:
             for form in pub.forms:
                 if form not in self.hidden_forms:
                     self.hidden_forms.add(form)
-                    self._eq = None
+                    # Hidden: its equality row is freed (the model and its basis are kept).
+                    self.lp.changeRowBounds(self.row_of[form], -INF, INF)
                     if self.s.sensitive(form):
                         new.append(form)
                     todo += self.by_form[form]
@@ -211,35 +237,58 @@ class _Auditor:
     def _published(self) -> list[Form]:
         return [f for f in self.by_form if f not in self.hidden_forms]
 
-    def _equalities(self) -> tuple[list[Form], csr_matrix, np.ndarray]:
-        if self._eq is None:
-            forms = self._published()
-            self._eq = (forms, self._matrix(forms), np.array([self.s.value(f) for f in forms]))
-        return self._eq
+    def _model(self) -> highspy.Highs:
+        """One LP for the whole audit: a row per form (an equality while it is published,
+        free once hidden) and a row per inequality; each query only changes the objective,
+        so HiGHS starts from the last basis."""
+        lp = highspy.Highs()
+        lp.setOptionValue("output_flag", False)
+        lp.setOptionValue("presolve", "off")  # keeps the basis from one query to the next
+        n = len(self.index)
+        lower = np.array([self.s.lower[v] for v in self.s.values], dtype=float)
+        lp.addVars(n, lower, np.full(n, INF))
+        rows: list[dict[int, float]] = [{self.index[v]: 1.0 for v in f} for f in self.forms]
+        lo = [float(self.s.value(f)) for f in self.forms]
+        hi = list(lo)
+        for small, big in self.s.inequalities:
+            row = {self.index[v]: 1.0 for v in small}
+            for v in big:
+                row[self.index[v]] = row.get(self.index[v], 0.0) - 1.0
+            rows.append(row)
+            lo.append(-INF)
+            hi.append(0.0)
+        starts: list[int] = []
+        indices: list[int] = []
+        values: list[float] = []
+        for row in rows:
+            starts.append(len(indices))
+            indices += list(row)
+            values += list(row.values())
+        lp.addRows(
+            len(rows),
+            np.array(lo),
+            np.array(hi),
+            len(indices),
+            np.array(starts, dtype=np.int32),
+            np.array(indices, dtype=np.int32),
+            np.array(values, dtype=float),
+        )
+        return lp
 
-    def _matrix(self, rows: list[Form], signs: list[Form] | None = None) -> csr_matrix:
-        data, ri, ci = [], [], []
-        for r, form in enumerate(rows):
-            for v in form:
-                data.append(1.0)
-                ri.append(r)
-                ci.append(self.index[v])
-            for v in signs[r] if signs else ():
-                data.append(-1.0)
-                ri.append(r)
-                ci.append(self.index[v])
-        return csr_matrix((data, (ri, ci)), shape=(len(rows), len(self.index)))
-
-    def _inequality_matrix(self) -> tuple[csr_matrix, np.ndarray] | None:
-        if not self.s.inequalities:
-            return None
-        small = [a for a, _ in self.s.inequalities]
-        big = [b for _, b in self.s.inequalities]
-        # sum(a) - sum(b) <= 0; a variable on both sides cancels (csr sums duplicates).
-        return self._matrix(small, big), np.zeros(len(small))
+    def _certified(self, form: Form) -> bool:
+        """Whether a point already found (feasible then, so feasible now: hiding only frees
+        rows) gives ``form`` a value outside 1-10, which protects it without a new LP."""
+        if not self.points:
+            return False
+        if len(self.points) != len(self._stacked):
+            self._stacked = np.vstack(self.points)
+        values = self._stacked[:, [self.index[v] for v in form]].sum(axis=1)
+        return bool((values >= SMALL_MAX + 1 - EPS).any() or (values <= SMALL_MIN - 1 + EPS).any())
 
     def _unprotected(self, form: Form) -> dict[Form, float] | None:
         """The max LP's duals when ``form`` is pinned within 1-10, else None."""
+        if self._certified(form):
+            return None
         hi, dual = self._solve(form, maximise=True)
         if hi >= SMALL_MAX + 1 - EPS:
             return None
@@ -249,25 +298,34 @@ class _Auditor:
         return dual if any(abs(d) > 1e-9 for d in dual.values()) else lo_dual
 
     def _solve(self, form: Form, maximise: bool) -> tuple[float, dict[Form, float]]:
-        forms, a_eq, b_eq = self._equalities()
-        c = np.zeros(len(self.index))
-        for v in form:
-            c[self.index[v]] = -1.0 if maximise else 1.0
-        ub = self._ub
-        self.result.linear_programs += 1
-        res = linprog(
-            c,
-            A_ub=ub[0] if ub else None,
-            b_ub=ub[1] if ub else None,
-            A_eq=a_eq if forms else None,
-            b_eq=b_eq if forms else None,
-            bounds=self.bounds,
-            method="highs",
+        return self._optimise({self.index[v]: 1.0 for v in form}, maximise)
+
+    def _optimise(self, costs: dict[int, float], maximise: bool) -> tuple[float, dict[Form, float]]:
+        lp = self.lp
+        if len(self.costed):
+            lp.changeColsCost(len(self.costed), self.costed, np.zeros(len(self.costed)))
+        order = sorted(costs)
+        self.costed = np.array(order, dtype=np.int32)
+        lp.changeColsCost(len(order), self.costed, np.array([costs[i] for i in order]))
+        lp.changeObjectiveSense(
+            highspy.ObjSense.kMaximize if maximise else highspy.ObjSense.kMinimize
         )
-        if res.status == 3:  # unbounded: nothing published limits it
+        self.result.linear_programs += 1
+        lp.run()
+        status = lp.getModelStatus()
+        if status in (
+            highspy.HighsModelStatus.kUnbounded,
+            highspy.HighsModelStatus.kUnboundedOrInfeasible,
+        ):  # nothing published limits it (the true values are always feasible)
             return (np.inf if maximise else -np.inf), {}
-        if res.status != 0:
-            raise DisclosureError(f"the audit's linear program failed: {res.message}")
-        value = -res.fun if maximise else res.fun
-        marginals = res.eqlin.marginals if forms else []
-        return float(value), dict(zip(forms, (float(m) for m in marginals), strict=True))
+        if status != highspy.HighsModelStatus.kOptimal:
+            raise DisclosureError(f"the audit's linear program failed: {status}")
+        value = float(lp.getInfo().objective_function_value)
+        self.points.append(np.array(lp.getSolution().col_value))
+        duals = lp.getSolution().row_dual
+        binding = {
+            f: float(duals[i])
+            for i, f in enumerate(self.forms)
+            if abs(duals[i]) > 1e-9 and f not in self.hidden_forms
+        }
+        return value, binding
