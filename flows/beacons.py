@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from dropvault.flows.settings import Settings, for_run
 from dropvault.storage.home import Home
+from dropvault.tasks.beacon_rollups import RollupStats, compile_rollups_task
 from dropvault.tasks.beacons import (
     DayStats,
     compile_day_task,
@@ -56,6 +59,19 @@ def compile_beacon_stats(
             stats.secondary,
         )
     # The artifact shows what the catalog shows: audited counters (None where hidden).
+    # Weeks and months whose last day is past, audited with the days they cover.
+    rollups: list[RollupStats] = compile_rollups_task(
+        home.beacons, home.catalog, datetime.now(UTC).date()
+    )
+    for r in rollups:
+        get_run_logger().info(
+            "beacons %s from %s: %d days, %d rows, %d hidden",
+            r.period,
+            r.first_day,
+            r.days,
+            r.cells,
+            r.suppressed,
+        )
     create_table_artifact(
         key="beacon-stats",
         table=[s.public_row() for s in results] or [{"day": "none", "files": 0}],

@@ -59,6 +59,7 @@ CLEAN = frozenset(
         *(("beacon_rejects", c) for c in ("day", "file", "reason")),
         ("beacon_days", "day"),
         *(("beacon_stats", c) for c in ("beacon", "target", "partner")),  # scrubbed
+        *(("beacon_rollups", c) for c in ("period", "days", "beacon", "target", "partner")),
         *(("deletion_objects", c) for c in ("request_id", "study_key", "location_url")),
         *(("deletion_scans", c) for c in ("request_id", "record_key_id")),
         ("deletion_objects", "name"),  # a vault object name: a random id

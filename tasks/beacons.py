@@ -56,6 +56,7 @@ FIELDS = (
     "consent",
 )
 SENDS = "sends.csv"  # optional: campaign,sends for the day's newsletters
+CELLS = "cells"  # {beacons}/cells/{day}.parquet: a compiled day's cells, for the rollups
 log = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".csv", ".csv.gz")
 BOTS = r"bot|crawler|spider|slurp|prefetch|preview|headless|python-requests|curl/|wget"
@@ -262,8 +263,12 @@ def compile_day(
         con.register("_out", pd.DataFrame(rows, columns=list(EXPORT_COLUMNS)))
         typed = ", ".join(f"{c}::{t} AS {c}" for c, t in EXPORT_COLUMNS.items())
         con.execute(f"COPY (SELECT {typed} FROM _out) TO '{parquet}' (FORMAT parquet)")
+        cells = Path(tmp) / "cells.parquet"
+        con.execute(f"COPY day_cells TO '{cells}' (FORMAT parquet)")
         con.close()
         exports.put_bytes(f"beacon_stats/day={day}/beacon_stats.parquet", parquet.read_bytes())
+        # Kept beside the raw logs (operators only) until the day's month is rolled up.
+        beacons.put_bytes(f"{CELLS}/{day}.parquet", cells.read_bytes())
     _store_day(catalog, stats, tables, keys)
     _set_aside(beacons, unreadable)
     done = [n for n in names if n not in unreadable]
@@ -482,26 +487,52 @@ def _fold_labels(con: duckdb.DuckDBPyConnection, keep: set[str]) -> int:
     """Fold each beacon's targets and partners seen by fewer than :data:`MIN_VISITORS`
     distinct visitors into :data:`OTHER`, so no published row names a rare page. The
     empty partner and the campaigns of the day's sends file (the operator's own names,
-    for e-mail beacons) are kept. Returns how many labels were folded."""
+    for e-mail beacons) are kept. Returns how many labels were folded. ``day_cells`` keeps
+    the cells before folding, with each label's visitors and its folded label, for the
+    weekly and monthly rollups (:mod:`dropvault.tasks.beacon_rollups`)."""
     folded = 0
     for column in ("target", "partner"):
+        # Each label's distinct visitors (kept for the rollups), then the rare ones.
         con.execute(
             f"""
-            CREATE OR REPLACE TEMP TABLE rare AS
-            SELECT beacon, {column} AS label FROM hits WHERE known AND NOT bot
-            GROUP BY ALL HAVING count(DISTINCT visitor) < {MIN_VISITORS}
+            CREATE TABLE {column}_visitors AS
+            SELECT beacon, {column} AS label, count(DISTINCT visitor) AS visitors
+            FROM hits WHERE known AND NOT bot GROUP BY ALL
             """  # noqa: S608 - column is one of two names above
         )
         con.execute(
-            "DELETE FROM rare WHERE label = '' OR (beacon IN ('email_open', 'email_open_mpp')"
-            " AND list_contains($keep, label))",
+            f"""
+            CREATE TABLE rare_{column} AS
+            SELECT beacon, label FROM {column}_visitors
+            WHERE visitors < {MIN_VISITORS} AND label <> ''
+              AND NOT (beacon IN ('email_open', 'email_open_mpp') AND list_contains($keep, label))
+            """,  # noqa: S608
             {"keep": sorted(keep)},
         )
-        row = con.execute("SELECT count(*) FROM rare").fetchone()
+        row = con.execute(f"SELECT count(*) FROM rare_{column}").fetchone()  # noqa: S608
         folded += int(row[0]) if row else 0
+    con.execute(
+        """
+        CREATE TABLE day_cells AS
+        SELECT h.beacon, h.target, h.partner, count(*) AS hits,
+               any_value(tv.visitors) AS target_visitors,
+               any_value(pv.visitors) AS partner_visitors,
+               CASE WHEN any_value(rt.label) IS NULL THEN h.target ELSE $other END AS day_target,
+               CASE WHEN any_value(rp.label) IS NULL THEN h.partner ELSE $other END AS day_partner
+        FROM hits h
+        JOIN target_visitors tv ON tv.beacon = h.beacon AND tv.label = h.target
+        JOIN partner_visitors pv ON pv.beacon = h.beacon AND pv.label = h.partner
+        LEFT JOIN rare_target rt ON rt.beacon = h.beacon AND rt.label = h.target
+        LEFT JOIN rare_partner rp ON rp.beacon = h.beacon AND rp.label = h.partner
+        WHERE h.known AND NOT h.bot
+        GROUP BY h.beacon, h.target, h.partner
+        """,
+        {"other": OTHER},
+    )
+    for column in ("target", "partner"):
         con.execute(
             f"""
-            UPDATE hits SET {column} = '{OTHER}' FROM rare
+            UPDATE hits SET {column} = '{OTHER}' FROM rare_{column} rare
             WHERE hits.beacon = rare.beacon AND hits.{column} = rare.label
               AND hits.known AND NOT hits.bot
             """  # noqa: S608

@@ -166,3 +166,53 @@ def _days(m: Model, days: pd.DataFrame, news: pd.DataFrame) -> None:
         if added and unsub:
             m.ub.append({unsub[0]: -1, m.var(("nl", d)): 1})
             m.eq.append(({("nl", d): 1}, float(added)))
+
+
+def attack_rollups(catalog: Catalog) -> list[tuple[str, float, float]]:
+    """Every hidden day or rollup hits count pinned within 1-10, reading each published month
+    with its weeks and days. The attacker's variables: the hits of each month cell on each
+    day (at least 0), which fall in the day's (and the week's) row of the same labels, or in
+    its ``{other}`` row where that day (week) does not list the label."""
+    stats = catalog.query(
+        "SELECT strftime(day, '%Y-%m-%d') AS d, beacon AS b, target AS t, partner AS p, hits,"
+        " suppressed FROM beacon_stats"
+    )
+    rollups = catalog.query(
+        "SELECT period, strftime(first_day, '%Y-%m-%d') AS f, days, beacon AS b, target AS t,"
+        " partner AS p, hits, suppressed FROM beacon_rollups"
+    )
+    found = []
+    for month, mrows in rollups[rollups.period == "month"].groupby("f"):
+        days = mrows["days"].iloc[0].split(",")
+        weeks = rollups[(rollups.period == "week") & (rollups.f.str[:7] == str(month)[:7])]
+        m = Model()
+        grid = mrows[(mrows.t != "*") & (mrows.p != "*")]
+        z = {}
+        for r in grid.itertuples():
+            for d in days:
+                z[(d, r.b, r.t, r.p)] = m.var(("z", d, r.b, r.t, r.p))
+        tables = [(stats[stats.d == d], [d], f"day {d}") for d in days]
+        tables += [(g, g["days"].iloc[0].split(","), f"week {w}") for w, g in weeks.groupby("f")]
+        tables.append((mrows, days, f"month {month}"))
+        for rows, covered, name in tables:
+            listed_t = set(zip(rows.b, rows.t, strict=True))
+            listed_p = set(zip(rows.b, rows.p, strict=True))
+            for r in rows.itertuples():
+                form = [
+                    v
+                    for (d, b, t, p), v in z.items()
+                    if d in covered
+                    and b == r.b
+                    and (r.t == "*" or (t if (b, t) in listed_t else "{other}") == r.t)
+                    and (r.p == "*" or (p if (b, p) in listed_p else "{other}") == r.p)
+                ]
+                if r.suppressed:
+                    m.unknown.append((f"{name} {r.b} {r.t} {r.p}", form))
+                else:
+                    m.eq.append(({v: 1 for v in form}, float(r.hits)))
+                if r.t != "*" and r.p != "*" and form:  # a listed inner row had a hit
+                    m.ub.append({v: -1 for v in form} | {m.var("one", lower=1): 1})
+        m.eq.append(({"one": 1}, 1.0))
+        m.unknown = [(n, f) for n, f in m.unknown if f]
+        found += m.pinned()
+    return found

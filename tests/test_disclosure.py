@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from dropvault.flows.beacons import compile_beacon_stats
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
+from dropvault.tasks.beacon_rollups import CELLS
 from dropvault.tasks.beacons import beacon_stats, compile_day
 from dropvault.tasks.disclosure import DisclosureSystem
-from tests.lp_attacker import Model, attack
+from tests.lp_attacker import Model, attack, attack_rollups
 from tests.test_beacons import DAY, hit
 
 # The issue's day: /t1 has one partner, so /t0·p2 = (88 - 48) - (61 - 30) = 9.
@@ -175,3 +176,31 @@ def test_random_days_give_an_attacker_nothing(local_home: Home, seed: int) -> No
     home.catalog.migrate()
     compile_day(home.beacons, home.exports, home.catalog, home.pepper, day)
     assert attack(home.catalog) == []
+
+
+def test_weeks_and_months_leak_nothing_with_their_days(local_home: Home) -> None:
+    """Twelve past days of November: weeks (the month's days 1-7, 8-14, 15-21, 22-end) and
+    the month are compiled from the days' cells and audited with every published day; an
+    attacker reading days, weeks and month together pins nothing."""
+    home, rng = local_home, random.Random(7)
+    days = [f"2026-11-{d}" for d in range(19, 31)]
+    for day in days:
+        hits = [samples.make_hit(rng, day, 150) for _ in range(rng.randrange(150, 500))]
+        samples.write_hits(home.beacons, day, hits)
+    compile_beacon_stats(home=home)
+    rollups = home.catalog.query("SELECT * FROM beacon_rollups")
+    periods = set(zip(rollups["period"], rollups["first_day"].astype(str), strict=True))
+    assert periods == {("week", "2026-11-15"), ("week", "2026-11-22"), ("month", "2026-11-01")}
+    week = rollups[
+        (rollups["period"] == "week") & (rollups["first_day"].astype(str) == "2026-11-22")
+    ]
+    assert week["days"].iloc[0].split(",") == days[3:]
+    shown = rollups[~rollups["suppressed"]]
+    assert not shown["hits"].between(1, 10).any()
+    # From the days' cells, not from suppressed days: a week's total is its days' total.
+    total = week.set_index(["beacon", "target", "partner"]).loc[("page_view", "*", "*"), "hits"]
+    by_day = beacon_stats(home.catalog).set_index(["day", "beacon", "target", "partner"])
+    assert total == sum(by_day.loc[(d, "page_view", "*", "*"), "hits"] for d in days[3:])
+    assert attack_rollups(home.catalog) == []
+    assert attack(home.catalog) == []
+    assert home.beacons.list(CELLS) == []  # the month is out: its cells are deleted
