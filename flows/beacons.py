@@ -49,6 +49,7 @@ def compile_beacon_stats(
             settings.beacon_retention,
             settings.beacon_memory_limit,
             settings.beacon_max_log_bytes,
+            settings.beacon_audit_seconds,
         )
         results.append(stats)
         get_run_logger().info(
@@ -61,7 +62,7 @@ def compile_beacon_stats(
     # The artifact shows what the catalog shows: audited counters (None where hidden).
     # Weeks and months whose last day is past, audited with the days they cover.
     rollups: list[RollupStats] = compile_rollups_task(
-        home.beacons, home.catalog, datetime.now(UTC).date()
+        home.beacons, home.catalog, datetime.now(UTC).date(), settings.beacon_audit_seconds
     )
     for r in rollups:
         get_run_logger().info(

@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     beacon_memory_limit: str = "1GB"
     # A beacon log larger than this once decompressed is set aside unread (too_large).
     beacon_max_log_bytes: int = Field(default=1 << 30, gt=0)
+    # The disclosure audit's time per day or period; past it, everything the audit decides
+    # is hidden (a table built to make the audit slow publishes nothing it could pin).
+    beacon_audit_seconds: float = Field(default=120.0, gt=0)
 
     kek: SecretStr | None = None
     # Only for `dropvault rotate-kek` on a home whose KEK is given as DROPVAULT_KEK.

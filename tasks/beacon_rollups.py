@@ -39,11 +39,10 @@ from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.locations import Location
 from dropvault.tasks.audit import audit as audit_event
-from dropvault.tasks.beacon_tables import OPERATIONAL
+from dropvault.tasks.beacon_tables import EMAIL, MIN_VISITORS, OPERATIONAL, OTHER, TOTAL
 from dropvault.tasks.disclosure import AuditResult, DisclosureError, DisclosureSystem
 
 log = logging.getLogger(__name__)
-TOTAL, OTHER = "*", "{other}"
 CELLS = "cells"
 WEEK_STARTS = (1, 8, 15, 22)
 
@@ -102,10 +101,13 @@ def due_periods(beacons: Location, catalog: Catalog, today: date) -> list[Period
     return due
 
 
-def compile_rollups(beacons: Location, catalog: Catalog, today: date) -> list[RollupStats]:
+def compile_rollups(
+    beacons: Location, catalog: Catalog, today: date, audit_seconds: float = 120.0
+) -> list[RollupStats]:
     """Compile every due period, weeks before their month; then delete the cells of the
     months that are published."""
-    out = [compile_period(beacons, catalog, p) for p in due_periods(beacons, catalog, today)]
+    due = due_periods(beacons, catalog, today)
+    out = [compile_period(beacons, catalog, p, audit_seconds) for p in due]
     done = {
         r.first_day
         for r in catalog.query(
@@ -119,7 +121,9 @@ def compile_rollups(beacons: Location, catalog: Catalog, today: date) -> list[Ro
     return out
 
 
-def compile_period(beacons: Location, catalog: Catalog, period: Period) -> RollupStats:
+def compile_period(
+    beacons: Location, catalog: Catalog, period: Period, audit_seconds: float = 120.0
+) -> RollupStats:
     kind, first, last = period
     published_days = set(
         catalog.query(
@@ -144,15 +148,18 @@ def compile_period(beacons: Location, catalog: Catalog, period: Period) -> Rollu
         system.variable(("h", i), int(hits))
     groups["var"] = [("h", i) for i in range(len(groups))]
     _days_into(system, catalog, groups, days)
+    any_day_campaigns: set[str] = set().union(*_campaigns(catalog, days).values())
     if kind == "month":
-        _weeks_into(system, groups, weeks)
+        _weeks_into(system, groups, weeks, any_day_campaigns)
     rows = _rows(groups, ("pt", "pp"), ())
     for key, form in rows.items():
         system.publish(("rollup", *key), [form], rank=(key[1] == TOTAL) + (key[2] == TOTAL))
         if TOTAL not in key[1:]:
             system.at_most([("one",)], form)
+        elif _named(key[0], key[1], key[2], any_day_campaigns):
+            system.at_least(form, MIN_VISITORS)
     try:
-        result = system.protect()
+        result = system.protect(audit_seconds)
     except DisclosureError:  # the days' own audit could not be re-proved: publish nothing
         log.warning("the %s from %s is published hidden: its audit found no pattern", *period)
         result = AuditResult(hidden={("rollup", *key) for key in rows})
@@ -246,6 +253,7 @@ def _days_into(
     if not days:
         return
     forms = _rows(cells, ("day_target", "day_partner"), ("day",))
+    campaigns = _campaigns(catalog, days)
     shown = catalog.query(
         "SELECT strftime(day, '%Y-%m-%d') AS d, beacon, target, partner, suppressed"
         " FROM beacon_stats WHERE list_contains(?, strftime(day, '%Y-%m-%d'))",
@@ -258,6 +266,8 @@ def _days_into(
             system.publish(key, [form], fixed=not r.suppressed)
             if TOTAL not in (r.target, r.partner):  # a listed inner row had a hit
                 system.at_most([("one",)], form)
+            elif _named(r.beacon, r.target, r.partner, campaigns.get(str(r.d), set())):
+                system.at_least(form, MIN_VISITORS)
     counters = catalog.query(
         "SELECT * FROM beacon_days WHERE list_contains(?, day)", [days]
     ).set_index("day")
@@ -303,6 +313,28 @@ def _hidden_op(
     return max(0, left // hidden) if hidden else 0
 
 
+def _campaigns(catalog: Catalog, days: list[str]) -> dict[str, set[str]]:
+    """Each day's sends campaigns (published in email_campaigns): kept unfolded."""
+    out: dict[str, set[str]] = {}
+    for r in catalog.query(
+        "SELECT strftime(day, '%Y-%m-%d') AS d, campaign FROM email_campaigns"
+        " WHERE list_contains(?, strftime(day, '%Y-%m-%d'))",
+        [days],
+    ).itertuples():
+        out.setdefault(str(r.d), set()).add(str(r.campaign))
+    return out
+
+
+def _named(beacon: Any, target: Any, partner: Any, campaigns: set[str]) -> bool:
+    """A margin row whose label the fold rule says had 11 or more visitors (on the day, or
+    on some day of the period): named, not the empty partner, not a campaign."""
+    if (target == TOTAL) == (partner == TOTAL):
+        return False
+    label = partner if target == TOTAL else target
+    exempt = beacon in EMAIL and label in campaigns
+    return label not in ("", OTHER) and not exempt
+
+
 def _published_weeks(catalog: Catalog, month: date) -> pd.DataFrame:
     return catalog.query(
         "SELECT strftime(first_day, '%Y-%m-%d') AS f, days, beacon, target, partner, suppressed"
@@ -322,7 +354,9 @@ def _with_week_labels(cells: pd.DataFrame, weeks: pd.DataFrame) -> pd.DataFrame:
     return cells
 
 
-def _weeks_into(system: DisclosureSystem, groups: pd.DataFrame, weeks: pd.DataFrame) -> None:
+def _weeks_into(
+    system: DisclosureSystem, groups: pd.DataFrame, weeks: pd.DataFrame, campaigns: set[str]
+) -> None:
     """A month's published weeks, fixed, each over the days it covered."""
     for first, group in weeks.groupby("f") if len(weeks) else ():
         covered = group["days"].iloc[0].split(",")
@@ -334,6 +368,8 @@ def _weeks_into(system: DisclosureSystem, groups: pd.DataFrame, weeks: pd.DataFr
                 system.publish(key, [form], fixed=not r.suppressed)
                 if TOTAL not in (r.target, r.partner):
                     system.at_most([("one",)], form)
+                elif _named(r.beacon, r.target, r.partner, campaigns):
+                    system.at_least(form, MIN_VISITORS)
 
 
 compile_rollups_task = task(

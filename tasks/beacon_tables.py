@@ -34,7 +34,9 @@ import pandas as pd
 
 from dropvault.tasks.disclosure import AuditResult, DisclosureSystem
 
-TOTAL = "*"
+TOTAL, OTHER = "*", "{other}"
+MIN_VISITORS = 11  # a label named in a published row had at least this many visitors
+EMAIL = ("email_open", "email_open_mpp")
 # beacon_days counters under the audit (beside them: files, cells, suppressed, which
 # restate only how many rows there are).
 DAY_COUNTERS = ("lines", "malformed", "rejected", "bots", "mpp_opens", "counted", "unsubscribes")
@@ -58,6 +60,7 @@ def day_tables(
     sends: dict[str, int],
     counters: dict[str, int],
     newsletter_keys: int,
+    budget_seconds: float | None = None,
 ) -> DayTables:
     """The day's published rows: ``agg`` holds every row's hits and unique visitors
     (``beacon, target, partner, hits, unique_visitors``, margins with ``*``); ``sends`` the
@@ -77,10 +80,11 @@ def day_tables(
             )
         )
     }
-    system = _system(rows)
+    system, hits_of = _system(rows)
+    _floors_into(system, hits_of, sends)
     _campaigns_into(system, rows, sends)
     _counters_into(system, rows, counters, newsletter_keys)
-    result = system.protect()
+    result = system.protect(budget_seconds)
     hidden = result.hidden
     day_value = date.fromisoformat(day)
     out = DayTables(audit=result)
@@ -105,7 +109,7 @@ def day_tables(
             {
                 "day": day_value,
                 "campaign": campaign,
-                "sends": sent,
+                "sends": None if secret else sent,
                 "opens": None if secret else opens,
                 "opens_with_mpp": None if secret else with_mpp,
                 "open_rate": None if secret or not sent else round(opens / sent, 4),
@@ -118,7 +122,9 @@ def day_tables(
     return out
 
 
-def _system(rows: dict[Row, tuple[int, int]]) -> DisclosureSystem:
+def _system(
+    rows: dict[Row, tuple[int, int]],
+) -> tuple[DisclosureSystem, dict[Row, list[Hashable]]]:
     system = DisclosureSystem()
     # parts[(beacon, axis, other label)]: the rows that add up along axis (1 target,
     # 2 partner) to the margin with '*' there and that other label.
@@ -149,16 +155,41 @@ def _system(rows: dict[Row, tuple[int, int]]) -> DisclosureSystem:
                 system.at_most([("u", *row)], [("u", *r) for r in part_rows])
                 for r in part_rows:
                     system.at_most([("u", *r)], [("u", *row)])
-    return system
+    return system, hits_of
+
+
+def _floors_into(
+    system: DisclosureSystem, hits_of: dict[Row, list[Hashable]], sends: dict[str, int]
+) -> None:
+    """What the fold rule tells any reader: a label still named (not ``{other}``, not the
+    empty partner, not a sends campaign of an e-mail beacon) had 11 or more distinct
+    visitors, so its margin row has at least 11 visitors and 11 hits."""
+    for row in hits_of:
+        b, t, p = row
+        if (t == TOTAL) == (p == TOTAL):
+            continue
+        label = p if t == TOTAL else t
+        exempt = b in EMAIL and label in sends
+        if label not in ("", OTHER) and not exempt:
+            system.at_least([("u", *row)], MIN_VISITORS)
+            system.at_least(hits_of[row], MIN_VISITORS)
 
 
 def _campaigns_into(
     system: DisclosureSystem, rows: dict[Row, tuple[int, int]], sends: dict[str, int]
 ) -> None:
-    for campaign in sends:
+    """A campaign's row: its opens, opens with MPP, and its sends (a count of people, from
+    the sends file), which bound the opens for any reader."""
+    for campaign, sent in sends.items():
         opens = [("u", *r) for r in [("email_open", campaign, TOTAL)] if r in rows]
         mpp = [("u", *r) for r in [("email_open_mpp", campaign, TOTAL)] if r in rows]
-        system.publish(("email_campaigns", campaign), [opens, opens + mpp], rank=1)
+        system.variable(("sends", campaign), sent)
+        system.publish(
+            ("email_campaigns", campaign), [opens, opens + mpp, [("sends", campaign)]], rank=1
+        )
+        for part in (opens, mpp):
+            if part and system.value(frozenset(part)) <= sent:  # a sends file can be wrong
+                system.at_most(part, [("sends", campaign)])
 
 
 def _counters_into(
@@ -170,7 +201,9 @@ def _counters_into(
     cells: list[Hashable] = [("h", *r) for r in rows if TOTAL not in r[1:]]
     for name in OPERATIONAL:
         system.variable(("op", name), counters[name], person=False)
-        system.publish(("beacon_days", name), [[("op", name)]], rank=3)
+        # beacon_rejects lists every malformed line: that count is public however it is shown.
+        fixed = True if name == "malformed" else None
+        system.publish(("beacon_days", name), [[("op", name)]], rank=3, fixed=fixed)
     forms: dict[str, list[Hashable]] = {
         "counted": cells,
         "lines": cells + [("op", n) for n in OPERATIONAL],

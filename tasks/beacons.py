@@ -37,7 +37,13 @@ from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.locations import Entry, Location, is_file_problem, is_safe_name
 from dropvault.tasks.audit import audit as audit_event
-from dropvault.tasks.beacon_tables import DAY_COUNTERS, DayTables, day_tables
+from dropvault.tasks.beacon_tables import (
+    DAY_COUNTERS,
+    MIN_VISITORS,
+    OTHER,
+    DayTables,
+    day_tables,
+)
 from dropvault.tasks.phi import keyed_hash
 from dropvault.tasks.scrubbing import scrub
 
@@ -61,9 +67,6 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".csv", ".csv.gz")
 BOTS = r"bot|crawler|spider|slurp|prefetch|preview|headless|python-requests|curl/|wget"
 NO = ("false", "0", "no", "n", "declined", "denied")
-# Labels named by fewer distinct visitors than this in the period are folded into OTHER.
-MIN_VISITORS = 11
-OTHER = "{other}"
 
 
 @dataclass
@@ -85,6 +88,7 @@ class DayStats:
     folded: int = 0  # labels folded into {other}
     secondary: int = 0  # publications hidden by the audit beyond the small ones
     audit_seconds: float = 0.0
+    audit_gave_up: bool = False  # over DROPVAULT_BEACON_AUDIT_SECONDS: every row hidden
     published: dict[str, int | None] = field(default_factory=dict)  # beacon_days as shown
     malformed_lines: list[dict[str, Any]] = field(default_factory=list)
 
@@ -171,7 +175,8 @@ def hold_late_files(beacons: Location, day: str) -> DayStats:
 
     Recompiling would replace the day with the late files alone once the first logs are
     deleted, and comparing the two publications would single out the late visitors
-    (differencing). An operator who means to republish a day compiles it by name.
+    (differencing). A day's publication is final: compiling it by name again is let
+    through only when it gives the same rows (the same logs), and refused otherwise.
     """
     names = [e.name for e in beacons.list(day)]
     for name in names:
@@ -188,6 +193,7 @@ def compile_day(
     retention: str = "delete",
     memory_limit: str = "1GB",
     max_log_bytes: int = 1 << 30,
+    audit_seconds: float = 120.0,
 ) -> DayStats:
     """Compile one day (idempotently: the day's rows are replaced).
 
@@ -250,14 +256,25 @@ def compile_day(
             sends,
             {name: getattr(stats, name) for name in DAY_COUNTERS},
             len(set(keys)),
+            audit_seconds,
         )
         rows = tables.stats
+        if _published_otherwise(catalog, day, tables):
+            con.close()
+            raise RepublishRefused(
+                f"beacon day {day} is already published with other numbers; a second"
+                " publication could be subtracted from the first, so it is refused (its logs"
+                " stay in place)"
+            )
         stats.cells = len(rows)
         stats.suppressed = sum(1 for r in rows if r["suppressed"])
         stats.published = tables.counters
         if tables.audit is not None:
             stats.secondary = tables.audit.secondary
             stats.audit_seconds = round(tables.audit.seconds, 3)
+            stats.audit_gave_up = tables.audit.gave_up
+            if tables.audit.gave_up:
+                log.warning("beacons %s: the audit ran out of time; the day is hidden", day)
         parquet = Path(tmp) / "beacon_stats.parquet"
         # Typed columns: a day with no countable hit (only bots, say) exports an empty table.
         con.register("_out", pd.DataFrame(rows, columns=list(EXPORT_COLUMNS)))
@@ -274,6 +291,30 @@ def compile_day(
     done = [n for n in names if n not in unreadable]
     _retire_logs(beacons, done + ([sends_name] if sends_name else []), retention)
     return stats
+
+
+class RepublishRefused(RuntimeError):
+    """A published day compiled again from other input (late logs, a retry after some logs
+    were retired): refused, since the two publications could be differenced."""
+
+
+def _published_otherwise(catalog: Catalog, day: str, tables: DayTables) -> bool:
+    """Whether ``day`` is published with rows other than ``tables`` (a recompile of the
+    same logs gives the same rows, and is let through)."""
+    old = catalog.query(
+        "SELECT beacon, target, partner, hits, unique_visitors, suppressed FROM beacon_stats"
+        " WHERE day = ?",
+        [day],
+    )
+    if old.empty:
+        return False
+    cols = ["beacon", "target", "partner", "hits", "unique_visitors", "suppressed"]
+    new = pd.DataFrame(tables.stats, columns=["day", *cols])[cols]
+
+    def rows(df: pd.DataFrame) -> set[tuple[Any, ...]]:
+        return {tuple(None if pd.isna(v) else v for v in r) for r in df.itertuples(index=False)}
+
+    return rows(old) != rows(new)
 
 
 def _refused(entry: Entry) -> bool:

@@ -86,6 +86,7 @@ class AuditResult:
     secondary: int = 0
     linear_programs: int = 0
     seconds: float = 0.0
+    gave_up: bool = False  # over its time budget: everything it decides is hidden
 
 
 @dataclass
@@ -105,6 +106,7 @@ class DisclosureSystem:
     person: set[Var] = field(default_factory=set)
     publications: dict[Hashable, Publication] = field(default_factory=dict)
     inequalities: list[tuple[Form, Form]] = field(default_factory=list)  # sum(a) <= sum(b)
+    floors: list[tuple[Form, int]] = field(default_factory=list)  # sum(form) >= k
 
     def variable(self, var: Var, value: int, *, lower: int = 0, person: bool = True) -> None:
         """A variable with its true value; ``lower`` is what an attacker knows (1 for a
@@ -131,15 +133,21 @@ class DisclosureSystem:
         """Known to any attacker: ``sum(small) <= sum(big)``."""
         self.inequalities.append((frozenset(small), frozenset(big)))
 
+    def at_least(self, form: Iterable[Var], k: int) -> None:
+        """Known to any attacker: ``sum(form) >= k`` (a label shown had 11 visitors)."""
+        self.floors.append((frozenset(form), k))
+
     def value(self, form: Form) -> int:
         return sum(self.values[v] for v in form)
 
     def sensitive(self, form: Form) -> bool:
         return bool(form & self.person) and SMALL_MIN <= self.value(form) <= SMALL_MAX
 
-    def protect(self) -> AuditResult:
-        """Hide publications until every hidden small form is protected (see module)."""
-        return _Auditor(self).run()
+    def protect(self, budget_seconds: float | None = None) -> AuditResult:
+        """Hide publications until every hidden small form is protected (see module). Past
+        ``budget_seconds`` (a table built to make the audit slow), every publication this
+        compile decides is hidden instead: nothing is then published to pin anything."""
+        return _Auditor(self).run(budget_seconds)
 
 
 class _Auditor:
@@ -160,7 +168,7 @@ class _Auditor:
         self.points: list[np.ndarray] = []  # feasible points the LPs found
         self._stacked = np.zeros((0, len(self.index)))
 
-    def run(self) -> AuditResult:
+    def run(self, budget: float | None = None) -> AuditResult:
         start = time.perf_counter()
         for pub in self.s.publications.values():
             if pub.fixed is False:
@@ -174,6 +182,10 @@ class _Auditor:
         while queue:
             form = queue.pop()
             while True:
+                if budget is not None and time.perf_counter() - start > budget:
+                    self._hide_all()
+                    queue.clear()
+                    break
                 dual = self._unprotected(form)
                 if dual is None:
                     break
@@ -181,6 +193,12 @@ class _Auditor:
                 self.result.secondary += 1
         self.result.seconds = time.perf_counter() - start
         return self.result
+
+    def _hide_all(self) -> None:
+        self.result.gave_up = True
+        for pub in self.s.publications.values():
+            if pub.key not in self.hidden and not self._closure_fixed(pub.key):
+                self._hide(pub.key)
 
     def _hide(self, key: Hashable) -> list[Form]:
         """Hide a publication and every publication sharing a form with it; the newly
@@ -257,6 +275,10 @@ class _Auditor:
             rows.append(row)
             lo.append(-INF)
             hi.append(0.0)
+        for form, k in self.s.floors:
+            rows.append({self.index[v]: 1.0 for v in form})
+            lo.append(float(k))
+            hi.append(INF)
         starts: list[int] = []
         indices: list[int] = []
         values: list[float] = []

@@ -10,6 +10,7 @@ must scrub and a counter-example it must keep (``tests/test_scrubbing.py`` check
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import re
 import unicodedata
@@ -39,7 +40,7 @@ class Pattern:
 
 
 # A date (a month's newsletter, a news page) is left as it is: alone it names no one.
-ISO_DATE = re.compile(r"(?:19|20)\d{2}-\d{2}(?:-\d{2})?")
+ISO_DATE = re.compile(r"(?:19|20)\d{2}([-/])\d{2}(?:\1\d{2})?")
 
 
 def _is_ip(text: str) -> bool:
@@ -100,8 +101,8 @@ PATTERNS: tuple[Pattern, ...] = (
         counter_example="/case/123-45",
     ),
     Pattern(
-        "mrn",  # six or more digits, run together or split by - . _ or a space; not a date
-        re.compile(r"(?<!\d)\d(?:[-._ ]?\d){5,}(?!\d)"),
+        "mrn",  # six or more digits, run together or split by - . _ / : , or a space
+        re.compile(r"(?<!\d)\d(?:[-._/:,\s]?\d){5,}(?!\d)"),
         "{id}",
         example="/record/MRN-0012-3456",
         counter_example="/news/2026-11-20",
@@ -111,14 +112,38 @@ PATTERNS: tuple[Pattern, ...] = (
 
 
 def normalise(text: str) -> str:
-    """Percent-decoded (repeatedly, bounded), NFKC-folded, query and fragment cut."""
+    """Decoded (percent, ``%uXXXX`` and HTML entities, repeatedly, bounded), NFKC-folded,
+    invisible format characters dropped, dashes and dot-likes made ASCII, ``(at)``
+    read as ``@``; then the query and fragment are cut."""
     for _ in range(MAX_DECODES):
-        decoded = unquote(text, errors="replace")
+        decoded = html.unescape(unquote(PERCENT_U.sub(_unicode_escape, text), errors="replace"))
         if decoded == text:
             break
         text = decoded
     text = unicodedata.normalize("NFKC", text)
+    text = "".join(_plain(c) for c in text)
+    text = AT.sub("@", text)
     return re.split(r"[?#]", text, maxsplit=1)[0]
+
+
+PERCENT_U = re.compile(r"%u([0-9a-fA-F]{4})")
+AT = re.compile(r"\s*[(\[{<]\s*at\s*[)\]}>]\s*", re.IGNORECASE)
+DOTS = frozenset("\u00b7\u2022\u2024\u2027\u2219\u22c5\u30fb\uff0e\u3002")
+
+
+def _unicode_escape(m: re.Match[str]) -> str:
+    return chr(int(m.group(1), 16))
+
+
+def _plain(c: str) -> str:
+    """One character as the patterns read it: format characters (zero-width spaces,
+    joiners, bidi marks) dropped, any dash ``-``, any dot-like ``.``."""
+    category = unicodedata.category(c)
+    if category == "Cf":
+        return ""
+    if category == "Pd" or c == "\u2212":
+        return "-"
+    return "." if c in DOTS else c
 
 
 def scrub(label: str | None) -> tuple[str, bool]:

@@ -25,6 +25,13 @@ class Model:
         self.ub: list[dict[Hashable, float]] = []  # expression <= 0
         self.unknown: list[tuple[str, list[Hashable]]] = []
 
+    def floor(self, form: list[Hashable], k: float) -> None:
+        """``sum(form) >= k``, through a variable fixed at 1."""
+        if "one" not in self.vars:
+            self.var("one", lower=1)
+            self.eq.append(({"one": 1}, 1.0))
+        self.ub.append({v: -1 for v in form} | {"one": k})
+
     def var(self, key: Hashable, lower: float = 0) -> Hashable:
         if key not in self.vars:
             self.vars[key] = len(self.vars)
@@ -79,7 +86,7 @@ def attack(catalog: Catalog) -> list[tuple[str, float, float]]:
     days = catalog.query("SELECT * FROM beacon_days")
     news = catalog.query("SELECT first_seen, count(*) AS n FROM newsletter_suppression GROUP BY 1")
     m = Model()
-    _rows(m, stats)
+    _rows(m, stats, _sends_by_day(camps))
     _distinct_margins(m, stats)
     _campaigns(m, camps)
     _days(m, days, news)
@@ -87,7 +94,24 @@ def attack(catalog: Catalog) -> list[tuple[str, float, float]]:
     return m.pinned()
 
 
-def _rows(m: Model, stats: pd.DataFrame) -> None:
+def _sends_by_day(camps: pd.DataFrame) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for r in camps.itertuples():
+        out.setdefault(r.d, set()).add(r.campaign)
+    return out
+
+
+def named(b: str, t: str, p: str, campaigns: set[str]) -> bool:
+    """The fold rule, as any reader knows it: a label still named in a margin row had 11 or
+    more distinct visitors (unless it is the empty partner or a sends campaign)."""
+    if (t == "*") == (p == "*"):
+        return False
+    label = p if t == "*" else t
+    exempt = b in ("email_open", "email_open_mpp") and label in campaigns
+    return label not in ("", "{other}") and not exempt
+
+
+def _rows(m: Model, stats: pd.DataFrame, campaigns: dict[str, set[str]]) -> None:
     """Each row's hits (a sum of listed cells, each at least 1) and visitors."""
     inner = stats[(stats.t != "*") & (stats.p != "*")]
     for r in inner.itertuples():
@@ -101,6 +125,8 @@ def _rows(m: Model, stats: pd.DataFrame) -> None:
         form: list[Hashable] = [("h", r.d, r.b, x.t, x.p) for x in sel.itertuples()]
         u = m.var(("u", r.d, r.b, r.t, r.p))
         m.ub.append({u: 1, **{h: -1 for h in form}})
+        if named(r.b, r.t, r.p, campaigns.get(r.d, set())):
+            m.floor([u], 11)
         if r.suppressed:
             m.unknown.append((f"{r.d} {r.b} {r.t} {r.p} hits", form))
             m.unknown.append((f"{r.d} {r.b} {r.t} {r.p} visitors", [u]))
@@ -181,6 +207,9 @@ def attack_rollups(catalog: Catalog) -> list[tuple[str, float, float]]:
         "SELECT period, strftime(first_day, '%Y-%m-%d') AS f, days, beacon AS b, target AS t,"
         " partner AS p, hits, suppressed FROM beacon_rollups"
     )
+    campaigns = _sends_by_day(
+        catalog.query("SELECT strftime(day, '%Y-%m-%d') AS d, campaign FROM email_campaigns")
+    )
     found = []
     for month, mrows in rollups[rollups.period == "month"].groupby("f"):
         days = mrows["days"].iloc[0].split(",")
@@ -211,8 +240,10 @@ def attack_rollups(catalog: Catalog) -> list[tuple[str, float, float]]:
                 else:
                     m.eq.append(({v: 1 for v in form}, float(r.hits)))
                 if r.t != "*" and r.p != "*" and form:  # a listed inner row had a hit
-                    m.ub.append({v: -1 for v in form} | {m.var("one", lower=1): 1})
-        m.eq.append(({"one": 1}, 1.0))
+                    m.floor(form, 1)
+                sends = set().union(*(campaigns.get(d, set()) for d in covered))
+                if form and named(r.b, r.t, r.p, sends):
+                    m.floor(form, 11)
         m.unknown = [(n, f) for n, f in m.unknown if f]
         found += m.pinned()
     return found

@@ -31,6 +31,15 @@ def test_example_is_scrubbed_and_counter_example_kept(pattern) -> None:  # type:
         ("/p/PK_" + "AB" * 16, "/p/{patient}"),
         ("/s/1.2.840.113619.2.55.3.604688119", "/s/{uid}"),
         ("/from/198.51.100.23", "/from/{ip}"),
+        # An outside review's bypasses: other dashes, invisible characters, other separators
+        # and escapes, obfuscated @, dot-likes.
+        ("/records/123\u201345\u20136789", "/records/{id}"),
+        ("/mrn/123\u200b456\u200b78", "/mrn/{id}"),
+        ("/mrn/123/456/789", "/mrn/{id}"),
+        ("/share/jane.doe%u0040example.com", "/share/{email}"),
+        ("/share/jane.doe&#64;example.com", "/share/{email}"),
+        ("/share/jane.doe(at)example.com", "/share/{email}"),
+        ("/u/1\u00b72\u00b7840\u00b710008\u00b75\u00b71\u00b74", "/u/{uid}"),
     ],
 )
 def test_bypasses_are_scrubbed(label: str, expected: str) -> None:
@@ -43,5 +52,12 @@ def test_query_and_fragment_are_cut_after_decoding() -> None:
 
 
 def test_ordinary_labels_are_kept() -> None:
-    for label in ("/", "/about", "/news/2026-11-20", "nl-2026-11", "partner-7", "/docs/v1.2.3"):
+    for label in (
+        "/",
+        "/about",
+        "/news/2026-11-20",
+        "/2026/11/20/news",
+        "nl-2026-11",
+        "/docs/v1.2.3",
+    ):
         assert scrub(label) == (label, False)
