@@ -670,15 +670,22 @@ def _read_sends(
         return {}
     path = beacons.duckdb_source(con, sends_name)
     rows = con.execute(
-        "SELECT campaign, sum(TRY_CAST(sends AS BIGINT)) FROM"
+        "SELECT campaign, sum(TRY_CAST(sends AS HUGEINT)) FROM"
         " read_csv($path, all_varchar=true, header=true) GROUP BY 1",
         {"path": path},
     ).fetchall()
     sends: dict[str, int] = {}
     for campaign, sent in rows:
         name = _label(campaign)[0]
-        sends[name] = sends.get(name, 0) + int(sent or 0)
+        count = int(sent or 0)
+        if not 0 <= count <= MAX_SENDS:  # not a mailing's size: read as unknown
+            log.warning("a sends count out of range is read as 0")
+            count = 0
+        sends[name] = min(sends.get(name, 0) + count, MAX_SENDS)
     return sends
+
+
+MAX_SENDS = 10**12
 
 
 def newsletter_suppression(catalog: Catalog) -> pd.DataFrame:
