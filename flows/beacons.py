@@ -27,7 +27,8 @@ def compile_beacon_stats(
 
     A day already published is not compiled again by the scheduled pass: its late files
     are set aside under ``late/`` and counted (see :func:`dropvault.tasks.beacons.hold_late_files`).
-    Naming the ``day`` recompiles it and replaces its rows.
+    Naming the ``day`` compiles it again: let through when it gives the same numbers (the
+    same logs), refused (``RepublishRefused``) when they would differ.
     """
     settings, home = for_run(home, settings)
     home.catalog.migrate()

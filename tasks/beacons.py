@@ -33,7 +33,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dropvault.storage.catalog import Catalog, insert_rows
+from dropvault.storage.catalog import Catalog, CatalogMissingError, insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.locations import Entry, Location, is_file_problem, is_safe_name
 from dropvault.tasks.audit import audit as audit_event
@@ -299,22 +299,44 @@ class RepublishRefused(RuntimeError):
 
 
 def _published_otherwise(catalog: Catalog, day: str, tables: DayTables) -> bool:
-    """Whether ``day`` is published with rows other than ``tables`` (a recompile of the
-    same logs gives the same rows, and is let through)."""
-    old = catalog.query(
-        "SELECT beacon, target, partner, hits, unique_visitors, suppressed FROM beacon_stats"
-        " WHERE day = ?",
-        [day],
-    )
-    if old.empty:
+    """Whether ``day`` is published with numbers other than ``tables`` (its rows, its
+    campaigns or its counters). A recompile of the same logs gives the same numbers, and is
+    let through."""
+    try:
+        old = catalog.query(
+            "SELECT beacon, target, partner, hits, unique_visitors, suppressed FROM beacon_stats"
+            " WHERE day = ?",
+            [day],
+        )
+        days = catalog.query("SELECT * FROM beacon_days WHERE day = ?", [day])
+        camps = catalog.query(
+            "SELECT campaign, sends, opens, opens_with_mpp, suppressed FROM email_campaigns"
+            " WHERE day = ?",
+            [day],
+        )
+    except CatalogMissingError:
         return False
-    cols = ["beacon", "target", "partner", "hits", "unique_visitors", "suppressed"]
-    new = pd.DataFrame(tables.stats, columns=["day", *cols])[cols]
+    if old.empty and days.empty:
+        return False
+    stat_cols = ["beacon", "target", "partner", "hits", "unique_visitors", "suppressed"]
+    camp_cols = ["campaign", "sends", "opens", "opens_with_mpp", "suppressed"]
+    new_counters = [tables.counters.get(c) for c in DAY_COUNTERS]
+    old_counters = [_plain(days[c].iloc[0]) for c in DAY_COUNTERS] if len(days) else []
+    return (
+        _row_set(old)
+        != _row_set(pd.DataFrame(tables.stats, columns=["day", *stat_cols])[stat_cols])
+        or _row_set(camps)
+        != _row_set(pd.DataFrame(tables.campaigns, columns=["day", *camp_cols])[camp_cols])
+        or old_counters != new_counters
+    )
 
-    def rows(df: pd.DataFrame) -> set[tuple[Any, ...]]:
-        return {tuple(None if pd.isna(v) else v for v in r) for r in df.itertuples(index=False)}
 
-    return rows(old) != rows(new)
+def _plain(value: Any) -> Any:
+    return None if pd.isna(value) else int(value) if isinstance(value, int | float) else value
+
+
+def _row_set(df: pd.DataFrame) -> set[tuple[Any, ...]]:
+    return {tuple(_plain(v) for v in r) for r in df.itertuples(index=False)}
 
 
 def _refused(entry: Entry) -> bool:

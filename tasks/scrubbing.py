@@ -136,10 +136,10 @@ def _unicode_escape(m: re.Match[str]) -> str:
 
 
 def _plain(c: str) -> str:
-    """One character as the patterns read it: format characters (zero-width spaces,
-    joiners, bidi marks) dropped, any dash ``-``, any dot-like ``.``."""
+    """One character as the patterns read it: format and control characters (zero-width
+    spaces, joiners, bidi marks, NUL) dropped, any dash ``-``, any dot-like ``.``."""
     category = unicodedata.category(c)
-    if category == "Cf":
+    if category in ("Cf", "Cc"):  # and control characters (a NUL, a tab: not a label's)
         return ""
     if category == "Pd" or c == "\u2212":
         return "-"

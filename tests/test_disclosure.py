@@ -242,3 +242,26 @@ def test_an_audit_past_its_budget_hides_everything_it_decides() -> None:
     system, forms = grid_system({(f"t{i}", f"p{j}"): 1 for i in range(6) for j in range(6)})
     result = system.protect(budget_seconds=0.0)
     assert result.gave_up and result.hidden == set(forms)
+
+
+def test_a_recompile_that_changes_only_counters_is_refused(home: Home) -> None:
+    """Late hits that land only in hidden cells leave beacon_stats as it was; the day's
+    counters would change, and two audit rows could be subtracted: refused too."""
+    hits = [hit("page_view", "/a", f"a{i}") for i in range(5)]
+    hits += [hit("cobrand", f"/x{i}", f"c{i}", partner=f"p{i}") for i in range(15)]
+    samples.write_hits(home.beacons, DAY, hits, name="a.jsonl")
+    home.catalog.migrate()
+    compile_day(home.beacons, home.exports, home.catalog, home.pepper, DAY, "keep")
+    counters = home.catalog.query("SELECT * FROM beacon_days")
+    for e in home.beacons.list(f"processed/{DAY}"):
+        home.beacons.move(e.name, home.beacons, e.name.removeprefix("processed/"))
+    again = compile_day(home.beacons, home.exports, home.catalog, home.pepper, DAY, "keep")
+    assert again.counted == 20  # the same logs: let through
+    late = [hit("page_view", "/a", f"late{i}") for i in range(3)]
+    samples.write_hits(home.beacons, DAY, late, name="late.jsonl")
+    for e in home.beacons.list(f"processed/{DAY}"):
+        home.beacons.move(e.name, home.beacons, e.name.removeprefix("processed/"))
+    with pytest.raises(RepublishRefused):
+        compile_day(home.beacons, home.exports, home.catalog, home.pepper, DAY, "keep")
+    after = home.catalog.query("SELECT * FROM beacon_days")
+    assert after.drop(columns="compiled_at").equals(counters.drop(columns="compiled_at"))
