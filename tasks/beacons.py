@@ -230,24 +230,8 @@ def compile_day(
         _classify_hits(con)
         stats.folded = _fold_labels(con, keep=set(sends))
         _count(con, stats)
-        agg = con.execute(
-            """
-            SELECT beacon,
-                   CASE WHEN grouping(target) = 1 THEN '*' ELSE target END AS target,
-                   CASE WHEN grouping(partner) = 1 THEN '*' ELSE partner END AS partner,
-                   count(*) AS hits, count(DISTINCT visitor) AS unique_visitors
-            FROM hits WHERE known AND NOT bot
-            GROUP BY GROUPING SETS ((beacon, target, partner), (beacon, target),
-                                    (beacon, partner), (beacon))
-            """
-        ).df()
-        unsubscribers = [
-            r[0]
-            for r in con.execute(
-                "SELECT DISTINCT visitor FROM hits WHERE beacon = 'unsubscribe' AND known"
-                " AND NOT bot AND visitor IS NOT NULL"
-            ).fetchall()
-        ]
+        agg = _aggregate(con)
+        unsubscribers = _unsubscribers(con)
         stats.unsubscribes = len(unsubscribers)
         keys = [_newsletter_key(pepper, v) for v in unsubscribers]
         tables = day_tables(
@@ -266,31 +250,73 @@ def compile_day(
                 " publication could be subtracted from the first, so it is refused (its logs"
                 " stay in place)"
             )
-        stats.cells = len(rows)
-        stats.suppressed = sum(1 for r in rows if r["suppressed"])
-        stats.published = tables.counters
-        if tables.audit is not None:
-            stats.secondary = tables.audit.secondary
-            stats.audit_seconds = round(tables.audit.seconds, 3)
-            stats.audit_gave_up = tables.audit.gave_up
-            if tables.audit.gave_up:
-                log.warning("beacons %s: the audit ran out of time; the day is hidden", day)
-        parquet = Path(tmp) / "beacon_stats.parquet"
-        # Typed columns: a day with no countable hit (only bots, say) exports an empty table.
-        con.register("_out", pd.DataFrame(rows, columns=list(EXPORT_COLUMNS)))
-        typed = ", ".join(f"{c}::{t} AS {c}" for c, t in EXPORT_COLUMNS.items())
-        con.execute(f"COPY (SELECT {typed} FROM _out) TO '{parquet}' (FORMAT parquet)")
-        cells = Path(tmp) / "cells.parquet"
-        con.execute(f"COPY day_cells TO '{cells}' (FORMAT parquet)")
+        _note_audit(stats, tables)
+        _write_exports(con, Path(tmp), exports, beacons, day, rows)
         con.close()
-        exports.put_bytes(f"beacon_stats/day={day}/beacon_stats.parquet", parquet.read_bytes())
-        # Kept beside the raw logs (operators only) until the day's month is rolled up.
-        beacons.put_bytes(f"{CELLS}/{day}.parquet", cells.read_bytes())
     _store_day(catalog, stats, tables, keys)
     _set_aside(beacons, unreadable)
     done = [n for n in names if n not in unreadable]
     _retire_logs(beacons, done + ([sends_name] if sends_name else []), retention)
     return stats
+
+
+def _aggregate(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Hits and exact distinct visitors per beacon, target and partner, with margins."""
+    return con.execute(
+        """
+        SELECT beacon,
+               CASE WHEN grouping(target) = 1 THEN '*' ELSE target END AS target,
+               CASE WHEN grouping(partner) = 1 THEN '*' ELSE partner END AS partner,
+               count(*) AS hits, count(DISTINCT visitor) AS unique_visitors
+        FROM hits WHERE known AND NOT bot
+        GROUP BY GROUPING SETS ((beacon, target, partner), (beacon, target),
+                                (beacon, partner), (beacon))
+        """
+    ).df()
+
+
+def _unsubscribers(con: duckdb.DuckDBPyConnection) -> list[str]:
+    return [
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT visitor FROM hits WHERE beacon = 'unsubscribe' AND known"
+            " AND NOT bot AND visitor IS NOT NULL"
+        ).fetchall()
+    ]
+
+
+def _note_audit(stats: DayStats, tables: DayTables) -> None:
+    """The day's row counts and what the audit did, into ``stats``."""
+    stats.cells = len(tables.stats)
+    stats.suppressed = sum(1 for r in tables.stats if r["suppressed"])
+    stats.published = tables.counters
+    if tables.audit is not None:
+        stats.secondary = tables.audit.secondary
+        stats.audit_seconds = round(tables.audit.seconds, 3)
+        stats.audit_gave_up = tables.audit.gave_up
+        if tables.audit.gave_up:
+            log.warning("beacons %s: the audit ran out of time; the day is hidden", stats.day)
+
+
+def _write_exports(
+    con: duckdb.DuckDBPyConnection,
+    tmp: Path,
+    exports: Location,
+    beacons: Location,
+    day: str,
+    rows: list[dict[str, Any]],
+) -> None:
+    """The Parquet export of the day's rows, and the day's cells for the rollups."""
+    parquet = tmp / "beacon_stats.parquet"
+    # Typed columns: a day with no countable hit (only bots, say) exports an empty table.
+    con.register("_out", pd.DataFrame(rows, columns=list(EXPORT_COLUMNS)))
+    typed = ", ".join(f"{c}::{t} AS {c}" for c, t in EXPORT_COLUMNS.items())
+    con.execute(f"COPY (SELECT {typed} FROM _out) TO '{parquet}' (FORMAT parquet)")
+    cells = tmp / "cells.parquet"
+    con.execute(f"COPY day_cells TO '{cells}' (FORMAT parquet)")
+    exports.put_bytes(f"beacon_stats/day={day}/beacon_stats.parquet", parquet.read_bytes())
+    # Kept beside the raw logs (operators only) until the day's month is rolled up.
+    beacons.put_bytes(f"{CELLS}/{day}.parquet", cells.read_bytes())
 
 
 class RepublishRefused(RuntimeError):

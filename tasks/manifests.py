@@ -453,7 +453,7 @@ def _rewrite(
 
 
 def _decoded(text: str) -> str:
-    """``text`` with JSON's ``\\uXXXX`` escapes written out as the characters, so a UID or
+    """``text`` with JSON's ``\\u0041``-style escapes written out as the characters, so a UID or
     a name spelled with escapes is found, and redacted."""
     if "\\u" not in text:
         return text

@@ -112,7 +112,7 @@ PATTERNS: tuple[Pattern, ...] = (
 
 
 def normalise(text: str) -> str:
-    """Decoded (percent, ``%uXXXX`` and HTML entities, repeatedly, bounded), NFKC-folded,
+    """Decoded (percent, ``%u0040``-style and HTML entities, repeatedly, bounded), NFKC-folded,
     invisible format characters dropped, dashes and dot-likes made ASCII, ``(at)``
     read as ``@``; then the query and fragment are cut."""
     for _ in range(MAX_DECODES):
