@@ -56,6 +56,13 @@ def _root(
         raise typer.Exit(0)
 
 
+def _click_message(exc: Exception) -> str:
+    """Click's own text for a usage error (it names the option), on one line."""
+    format_message = getattr(exc, "format_message", None)
+    text = format_message() if callable(format_message) else str(exc)
+    return " ".join(str(text).split())
+
+
 def one_line_errors(fn: F) -> F:
     """Turn any failure into ``error: <message>`` on stderr and exit code 1."""
 
@@ -65,6 +72,9 @@ def one_line_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except typer.TyperException as exc:  # a bad option value: name the option
+            typer.echo(f"error: {_click_message(exc)}", err=True)
+            raise typer.Exit(1) from None
         except (SettingsError, Exception) as exc:  # noqa: BLE001 - the CLI's last line of defence
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             typer.echo(f"error: {message}", err=True)
@@ -124,6 +134,35 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def _time_option(value: str | None, option: str) -> Any:
+    """An ISO 8601 option value as a UTC datetime; a bad one names the option."""
+    from dropvault.tasks.manifests import parse_time
+
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not an ISO 8601 date or time (for example 2026-12-01)",
+            param_hint=option,
+        ) from None
+
+
+def _day_option(value: str | None, option: str) -> str | None:
+    """A YYYY-MM-DD option value; a bad one names the option."""
+    from datetime import date
+
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a day as YYYY-MM-DD", param_hint=option
+        ) from None
 
 
 def _home() -> Any:
@@ -187,13 +226,18 @@ def rotate_kms_key(
 
 @app.command()
 @one_line_errors
-def demo() -> None:
+def demo(
+    reset: Annotated[
+        bool,
+        typer.Option("--reset", help="Empty a home an earlier demo made, then run again."),
+    ] = False,
+) -> None:
     """Make demo drops under DROPVAULT_HOME (default ./.dropvault) and run every flow."""
     settings = Settings.load()
     embedded_prefect_home(settings.home)
     from dropvault.flows.demo import run_demo
 
-    summary = run_demo(settings, progress=lambda msg: typer.echo(msg, err=True))
+    summary = run_demo(settings, progress=lambda msg: typer.echo(msg, err=True), reset=reset)
     for line in summary.lines():
         typer.echo(line)
 
@@ -303,9 +347,13 @@ def who_can_access_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """Who can access a study now: its owner and every active grant covering it."""
-    from dropvault.tasks.sharing import who_can_access
+    from dropvault.tasks.sharing import study_exists, who_can_access
 
-    _print_frame(who_can_access(_catalog(), study_uid), as_json)
+    catalog = _catalog()
+    frame = who_can_access(catalog, study_uid)
+    if frame.empty and not study_exists(catalog, study_uid):
+        raise LookupError("no study with this UID in the catalog (never ingested, or deleted)")
+    _print_frame(frame, as_json)
 
 
 @app.command()
@@ -316,10 +364,9 @@ def disclosures(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """The accounting of disclosures made for OWNER's records."""
-    from dropvault.tasks.manifests import parse_time
     from dropvault.tasks.sharing import disclosures_for
 
-    start = parse_time(since) if since else None
+    start = _time_option(since, "--since")
     _print_frame(disclosures_for(_catalog(), owner, start), as_json)
 
 
@@ -337,9 +384,8 @@ def incident(
 
     from dropvault.flows.sharing import report_wrong_access
     from dropvault.tasks.incidents import file_incident_request
-    from dropvault.tasks.manifests import parse_time
 
-    when = parse_time(reported_at) if reported_at else datetime.now(UTC)
+    when = _time_option(reported_at, "--reported-at") or datetime.now(UTC)
     settings = Settings.load()
     home = settings.build_home()  # refuses a home never made before the flow starts
     request = file_incident_request(home.manifests, user, study, when)
@@ -400,6 +446,7 @@ def beacons(
     """Beacon statistics per day, beacon, target and partner (suppressed cells show no count)."""
     from dropvault.tasks.beacons import beacon_stats
 
+    day, since = _day_option(day, "--day"), _day_option(since, "--since")
     if compile_first:
         from dropvault.flows.beacons import compile_beacon_stats
 
@@ -488,10 +535,22 @@ def main() -> None:
     quiet_prefect_defaults()
     try:
         Settings.load()  # a wrong setting fails here, before any flow starts
-        app()
+        code = app(standalone_mode=False)
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except typer.TyperException as exc:  # usage errors too: one line, exit 1
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())  # a command group with no command: its help
+            sys.exit(0)
+        where = ctx.command_path if ctx is not None else "dropvault"
+        typer.echo(f"error: {_click_message(exc)} (see: {where} --help)", err=True)
+        sys.exit(1)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,13 +24,56 @@ from dropvault.flows.deletion import deletion_sweep
 from dropvault.flows.ingest import ingest_drops
 from dropvault.flows.settings import Settings
 from dropvault.flows.sharing import apply_share_manifests
-from dropvault.storage.home import Home
+from dropvault.storage.errors import TerminalError
+from dropvault.storage.home import LOCATIONS, Home, HomeRecord
 from dropvault.tasks import samples
 from dropvault.tasks.deletion import deletion_sla
 from dropvault.tasks.sharing import access_list
 from dropvault.tasks.status import table_counts
 
 FACILITIES = ("st-olav", "north-imaging", "harbor-clinic")
+# Written into a home the demo made: ``--reset`` removes only such a home.
+DEMO_MARK = "made-by-dropvault-demo"
+# Tables whose rows mean the home holds data (a new home has only its first catalog write).
+DATA_TABLES = ("drops", "instances", "quarantine", "grants", "beacon_days", "deletion_requests")
+
+
+class DemoRefused(TerminalError, RuntimeError):
+    """The demo would stack on a home that holds data, or ``--reset`` would remove one the
+    demo did not make."""
+
+
+def prepare_demo_home(settings: Settings, reset: bool) -> None:
+    """Refuse to run the demo on a home that holds data, unless ``reset`` and the demo made
+    it: then empty it (Prefect's own folder stays, the embedded server may be using it)."""
+    root = settings.home.resolve()
+    if HomeRecord.read(root) is None:
+        return
+    counts = table_counts(settings.reader_catalog())
+    held = {t: counts.get(t, 0) for t in DATA_TABLES if counts.get(t, 0)}
+    if not held:
+        return
+    if not reset:
+        summary = ", ".join(f"{t}={n}" for t, n in held.items())
+        raise DemoRefused(
+            f"{root} already holds data ({summary}); `dropvault demo --reset` starts the demo"
+            " over in a home the demo made"
+        )
+    outside = [
+        f"DROPVAULT_{n.upper()}_URL"
+        for n in (*LOCATIONS, "catalog")
+        if getattr(settings, f"{n}_url")
+    ]
+    if not (root / DEMO_MARK).exists() or outside:
+        why = f"it uses {', '.join(outside)}" if outside else "the demo did not make it"
+        raise DemoRefused(f"--reset removes only a home the demo made; {root}: {why}")
+    for child in root.iterdir():
+        if child.name == "prefect":
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 @dataclass
@@ -229,15 +273,26 @@ def _share(
 
 
 def run_demo(
-    settings: Settings | None = None, progress: Callable[[str], None] | None = None
+    settings: Settings | None = None,
+    progress: Callable[[str], None] | None = None,
+    reset: bool = False,
 ) -> DemoSummary:
     """Write demo drops under the settings' home and run every flow that exists.
 
-    ``progress`` is told what each step is about to do (the CLI prints it).
+    A home that already holds data is refused (a second demo would stack on the first),
+    unless ``reset``: then a home the demo made is emptied first (see
+    :func:`prepare_demo_home`). ``progress`` is told what each step is about to do.
     """
     say = progress or (lambda _msg: None)
     settings = (settings or Settings.load()).model_copy(update={"quiet_seconds": 0.0})
+    prepare_demo_home(settings, reset)
+    fresh = HomeRecord.read(settings.home.resolve()) is None
     home, made = settings.init_home()  # the demo makes its own home (or checks it)
+    if fresh:
+        (settings.home.resolve() / DEMO_MARK).write_text(
+            "This home was made by `dropvault demo`; `dropvault demo --reset` may empty it.\n",
+            encoding="utf-8",
+        )
     say(made)
     say("1/5 writing demo drops from pydicom's samples")
     drops, files, owned = write_demo_drops(home)

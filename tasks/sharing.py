@@ -422,6 +422,12 @@ def who_can_access(catalog: Catalog, study_uid: str) -> pd.DataFrame:
     )
 
 
+def study_exists(catalog: Catalog, study_uid: str) -> bool:
+    """The catalog holds this study (in any state but deleted)."""
+    df = catalog.query("SELECT count(*) AS n FROM studies WHERE study_uid = ?", [study_uid])
+    return bool(df["n"].iloc[0])
+
+
 def can_access(catalog: Catalog, user: str, study_uid: str) -> bool:
     df = catalog.query(
         "SELECT count(*) AS n FROM study_access WHERE study_uid = ? AND user_id = ?",

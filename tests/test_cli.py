@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -279,3 +280,50 @@ def test_ducklake_without_its_data_url_fails_at_start(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "DROPVAULT_CATALOG_DATA_URL" in proc.stderr and "hunter2" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (("export",), "sop_instance_uid"),
+        (("frobnicate",), "frobnicate"),
+        (("status", "--bogus"), "--bogus"),
+        (("disclosures", "user:x", "--since", "yesterday"), "--since"),
+        (("beacons", "--day", "2026-13-01"), "--day"),
+        (("incident", "--user", "u", "--study", "1.2", "--reported-at", "soon"), "--reported-at"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_1_naming_the_fault(
+    demo_home: Path, args: tuple[str, ...], names: str
+) -> None:
+    proc = dv(demo_home, *args, check=False)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert names in lines[0]
+    assert "Traceback" not in proc.stderr and "╭" not in proc.stderr
+
+
+def test_who_can_access_an_unknown_study_is_an_error(demo_home: Path) -> None:
+    proc = dv(demo_home, "who-can-access", "1.2.3.999", check=False)
+    assert proc.returncode == 1 and "no study with this UID" in proc.stderr
+    assert "1.2.3.999" not in proc.stderr  # a UID typed in is not echoed back
+
+
+def test_demo_twice_is_refused_and_reset_starts_over(demo_home: Path, tmp_path: Path) -> None:
+    again = dv(demo_home, "demo", check=False)
+    assert again.returncode == 1 and "--reset" in again.stderr
+    count = "SELECT count(*) AS n FROM drops"
+    before = json.loads(dv(demo_home, "sql", count, "--json").stdout)[0]["n"]
+    copy = tmp_path / "copy" / ".dropvault"
+    shutil.copytree(demo_home, copy, ignore=shutil.ignore_patterns("prefect"))
+    # A home with data that the demo did not make is never emptied by --reset.
+    mark = copy / "made-by-dropvault-demo"
+    mark.rename(tmp_path / "mark")
+    refused = dv(copy, "demo", "--reset", check=False)
+    assert refused.returncode == 1 and "only a home the demo made" in refused.stderr
+    assert json.loads(dv(copy, "sql", count, "--json").stdout)[0]["n"] == before
+    (tmp_path / "mark").rename(mark)
+    dv(copy, "demo", "--reset")
+    after = json.loads(dv(copy, "sql", count, "--json").stdout)[0]["n"]
+    assert after == before  # started over, not stacked
