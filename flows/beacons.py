@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from dropvault.flows.settings import Settings, for_run
-from dropvault.storage.home import Home
+from dropvault.flows.settings import RunHome, RunSettings, for_run
 from dropvault.tasks.beacon_rollups import RollupStats, compile_rollups_task
 from dropvault.tasks.beacons import (
     DayStats,
@@ -21,7 +20,7 @@ from dropvault.tasks.beacons import (
 
 @flow(name="compile-beacon-stats", validate_parameters=False)
 def compile_beacon_stats(
-    home: Home | None = None, settings: Settings | None = None, day: str | None = None
+    home: RunHome = None, settings: RunSettings = None, day: str | None = None
 ) -> list[DayStats]:
     """Compile every new day folder under ``{beacons}``, or one ``day`` by name.
 

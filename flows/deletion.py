@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from dropvault.flows.ingest import Progress
-from dropvault.flows.settings import Settings, for_run
+from dropvault.flows.ingest import RunProgress
+from dropvault.flows.settings import RunHome, RunSettings, for_run
 from dropvault.storage.errors import TerminalError
 from dropvault.storage.home import Home
 from dropvault.tasks.deletion import (
@@ -56,16 +56,16 @@ def _compact_and_prove(home: Home, resumed: int) -> str:
 
 @flow(name="deletion-sweep", validate_parameters=False)
 def deletion_sweep(
-    home: Home | None = None,
-    settings: Settings | None = None,
+    home: RunHome = None,
+    settings: RunSettings = None,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: RunProgress = None,
 ) -> SweepResult:
     """Take new requests from ``{manifests}/deletions/`` and carry out every pending one.
 
     ``progress(done, total)`` is called after each batch with requests handled so far.
     """
-    settings, home = for_run(home, settings)
+    settings, home = for_run(home, settings, progress=progress)
     home.catalog.migrate()
     logger = get_run_logger()
     now = datetime.now(UTC)

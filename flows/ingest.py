@@ -19,8 +19,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.utilities.annotations import quote
+from pydantic.json_schema import SkipJsonSchema
 
-from dropvault.flows.settings import Settings, for_run
+from dropvault.flows.settings import RunHome, RunSettings, Settings, for_run
 from dropvault.storage.home import Home
 from dropvault.tasks.drop_rekey import rekey_drops_task
 from dropvault.tasks.drops import Drop, DropFile, in_shard, parse_shard, scan_drops_task
@@ -34,6 +35,7 @@ from dropvault.tasks.ingest import (
 from dropvault.tasks.reconcile import ReconcileStats, reconcile_vault_task, settle_pending_task
 
 Progress = Callable[[int, int], None]
+RunProgress = SkipJsonSchema[Progress | None]  # in process only (the CLI's bar)
 T = TypeVar("T")
 
 
@@ -45,10 +47,10 @@ def opaque(value: T) -> T:
 
 @flow(name="ingest-drops", validate_parameters=False)
 def ingest_drops(
-    home: Home | None = None,
-    settings: Settings | None = None,
-    orphan_grace_seconds: float | None = None,
-    progress: Progress | None = None,
+    home: RunHome = None,
+    settings: RunSettings = None,
+    orphan_grace_seconds: SkipJsonSchema[float | None] = None,
+    progress: RunProgress = None,
     shard: str | None = None,
 ) -> IngestStats:
     """One ingest pass over every drop; returns (and publishes) the run's counts.
@@ -59,7 +61,9 @@ def ingest_drops(
     """
     if shard is not None:
         parse_shard(shard)  # a bad value fails before any work
-    settings, home = for_run(home, settings)
+    settings, home = for_run(
+        home, settings, orphan_grace_seconds=orphan_grace_seconds, progress=progress
+    )
     logger = get_run_logger()
     started = time.perf_counter()
     home.catalog.migrate()
@@ -169,8 +173,8 @@ def _settle(home: Home, grace: float) -> None:
 
 @flow(name="reconcile-vault", validate_parameters=False)
 def reconcile_vault(
-    home: Home | None = None,
-    settings: Settings | None = None,
+    home: RunHome = None,
+    settings: RunSettings = None,
     min_age_seconds: float | None = None,
 ) -> ReconcileStats:
     """Remove vault and quarantine objects that have no catalog row: pending records of

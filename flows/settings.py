@@ -29,6 +29,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dropvault.flows.limits import catalog_write_slot
@@ -580,18 +581,35 @@ class ParameterRefused(TerminalError, ValueError):
     """A deployment run was given a home or settings as a parameter."""
 
 
-def for_run(home: Home | None, settings: Settings | None) -> tuple[Settings, Home]:
+# Flow parameters that a notebook, a test or the CLI passes in process and a deployment run
+# never does: kept out of the deployments' parameter schema, so the Prefect UI offers an
+# operator only what an operator sets (shard, day, dry run), and refused by :func:`for_run`.
+RunHome = SkipJsonSchema[Home | None]
+RunSettings = SkipJsonSchema[Settings | None]
+
+
+def for_run(
+    home: Home | None, settings: Settings | None, **in_process: object
+) -> tuple[Settings, Home]:
     """The settings and home a flow run uses. Called in process (a notebook, a test), a
     flow takes them as arguments; a deployment run takes them from its worker's environment
     only, so a Prefect API user cannot point a scheduled flow at other locations or keys
-    with a run parameter (README, "Deploying")."""
+    with a run parameter (README, "Deploying"). ``in_process`` names the flow's other
+    in-process-only parameters (a progress callback, a grace period): a deployment run
+    given any of them is refused too."""
     from prefect.runtime import deployment
 
-    if deployment.id is not None and (home is not None or settings is not None):
-        raise ParameterRefused(
-            "a deployment run takes its home and settings from the worker's environment,"
-            " not from run parameters"
-        )
+    if deployment.id is not None:
+        given = [
+            name
+            for name, value in {"home": home, "settings": settings, **in_process}.items()
+            if value is not None
+        ]
+        if given:
+            raise ParameterRefused(
+                f"a deployment run takes {', '.join(given)} from the worker's environment,"
+                " not from run parameters"
+            )
     settings = settings or Settings.load()
     return settings, home or settings.build_home()
 

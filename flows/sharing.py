@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dropvault.flows.settings import Settings, for_run
-from dropvault.storage.home import Home
+from dropvault.flows.settings import RunHome, RunSettings, for_run
 from dropvault.tasks.deletion import tombstoned
 from dropvault.tasks.incidents import (
     REQUESTS,
@@ -28,7 +27,7 @@ from dropvault.tasks.sharing import (
 
 @flow(name="apply-share-manifests", validate_parameters=False)
 def apply_share_manifests(
-    home: Home | None = None, settings: Settings | None = None, dry_run: bool = False
+    home: RunHome = None, settings: RunSettings = None, dry_run: bool = False
 ) -> ShareResult:
     """Apply every pending share manifest; with ``dry_run`` report the diff and change nothing."""
     settings, home = for_run(home, settings)
@@ -58,8 +57,8 @@ def apply_share_manifests(
 @flow(name="report-wrong-access", validate_parameters=False)
 def report_wrong_access(
     request: str,
-    home: Home | None = None,
-    settings: Settings | None = None,
+    home: RunHome = None,
+    settings: RunSettings = None,
 ) -> Incident:
     """A user saw a study not theirs: trace, revoke, and write the breach worksheet (P5).
 

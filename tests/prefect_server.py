@@ -24,25 +24,35 @@ def free_port() -> int:
 
 
 @contextmanager
-def prefect_server(home: Path, timeout: float = 180) -> Iterator[dict[str, str]]:
+def prefect_server(
+    home: Path, timeout: float = 180, scheduler: bool = False, log: Path | None = None
+) -> Iterator[dict[str, str]]:
     """Start a server with ``home`` as its ``PREFECT_HOME``; yields an environment (without
-    any ``DROPVAULT_`` or other ``PREFECT_`` settings) whose ``PREFECT_API_URL`` points at it."""
+    any ``DROPVAULT_`` or other ``PREFECT_`` settings) whose ``PREFECT_API_URL`` points at it.
+
+    ``scheduler`` runs its scheduler service (looking for new deployments every second);
+    ``log`` keeps the server's output, warnings included, in that file."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DROPVAULT_"))}
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_LOGGING_LEVEL="CRITICAL",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING" if log else "CRITICAL",
         PREFECT_LOGGING_LEVEL="WARNING",
         DO_NOT_TRACK="1",
     )
     args = ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    if scheduler:
+        env["PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS"] = "1"
+    else:
+        args.append("--no-scheduler")
+    out = log.open("wb") if log else None
     proc = subprocess.Popen(  # noqa: S603 - this environment's own prefect
-        [PREFECT, *args, "--no-scheduler"],
+        [PREFECT, *args],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if out else subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -62,3 +72,5 @@ def prefect_server(home: Path, timeout: float = 180) -> Iterator[dict[str, str]]
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if out:
+            out.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +114,46 @@ def test_deploy_and_run_ingest_on_a_worker(server: dict[str, str], tmp_path: Pat
     assert runs[0]["state_type"] == "FAILED"
     assert not leak.exists()
     assert len(Home.local(elsewhere).drops.list()) == 4  # untouched: three images, manifest
+
+
+def test_the_scheduler_schedules_every_deployment(tmp_path: Path) -> None:
+    """With its scheduler on, the server gives every deployment in prefect.yaml scheduled
+    runs, and logs no error doing it (prefect 3.9.0 with SQLAlchemy 2.1 failed every loop)."""
+    log = tmp_path / "server.log"
+    with prefect_server(tmp_path / "prefect-home", scheduler=True, log=log) as env:
+        made = subprocess.run(
+            [EXE, "work-pool"],
+            env={**env, "DROPVAULT_HOME": str(tmp_path / "h")},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr
+        run(env, "--no-prompt", "deploy", "--all")
+        api = env["PREFECT_API_URL"]
+        deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+        wanted = {d["id"]: d["name"] for d in deployments}
+        assert len(wanted) == len(
+            yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        )
+        scheduled: dict[str, int] = {}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            runs = httpx.post(
+                f"{api}/flow_runs/filter",
+                json={"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}, "limit": 200},
+                timeout=10,
+            ).json()
+            scheduled = {}
+            for r in runs:
+                name = wanted.get(r["deployment_id"])
+                if name:
+                    scheduled[name] = scheduled.get(name, 0) + 1
+            if set(scheduled) == set(wanted.values()):
+                break
+            time.sleep(1)
+        assert set(scheduled) == set(wanted.values()), scheduled
+        time.sleep(3)  # a few more scheduler loops, for any error they would log
+    text = log.read_text(errors="replace")
+    bad = [line for line in text.splitlines() if "ERROR" in line or "Traceback" in line]
+    assert not bad, "\n".join(bad[:20])
