@@ -37,6 +37,7 @@ from prefect.cache_policies import NO_CACHE
 from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
+from dropvault.storage.keystore import KeyDestroyedError
 from dropvault.storage.locations import is_file_problem, read_problem
 from dropvault.storage.vault import IntegrityError, Sealed, Vault
 from dropvault.tasks.audit import audit
@@ -579,7 +580,9 @@ class _Batch:
 
     def seal(self, planned: list[_Sealed]) -> None:
         """Encrypt each planned instance into the vault and verify it; a failed read-back or
-        a source that changed while read leaves the file in the drop for the next run."""
+        a source that changed while read leaves the file in the drop for the next run. So
+        does a study key a deletion sweep destroyed since the plan: the next run finds the
+        tombstone and treats the file as a late copy of a deleted study."""
         for p in planned:
             key_id = self.study_keys[p.header.study_uid]
             try:
@@ -587,7 +590,7 @@ class _Batch:
                     _fault("mid_encrypt")
                     sealed = self.vault.put(p.name, src, key_id, fresh=True)
                 self.vault.verify(p.name, sealed)
-            except IntegrityError:
+            except (IntegrityError, KeyDestroyedError):
                 continue
             if sealed.sha256 != p.item.sha256:
                 continue

@@ -156,3 +156,44 @@ def test_deletion_racing_ingest_converges_and_the_tombstone_wins(
     # A quarantined late file is gone too once its study's tombstone is swept, or it is kept
     # encrypted under a key of its own, never readable as the deleted study.
     assert q("SELECT count(*) AS n FROM instances")["n"][0] == 0
+
+
+def test_a_sweep_between_an_ingests_plan_and_its_encryption(local_home: Home) -> None:
+    """The race the threaded test above meets now and then, made certain: the sweep
+    destroys the study's key after the ingest planned with it. The ingest finishes; the
+    late file is a late copy of a deleted study on the next run, never an image again."""
+    from dropvault.tasks import ingest as ingest_module
+
+    home = local_home
+    rng = random.Random(8)
+    uid, files = samples.make_study(rng, samples.make_patient(rng, 1), 3, "MR_small.dcm")
+    names = sorted(files)
+    settings = Settings.load(quiet_seconds=0)
+    samples.write_drop(home.drops, "fac", "early", {names[0]: files[names[0]]},
+                       owners={uid: "user:eve"})  # fmt: skip
+    ingest_drops(home=home, settings=settings, orphan_grace_seconds=0)
+    samples.write_drop(home.drops, "fac", "late", {n: files[n] for n in names[1:]},
+                       owners={uid: "user:eve"})  # fmt: skip
+    row = {"request_id": "del", "owner": "user:eve", "study_uid": uid,
+           "requested_at": (datetime.now(UTC) - timedelta(minutes=5)).isoformat()}  # fmt: skip
+    home.manifests.put_bytes("deletions/eve.jsonl", (json.dumps(row) + "\n").encode())
+
+    def sweep_now() -> None:
+        ingest_module.FAULTS.pop("mid_encrypt", None)  # once
+        t = threading.Thread(target=lambda: deletion_sweep(home=home, settings=settings))
+        t.start()
+        t.join(300)
+
+    ingest_module.FAULTS["mid_encrypt"] = sweep_now
+    try:
+        ingest_drops(home=home, settings=settings, orphan_grace_seconds=3600)
+    finally:
+        ingest_module.FAULTS.pop("mid_encrypt", None)
+    q = home.catalog.query
+    assert q("SELECT count(*) AS n FROM tombstones")["n"][0] == 1
+    assert len(home.drops.list()) > 0  # the late files wait for the next run
+    ingest_drops(home=home, settings=settings, orphan_grace_seconds=0)
+    deletion_sweep(home=home, settings=settings)
+    assert q("SELECT count(*) AS n FROM instances WHERE study_uid = ?", [uid])["n"][0] == 0
+    assert set(q("SELECT reason FROM quarantine")["reason"]) <= {"deleted_by_owner"}
+    assert home.drops.list() == [] and home.vault.list() == []
