@@ -15,7 +15,8 @@ optimizing cell suppression in tabular data with linear constraints", JASA 2000)
 
 1. **Primary suppression.** A publication with a person-count form from 1 to 10 is hidden.
 2. **Audit.** For each hidden form with a value from 1 to 10, two linear programs (HiGHS,
-   through ``highspy``, one model warm-started from query to query) give the smallest and
+   through ``highspy``, one model warm-started from query to query by primal simplex, since
+   only the objective changes) give the smallest and
    largest value it can take given every published form as an equality, every variable
    non-negative (a row that is listed at all has at least one hit), and the known
    inequalities between distinct counts (a row's visitors are at most its hits; a
@@ -165,8 +166,9 @@ class _Auditor:
         self.row_of = {f: i for i, f in enumerate(self.forms)}
         self.lp = self._model()
         self.costed = np.zeros(0, dtype=np.int32)
-        self.points: list[np.ndarray] = []  # feasible points the LPs found
-        self._stacked = np.zeros((0, len(self.index)))
+        # Feasible points the LPs found, one per row (grown by doubling).
+        self._points = np.zeros((16, len(self.index)))
+        self._n_points = 0
 
     def run(self, budget: float | None = None) -> AuditResult:
         start = time.perf_counter()
@@ -262,6 +264,7 @@ class _Auditor:
         lp = highspy.Highs()
         lp.setOptionValue("output_flag", False)
         lp.setOptionValue("presolve", "off")  # keeps the basis from one query to the next
+        lp.setOptionValue("simplex_strategy", 4)  # primal: only costs change between queries
         n = len(self.index)
         lower = np.array([self.s.lower[v] for v in self.s.values], dtype=float)
         lp.addVars(n, lower, np.full(n, INF))
@@ -297,14 +300,19 @@ class _Auditor:
         )
         return lp
 
+    def _add_point(self, point: np.ndarray) -> None:
+        if self._n_points == len(self._points):
+            self._points = np.vstack([self._points, np.zeros_like(self._points)])
+        self._points[self._n_points] = point
+        self._n_points += 1
+
     def _certified(self, form: Form) -> bool:
         """Whether a point already found (feasible then, so feasible now: hiding only frees
         rows) gives ``form`` a value outside 1-10, which protects it without a new LP."""
-        if not self.points:
+        if not self._n_points:
             return False
-        if len(self.points) != len(self._stacked):
-            self._stacked = np.vstack(self.points)
-        values = self._stacked[:, [self.index[v] for v in form]].sum(axis=1)
+        cols = [self.index[v] for v in form]
+        values = self._points[: self._n_points, cols].sum(axis=1)
         return bool((values >= SMALL_MAX + 1 - EPS).any() or (values <= SMALL_MIN - 1 + EPS).any())
 
     def _unprotected(self, form: Form) -> dict[Form, float] | None:
@@ -343,11 +351,12 @@ class _Auditor:
         if status != highspy.HighsModelStatus.kOptimal:
             raise DisclosureError(f"the audit's linear program failed: {status}")
         value = float(lp.getInfo().objective_function_value)
-        self.points.append(np.array(lp.getSolution().col_value))
-        duals = lp.getSolution().row_dual
+        self._add_point(np.array(lp.getSolution().col_value))
+        # Only the published rows that bind (few), found without a pass over every form.
+        duals = np.asarray(lp.getSolution().row_dual)[: len(self.forms)]
         binding = {
-            f: float(duals[i])
-            for i, f in enumerate(self.forms)
-            if abs(duals[i]) > 1e-9 and f not in self.hidden_forms
+            self.forms[i]: float(duals[i])
+            for i in np.flatnonzero(np.abs(duals) > 1e-9)
+            if self.forms[i] not in self.hidden_forms
         }
         return value, binding
