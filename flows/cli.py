@@ -471,14 +471,44 @@ def newsletter_suppression_cmd(
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
-    """Counts per table, pending drops and manifests, deletion SLA, and each flow's last run."""
-    import pandas as pd
-
+    """What an operator needs: each flow's last run, last failure and next run (from
+    Prefect's API), drops waiting and why, pending manifests, deletion SLA, quarantine by
+    reason, rows per table. ``--json``: one object per row, with its ``section``."""
     from dropvault.tasks.status import home_status
 
     settings = Settings.load()
-    rows = home_status(settings.build_home(), settings.quiet_seconds, settings.incomplete_seconds)
-    _print_frame(pd.DataFrame(rows), as_json)
+    sections = {"flows": _flow_runs(settings)}
+    sections |= home_status(
+        settings.build_home(), settings.quiet_seconds, settings.incomplete_seconds
+    )
+    if as_json:
+        typer.echo(
+            "["
+            + ", ".join(
+                frame_json(frame.assign(section=name)[["section", *frame.columns]])[1:-1]
+                for name, frame in sections.items()
+                if not frame.empty
+            )
+            + "]"
+        )
+        return
+    for name, frame in sections.items():
+        typer.echo(f"== {name}")
+        _print_frame(frame.fillna("-"), False)
+
+
+def _flow_runs(settings: Settings) -> pd.DataFrame:
+    """Each flow's runs from Prefect's API, or one row saying why there are none."""
+    import os
+
+    from dropvault.flows.runs import COLUMNS, FLOWS, flow_runs
+
+    embedded = settings.home.resolve() / "prefect" / "prefect.db"
+    if not os.environ.get("PREFECT_API_URL") and not embedded.exists():
+        note = "no runs recorded here: no Prefect server (PREFECT_API_URL) and none embedded"
+        rows = [dict.fromkeys(COLUMNS) | {"flow": f, "last_state": note} for f in FLOWS]
+        return pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)
+    return pd.DataFrame(flow_runs(), columns=list(COLUMNS), dtype=object)
 
 
 NAMES_HELP = "Also open the real folder and file names (PHI: the viewing is audited)."
@@ -524,6 +554,21 @@ def quarantine_export_cmd(
     typer.echo(f"wrote {result['out']}")
 
 
+# Commands that run flows or read their runs: with no Prefect server configured they use
+# the home's own embedded one (as ``demo`` does), so ``status`` sees what they ran.
+RUNS_FLOWS = {"ingest", "reconcile", "shares", "incident", "sweep", "beacons", "status"}
+
+
+def runs_under_home(settings: Settings) -> None:
+    import os
+
+    from dropvault.storage.home import HomeRecord
+
+    if "PREFECT_API_URL" in os.environ or HomeRecord.read(settings.home.resolve()) is None:
+        return
+    embedded_prefect_home(settings.home)
+
+
 def main() -> None:
     args = sys.argv[1:]
     if "--version" in args:  # works even where the settings are wrong
@@ -534,7 +579,9 @@ def main() -> None:
         return
     quiet_prefect_defaults()
     try:
-        Settings.load()  # a wrong setting fails here, before any flow starts
+        settings = Settings.load()  # a wrong setting fails here, before any flow starts
+        if args[0] in RUNS_FLOWS:
+            runs_under_home(settings)
         code = app(standalone_mode=False)
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -92,6 +92,12 @@ class Drop:
     manifest_name: str | None = None
     absent: dict[str, str] = field(default_factory=dict)  # listed, not there: name -> sha256
     folder: str = ""  # where it is, as listed (raw); "" means facility_id/drop_id
+    # For a drop that waits (status, receipts): the listed files missing or short, by their
+    # names in the drop (the facility's own; PHI for the catalog, never logged), when its
+    # first file arrived, and when it goes incomplete (None without a manifest).
+    missing: tuple[str, ...] = ()
+    first_seen: float = 0.0
+    incomplete_at: float | None = None
 
     def __post_init__(self) -> None:
         if not self.folder:
@@ -259,14 +265,18 @@ def _drop(
     folder = prefix[:-1]
     facility_id = catalog_name(facility_id)
     drop_id = drop_id_for(clock.pepper, facility_id, drop_id)
+    first_seen = min((e.mtime for e in entries), default=clock.now)
     if manifest_entry is None:
         newest = max((clock.mtime(e) for e in entries), default=0.0)
         quiet = clock.now - newest >= clock.quiet_seconds
         state: DropState = "ready" if quiet else "waiting"
         files = [_unlisted(e) for e in others]
         why = "" if quiet else "not quiet yet"
-        return Drop(facility_id, drop_id, files, False, state, why, folder=folder)
+        return Drop(
+            facility_id, drop_id, files, False, state, why, folder=folder, first_seen=first_seen
+        )
     overdue = clock.now - manifest_entry.mtime >= clock.incomplete_seconds
+    incomplete_at = manifest_entry.mtime + clock.incomplete_seconds
     try:
         if manifest_entry.size > MAX_MANIFEST_BYTES:
             raise ValueError("manifest too large")  # read whole, it could exhaust memory
@@ -278,12 +288,27 @@ def _drop(
         state = "incomplete" if overdue else "waiting"
         why = f"manifest is malformed ({type(exc).__name__})"
         return Drop(
-            facility_id, drop_id, files, True, state, why, {}, manifest_entry.name, folder=folder
+            facility_id,
+            drop_id,
+            files,
+            True,
+            state,
+            why,
+            {},
+            manifest_entry.name,
+            folder=folder,
+            first_seen=first_seen,
+            incomplete_at=incomplete_at,
         )
     present = {e.name[len(prefix) :]: e for e in others}
-    missing = sum(
-        1 for rel, (size, _) in listed.items() if rel not in present or present[rel].size != size
+    short = tuple(
+        sorted(
+            rel
+            for rel, (size, _) in listed.items()
+            if rel not in present or present[rel].size != size
+        )
     )
+    missing = len(short)
     absent = {prefix + rel: sha for rel, (_, sha) in listed.items() if rel not in present}
     files = [
         DropFile(
@@ -318,6 +343,9 @@ def _drop(
         manifest_entry.name,
         resumable,
         folder,
+        short,
+        first_seen,
+        incomplete_at,
     )
 
 

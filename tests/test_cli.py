@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from dropvault.storage.home import Home
 from tests.helpers import EXE, cli_env
 
 pytestmark = pytest.mark.integration
@@ -213,12 +215,42 @@ def test_beacon_commands(demo_home: Path) -> None:
     assert nl and all(r["address_key"].startswith("nl_") for r in nl)
 
 
-def test_status(demo_home: Path) -> None:
-    rows = json.loads(dv(demo_home, "status", "--json").stdout)
-    by = {(r["section"], r["name"]): r["value"] for r in rows}
-    assert int(by[("table", "instances")]) > 0 and int(by[("table", "tombstones")]) == 1
-    assert by[("last_run", "ingest-drops")] != "never"
-    assert ("deletion_sla", "completed") in by and ("drops", "waiting") in by
+def test_status(demo_home: Path, tmp_path: Path) -> None:
+    # A failed run of a flow, as Prefect's API records it, and a drop waiting for a file.
+    from prefect import get_client
+    from prefect.states import Failed
+
+    from dropvault.flows.ingest import reconcile_vault
+    from dropvault.tasks import samples
+
+    with get_client(sync_client=True) as client:
+        client.create_flow_run(reconcile_vault, state=Failed(message="disk full (test)"))
+    rng = random.Random(3)
+    _, files = samples.make_study(rng, samples.make_patient(rng, 3), 2, "CT_small.dcm")
+    drops = Home.local(demo_home).drops
+    samples.write_drop(drops, "st-olav", "half", files)
+    drops.delete(f"st-olav/half/{sorted(files)[0]}")
+    try:
+        rows = json.loads(dv(demo_home, "status", "--json").stdout)
+    finally:
+        for entry in drops.list():
+            if entry.name.startswith("st-olav/half/"):
+                drops.delete(entry.name)
+    keys = ("table", "flow", "state", "reason", "kind", "sla_state")
+    by = {(r["section"], next(r[k] for k in keys if r.get(k))): r for r in rows}
+    assert by[("tables", "instances")]["rows"] > 0  # numbers are numbers
+    assert by[("tables", "tombstones")]["rows"] == 1
+    assert by[("flows", "ingest-drops")]["last_state"] == "COMPLETED"
+    assert isinstance(by[("flows", "ingest-drops")]["last_seconds"], float)
+    reconcile = by[("flows", "reconcile-vault")]
+    assert reconcile["last_failure"] == "disk full (test)" and reconcile["last_failure_at"]
+    assert by[("deletion_sla", "completed")]["requests"] >= 1
+    assert by[("quarantine", "not_dicom")]["files"] == 1
+    waiting = [r for r in rows if r["section"] == "waiting"]
+    assert len(waiting) == 1 and waiting[0]["facility_id"] == "st-olav"
+    assert waiting[0]["missing"] == 1 and "missing" in waiting[0]["why"]
+    assert waiting[0]["incomplete_in_seconds"] > 0 and waiting[0]["age_seconds"] >= 0
+    assert "half" not in json.dumps(waiting)  # folder names can hold PHI: keyed ids only
 
 
 def test_missing_kek_fails_at_start_with_one_line(tmp_path: Path) -> None:
