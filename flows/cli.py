@@ -262,6 +262,8 @@ def ingest(
     home = settings.build_home()
     with progress_bar("ingest") as update:
         stats = ingest_drops(home=home, settings=settings, progress=update, shard=shard)
+    for line in stats.drop_lines():  # one per drop, by keyed id (folder names can be PHI)
+        typer.echo(line)
     for key, value in stats.as_dict().items():
         typer.echo(f"{key}: {value}")
 
@@ -517,28 +519,110 @@ NAMES_HELP = "Also open the real folder and file names (PHI: the viewing is audi
 @app.command("drops")
 @one_line_errors
 def drops_cmd(
+    facility: Annotated[str | None, typer.Option(help="Only this facility's drops.")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="Only drops in this state: done, partial, incomplete or waiting."),
+    ] = None,
     names: Annotated[bool, typer.Option("--names", help=NAMES_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
-    """List the drops the catalog knows, by keyed id (folder names can hold PHI)."""
-    from dropvault.tasks.drop_names import drops_list
+    """The drops the catalog knows and those waiting in the drop zone, by keyed id (folder
+    names can hold PHI), with their state and counts."""
+    import time
 
-    _print_frame(drops_list(_home(), names=names), as_json)
+    from dropvault.tasks.drop_names import drops_list
+    from dropvault.tasks.drops import scan_drops
+
+    states = ("done", "partial", "incomplete", "waiting")
+    if state is not None and state not in states:
+        raise typer.BadParameter(
+            f"{state!r} is not one of {', '.join(states)}", param_hint="--state"
+        )
+    settings = Settings.load()
+    home = settings.build_home()
+    frame = drops_list(home, names=names)
+    scanned = scan_drops(
+        home.drops, home.pepper, time.time(), settings.quiet_seconds,
+        settings.incomplete_seconds, home.catalog,
+    )  # fmt: skip
+    waiting = pd.DataFrame(
+        [
+            {
+                "facility_id": d.facility_id,
+                "drop_id": d.drop_id,
+                "status": "waiting",
+                "files_seen": len(d.files),
+                "why": d.why,
+            }
+            for d in scanned
+            if d.state == "waiting"
+        ]  # fmt: skip
+    )
+    if not waiting.empty:
+        frame = pd.concat([waiting, frame], ignore_index=True)
+    if facility is not None:
+        frame = frame[frame["facility_id"] == facility]
+    if state is not None:
+        frame = frame[frame["status"] == state]
+    _print_frame(frame, as_json)
 
 
 @quarantine_app.command("list")
 @one_line_errors
 def quarantine_list_cmd(
+    facility: Annotated[str | None, typer.Option(help="Only this facility's files.")] = None,
+    drop: Annotated[str | None, typer.Option(help="Only this drop's (its keyed id).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Only files with this reason.")] = None,
     names: Annotated[bool, typer.Option("--names", help=NAMES_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """List quarantined files with their reason codes (no names unless asked: they can
     hold PHI)."""
     from dropvault.tasks.quarantine import quarantine_list, quarantine_list_named
+    from dropvault.tasks.reasons import QuarantineReason
 
-    home = _home()
-    frame = quarantine_list_named(home) if names else quarantine_list(home.catalog)
+    known = sorted(str(r) for r in QuarantineReason)
+    if reason is not None and reason not in known:
+        raise typer.BadParameter(
+            f"{reason!r} is not one of {', '.join(known)}", param_hint="--reason"
+        )
+    if names:
+        frame = quarantine_list_named(_home(), facility=facility, drop=drop, reason=reason)
+    else:
+        frame = quarantine_list(_catalog(), facility=facility, drop=drop, reason=reason)
     _print_frame(frame, as_json)
+
+
+@quarantine_app.command("release")
+@one_line_errors
+def quarantine_release_cmd(quarantine_id: str) -> None:
+    """Put a quarantined file back for ingest once its cause is fixed (audited): it becomes
+    a drop of its own, {facility}/released-<id>/, which the next ingest pass takes."""
+    from datetime import UTC, datetime
+
+    from dropvault.tasks.quarantine import quarantine_release
+
+    result = quarantine_release(_home(), quarantine_id, datetime.now(UTC))
+    typer.echo(f"released {result['quarantine_id']} to {result['released_to']}/")
+
+
+@quarantine_app.command("purge")
+@one_line_errors
+def quarantine_purge_cmd(
+    older_than: Annotated[
+        int,
+        typer.Option("--older-than", min=1, help="Shred files quarantined more than N days ago."),
+    ],
+) -> None:
+    """Shred quarantined files older than N days (key, bytes and name; the PHI-free row
+    stays and says so). Audited."""
+    from datetime import UTC, datetime
+
+    from dropvault.tasks.quarantine import expire_quarantine
+
+    n = expire_quarantine(_home(), datetime.now(UTC), older_than, actor="operator")
+    typer.echo(f"shredded {n} quarantined file(s) older than {older_than} days")
 
 
 @quarantine_app.command("export")

@@ -32,6 +32,7 @@ from dropvault.tasks.ingest import (
     ingest_batch_task,
     record_drops_task,
 )
+from dropvault.tasks.receipts import write_receipts_task
 from dropvault.tasks.reconcile import ReconcileStats, reconcile_vault_task, settle_pending_task
 
 Progress = Callable[[int, int], None]
@@ -89,6 +90,7 @@ def ingest_drops(
     for drop in drops:
         if drop.state == "waiting":
             totals.drops_waiting += 1
+            totals.waiting[drop.key] = drop.why
             # Drop folder names can be PHI: the log names the drop by its keyed id.
             logger.info("drop %s/%s waits: %s", drop.facility_id, drop.drop_id, drop.why)
     _run_batches(
@@ -96,6 +98,10 @@ def ingest_drops(
     )
     finished = finish_drops_task(opaque(home), opaque(ready))
     record_drops_task(opaque(home), opaque(ready), opaque(totals), finished, datetime.now(UTC))
+    try:
+        write_receipts_task(home.drops, opaque(drops), opaque(totals), finished)
+    except Exception as exc:  # noqa: BLE001 - the images are in; a receipt must not fail the run
+        logger.error("writing the facilities' receipts failed (%s)", type(exc).__name__)
     totals.drops_done = sum(finished.values())
     logger.info(
         "%d drops: %d ingested, %d duplicates, %d quarantined, %d waiting",

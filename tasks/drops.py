@@ -46,6 +46,9 @@ from dropvault.storage.locations import Entry, Location, is_file_problem, is_saf
 from dropvault.tasks.drop_names import drop_id_for
 
 MANIFEST = "manifest.json"
+# ``{drops}/{facility}/_receipts/``: what each drop did, for the facility to read
+# (``dropvault.tasks.receipts``). A drop folder of that name is never a drop.
+RECEIPTS = "_receipts"
 MAX_MANIFEST_BYTES = 64 << 20  # ~400,000 listed files; a larger one is malformed
 TMP_PREFIX = ".tmp-"
 
@@ -207,6 +210,8 @@ def scan_drops(
             continue
         if len(parts) < 3 or _writing(entry, parts[-1], clock):
             continue  # the drops root's own files (the operator's), or a write under way
+        if parts[1] == RECEIPTS:
+            continue  # our receipts to the facility, never ingested
         grouped.setdefault((parts[0], parts[1]), []).append(entry)
     found = [
         _drop(drops, facility_id, drop_id, entries, clock)

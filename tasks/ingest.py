@@ -97,6 +97,13 @@ class IngestStats:
     # Files whose UID another batch (or worker) cataloged while this one ran: not counted
     # yet, their sources untouched; a later batch classifies them (duplicate or conflict).
     retry: list[tuple[Drop, DropFile]] = field(default_factory=list)
+    # For the facilities' receipts: each drop's quarantined files, ``(name as listed,
+    # reason)`` (names are PHI for the catalog and logs; receipts go to the facility only).
+    rejected: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    waiting: dict[str, str] = field(default_factory=dict)  # drop key -> why (PHI-free)
+
+    def reject(self, drop: Drop, name: str, reason: str) -> None:
+        self.rejected.setdefault(drop.key, []).append((name, str(reason)))
 
     def count(self, drop: Drop, what: str, n: int = 1) -> None:
         counts = self.drops.setdefault(drop.key, DropCounts())
@@ -112,6 +119,8 @@ class IngestStats:
         self.drops_waiting += other.drops_waiting
         self.sources_changed += other.sources_changed
         self.retry += other.retry
+        for key, files in other.rejected.items():
+            self.rejected.setdefault(key, []).extend(files)
         for key, counts in other.drops.items():
             mine = self.drops.setdefault(key, DropCounts())
             for name in DropCounts.__dataclass_fields__:
@@ -130,6 +139,19 @@ class IngestStats:
             "drops_waiting": self.drops_waiting,
             "sources_changed": self.sources_changed,
         }
+
+    def drop_lines(self) -> list[str]:
+        """One line per drop this run handled or saw waiting, by keyed id (no names)."""
+        lines = []
+        for key, c in sorted(self.drops.items()):
+            reasons: Counter[str] = Counter(r for _, r in self.rejected.get(key, []))
+            why = ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
+            lines.append(
+                f"{key}: {c.ingested} ingested, {c.duplicates} duplicates,"
+                f" {c.quarantined} quarantined" + (f" ({why})" if why else "")
+            )
+        lines += [f"{key}: waiting, {why}" for key, why in sorted(self.waiting.items())]
+        return lines
 
     def table(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = [
@@ -341,6 +363,7 @@ class _Batch:
         """Count a file as quarantined; :meth:`write_quarantine` stores it later."""
         self.stats.quarantined[reason] += 1
         self.stats.count(item.drop, "quarantined")
+        self.stats.reject(item.drop, item.file.name, reason)
         if reason == QuarantineReason.DELETED_BY_OWNER:
             self.stats.count(item.drop, "shredded")
         self.to_remove.append(item.file.name)
@@ -430,6 +453,7 @@ class _Batch:
             self.known_quarantine.add(qid)
             self.stats.quarantined[reason] += 1
             self.stats.count(drop, "quarantined")
+            self.stats.reject(drop, f.name, reason)
             self.quarantined.append(
                 quarantine_unreadable(
                     self.home,

@@ -224,15 +224,39 @@ def quarantine_shredded(
     )
 
 
-def quarantine_list(catalog: Catalog) -> pd.DataFrame:
-    """The quarantine, PHI-free (drops by keyed id, no file names), newest first."""
+# The list's filters (each off when its parameter is NULL), for one fixed statement.
+def _filters(facility: str | None, drop: str | None, reason: str | None) -> list[str | None]:
+    return [facility, facility, drop, drop, reason, reason]
+
+
+def quarantine_list(
+    catalog: Catalog,
+    *,
+    facility: str | None = None,
+    drop: str | None = None,
+    reason: str | None = None,
+) -> pd.DataFrame:
+    """The quarantine, PHI-free (drops by keyed id, no file names), newest first; only one
+    facility's, one drop's (keyed id) or one reason's files when asked."""
     return catalog.query(
         "SELECT quarantine_id, facility_id, drop_id, reason, detail, size_bytes, sha256,"
-        " quarantined_at FROM quarantine ORDER BY quarantined_at DESC, quarantine_id"
+        " quarantined_at FROM quarantine q"
+        " WHERE (CAST(? AS VARCHAR) IS NULL OR q.facility_id = ?)"
+        " AND (CAST(? AS VARCHAR) IS NULL OR q.drop_id = ?)"
+        " AND (CAST(? AS VARCHAR) IS NULL OR q.reason = ?)"
+        " ORDER BY quarantined_at DESC, quarantine_id",
+        _filters(facility, drop, reason),
     )
 
 
-def quarantine_list_named(home: Home, *, actor: str = "operator") -> pd.DataFrame:
+def quarantine_list_named(
+    home: Home,
+    *,
+    actor: str = "operator",
+    facility: str | None = None,
+    drop: str | None = None,
+    reason: str | None = None,
+) -> pd.DataFrame:
     """The quarantine with each file's drop folder name and file name opened (an operator
     holding the keys, to tell a facility which file to fix); the viewing is audited.
     A name shows as None where none was kept (an unreadable file) or its key is gone."""
@@ -240,7 +264,11 @@ def quarantine_list_named(home: Home, *, actor: str = "operator") -> pd.DataFram
         "SELECT q.quarantine_id, q.facility_id, q.drop_id, q.reason, q.detail, q.size_bytes,"
         " q.sha256, q.quarantined_at, q.source_name_enc, o.record_key_id"
         " FROM quarantine q LEFT JOIN objects o USING (object_id)"
-        " ORDER BY q.quarantined_at DESC, q.quarantine_id"
+        " WHERE (CAST(? AS VARCHAR) IS NULL OR q.facility_id = ?)"
+        " AND (CAST(? AS VARCHAR) IS NULL OR q.drop_id = ?)"
+        " AND (CAST(? AS VARCHAR) IS NULL OR q.reason = ?)"
+        " ORDER BY q.quarantined_at DESC, q.quarantine_id",
+        _filters(facility, drop, reason),
     )
     drops = list(zip(frame["facility_id"], frame["drop_id"], strict=True))
     folders = drop_names(home, drops)
@@ -250,6 +278,58 @@ def quarantine_list_named(home: Home, *, actor: str = "operator") -> pd.DataFram
         home.catalog, actor=actor, action="quarantine_names_viewed", subject=str(len(frame))
     )
     return frame.drop(columns=["source_name_enc", "record_key_id"])
+
+
+RELEASED = "released-"  # drop folders a release writes: ``{facility}/released-<id>/<file>``
+
+
+def quarantine_release(
+    home: Home, qid: str, now: datetime, *, actor: str = "operator"
+) -> dict[str, Any]:
+    """Put a quarantined file back for ingest, after its cause was fixed (a drop that went
+    incomplete, a manifest with a wrong checksum): its original bytes go to a drop of
+    their own, ``{facility}/released-<id>/<file name>``, which the next pass ingests like
+    any drop without a manifest; then the quarantined copy is shredded and the row says it
+    was released. Audited. Rerunnable: a run stopped after the write writes it again."""
+    rows = home.catalog.query(
+        "SELECT q.facility_id, q.source_name_enc, o.location_url, o.name, o.record_key_id"
+        " FROM quarantine q JOIN objects o USING (object_id) WHERE q.quarantine_id = ?",
+        [qid],
+    )
+    if rows.empty:
+        raise LookupError(f"no quarantined file {qid} with its bytes kept (nothing to release)")
+    row = rows.iloc[0]
+    key = home.keystore.unwrap(str(row["record_key_id"]))
+    listed = str(open_fields(key, qid, bytes(row["source_name_enc"]))["name"])
+    base = listed.rsplit("/", 1)[-1]
+    try:
+        target = safe_relpath(str(row["facility_id"]), RELEASED + qid, base)
+    except UnsafeNameError:
+        raise ValueError(
+            f"{qid}: its file name is unsafe; export it and drop it under a safe name"
+        ) from None
+    location = home.location_for(str(row["location_url"]))
+    store = home.quarantine_store()
+    with store.open(str(row["name"])) as src, home.drops.writer(target) as dst:
+        while chunk := src.read(1024 * 1024):
+            dst.write(chunk)
+    home.keystore.destroy([str(row["record_key_id"])])
+    location.delete(str(row["name"]))
+    location.delete(str(row["name"])[: -len(".dvlt")] + ".json")
+
+    def work(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("DELETE FROM objects WHERE object_id IN (SELECT object_id FROM quarantine"
+                    " WHERE quarantine_id = ?)", [qid])  # fmt: skip
+        con.execute("DELETE FROM quarantine_uids WHERE quarantine_id = ?", [qid])
+        con.execute(
+            "UPDATE quarantine SET object_id = '', source_name_enc = NULL, study_uid = NULL,"
+            " detail = ? WHERE quarantine_id = ?",
+            [f"released for ingest at {now:%Y-%m-%d %H:%M} UTC", qid],
+        )
+        audit(con, actor=actor, action="quarantine_released", subject=qid, detail=None, at=now)
+
+    home.catalog.write(work)
+    return {"quarantine_id": qid, "released_to": f"{row['facility_id']}/{RELEASED}{qid}"}
 
 
 def _file_name(home: Home, row: Any) -> str | None:
@@ -288,7 +368,7 @@ def quarantine_export(
     return {"quarantine_id": qid, "source_name": name, "out": str(out)}
 
 
-def expire_quarantine(home: Home, now: datetime, days: int) -> int:
+def expire_quarantine(home: Home, now: datetime, days: int, *, actor: str = "deletion") -> int:
     """Shred every quarantined file kept longer than ``days`` (0: keep for ever).
 
     A damaged file that names no study by any UID cannot be deleted with its study, yet
@@ -324,7 +404,7 @@ def expire_quarantine(home: Home, now: datetime, days: int) -> int:
         )
         audit(
             con,
-            actor="deletion",
+            actor=actor,
             action="quarantine_expired",
             subject=f"{len(ids)} files",
             detail={"retention_days": days},

@@ -15,9 +15,10 @@ from prefect.settings import PREFECT_API_URL
 
 from dropvault.storage.ducklake import Lake
 from dropvault.storage.home import Home
+from dropvault.storage.locations import Entry, Location
 from dropvault.tasks import samples
 from dropvault.tasks.drop_names import drop_id_for
-from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.drops import RECEIPTS, scan_drops
 from dropvault.tasks.ingest import ingest_batch
 
 EXE = shutil.which("dropvault") or str(Path(sys.executable).with_name("dropvault"))
@@ -97,3 +98,8 @@ def req(
 def drop_ref(home: Home, facility_id: str, folder: str) -> str:
     """The keyed id the catalog knows the drop folder ``facility_id/folder`` by."""
     return drop_id_for(home.pepper, facility_id, folder)
+
+
+def sources(drops: Location) -> list[Entry]:
+    """What is left in a drops location besides the receipts written to facilities."""
+    return [e for e in drops.list() if e.name.split("/")[1:2] != [RECEIPTS]]

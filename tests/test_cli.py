@@ -232,6 +232,8 @@ def test_status(demo_home: Path, tmp_path: Path) -> None:
     drops.delete(f"st-olav/half/{sorted(files)[0]}")
     try:
         rows = json.loads(dv(demo_home, "status", "--json").stdout)
+        listed = json.loads(dv(demo_home, "drops", "--state", "waiting", "--json").stdout)
+        other = json.loads(dv(demo_home, "drops", "--facility", "harbor-clinic", "--json").stdout)
     finally:
         for entry in drops.list():
             if entry.name.startswith("st-olav/half/"):
@@ -251,6 +253,11 @@ def test_status(demo_home: Path, tmp_path: Path) -> None:
     assert waiting[0]["missing"] == 1 and "missing" in waiting[0]["why"]
     assert waiting[0]["incomplete_in_seconds"] > 0 and waiting[0]["age_seconds"] >= 0
     assert "half" not in json.dumps(waiting)  # folder names can hold PHI: keyed ids only
+    assert [(d["facility_id"], d["status"]) for d in listed] == [("st-olav", "waiting")]
+    assert "missing" in listed[0]["why"]
+    assert other and {d["facility_id"] for d in other} == {"harbor-clinic"}
+    bad = dv(demo_home, "drops", "--state", "stuck", check=False)
+    assert bad.returncode == 1 and "--state" in bad.stderr
 
 
 def test_missing_kek_fails_at_start_with_one_line(tmp_path: Path) -> None:
@@ -322,6 +329,8 @@ def test_ducklake_without_its_data_url_fails_at_start(tmp_path: Path) -> None:
         (("status", "--bogus"), "--bogus"),
         (("disclosures", "user:x", "--since", "yesterday"), "--since"),
         (("beacons", "--day", "2026-13-01"), "--day"),
+        (("quarantine", "list", "--reason", "bogus"), "--reason"),
+        (("quarantine", "purge", "--older-than", "0"), "--older-than"),
         (("incident", "--user", "u", "--study", "1.2", "--reported-at", "soon"), "--reported-at"),
     ],
 )

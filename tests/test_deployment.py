@@ -16,7 +16,7 @@ import yaml
 from dropvault.storage.catalog import Catalog
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
-from tests.helpers import EXE
+from tests.helpers import EXE, sources
 from tests.prefect_server import PREFECT, prefect_server
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_deploy_and_run_ingest_on_a_worker(server: dict[str, str], tmp_path: Pat
         "SELECT count(*) AS n FROM instances WHERE study_uid = ?", [uid]
     )["n"][0]
     assert n == 3
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
     # A Prefect API user cannot run another command on the worker (one printing its
     # environment, with the keys), nor point a flow at other locations.

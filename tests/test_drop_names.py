@@ -25,7 +25,7 @@ from dropvault.tasks import samples
 from dropvault.tasks.drop_names import DROP_ID, drops_list
 from dropvault.tasks.drop_rekey import rekey_drops
 from dropvault.tasks.quarantine import quarantine_export, quarantine_list_named
-from tests.helpers import drop_ref
+from tests.helpers import drop_ref, sources
 
 QUIET = Settings(quiet_seconds=0)
 # What facilities name folders (and files) after.
@@ -209,7 +209,7 @@ def test_odd_folder_names_get_ids_and_come_back_sealed(
     samples.write_drop(local_home.drops, "fac-a", name, files, manifest=False)
     ingest_drops(home=local_home, settings=QUIET)
     assert drops_list(local_home, names=True)["name"].tolist() == [name]
-    assert local_home.drops.list() == []
+    assert sources(local_home.drops) == []
 
 
 def test_rekey_survives_a_quarantine_object_already_gone_and_leaves_no_named_folder(

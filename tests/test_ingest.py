@@ -22,7 +22,7 @@ from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.exports import ExportError, export_instance
 from dropvault.tasks.quarantine import quarantine_export
 from dropvault.tasks.reconcile import PENDING, record_pending, settle_pending
-from tests.helpers import drop_ref
+from tests.helpers import drop_ref, sources
 
 
 def run(home: Home, **overrides: object) -> ingest_mod.IngestStats:
@@ -67,7 +67,7 @@ def test_ingest_catalogs_encrypts_and_cleans_up(home: Home, rng: random.Random) 
         )
         == 3
     )
-    assert home.drops.list() == []  # sources removed, manifest too
+    assert sources(home.drops) == []  # sources removed, manifest too
     # Stored bytes are encrypted: no DICM magic, no pixel bytes.
     for entry in home.vault.list():
         data = home.vault.read_bytes(entry.name)
@@ -115,7 +115,7 @@ def test_duplicate_is_counted_and_removed(home: Home, rng: random.Random) -> Non
     stats = run(home)
     assert stats.duplicates == 2 and stats.ingested == 0
     assert one(home, "SELECT count(*) FROM instances") == 2
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_duplicate_within_one_drop(home: Home, rng: random.Random) -> None:
@@ -180,7 +180,7 @@ def test_each_bad_file_is_quarantined_with_reason(
     out = tmp_path / "q.bin"
     quarantine_export(home, str(row["quarantine_id"]), out)
     assert out.read_bytes() == bad
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_a_file_over_the_size_limit_is_reported_once_and_never_read_or_stored(
@@ -196,7 +196,7 @@ def test_a_file_over_the_size_limit_is_reported_once_and_never_read_or_stored(
     row = home.catalog.query("SELECT * FROM quarantine").iloc[0]
     assert (row["reason"], row["object_id"], row["sha256"]) == ("too_large", "", "")
     assert home.quarantine.list() == []
-    assert [e.name for e in home.drops.list()] == [f"fac-a/d1/{name}"]  # left in place
+    assert [e.name for e in sources(home.drops)] == [f"fac-a/d1/{name}"]  # left in place
     assert run(home, max_file_bytes=20_000).quarantined == {}  # reported once
     assert drop_status(home, "fac-a", "d1") == "partial"
 
@@ -218,14 +218,14 @@ def test_incomplete_manifest_waits_then_quarantines(home: Home, rng: random.Rand
     samples.write_drop(home.drops, "fac-a", "d1", present, listed=files)
     stats = run(home)
     assert stats.drops_waiting == 1 and stats.files_seen == 0
-    assert len(home.drops.list()) == 2  # file and manifest untouched
+    assert len(sources(home.drops)) == 2  # file and manifest untouched
     stats = run(home, incomplete_seconds=0.001)
     assert stats.quarantined == {"incomplete_drop": 1}
     assert (
         one(home, "SELECT status FROM drops WHERE drop_id = ?", [drop_ref(home, "fac-a", "d1")])
         == "incomplete"
     )
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_drop_without_manifest_waits_for_quiet(home: Home, rng: random.Random) -> None:
@@ -267,7 +267,7 @@ def test_crash_then_rerun_loses_nothing(
     stored = sorted(e.name for e in home.vault.list())
     rows = sorted(home.catalog.query("SELECT name FROM objects WHERE kind = 'instance'")["name"])
     assert stored == rows
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_a_drop_left_half_done_resumes_at_once(
@@ -301,7 +301,7 @@ def test_a_drop_left_half_done_resumes_at_once(
         one(home, "SELECT status FROM drops WHERE drop_id = ?", [drop_ref(home, "fac-a", "d1")])
         == "done"
     )
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_batches_in_flight_together_catalog_a_file_once_and_finish_it_in_the_run(
@@ -340,7 +340,7 @@ def test_batches_in_flight_together_catalog_a_file_once_and_finish_it_in_the_run
     assert one(home, "SELECT count(*) FROM instances") == 1
     assert one(home, "SELECT count(*) FROM drops WHERE status = 'done'") == 2
     assert one(home, "SELECT sum(files_seen) FROM drops") == 2
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
     assert [e.name for e in home.vault.list()] == list(
         home.catalog.query("SELECT name FROM objects WHERE kind = 'instance'")["name"]
     )
@@ -376,7 +376,7 @@ def test_a_file_that_lost_a_commit_race_is_taken_up_next_pass(
     stats = run(home)
     assert (stats.ingested, stats.duplicates, stats.drops_waiting) == (0, 1, 0)
     assert one(home, "SELECT count(*) FROM instances") == 3
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_scan_resumes_only_what_the_catalog_accounts_for(home: Home, rng: random.Random) -> None:

@@ -26,7 +26,7 @@ from dropvault.storage.home import Home
 from dropvault.tasks import samples
 from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.ingest import ingest_batch
-from tests.helpers import seed, ts, write_manifest
+from tests.helpers import seed, sources, ts, write_manifest
 
 QUIET = Settings(quiet_seconds=0)
 
@@ -475,7 +475,7 @@ def test_files_outside_any_drop_folder_are_reported_and_left(
     local_home.drops.put_bytes("fac-a/loose.dcm", b"x" * 10)
     stats = ingest_drops(home=local_home, settings=QUIET)
     assert (stats.ingested, stats.drops_waiting) == (2, 1)
-    assert [e.name for e in local_home.drops.list()] == ["fac-a/loose.dcm"]
+    assert [e.name for e in sources(local_home.drops)] == ["fac-a/loose.dcm"]
     assert "outside any drop folder" in str(
         scan_drops(local_home.drops, local_home.pepper, 10**10, 0, 86400)[0].why
     )
@@ -488,12 +488,12 @@ def test_a_writers_leftover_temporary_file_is_accounted_for_once_stale(
     local_home.drops.put_bytes("fac-a/d1/.tmp-abc", b"half a file")
     settings = Settings(quiet_seconds=0, incomplete_seconds=3600)
     assert ingest_drops(home=local_home, settings=settings).ingested == 2
-    assert [e.name for e in local_home.drops.list()] == ["fac-a/d1/.tmp-abc"]  # in flight
+    assert [e.name for e in sources(local_home.drops)] == ["fac-a/d1/.tmp-abc"]  # in flight
     old = time.time() - 7200
     os.utime(local_home.drops.path("fac-a/d1/.tmp-abc"), (old, old))
     stats = ingest_drops(home=local_home, settings=settings)
     assert dict(stats.quarantined) == {"not_dicom": 1}
-    assert local_home.drops.list() == []
+    assert sources(local_home.drops) == []
 
 
 def test_a_file_where_the_processed_folder_goes_does_not_stop_archiving(

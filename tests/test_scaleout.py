@@ -19,7 +19,7 @@ from dropvault.storage.locations import Location
 from dropvault.tasks import samples
 from dropvault.tasks.drops import in_shard
 from tests.conftest import lake_factory
-from tests.helpers import EXE, cli_env, lake_env
+from tests.helpers import EXE, cli_env, lake_env, sources
 from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -102,7 +102,7 @@ def test_two_workers_ingest_different_drops_at_once(
         "SELECT count(*) AS n FROM objects o JOIN instances i USING (object_id)"
     )["n"][0]
     assert objects == len(expected)
-    assert list(drops.list()) == []  # every source removed once cataloged
+    assert sources(drops) == []  # every source removed once cataloged
     catalog.close()
 
 

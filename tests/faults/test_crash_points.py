@@ -22,7 +22,7 @@ from dropvault.flows.ingest import ingest_drops
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
-from tests.helpers import cli_env
+from tests.helpers import cli_env, sources
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +117,7 @@ def test_ingest_killed_then_rerun(tmp_path: Path, point: str) -> None:
     assert set(q("SELECT sop_instance_uid FROM instances")["sop_instance_uid"]) == expected
     assert one(home, "SELECT count(*) - count(DISTINCT sop_instance_uid) FROM instances") == 0
     assert q("SELECT reason FROM quarantine")["reason"].tolist() == ["not_dicom"]
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
     stored = sorted(e.name for e in home.vault.list())
     assert stored == sorted(q("SELECT name FROM objects WHERE kind = 'instance'")["name"])
     assert not [e.name for e in home.quarantine.list() if ".tmp-" in e.name]

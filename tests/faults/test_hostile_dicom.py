@@ -17,6 +17,7 @@ from dropvault.tasks import samples
 from dropvault.tasks.dicom import DicomRejected, header_from_bytes
 from tests.conftest import make_home
 from tests.faults.hostile import corpus, element_starts
+from tests.helpers import sources
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +92,7 @@ def test_hostile_drop_quarantines_each_file_and_commits_the_good_ones(tmp_path: 
     for reason in expected.values():
         want[reason] = want.get(reason, 0) + 1
     assert got == want
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from dropvault.flows.sharing import apply_share_manifests
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
 from dropvault.tasks.sharing import access_list, can_access
-from tests.helpers import req, seed, write_manifest
+from tests.helpers import req, seed, sources, write_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +152,7 @@ def test_deletion_racing_ingest_converges_and_the_tombstone_wins(
     assert q("SELECT count(*) AS n FROM tombstones")["n"][0] == 1
     late = q("SELECT reason FROM quarantine")["reason"].tolist()
     assert set(late) <= {"deleted_by_owner"}
-    assert home.drops.list() == [] and home.vault.list() == []
+    assert sources(home.drops) == [] and home.vault.list() == []
     # A quarantined late file is gone too once its study's tombstone is swept, or it is kept
     # encrypted under a key of its own, never readable as the deleted study.
     assert q("SELECT count(*) AS n FROM instances")["n"][0] == 0
@@ -196,4 +196,4 @@ def test_a_sweep_between_an_ingests_plan_and_its_encryption(local_home: Home) ->
     deletion_sweep(home=home, settings=settings)
     assert q("SELECT count(*) AS n FROM instances WHERE study_uid = ?", [uid])["n"][0] == 0
     assert set(q("SELECT reason FROM quarantine")["reason"]) <= {"deleted_by_owner"}
-    assert home.drops.list() == [] and home.vault.list() == []
+    assert sources(home.drops) == [] and home.vault.list() == []

@@ -21,6 +21,7 @@ from dropvault.storage.locations import Location
 from dropvault.tasks import samples
 from tests.conftest import BUCKET, s3_filesystem
 from tests.faults.faulty_fs import FaultyFileSystem
+from tests.helpers import sources
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,7 @@ def test_503_storm_is_retried_and_loses_nothing(
     assert fs.injected[method] == 2
     assert "503 SlowDown" in retry_log.text and "Retry 1/" in retry_log.text
     assert_exactly_once(home, uids)
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_short_reads_change_nothing(tmp_path: Path) -> None:
@@ -127,11 +128,11 @@ def test_object_replaced_mid_read_is_left_for_the_next_run(tmp_path: Path) -> No
     assert fs.injected["replaced"] == 1
     assert stats.sources_changed == 1  # type: ignore[attr-defined]
     # The replacement was not deleted unseen: it is still there, and the next run takes it.
-    assert [e.name for e in home.drops.list()] == [f"fac/d1/{first}"]
+    assert [e.name for e in sources(home.drops)] == [f"fac/d1/{first}"]
     run(home)
     want = {samples.sop_uid(d) for d in files.values()} | {samples.sop_uid(replacement)}
     assert_exactly_once(home, want)
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_stale_listing_skips_nothing_and_doubles_nothing(tmp_path: Path) -> None:
@@ -147,7 +148,7 @@ def test_stale_listing_skips_nothing_and_doubles_nothing(tmp_path: Path) -> None
     fs.stale = None
     run(home)
     assert_exactly_once(home, (uids - {gone_uid}) | late_uids)
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
 
 
 def test_failed_multipart_upload_is_aborted_and_retried(
@@ -192,4 +193,4 @@ def test_failed_multipart_upload_is_aborted_and_retried(
     assert_exactly_once(home, {uid})
     pending = fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix=prefix)
     assert pending.get("Uploads", []) == []
-    assert home.drops.list() == []
+    assert sources(home.drops) == []
