@@ -614,6 +614,34 @@ def for_run(
     return settings, home or settings.build_home()
 
 
+def notebook_home(start: Path | None = None) -> Home:
+    """The home a notebook works on: ``DROPVAULT_HOME`` when set; else ``.dropvault`` in the
+    project, found by walking up from the notebook's folder to the nearest folder that holds
+    a made home or ``pyproject.toml`` (so a notebook under ``notebooks/`` uses the project's
+    home, never one of its own folder). A home not made yet is one clear error, and nothing
+    is created."""
+    if os.environ.get("DROPVAULT_HOME"):
+        settings = Settings.load()
+    else:
+        here = (start or Path.cwd()).resolve()
+        root = next(
+            (
+                folder
+                for folder in (here, *here.parents)
+                if (folder / ".dropvault" / HomeRecord.FILE).exists()
+                or (folder / "pyproject.toml").exists()
+            ),
+            here,
+        )
+        settings = Settings.load(home=root / ".dropvault")
+    if HomeRecord.read(settings.home.resolve()) is None:
+        raise SettingsError(
+            f"no dropvault home at {settings.home.resolve()}: run `dropvault demo` (or"
+            " `dropvault init`) in the project folder first, or set DROPVAULT_HOME"
+        )
+    return settings.build_home()
+
+
 def quiet_prefect_defaults() -> None:
     """Defaults for running flows from the CLI with no server: no telemetry, quiet logs.
 

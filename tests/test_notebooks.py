@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -9,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from dropvault.flows.demo import run_demo
-from dropvault.flows.settings import Settings
+from dropvault.flows.settings import Settings, SettingsError, notebook_home
 from tests.conftest import lake_factory
 from tests.helpers import lake_env
 from tests.postgres import PostgresServer
@@ -68,3 +69,25 @@ def test_demo_and_explore_notebook_on_ducklake(
 
 def test_there_are_notebooks() -> None:
     assert NOTEBOOKS
+
+
+def test_a_notebook_finds_the_projects_home_not_its_own_folders(
+    demo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With DROPVAULT_HOME unset, a notebook opened from ``notebooks/`` uses the project's
+    ``.dropvault``; with no home made there, one clear error and nothing created."""
+    monkeypatch.delenv("DROPVAULT_HOME", raising=False)
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    shutil.copytree(demo_home, project / ".dropvault", ignore=shutil.ignore_patterns("prefect"))
+    nb = execute(NOTEBOOKS[0], project / "notebooks")
+    assert any("instances" in str(o) for c in nb.cells for o in c.get("outputs", []))
+    assert not (project / "notebooks" / ".dropvault").exists()
+
+    empty = tmp_path / "empty"
+    (empty / "notebooks").mkdir(parents=True)
+    (empty / "pyproject.toml").write_text("[project]\nname = 'y'\n")
+    with pytest.raises(SettingsError, match="no dropvault home at .*dropvault demo"):
+        notebook_home(empty / "notebooks")
+    assert sorted(p.name for p in empty.iterdir()) == ["notebooks", "pyproject.toml"]
