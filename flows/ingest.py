@@ -181,11 +181,15 @@ def _settle(home: Home, grace: float) -> None:
 def reconcile_vault(
     home: RunHome = None,
     settings: RunSettings = None,
-    min_age_seconds: float | None = None,
+    min_age_seconds: SkipJsonSchema[float | None] = None,
 ) -> ReconcileStats:
     """Remove vault and quarantine objects that have no catalog row: pending records of
-    stopped batches first, then a full listing, a group of top-level folders at a time."""
-    settings, home = for_run(home, settings)
+    stopped batches first, then a full listing, a group of top-level folders at a time.
+    ``min_age_seconds`` (in process only: a deployment run uses the setting) overrides
+    ``DROPVAULT_ORPHAN_GRACE_SECONDS``."""
+    settings, home = for_run(home, settings, min_age_seconds=min_age_seconds)
+    if min_age_seconds is not None and min_age_seconds < 0:
+        raise ValueError("min_age_seconds must be 0 or more")
     home.catalog.migrate()
     grace = settings.orphan_grace_seconds if min_age_seconds is None else min_age_seconds
     stats = reconcile_vault_task(home, grace)

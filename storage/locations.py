@@ -226,6 +226,36 @@ def _unlink_beneath(root: str, path: str) -> None:
         os.close(fd)
 
 
+def _parent_beneath(root: str, path: str) -> tuple[int, str]:
+    """Open the folder holding ``path`` below ``root`` without following a symlink on the
+    way (each folder opened relative to the one before with ``O_NOFOLLOW``; missing ones
+    made), so a folder that is a symlink cannot send a write outside the location (ELOOP).
+    Returns the folder's descriptor (the caller closes it) and the leaf name."""
+    top = root.rstrip("/")
+    if not path.startswith(top + "/"):
+        raise UnsafeNameError("a path outside its location")
+    *folders, leaf = path[len(top) + 1 :].split("/")
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:  # the location's own root, made on first write
+        Path(top).mkdir(parents=True, exist_ok=True)
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in folders:
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, leaf
+
+
 def _not_a_folder(path: str, start: int) -> builtins.list[Entry] | None:
     """What listing ``path`` gives when it is not a folder that can be read: nothing (gone),
     the file itself, or one entry with a ``problem`` (a symlink, a FIFO, no permission);
@@ -550,21 +580,25 @@ class Location:
         parent = posixpath.dirname(final)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         if self._on_local_disk:
-            target = final if fresh else tmp
+            # Beneath the root, never through a symlinked folder (a facility's own folders
+            # are theirs to make into symlinks: receipts and releases write into them).
+            folder_fd, leaf = _parent_beneath(self.root, final)
+            target = leaf if fresh else posixpath.basename(tmp)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             try:
-                local = Path(target).open("xb" if fresh else "wb")  # noqa: SIM115 - with below
-            except FileNotFoundError:  # make the folder only when it is missing (saves a call)
-                Path(parent).mkdir(parents=True, exist_ok=True)
-                local = Path(target).open("xb" if fresh else "wb")  # noqa: SIM115
-            # ``fresh`` goes straight to its name; otherwise a temporary file is renamed.
-            try:
-                with local:
-                    yield local
-                if not fresh:
-                    Path(tmp).replace(final)
-            except BaseException:
-                Path(target).unlink(missing_ok=True)
-                raise
+                local = os.fdopen(os.open(target, flags, 0o666, dir_fd=folder_fd), "wb")
+                # ``fresh`` goes straight to its name; otherwise a temporary file is renamed.
+                try:
+                    with local:
+                        yield local
+                    if not fresh:
+                        os.replace(target, leaf, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(target, dir_fd=folder_fd)
+                    raise
+            finally:
+                os.close(folder_fd)
             return
         self.fs.makedirs(parent, exist_ok=True)
         try:

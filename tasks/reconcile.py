@@ -66,12 +66,18 @@ def _is_tmp(name: str) -> bool:
 
 
 def _cataloged(home: Home, location: Location, kind: str, names: list[str]) -> set[str]:
+    """Those of ``names`` a catalog row claims at ``location``. A row recorded at a URL the
+    home no longer has (the home was moved or restored under another path: rows keep the
+    URL they were written at) claims its name at every location: reconcile never deletes
+    an object because its home moved (an outside review lost a whole vault that way)."""
     if not names:
         return set()
+    current = sorted({home.vault.url, home.quarantine.url, home.archive.url})
     rows = home.catalog.query(
-        "SELECT name FROM objects WHERE kind = ? AND location_url = ?"
+        "SELECT name FROM objects WHERE kind = ?"
+        " AND (location_url = ? OR location_url NOT IN (SELECT unnest(?::VARCHAR[])))"
         " AND name IN (SELECT unnest(?::VARCHAR[]))",
-        [kind, location.url, names],
+        [kind, location.url, current, names],
     )
     return set(rows["name"])
 

@@ -422,6 +422,27 @@ def test_reconcile_removes_orphans_only(
     assert len(home.vault.list()) == 2
 
 
+def test_reconcile_keeps_every_object_of_a_home_moved_to_another_path(
+    local_home: Home, rng: random.Random, tmp_path: Path
+) -> None:
+    """Outside review: a home copied to another path lost its whole vault to the next
+    reconcile (rows keep the URL they were written at). Rows of a URL the home no longer
+    has still claim their objects; a true orphan still goes."""
+    import shutil
+
+    _, files = study_drop(rng, 3)
+    samples.write_drop(local_home.drops, "fac-a", "d1", files)
+    run(local_home)
+    moved_root = tmp_path / "moved" / "home"
+    shutil.copytree(tmp_path / "home", moved_root)
+    moved = Home.local(moved_root)
+    moved.catalog = local_home.catalog  # the same rows, which name the old path
+    moved.vault.put_bytes("ab/orphan.dvlt", b"DVLT leftover")
+    stats = reconcile_vault(home=moved, min_age_seconds=0)
+    assert stats.vault_orphans_removed == 1
+    assert len(moved.vault.list()) == 3
+
+
 def _pending(home: Home) -> list[dict[str, list[str]]]:
     return [json.loads(home.vault.read_bytes(e.name)) for e in home.vault.list(PENDING)]
 

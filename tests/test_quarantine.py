@@ -96,3 +96,22 @@ def test_a_file_with_an_unsafe_name_is_not_released_anywhere(local_home: Home) -
     with pytest.raises(ValueError, match="unsafe"):
         quarantine_release(home, str(q["quarantine_id"][0]), datetime.now(UTC))
     assert sorted(e.name for e in home.drops.list()) == before
+
+
+def test_a_release_never_writes_through_a_symlinked_facility_folder(
+    local_home: Home, tmp_path: Path
+) -> None:
+    """Outside review: a facility folder swapped for a symlink took the released plaintext
+    outside the drop zone. The release is refused, and the quarantined copy is kept."""
+    home = local_home
+    _incomplete(home)
+    qid = str(quarantine_list(home.catalog)["quarantine_id"][0])
+    root = Path(home.drops.root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "fac-q").rename(tmp_path / "moved")
+    (root / "fac-q").symlink_to(outside)
+    with pytest.raises(OSError):
+        quarantine_release(home, qid, datetime.now(UTC))
+    assert list(outside.iterdir()) == []
+    assert len(home.quarantine.list()) == 2  # still kept: the encrypted file and its reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,24 @@ def test_a_drop_folder_named_like_the_receipts_folder_is_never_ingested(
     assert stats.files_seen == 0
     assert home.catalog.query("SELECT count(*) AS n FROM instances")["n"][0] == 0
     assert len(sources(home.drops)) == 0 and len(home.drops.list()) == len(files) + 1
+
+
+def test_a_symlinked_receipts_folder_cannot_send_a_receipt_elsewhere(
+    local_home: Home, tmp_path: Path
+) -> None:
+    """Outside review: ``_receipts`` made a symlink to the home (or another facility's
+    receipts) had the receipt overwrite ``dropvault-home.json``. Writes never follow a
+    symlinked folder: that drop gets no receipt, the run completes, nothing outside changes."""
+    home = local_home
+    root = Path(home.drops.root)
+    record = (tmp_path / "home" / "dropvault-home.json").read_bytes()
+    _, files = _study(7)
+    for facility, target in (("evil", tmp_path / "home"), ("evil2", tmp_path / "outside")):
+        target.mkdir(exist_ok=True)
+        (root / facility).mkdir()
+        (root / facility / "_receipts").symlink_to(target)
+        samples.write_drop(home.drops, facility, "dropvault-home", files)
+    stats = ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
+    assert stats.ingested == len(files) and stats.duplicates == len(files)
+    assert (tmp_path / "home" / "dropvault-home.json").read_bytes() == record
+    assert list((tmp_path / "outside").iterdir()) == []
