@@ -648,7 +648,11 @@ def runs_under_home(settings: Settings) -> None:
 
     from dropvault.storage.home import HomeRecord
 
-    if "PREFECT_API_URL" in os.environ or HomeRecord.read(settings.home.resolve()) is None:
+    try:
+        made = HomeRecord.read(settings.home.resolve()) is not None
+    except Exception:  # noqa: BLE001 - a damaged record: the command itself says so, in one line
+        return
+    if "PREFECT_API_URL" in os.environ or not made:
         return
     embedded_prefect_home(settings.home)
 

@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -43,6 +44,21 @@ class DemoRefused(TerminalError, RuntimeError):
     demo did not make."""
 
 
+def _mark_text(record: HomeRecord) -> str:
+    """The mark names the home it was made with (a mark copied or planted into another
+    home does not match that home's record)."""
+    return f"made by `dropvault demo`: {record.created_at} {record.keystore_id}\n"
+
+
+def _made_by_demo(root: Path) -> bool:
+    record = HomeRecord.read(root)
+    try:
+        text = (root / DEMO_MARK).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return record is not None and text == _mark_text(record)
+
+
 def prepare_demo_home(settings: Settings, reset: bool) -> None:
     """Refuse to run the demo on a home that holds data, unless ``reset`` and the demo made
     it: then empty it (Prefect's own folder stays, the embedded server may be using it)."""
@@ -64,7 +80,7 @@ def prepare_demo_home(settings: Settings, reset: bool) -> None:
         for n in (*LOCATIONS, "catalog")
         if getattr(settings, f"{n}_url")
     ]
-    if not (root / DEMO_MARK).exists() or outside:
+    if not _made_by_demo(root) or outside:
         why = f"it uses {', '.join(outside)}" if outside else "the demo did not make it"
         raise DemoRefused(f"--reset removes only a home the demo made; {root}: {why}")
     for child in root.iterdir():
@@ -288,11 +304,9 @@ def run_demo(
     prepare_demo_home(settings, reset)
     fresh = HomeRecord.read(settings.home.resolve()) is None
     home, made = settings.init_home()  # the demo makes its own home (or checks it)
-    if fresh:
-        (settings.home.resolve() / DEMO_MARK).write_text(
-            "This home was made by `dropvault demo`; `dropvault demo --reset` may empty it.\n",
-            encoding="utf-8",
-        )
+    record = HomeRecord.read(settings.home.resolve())
+    if fresh and record is not None:
+        (settings.home.resolve() / DEMO_MARK).write_text(_mark_text(record), encoding="utf-8")
     say(made)
     say("1/5 writing demo drops from pydicom's samples")
     drops, files, owned = write_demo_drops(home)

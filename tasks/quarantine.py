@@ -289,8 +289,10 @@ def quarantine_release(
     """Put a quarantined file back for ingest, after its cause was fixed (a drop that went
     incomplete, a manifest with a wrong checksum): its original bytes go to a drop of
     their own, ``{facility}/released-<id>/<file name>``, which the next pass ingests like
-    any drop without a manifest; then the quarantined copy is shredded and the row says it
-    was released. Audited. Rerunnable: a run stopped after the write writes it again."""
+    any drop without a manifest; then the row says it was released (audited in the same
+    transaction) and the quarantined copy is shredded. A run stopped before the commit is
+    run again whole (the write is atomic); one stopped after it leaves only an object that
+    reconcile removes."""
     rows = home.catalog.query(
         "SELECT q.facility_id, q.source_name_enc, o.location_url, o.name, o.record_key_id"
         " FROM quarantine q JOIN objects o USING (object_id) WHERE q.quarantine_id = ?",
@@ -313,10 +315,10 @@ def quarantine_release(
     with store.open(str(row["name"])) as src, home.drops.writer(target) as dst:
         while chunk := src.read(1024 * 1024):
             dst.write(chunk)
-    home.keystore.destroy([str(row["record_key_id"])])
-    location.delete(str(row["name"]))
-    location.delete(str(row["name"])[: -len(".dvlt")] + ".json")
 
+    # The catalog first (the row says released, the audit row lands), then the shredding:
+    # a run stopped after the commit leaves an object no row names, which reconcile
+    # removes, and a key nothing uses; never a row whose key is gone.
     def work(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("DELETE FROM objects WHERE object_id IN (SELECT object_id FROM quarantine"
                     " WHERE quarantine_id = ?)", [qid])  # fmt: skip
@@ -329,6 +331,9 @@ def quarantine_release(
         audit(con, actor=actor, action="quarantine_released", subject=qid, detail=None, at=now)
 
     home.catalog.write(work)
+    home.keystore.destroy([str(row["record_key_id"])])
+    location.delete(str(row["name"]))
+    location.delete(str(row["name"])[: -len(".dvlt")] + ".json")
     return {"quarantine_id": qid, "released_to": f"{row['facility_id']}/{RELEASED}{qid}"}
 
 

@@ -365,6 +365,10 @@ def test_demo_twice_is_refused_and_reset_starts_over(demo_home: Path, tmp_path: 
     mark.rename(tmp_path / "mark")
     refused = dv(copy, "demo", "--reset", check=False)
     assert refused.returncode == 1 and "only a home the demo made" in refused.stderr
+    mark.write_text("")  # a mark planted by hand does not name this home
+    planted = dv(copy, "demo", "--reset", check=False)
+    assert planted.returncode == 1 and "only a home the demo made" in planted.stderr
+    mark.unlink()
     assert json.loads(dv(copy, "sql", count, "--json").stdout)[0]["n"] == before
     (tmp_path / "mark").rename(mark)
     dv(copy, "demo", "--reset")

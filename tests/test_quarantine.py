@@ -115,3 +115,29 @@ def test_a_release_never_writes_through_a_symlinked_facility_folder(
         quarantine_release(home, qid, datetime.now(UTC))
     assert list(outside.iterdir()) == []
     assert len(home.quarantine.list()) == 2  # still kept: the encrypted file and its reason
+
+
+def test_a_release_stopped_after_its_write_runs_again_and_is_audited_once(
+    local_home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside review: a release stopped before its commit had destroyed the key first, so
+    no rerun could finish it and no audit row was written."""
+    home = local_home
+    name, data = _incomplete(home)
+    qid = str(quarantine_list(home.catalog)["quarantine_id"][0])
+    real_write = type(home.catalog).write
+
+    def stop(self: object, fn: object) -> None:
+        raise RuntimeError("stopped before the commit")
+
+    monkeypatch.setattr(type(home.catalog), "write", stop)
+    with pytest.raises(RuntimeError):
+        quarantine_release(home, qid, datetime.now(UTC))
+    monkeypatch.setattr(type(home.catalog), "write", real_write)
+    quarantine_release(home, qid, datetime.now(UTC))  # runs again whole
+    base = name.rsplit("/", 1)[-1]
+    assert home.drops.read_bytes(f"fac-q/released-{qid}/{base}") == data
+    n = home.catalog.query(
+        "SELECT count(*) AS n FROM audit_log WHERE action = 'quarantine_released'"
+    )["n"][0]
+    assert n == 1
