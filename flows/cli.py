@@ -22,6 +22,7 @@ from dropvault.flows.settings import (
     Settings,
     SettingsError,
     embedded_prefect_home,
+    prefect_api_configured,
     quiet_prefect_defaults,
 )
 
@@ -501,12 +502,11 @@ def status(
 
 def _flow_runs(settings: Settings) -> pd.DataFrame:
     """Each flow's runs from Prefect's API, or one row saying why there are none."""
-    import os
 
     from dropvault.flows.runs import COLUMNS, FLOWS, flow_runs
 
     embedded = settings.home.resolve() / "prefect" / "prefect.db"
-    if not os.environ.get("PREFECT_API_URL") and not embedded.exists():
+    if not prefect_api_configured() and not embedded.exists():
         note = "no runs recorded here: no Prefect server (PREFECT_API_URL) and none embedded"
         rows = [dict.fromkeys(COLUMNS) | {"flow": f, "last_state": note} for f in FLOWS]
         return pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)
@@ -644,7 +644,6 @@ RUNS_FLOWS = {"ingest", "reconcile", "shares", "incident", "sweep", "beacons", "
 
 
 def runs_under_home(settings: Settings) -> None:
-    import os
 
     from dropvault.storage.home import HomeRecord
 
@@ -652,7 +651,7 @@ def runs_under_home(settings: Settings) -> None:
         made = HomeRecord.read(settings.home.resolve()) is not None
     except Exception:  # noqa: BLE001 - a damaged record: the command itself says so, in one line
         return
-    if "PREFECT_API_URL" in os.environ or not made:
+    if prefect_api_configured() or not made:
         return
     embedded_prefect_home(settings.home)
 

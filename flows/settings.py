@@ -614,6 +614,12 @@ def for_run(
     return settings, home or settings.build_home()
 
 
+def prefect_api_configured() -> bool:
+    """Whether a Prefect server is named (``PREFECT_API_URL``): else the CLI records its
+    runs under the home's embedded Prefect."""
+    return bool(os.environ.get("PREFECT_API_URL"))
+
+
 def notebook_home(start: Path | None = None) -> Home:
     """The home a notebook works on: ``DROPVAULT_HOME`` when set; else ``.dropvault`` in the
     project, found by walking up from the notebook's folder to the nearest folder that holds

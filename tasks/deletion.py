@@ -62,6 +62,7 @@ from dropvault.tasks.phi import (
     tombstone_ref,
 )
 from dropvault.tasks.reasons import RejectReason
+from dropvault.tasks.receipts import delete_receipts
 from dropvault.tasks.sharing import GrantEvent, insert_grant_events, recompute_grants
 
 DELETION_FIELDS = ("request_id", "owner", "study_uid", "requested_at", "keep_archive")
@@ -247,6 +248,7 @@ class _Sweep:
         self.doomed = pd.DataFrame()
         self.key_ids: list[str] = []
         self.drop_keys: list[str] = []  # sealed drop names to erase with the studies
+        self.drops: list[tuple[str, str]] = []  # (facility_id, drop_id): their receipts go
         self.scan_rows: list[dict[str, Any]] = []
         self.members: dict[str, list[str]] = {}  # study -> its series and instance UIDs
         self.quotes: dict[str, list[str]] = {}  # study -> its patient's name and ID
@@ -323,6 +325,16 @@ class _Sweep:
                 " UNION SELECT facility_id, drop_id FROM quarantine"
                 " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))) x"
                 " USING (facility_id, drop_id) WHERE d.record_key_id IS NOT NULL",
+                [self.to_delete, self.to_delete],
+            ).fetchall()
+        ]
+        self.drops = [
+            (str(f), str(d))
+            for f, d in con.execute(
+                "SELECT facility_id, drop_id FROM instances"
+                " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))"
+                " UNION SELECT facility_id, drop_id FROM quarantine"
+                " WHERE study_uid IN (SELECT unnest(?::VARCHAR[]))",
                 [self.to_delete, self.to_delete],
             ).fetchall()
         ]
@@ -494,6 +506,9 @@ class _Sweep:
             self.studies["study_uid"].isin(self.to_delete), "record_key_id"
         ]
         self.key_ids = sorted(set(self.doomed["record_key_id"]) | set(study_key_ids))
+        # The facilities' receipts of the study's drops name its files (rerun-safe: the
+        # catalog still lists the drops until the finish commits).
+        delete_receipts(self.home.drops, self.drops)
         self.home.keystore.destroy(self.key_ids + self.drop_keys)
         shredded: dict[str, set[str]] = {}
         for uid, key_id in zip(self.doomed["study_uid"], self.doomed["record_key_id"], strict=True):

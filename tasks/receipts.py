@@ -1,8 +1,10 @@
 """Receipts for facilities: what each drop did, written to the facility's own space.
 
 After each ingest pass, every drop the pass handled or saw waiting gets
-``{drops}/{facility}/_receipts/<drop folder>.json`` (replaced on each pass; never
-ingested, see :data:`dropvault.tasks.drops.RECEIPTS`)::
+``{drops}/{facility}/_receipts/<drop_id>.json`` (replaced on each pass; never ingested, see
+:data:`dropvault.tasks.drops.RECEIPTS`). It is named by the drop's keyed id, not its folder:
+a folder name can hold PHI, and a deletion sweep must find and remove the receipts of a
+deleted study's drops without it (:func:`receipt_name`)::
 
     {"drop": "<folder>", "state": "done|partial|incomplete|waiting", "written_at": ...,
      "files_seen": 3, "ingested": 2, "duplicates": 0, "quarantined": 1,
@@ -12,9 +14,10 @@ ingested, see :data:`dropvault.tasks.drops.RECEIPTS`)::
 
 Names are the facility's own (relative to the drop folder): they can be PHI, so they go
 only here, in the space the facility wrote them to, never to the catalog or a log. A file
-of a study its owner deleted is reported as ``not_kept``, without saying why: the
-owner's choice is not the facility's to know. The counts are this pass's; a drop that
-takes several passes gets a receipt per pass.
+of a study its owner deleted is reported as ``not_kept``, without saying why (the
+owner's choice is not the facility's to know), and without its name: a receipt of a drop
+holding one names neither the drop folder nor that file (they can name the patient).
+The counts are this pass's; a drop that takes several passes gets a receipt per pass.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ class Receipt:
     incomplete_at: str | None = None
 
 
+def receipt_name(facility_id: str, drop_id: str) -> str:
+    """Where a drop's receipt is, relative to the drops location."""
+    return f"{facility_id}/{RECEIPTS}/{drop_id}.json"
+
+
 def _iso(seconds: float | None) -> str | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat()
 
@@ -68,11 +76,16 @@ def receipt_for(
     prefix = drop.folder + "/"
     files: dict[str, list[str]] = {}
     for name, reason in rejected:
-        shown = NOT_KEPT if reason == QuarantineReason.DELETED_BY_OWNER else reason
-        files.setdefault(shown, []).append(name.removeprefix(prefix))
+        if reason == QuarantineReason.DELETED_BY_OWNER:
+            files.setdefault(NOT_KEPT, [])  # counted below, never named
+            continue
+        files.setdefault(reason, []).append(name.removeprefix(prefix))
+    not_kept = sum(1 for _, r in rejected if r == QuarantineReason.DELETED_BY_OWNER)
+    if not_kept:
+        files[NOT_KEPT] = [f"({not_kept} file(s))"]
     c = counts or DropCounts()
     return Receipt(
-        drop=drop.name,
+        drop="" if not_kept else drop.name,
         state=state,
         written_at=now.isoformat(),
         files_seen=c.files_seen,
@@ -112,7 +125,7 @@ def write_receipts(
         body = json.dumps(receipt.__dict__, indent=1).encode()  # ASCII: any name survives
         facility = drop.folder.partition("/")[0]
         try:
-            drops_location.put_bytes(f"{facility}/{RECEIPTS}/{drop.name}.json", body)
+            drops_location.put_bytes(receipt_name(facility, drop.drop_id), body)
         except (UnsafeNameError, UnicodeError):
             log.warning(
                 "drop %s/%s: no receipt (its name is unsafe)", drop.facility_id, drop.drop_id
@@ -130,12 +143,22 @@ def write_receipts(
     return written
 
 
-def read_receipt(drops_location: Location, facility: str, drop: str) -> dict[str, Any]:
-    """A receipt as the facility reads it."""
-    data: dict[str, Any] = json.loads(
-        drops_location.read_bytes(f"{facility}/{RECEIPTS}/{drop}.json")
-    )
+def read_receipt(drops_location: Location, facility: str, drop_id: str) -> dict[str, Any]:
+    """A receipt as the facility reads it (by the drop's keyed id)."""
+    data: dict[str, Any] = json.loads(drops_location.read_bytes(receipt_name(facility, drop_id)))
     return data
+
+
+def delete_receipts(drops_location: Location, drops: list[tuple[str, str]]) -> int:
+    """Remove the receipts of these ``(facility_id, drop_id)`` drops (a deleted study's:
+    they name its files); returns how many were there."""
+    removed = 0
+    for facility_id, drop_id in drops:
+        name = receipt_name(facility_id, drop_id)
+        if drops_location.exists(name):
+            drops_location.delete(name)
+            removed += 1
+    return removed
 
 
 write_receipts_task = task(

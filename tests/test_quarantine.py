@@ -20,7 +20,7 @@ from dropvault.tasks.quarantine import (
     quarantine_release,
 )
 from dropvault.tasks.receipts import read_receipt
-from tests.helpers import sources
+from tests.helpers import drop_ref, sources
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,10 @@ def test_filters_and_release(local_home: Home) -> None:
 
     ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
     assert sql("SELECT count(*) AS n FROM instances")["n"][0] == 1
-    assert read_receipt(home.drops, "fac-q", f"released-{qid}")["ingested"] == 1
+    assert (
+        read_receipt(home.drops, "fac-q", drop_ref(home, "fac-q", f"released-{qid}"))["ingested"]
+        == 1
+    )
     assert sources(home.drops) == []
 
 

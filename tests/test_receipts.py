@@ -16,7 +16,7 @@ from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
 from dropvault.tasks.receipts import read_receipt
-from tests.helpers import sources
+from tests.helpers import drop_ref, sources
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +36,8 @@ def test_a_finished_drop_gets_a_receipt_with_each_rejected_file_by_name(
     samples.write_drop(home.drops, "fac-a", "2026-12 batch", {**files, **bad})
     settings = Settings.load(quiet_seconds=0)
     stats = ingest_drops(home=home, settings=settings)
-    r = read_receipt(home.drops, "fac-a", "2026-12 batch")
-    assert r["state"] == "done" and r["drop"] == "2026-12 batch"
+    r = read_receipt(home.drops, "fac-a", drop_ref(home, "fac-a", "2026-12 batch"))
+    assert r["state"] == "done" and r["drop"] == "2026-12 batch"  # inside, not in its path
     assert (r["files_seen"], r["ingested"], r["quarantined"]) == (4, 2, 2)
     assert r["quarantined_files"] == {"not_dicom": ["notes.txt"], "truncated": ["cut/img-77.dcm"]}
     assert r["missing"] == [] and r["incomplete_at"] is None
@@ -62,7 +62,7 @@ def test_a_waiting_drop_names_what_is_missing_and_when_it_goes_incomplete(
     home.drops.delete(f"fac-b/d1/{first}")
     settings = Settings.load(quiet_seconds=0, incomplete_seconds=3600)
     stats = ingest_drops(home=home, settings=settings)
-    r = read_receipt(home.drops, "fac-b", "d1")
+    r = read_receipt(home.drops, "fac-b", drop_ref(home, "fac-b", "d1"))
     assert r["state"] == "waiting" and r["missing"] == [first]
     assert "missing" in r["why"]
     due = datetime.fromisoformat(r["incomplete_at"])
@@ -86,9 +86,11 @@ def test_a_late_copy_of_a_deleted_study_is_not_kept_without_saying_why(
     deletion_sweep(home=home, settings=settings)
     samples.write_drop(home.drops, "fac-c", "again", {names[1]: files[names[1]]})
     ingest_drops(home=home, settings=settings)
-    r = read_receipt(home.drops, "fac-c", "again")
-    assert r["quarantined_files"] == {"not_kept": [names[1]]}
-    assert "deleted" not in json.dumps(r) and uid not in json.dumps(r)
+    r = read_receipt(home.drops, "fac-c", drop_ref(home, "fac-c", "again"))
+    assert r["quarantined_files"] == {"not_kept": ["(1 file(s))"]}
+    assert r["drop"] == ""  # the folder (and the file) can name the patient: not named
+    text = json.dumps(r)
+    assert "deleted" not in text and uid not in text and names[1] not in text
 
 
 def test_a_drop_folder_named_like_the_receipts_folder_is_never_ingested(
