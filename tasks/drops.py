@@ -257,6 +257,33 @@ def _loose(facility_id: str, count: int, clock: _Clock) -> Drop:
     return Drop(facility_id, drop_id, [], False, "waiting", why, folder=facility_id)
 
 
+def _short(listed: dict[str, tuple[int, str]], present: dict[str, Entry]) -> tuple[str, ...]:
+    """The listed files missing, or present with another size (by name in the drop)."""
+    return tuple(
+        sorted(
+            rel
+            for rel, (size, _) in listed.items()
+            if rel not in present or present[rel].size != size
+        )
+    )
+
+
+def _listed_files(listed: dict[str, tuple[int, str]], present: dict[str, Entry]) -> list[DropFile]:
+    """The drop's files, each with the SHA-256 its manifest lists (None when unlisted)."""
+    return [
+        DropFile(
+            item.name,
+            item.size,
+            item.mtime,
+            listed[rel][1] if rel in listed else None,
+            is_safe_name(item.name),
+            item.tag,
+            item.problem,
+        )
+        for rel, item in present.items()
+    ]
+
+
 def _drop(
     drops: Location, facility_id: str, drop_id: str, entries: list[Entry], clock: _Clock
 ) -> Drop:
@@ -306,27 +333,10 @@ def _drop(
             incomplete_at=incomplete_at,
         )
     present = {e.name[len(prefix) :]: e for e in others}
-    short = tuple(
-        sorted(
-            rel
-            for rel, (size, _) in listed.items()
-            if rel not in present or present[rel].size != size
-        )
-    )
+    short = _short(listed, present)
     missing = len(short)
     absent = {prefix + rel: sha for rel, (_, sha) in listed.items() if rel not in present}
-    files = [
-        DropFile(
-            item.name,
-            item.size,
-            item.mtime,
-            listed[rel][1] if rel in listed else None,
-            is_safe_name(item.name),
-            item.tag,
-            item.problem,
-        )
-        for rel, item in present.items()
-    ]
+    files = _listed_files(listed, present)
     unlisted_busy = any(
         rel not in listed and clock.now - clock.mtime(e) < clock.quiet_seconds
         for rel, e in present.items()

@@ -11,7 +11,7 @@ import pandas as pd
 
 from dropvault.storage.catalog import Catalog, tables
 from dropvault.storage.home import Home
-from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.drops import Drop, scan_drops
 from dropvault.tasks.manifests import pending_manifests
 
 TABLES = tables()  # every table of the schema (storage/schema), not a list kept by hand
@@ -28,6 +28,27 @@ def table_counts(catalog: Catalog) -> dict[str, int]:
 def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     """Rows as they are (ints stay ints, for JSON), in the given column order."""
     return pd.DataFrame(rows, columns=columns, dtype=object)
+
+
+def waiting_rows(drops: list[Drop], now: float) -> list[dict[str, Any]]:
+    """Each drop not ready, by keyed id (folder names can hold PHI): why, age, and the
+    seconds until it goes incomplete."""
+    return [
+        {
+            "facility_id": d.facility_id,
+            "drop_id": d.drop_id,
+            "state": d.state,
+            "why": d.why,
+            "files": len(d.files),
+            "missing": len(d.missing),
+            "age_seconds": round(now - d.first_seen) if d.first_seen else None,
+            "incomplete_in_seconds": (
+                max(0, round(d.incomplete_at - now)) if d.incomplete_at is not None else None
+            ),
+        }
+        for d in drops
+        if d.state != "ready"
+    ]
 
 
 def home_status(
@@ -54,22 +75,7 @@ def home_status(
     drops = scan_drops(
         home.drops, home.pepper, now, quiet_seconds, incomplete_seconds, home.catalog
     )
-    waiting = [
-        {
-            "facility_id": d.facility_id,
-            "drop_id": d.drop_id,
-            "state": d.state,
-            "why": d.why,
-            "files": len(d.files),
-            "missing": len(d.missing),
-            "age_seconds": round(now - d.first_seen) if d.first_seen else None,
-            "incomplete_in_seconds": (
-                max(0, round(d.incomplete_at - now)) if d.incomplete_at is not None else None
-            ),
-        }
-        for d in drops
-        if d.state != "ready"
-    ]
+    waiting = waiting_rows(drops, now)
     return {
         "tables": _frame([{"table": t, "rows": n} for t, n in counts.items()], ["table", "rows"]),
         "drops": _frame(
