@@ -2,6 +2,15 @@
 
     python benchmarks/ingest_large_s3.py            # one file of ~52 MB and one of ~315 MB
     python benchmarks/ingest_large_s3.py --quick    # ~5 MB and ~10 MB, what CI runs
+    python benchmarks/ingest_large_s3.py --server   # the flow as a client of a Prefect server
+    python benchmarks/ingest_large_s3.py --server --python /srv/venv/bin/python
+                                      # the flow in a production install (no dev extra)
+
+Embedded, the flow's process also hosts Prefect's temporary API server (SQLAlchemy,
+FastAPI): ~60 MB of its RSS. ``--server`` starts a real ``prefect server start`` and
+runs the flow as its client, as a worker's flow-run process does in production.
+``--python`` runs the ingest in another environment: the dev extra (Jupyter, moto) pulls
+in packages that Prefect then imports (jsonschema's format checkers), ~45 MB more.
 
 Each ingest runs in a fresh child process started by a small parent (Linux keeps the
 largest RSS across fork and exec, so a parent that wrote the file would inflate it), and
@@ -19,7 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/prefect_server.py
+from tests.prefect_server import prefect_server  # noqa: E402
 
 SETUP = """
 import random, sys
@@ -51,15 +64,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(root: Path, frames: int, endpoint: str | None) -> tuple[float, float]:
-    """``(file MB, peak RSS MB)`` of one embedded ingest of one file."""
+def run(
+    root: Path,
+    frames: int,
+    endpoint: str | None,
+    server: dict[str, str] | None = None,
+    python: str = sys.executable,
+) -> tuple[float, float]:
+    """``(file MB, peak RSS MB)`` of one ingest of one file (embedded, or as a client of
+    ``server``'s Prefect API)."""
     root.mkdir()
     env = {
-        **os.environ,
+        **(server or os.environ),
         "DROPVAULT_HOME": str(root / "home"),
         "DROPVAULT_QUIET_SECONDS": "0",
-        "PREFECT_HOME": str(root / "prefect"),
     }
+    if not server:
+        env["PREFECT_HOME"] = str(root / "prefect")
     prefix = f"bench-large/{root.name}"
     if endpoint:
         env |= {f"DROPVAULT_{n.upper()}_URL": f"s3://{prefix}/{n}" for n in
@@ -78,7 +99,7 @@ def run(root: Path, frames: int, endpoint: str | None) -> tuple[float, float]:
     size = local.stat().st_size / 1e6
     if endpoint:
         local.unlink()
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, check=True,
+    out = subprocess.run([python, "-c", CHILD], env=env, check=True,
                          capture_output=True, text=True)  # fmt: skip
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if result["ingested"] != 1:
@@ -89,6 +110,8 @@ def run(root: Path, frames: int, endpoint: str | None) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small files (CI)")
+    parser.add_argument("--server", action="store_true", help="as a Prefect server's client")
+    parser.add_argument("--python", default=sys.executable, help="the ingest's interpreter")
     args = parser.parse_args()
     sizes = (10, 20) if args.quick else (100, 600)  # 512x512x16 frames: ~0.5 MB each
     port = free_port()
@@ -111,12 +134,16 @@ def main() -> None:
                 break
             except Exception:  # noqa: BLE001 - moto still starting
                 time.sleep(0.2)
-        with tempfile.TemporaryDirectory() as tmp:
-            print("store   file MB   peak RSS MB")
+        with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+            server = None
+            if args.server:
+                server = stack.enter_context(prefect_server(Path(tmp) / "prefect-server"))
+            print(f"store   file MB   peak RSS MB   ({'server' if server else 'embedded'})")
             for store in ("local", "s3"):
                 for frames in sizes:
                     root = Path(tmp) / f"{store}-{frames}"
-                    size, rss = run(root, frames, endpoint if store == "s3" else None)
+                    s3 = endpoint if store == "s3" else None
+                    size, rss = run(root, frames, s3, server, args.python)
                     print(f"{store:<7} {size:>7.0f}   {rss:>11.0f}")
     finally:
         moto.kill()

@@ -23,6 +23,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from dropvault.flows.settings import RunHome, RunSettings, Settings, for_run
 from dropvault.storage.home import Home
+from dropvault.tasks.archives import archive_kind, unpack_drops_task
 from dropvault.tasks.drop_rekey import rekey_drops_task
 from dropvault.tasks.drops import Drop, DropFile, in_shard, parse_shard, scan_drops_task
 from dropvault.tasks.ingest import (
@@ -87,6 +88,10 @@ def ingest_drops(
     )
     drops = [d for d in drops if in_shard(d.key, shard)]
     ready = [d for d in drops if d.state != "waiting"]
+    if any(archive_kind(f.name) for d in ready for f in d.files):
+        unpacked = unpack_drops_task(home.drops, opaque(ready), settings.archive_limits())
+        drops = [d for d in drops if d.state == "waiting"] + unpacked
+        ready = unpacked
     for drop in drops:
         if drop.state == "waiting":
             totals.drops_waiting += 1
@@ -152,6 +157,7 @@ def _run_batches(
             opaque(chunk),
             max_file_bytes=settings.max_file_bytes,
             cpu_turn=opaque(cpu_turn),
+            cd_extras=settings.cd_extras,
         )
         running.append((future, len(chunk)))
     while running:
@@ -160,7 +166,12 @@ def _run_batches(
         # Files whose UID a concurrent batch cataloged first: classify them now, in this run.
         again, totals.retry = totals.retry, []
         totals.add(
-            ingest_batch_task(opaque(home), opaque(again), max_file_bytes=settings.max_file_bytes)
+            ingest_batch_task(
+                opaque(home),
+                opaque(again),
+                max_file_bytes=settings.max_file_bytes,
+                cd_extras=settings.cd_extras,
+            )
         )
 
 

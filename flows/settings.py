@@ -49,6 +49,7 @@ from dropvault.storage.home import (
 )
 from dropvault.storage.keystore import KeyError_, KeyFileError, Keystore, MissingKeystoreError
 from dropvault.storage.locations import InsecureEndpointError, Location, check_endpoint_tls
+from dropvault.tasks.archives import ArchiveLimits
 
 SCHEMES = {"file", "memory", "s3", "s3a"}
 DUCKLAKE_PREFIX = "ducklake:postgres:"
@@ -161,6 +162,14 @@ class Settings(BaseSettings):
     # Quarantined files are shredded after this many days (0 keeps them): a damaged copy
     # that names no study cannot go with its study's deletion, so none is kept for ever.
     quarantine_retention_days: int = Field(default=90, ge=0)
+    # Archives in drops (tasks/archives.py): past a bound, one is quarantined whole.
+    archive_max_bytes: int = Field(default=16 * 1024**3, gt=0)  # unpacked, per archive
+    archive_max_members: int = Field(default=100_000, gt=0)
+    archive_max_ratio: float = Field(default=200.0, ge=1)  # unpacked bytes per archive byte
+    archive_max_depth: int = Field(default=1, ge=0)  # archives inside archives
+    # A CD's files that are not images (viewer, autorun.inf, README, a PDF report): kept
+    # encrypted in quarantine (cd_extra) or counted, named in the receipt, and removed.
+    cd_extras: Literal["keep", "discard"] = "keep"
     beacon_retention: Literal["delete", "keep"] = "delete"
     beacon_memory_limit: str = "1GB"
     # A beacon log larger than this once decompressed is set aside unread (too_large).
@@ -542,6 +551,15 @@ class Settings(BaseSettings):
             ),
             reader_memory_limit=self.reader_memory_limit,
             reader_timeout=self.reader_timeout_seconds,
+        )
+
+    def archive_limits(self) -> ArchiveLimits:
+        """The ``DROPVAULT_ARCHIVE_*`` bounds on one archive in a drop."""
+        return ArchiveLimits(
+            max_bytes=self.archive_max_bytes,
+            max_members=self.archive_max_members,
+            max_ratio=self.archive_max_ratio,
+            max_depth=self.archive_max_depth,
         )
 
     def build_home(self) -> Home:

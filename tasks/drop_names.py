@@ -16,14 +16,15 @@ to keyed ids and seals the names.
 from __future__ import annotations
 
 import re
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from dropvault.storage.home import Home
 from dropvault.storage.keystore import KeyDestroyedError, Keystore, UnknownKeyError
 from dropvault.tasks.audit import audit_viewing
 from dropvault.tasks.phi import keyed_hash, open_fields, seal_fields
+
+if TYPE_CHECKING:  # ingest imports this module; pandas costs ~40 MB of its RSS
+    import pandas as pd
 
 DROP_ID = re.compile(r"d_[0-9a-f]{24}")
 

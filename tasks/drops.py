@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from prefect import task
@@ -43,6 +43,9 @@ from prefect.cache_policies import NO_CACHE
 from dropvault.storage.catalog import Catalog
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.locations import Entry, Location, is_file_problem, is_safe_name
+from dropvault.tasks.dicom.dicomdir import MAX_BYTES as DICOMDIR_MAX
+from dropvault.tasks.dicom.dicomdir import NAME as DICOMDIR_NAME
+from dropvault.tasks.dicom.dicomdir import Directory, is_dicomdir_name, read_dicomdir
 from dropvault.tasks.drop_names import drop_id_for
 
 MANIFEST = "manifest.json"
@@ -64,14 +67,20 @@ class DropFile:
     safe: bool = True
     tag: str = ""  # ETag as listed: with size and mtime, tells a replaced object apart
     problem: str = ""  # set when the listing already shows it cannot be read (see Entry)
+    # Decided before ingest reads it (a QuarantineReason and a PHI-free detail): an archive
+    # refused whole, or an archive member that was not written (then ``problem`` is set).
+    verdict: str = ""
+    verdict_detail: str = ""
+    expected_uid: str | None = None  # the SOP Instance UID its DICOMDIR record names
+    extra: bool = False  # in a drop with a DICOMDIR that does not reference it (a CD's extras)
 
     def unchanged(self, entry: Entry) -> bool:
         """Whether a fresh listing still shows the object this file was listed as."""
         return (entry.size, entry.mtime, entry.tag) == (self.size, self.mtime, self.tag)
 
 
-def _unlisted(entry: Entry) -> DropFile:
-    """A file of a drop without a (readable) manifest: nothing to check it against."""
+def file_from_entry(entry: Entry) -> DropFile:
+    """A file of a drop as listed, with nothing (no manifest) to check it against."""
     return DropFile(
         entry.name,
         entry.size,
@@ -101,6 +110,14 @@ class Drop:
     missing: tuple[str, ...] = ()
     first_seen: float = 0.0
     incomplete_at: float | None = None
+    # Files that are the drop's own bookkeeping, removed when it is finished: its DICOMDIRs
+    # (read as its table of contents) and the archives it unpacked (see tasks/archives.py).
+    directories: tuple[str, ...] = ()
+    references: int = 0  # files its DICOMDIRs reference
+    unpacked: tuple[str, ...] = ()
+    # Referenced by a DICOMDIR but not here (name -> SOP Instance UID): a rerun finds them
+    # cataloged when an earlier pass took them (see _resume_started).
+    absent_uids: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.folder:
@@ -287,6 +304,14 @@ def _listed_files(listed: dict[str, tuple[int, str]], present: dict[str, Entry])
 def _drop(
     drops: Location, facility_id: str, drop_id: str, entries: list[Entry], clock: _Clock
 ) -> Drop:
+    """One drop and its state, by its manifest, then by its DICOMDIRs."""
+    drop = _drop_by_manifest(drops, facility_id, drop_id, entries, clock)
+    return with_directories(drops, drop, clock.now, clock.incomplete_seconds)
+
+
+def _drop_by_manifest(
+    drops: Location, facility_id: str, drop_id: str, entries: list[Entry], clock: _Clock
+) -> Drop:
     """One drop and its state: without a manifest, ready once quiet; with one, ready once
     every listed file is there whole, incomplete once overdue, else waiting."""
     prefix = f"{facility_id}/{drop_id}/"
@@ -302,7 +327,7 @@ def _drop(
         newest = max((clock.mtime(e) for e in entries), default=0.0)
         quiet = clock.now - newest >= clock.quiet_seconds
         state: DropState = "ready" if quiet else "waiting"
-        files = [_unlisted(e) for e in others]
+        files = [file_from_entry(e) for e in others]
         why = "" if quiet else "not quiet yet"
         return Drop(
             facility_id, drop_id, files, False, state, why, folder=folder, first_seen=first_seen
@@ -316,7 +341,7 @@ def _drop(
     except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
         if isinstance(exc, OSError) and not is_file_problem(exc):
             raise  # the store's trouble (a 503): the scan retries, the drop is not judged
-        files = [_unlisted(e) for e in others]
+        files = [file_from_entry(e) for e in others]
         state = "incomplete" if overdue else "waiting"
         why = f"manifest is malformed ({type(exc).__name__})"
         return Drop(
@@ -364,12 +389,81 @@ def _drop(
     )
 
 
+def _read_directories(drops: Location, drop: Drop) -> dict[DropFile, Directory]:
+    """The drop's readable DICOMDIRs (one that cannot be read is an ordinary file)."""
+    found = {}
+    for f in drop.files:
+        if not is_dicomdir_name(f.name) or not f.safe or f.problem or f.size > DICOMDIR_MAX:
+            continue
+        try:
+            directory = read_dicomdir(drops.read_bytes(f.name, unchecked=True))
+        except OSError as exc:
+            if not is_file_problem(exc):
+                raise
+            continue
+        if directory is not None:
+            found[f] = directory
+    return found
+
+
+def with_directories(
+    drops: Location, drop: Drop, now: float, incomplete_seconds: float, wait: bool = True
+) -> Drop:
+    """``drop`` read by its DICOMDIRs (a CD's table of contents), which become its
+    ``directories``: each referenced file gets the SOP Instance UID its record names, the
+    files in a DICOMDIR's folder that none references are ``extra`` (a CD's viewer,
+    ``autorun.inf``, README; an image among them is still ingested), and with
+    ``wait`` a ready drop waits until every referenced file is there, going incomplete
+    ``incomplete_seconds`` after the DICOMDIR arrived, as with a manifest. References are
+    matched without regard to case (ISO 9660 names are upper case; copies may not be)."""
+    read = _read_directories(drops, drop)
+    if not read:
+        return drop
+    by_upper = {f.name.upper(): f for f in drop.files}
+    expected: dict[str, str] = {}
+    absent: dict[str, str] = {}
+    for f, directory in read.items():
+        base = f.name[: -len(DICOMDIR_NAME)]  # its folder, with the trailing "/"
+        for path, uid in directory.references.items():
+            hit = by_upper.get(base.upper() + path)
+            if hit is None:
+                absent[base[len(drop.folder) + 1 :] + path] = uid
+            else:
+                expected[hit.name] = uid
+    bases = tuple(f.name[: -len(DICOMDIR_NAME)] for f in read)
+    files = [
+        replace(f, expected_uid=expected.get(f.name) or None, extra=f.name not in expected)
+        if f.name.startswith(bases)
+        else f
+        for f in drop.files
+        if f not in read
+    ]
+    drop = replace(
+        drop,
+        files=files,
+        directories=drop.directories + tuple(f.name for f in read),
+        references=drop.references + sum(len(d.references) for d in read.values()),
+    )
+    if not absent:
+        return drop
+    arrived = max(f.mtime for f in read)
+    drop.missing = tuple(sorted({*drop.missing, *absent}))
+    if not wait or drop.state != "ready":
+        return drop
+    overdue = now - arrived >= incomplete_seconds
+    drop.state = "incomplete" if overdue else "waiting"
+    drop.why = f"{len(absent)} file(s) the DICOMDIR references missing"
+    drop.incomplete_at = arrived + incomplete_seconds
+    drop.absent_uids = absent
+    return drop
+
+
 def _resume_started(catalog: Catalog, drops: list[Drop]) -> None:
     """Mark ready the drops whose only missing files the catalog accounts for."""
-    stalled = [d for d in drops if d.state != "ready" and d.absent]
+    stalled = [d for d in drops if d.state != "ready" and (d.absent or d.absent_uids)]
     if not stalled:
         return
-    known, hashes = catalog.read_only().many(
+    known, hashes, uids = catalog.read_only().many(
         [
             (
                 "SELECT facility_id || '/' || drop_id AS k FROM drops"
@@ -382,11 +476,20 @@ def _resume_started(catalog: Catalog, drops: list[Drop]) -> None:
                 " WHERE sha256 IN (SELECT unnest(?::VARCHAR[]))",
                 [sorted({s for d in stalled for s in d.absent.values()})] * 2,
             ),
+            (
+                "SELECT sop_instance_uid FROM instances"
+                " WHERE sop_instance_uid IN (SELECT unnest(?::VARCHAR[]))",
+                [sorted({u for d in stalled for u in d.absent_uids.values() if u})],
+            ),
         ]
     )
     seen_drops, seen_hashes = set(known["k"]), set(hashes["sha256"])
+    seen_uids = set(uids["sop_instance_uid"])
     for drop in stalled:
-        if drop.key in seen_drops or set(drop.absent.values()) <= seen_hashes:
+        accounted = set(drop.absent.values()) <= seen_hashes and all(
+            u and u in seen_uids for u in drop.absent_uids.values()
+        )
+        if drop.key in seen_drops or accounted:
             drop.state, drop.why = "ready", ""
 
 

@@ -78,6 +78,7 @@ class DropCounts:
     quarantined: int = 0
     bytes: int = 0
     shredded: int = 0  # files of a deleted study: the drop's name goes too
+    discarded: int = 0  # a CD's extras, counted and removed (cd_extras="discard")
 
 
 @dataclass
@@ -93,6 +94,7 @@ class IngestStats:
     drops_done: int = 0
     drops_waiting: int = 0
     sources_changed: int = 0  # replaced while being ingested: left for the next run
+    discarded: int = 0  # a CD's extras not kept (cd_extras="discard")
     drops: dict[str, DropCounts] = field(default_factory=dict)
     # Files whose UID another batch (or worker) cataloged while this one ran: not counted
     # yet, their sources untouched; a later batch classifies them (duplicate or conflict).
@@ -118,6 +120,7 @@ class IngestStats:
         self.drops_done += other.drops_done
         self.drops_waiting += other.drops_waiting
         self.sources_changed += other.sources_changed
+        self.discarded += other.discarded
         self.retry += other.retry
         for key, files in other.rejected.items():
             self.rejected.setdefault(key, []).extend(files)
@@ -138,6 +141,7 @@ class IngestStats:
             "drops_done": self.drops_done,
             "drops_waiting": self.drops_waiting,
             "sources_changed": self.sources_changed,
+            "discarded": self.discarded,
         }
 
     def drop_lines(self) -> list[str]:
@@ -282,6 +286,8 @@ def _check(item: _Read) -> tuple[QuarantineReason, str] | None:
     drop, f = item.drop, item.file
     if not f.safe:
         return QuarantineReason.UNSAFE_NAME, "file name escapes its drop"
+    if f.verdict:
+        return QuarantineReason(f.verdict), f.verdict_detail
     if drop.state == "incomplete":
         return QuarantineReason.INCOMPLETE_DROP, drop.why or "manifest never completed"
     if f.expected_sha256 and f.expected_sha256 != item.sha256:
@@ -311,9 +317,15 @@ class _Batch:
     """
 
     def __init__(
-        self, home: Home, work: list[tuple[Drop, DropFile]], now: datetime, max_file_bytes: int
+        self,
+        home: Home,
+        work: list[tuple[Drop, DropFile]],
+        now: datetime,
+        max_file_bytes: int,
+        cd_extras: str = "keep",
     ) -> None:
         self.home = home
+        self.cd_extras = cd_extras
         self.work = work
         self.now = now
         self.max_file_bytes = max_file_bytes
@@ -421,7 +433,7 @@ class _Batch:
         place, a path past the length limit) is noted for :meth:`report_unreadable`."""
         reads: list[_Read] = []
         for drop, f in self.work:
-            detail, reason = f.problem, QuarantineReason.UNREADABLE
+            detail, reason = f.problem, QuarantineReason(f.verdict or "unreadable")
             if not detail and f.size > self.max_file_bytes:
                 # Not read at all (a sparse terabyte costs a facility nothing to drop, and
                 # would cost the quarantine its size): reported once, left in place.
@@ -484,8 +496,23 @@ class _Batch:
                         item.header = read_header(fp, item.file.size)
                 parsed.append(item)
             except DicomRejected as exc:
-                rejected.append((item, exc.reason, exc.detail))
+                if item.file.extra and exc.reason == QuarantineReason.NOT_DICOM:
+                    # A CD's viewer, autorun.inf or README: an extra, not a bad image.
+                    if self.cd_extras == "discard":
+                        self.discard(item)
+                        continue
+                    rejected.append((item, QuarantineReason.CD_EXTRA, "not an image of the CD"))
+                else:
+                    rejected.append((item, exc.reason, exc.detail))
         return parsed, rejected
+
+    def discard(self, item: _Read) -> None:
+        """A CD extra under ``cd_extras="discard"``: counted and named in the receipt, then
+        its source removed; nothing of it is kept."""
+        self.stats.discarded += 1
+        self.stats.count(item.drop, "discarded")
+        self.stats.reject(item.drop, item.file.name, "discarded")
+        self.to_remove.append(item.file.name)
 
     # -- stage 2: dedupe against the catalog and within the batch --------------
 
@@ -535,7 +562,21 @@ class _Batch:
             header = item.header
             assert header is not None  # noqa: S101 - parsed items have headers
             prior = seen.get(header.sop_instance_uid)
-            if header.study_uid in deleted or copy_keys[header.sop_instance_uid] & deleted_keys:
+            expected = item.file.expected_uid
+            if (
+                expected
+                and expected != header.sop_instance_uid
+                and not (
+                    header.study_uid in deleted or copy_keys[header.sop_instance_uid] & deleted_keys
+                )
+            ):
+                self.quarantine(
+                    item,
+                    QuarantineReason.DICOMDIR_MISMATCH,
+                    "SOP Instance UID differs from its DICOMDIR record",
+                    header.study_uid,
+                )
+            elif header.study_uid in deleted or copy_keys[header.sop_instance_uid] & deleted_keys:
                 # The owner deleted this study while the file was on its way: the tombstone wins.
                 self.quarantine(
                     item, QuarantineReason.DELETED_BY_OWNER, "study was deleted by its owner"
@@ -848,6 +889,7 @@ def ingest_batch(
     max_file_bytes: int,
     now: datetime | None = None,
     cpu_turn: AbstractContextManager[object] | None = None,
+    cd_extras: str = "keep",
 ) -> IngestStats:
     """Ingest a batch of files (from one or more drops). Safe to rerun after a crash anywhere:
     the stages run in the order of this module's docstring.
@@ -855,9 +897,10 @@ def ingest_batch(
     ``cpu_turn`` (a lock shared by the batches one run has in flight) is held while the
     batch reads, parses, looks up and plans its files, and released before it encrypts,
     writes, syncs and commits, so one batch parses while the one before it writes.
+    ``cd_extras`` (``keep`` or ``discard``): what becomes of a CD's files that are not images.
     """
     started = time.perf_counter()
-    batch = _Batch(home, work, now or datetime.now(UTC), max_file_bytes)
+    batch = _Batch(home, work, now or datetime.now(UTC), max_file_bytes, cd_extras)
     with cpu_turn if cpu_turn is not None else nullcontext():
         reads = batch.read()
         parsed, rejected = batch.parse(reads)
@@ -992,11 +1035,17 @@ def finish_drops(home: Home, drops: list[Drop]) -> dict[str, bool]:
 
 
 def _finish(home: Home, drop: Drop) -> bool:
+    """Done when only the drop's bookkeeping is left: its manifest, its DICOMDIRs, and the
+    archives it unpacked (each member handled, so each archive is accounted for). Those
+    go last, archives first, so a run stopped here unpacks what is left again."""
+    own = [*drop.unpacked, *drop.directories, *([drop.manifest_name] if drop.manifest_name else [])]
     listed = home.drops.list(drop.folder, unchecked=True)
-    if [e for e in listed if e.name != drop.manifest_name]:
+    if [e for e in listed if e.name not in own]:
         return False
-    if drop.manifest_name:
-        home.drops.delete(drop.manifest_name, unchecked=True)
+    present = {e.name for e in listed}
+    for name in own:
+        if name in present:
+            home.drops.delete(name, unchecked=True)
     home.drops.rmdir_empty(drop.folder, unchecked=True)
     return True
 

@@ -24,6 +24,15 @@ class QuarantineReason(StrEnum):
     TOO_LARGE = "too_large"
     DELETED_BY_OWNER = "deleted_by_owner"
     UNREADABLE = "unreadable"  # listed but cannot be read: reported, left in place
+    # Archives (tasks/archives.py): refused whole, or a member not written.
+    ARCHIVE_TOO_LARGE = "archive_too_large"
+    ARCHIVE_ENCRYPTED = "archive_encrypted"
+    ARCHIVE_CORRUPT = "archive_corrupt"
+    ARCHIVE_TOO_DEEP = "archive_too_deep"
+    ARCHIVE_MEMBER_REFUSED = "archive_member_refused"  # a link or special file in a tar
+    # CDs (tasks/dicom/dicomdir.py): a file whose UID is not its record's; a non-image.
+    DICOMDIR_MISMATCH = "dicomdir_mismatch"
+    CD_EXTRA = "cd_extra"
 
 
 class RejectReason(StrEnum):

@@ -11,8 +11,11 @@ import io
 import json
 import random
 import struct
+import tarfile
+import zipfile
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import IO
 
 import pydicom
@@ -261,3 +264,66 @@ def write_hits(
     if name.endswith(".gz"):
         data = gzip.compress(data)
     beacons.put_bytes(f"{day}/{name}", data)
+
+
+# -- archives and CDs ---------------------------------------------------------
+
+
+def zip_bytes(files: dict[str, bytes], *, encrypted_flag: bool = False) -> bytes:
+    """A ZIP of ``files`` (deflated). ``encrypted_flag`` sets the "encrypted" bit in every
+    header, as a password-protected PACS export has (the bytes themselves stay plain)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    raw = out.getvalue()
+    if not encrypted_flag:
+        return raw
+    buf = bytearray(raw)
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = 0
+        while (at := buf.find(sig, start)) >= 0:
+            flags = struct.unpack_from("<H", buf, at + flag_at)[0]
+            struct.pack_into("<H", buf, at + flag_at, flags | 0x1)
+            start = at + 4
+    return bytes(buf)
+
+
+def tar_bytes(
+    files: dict[str, bytes], *, gz: bool = True, links: dict[str, bytes] | None = None
+) -> bytes:
+    """A tar (gzipped by default) of ``files``. ``links`` adds members that are not regular
+    files: ``{name: type}`` with a tarfile type (``tarfile.SYMTYPE``, ``CHRTYPE``, ...)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz" if gz else "w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd"
+            tf.addfile(info)
+    return out.getvalue()
+
+
+def cd_files() -> dict[str, bytes]:
+    """A patient image CD as copied from the disc: pydicom's ``dicomdirtests`` (a DICOMDIR
+    naming 31 images in folders of files without extensions, and a README), plus the
+    extras CDs carry (``autorun.inf``, a viewer program)."""
+    found = get_testdata_file("DICOMDIR")
+    if found is None:
+        raise FileNotFoundError("pydicom's DICOMDIR samples are not bundled")
+    root = Path(found).parent
+    files = {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for folder in ("77654033", "98892001", "98892003")
+        for p in sorted((root / folder).rglob("*"))
+        if p.is_file()
+    }
+    files["DICOMDIR"] = (root / "DICOMDIR").read_bytes()
+    files["README.txt"] = (root / "README.txt").read_bytes()
+    files["autorun.inf"] = b"[autorun]\r\nopen=viewer\\viewer.exe\r\n"
+    files["viewer/viewer.exe"] = b"MZ" + bytes(510)
+    return files

@@ -1,0 +1,57 @@
+"""A CD's ``DICOMDIR`` (Media Storage Directory) read as its drop's table of contents.
+
+Patient image CDs hold a ``DICOMDIR`` beside a ``DICOM/`` tree of files without
+extensions, plus a viewer, ``autorun.inf`` and a README. The DICOMDIR's records name every
+image file (Referenced File ID, a path relative to the DICOMDIR's folder) and the SOP
+Instance UID inside it. :mod:`dropvault.tasks.drops` uses that list as a completeness
+manifest, and ingest checks each referenced file's UID against its record.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+NAME = "DICOMDIR"
+MAX_BYTES = 64 << 20  # a larger one is read as an ordinary file (and quarantined)
+
+
+def is_dicomdir_name(name: str) -> bool:
+    """Whether the last part of ``name`` is ``DICOMDIR`` (any case, as CDs are copied)."""
+    return name.rsplit("/", 1)[-1].upper() == NAME
+
+
+@dataclass(frozen=True)
+class Directory:
+    """What a DICOMDIR references: ``{path relative to its folder, upper case: SOP Instance
+    UID or ""}``. ISO 9660 names are upper case, while copies of a CD may be lower."""
+
+    references: dict[str, str]
+
+
+def read_dicomdir(raw: bytes) -> Directory | None:
+    """The references of a DICOMDIR, or None when ``raw`` is not a readable one (it is then
+    an ordinary file of its drop, and ingest gives it its reason)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) != MEDIA_STORAGE_DIRECTORY:
+            return None
+        references: dict[str, str] = {}
+        for record in ds.get("DirectoryRecordSequence", []):
+            file_id = record.get("ReferencedFileID")
+            if file_id is None:
+                continue
+            parts = [file_id] if isinstance(file_id, str) else list(file_id)
+            path = "/".join(str(p).strip() for p in parts if str(p).strip())
+            if not path or any(p in (".", "..") for p in path.split("/")):
+                continue  # a record that would point outside the CD: not followed
+            uid = str(record.get("ReferencedSOPInstanceUIDInFile", "") or "")
+            references[path.upper()] = uid
+    except (InvalidDicomError, ValueError, TypeError, AttributeError, KeyError, EOFError,
+            OSError, IndexError, OverflowError, RecursionError):  # fmt: skip
+        return None
+    return Directory(references)

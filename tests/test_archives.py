@@ -1,0 +1,327 @@
+"""Archives and CDs in drops: each member or CD file is a file of the drop with its own
+outcome; an archive past a bound is quarantined whole; nothing is left in plain text
+outside the drops, and a run stopped anywhere is finished by the next one exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks import samples
+from dropvault.tasks.receipts import read_receipt
+from tests.helpers import cli_env, drop_ref, sources
+
+pytestmark = pytest.mark.integration
+
+
+def _study(seed: int, n: int = 3) -> tuple[str, dict[str, bytes]]:
+    rng = random.Random(seed)
+    return samples.make_study(rng, samples.make_patient(rng, seed), n, "CT_small.dcm")
+
+
+def _settings(**kw: object) -> Settings:
+    return Settings.load(quiet_seconds=0, **kw)
+
+
+def _reasons(home: Home) -> dict[str, int]:
+    rows = home.catalog.query("SELECT reason, count(*) AS n FROM quarantine GROUP BY 1")
+    return dict(zip(rows["reason"], rows["n"], strict=True))
+
+
+def _count(home: Home, sql: str) -> int:
+    return int(home.catalog.query(sql).iloc[0, 0])
+
+
+def _plain_outside_drops(root: Path, needles: list[bytes]) -> list[str]:
+    """Files of a local home, outside its drops, that hold any of ``needles`` in clear."""
+    drops = root / "drops"
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and drops not in p.parents:
+            data = p.read_bytes()
+            if any(n in data for n in needles):
+                hits.append(str(p.relative_to(root)))
+    return hits
+
+
+def test_a_zip_and_tarballs_are_ingested_member_by_member(home: Home) -> None:
+    """On file://, memory:// and moto's S3: each member gets its own outcome, the receipt
+    names members by their path in the archive, and the drop is gone afterwards."""
+    _, a = _study(1)
+    _, b = _study(2)
+    _, c = _study(3)
+    bad = {"notes.txt": samples.not_dicom(), "cut.dcm": samples.truncated(next(iter(a.values())))}
+    drop = {
+        "export.zip": samples.zip_bytes({**a, **bad}),
+        "script.tar.gz": samples.tar_bytes({f"./{k}": v for k, v in b.items()}),
+        "plain.tar": samples.tar_bytes(c, gz=False),
+    }
+    samples.write_drop(home.drops, "fac", "d1", drop)
+    stats = ingest_drops(home=home, settings=_settings())
+    assert (stats.ingested, stats.duplicates) == (9, 0)
+    assert _reasons(home) == {"not_dicom": 1, "truncated": 1}
+    assert _count(home, "SELECT count(DISTINCT sop_instance_uid) FROM instances") == 9
+    r = read_receipt(home.drops, "fac", drop_ref(home, "fac", "d1"))
+    assert r["state"] == "done" and r["ingested"] == 9
+    assert r["quarantined_files"] == {
+        "not_dicom": ["export.zip.contents/notes.txt"],
+        "truncated": ["export.zip.contents/cut.dcm"],
+    }
+    assert sources(home.drops) == []
+    again = ingest_drops(home=home, settings=_settings())
+    assert again.files_seen == 0
+
+
+def test_zip_slip_names_are_refused_and_nothing_lands_outside_the_drop(
+    local_home: Home, tmp_path: Path
+) -> None:
+    home = local_home
+    _, good = _study(4, 1)
+    image = next(iter(good.values()))
+    evil = {
+        "../../escaped.dcm": image,
+        "/abs/escaped.dcm": image,
+        "C:/escaped.dcm": image,
+        "dir\\..\\..\\escaped.dcm": image,
+        "ok/../../../escaped.dcm": image,
+    }
+    samples.write_drop(home.drops, "fac", "d1", {"x.zip": samples.zip_bytes({**good, **evil})})
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 1
+    assert _reasons(home) == {"unsafe_name": 5}
+    # No row kept bytes of a refused member, and nothing was written where they pointed.
+    assert _count(home, "SELECT count(*) FROM quarantine WHERE object_id <> ''") == 0
+    assert not any(p.name == "escaped.dcm" for p in tmp_path.rglob("*"))
+    assert not (Path("/abs/escaped.dcm")).exists()
+    assert sources(home.drops) == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "tgz"])
+def test_a_bomb_is_quarantined_whole_by_ratio_and_by_total(local_home: Home, kind: str) -> None:
+    home = local_home
+    _, good = _study(5, 1)
+    zeros = {"pad.bin": bytes(8 << 20), **good}  # 8 MiB of zeros: ratio ~1000
+    pack = samples.zip_bytes if kind == "zip" else samples.tar_bytes
+    big = {f"r{i}.bin": random.Random(i).randbytes(400_000) for i in range(4)}
+    samples.write_drop(home.drops, "fac", "ratio", {f"bomb.{kind}": pack(zeros)})
+    samples.write_drop(home.drops, "fac", "total", {f"big.{kind}": pack({**good, **big})})
+    limits = {"archive_max_bytes": 1_500_000, "archive_max_ratio": 50}
+    stats = ingest_drops(home=home, settings=_settings(**limits))
+    assert stats.ingested == 0
+    assert _reasons(home) == {"archive_too_large": 2}
+    rows = home.catalog.query("SELECT size_bytes, detail, object_id FROM quarantine")
+    assert all(rows["object_id"] != "")  # the archives themselves, kept encrypted
+    assert any("ratio" in d for d in rows["detail"]) and any("bytes" in d for d in rows["detail"])
+    assert sources(home.drops) == []  # members written before the bound showed are gone
+
+
+def test_too_many_members_and_nesting_past_the_limit(local_home: Home) -> None:
+    home = local_home
+    _, a = _study(6, 3)
+    _, b = _study(7, 1)
+    deepest = samples.zip_bytes(b)
+    inner = samples.zip_bytes({"deeper.zip": deepest, **dict(list(a.items())[:1])})
+    outer = samples.zip_bytes({"inner.zip": inner})
+    samples.write_drop(home.drops, "fac", "nested", {"outer.zip": outer})
+    samples.write_drop(home.drops, "fac", "many", {"many.zip": samples.zip_bytes(a)})
+    ingest_drops(home=home, settings=_settings(archive_max_members=2))
+    # outer -> inner (one level of nesting) unpacked; deeper.zip is a second level.
+    assert _reasons(home) == {"archive_too_deep": 1, "archive_too_large": 1}
+    assert _count(home, "SELECT count(*) FROM instances") == 1
+    assert sources(home.drops) == []
+
+
+def test_encrypted_and_truncated_archives_are_quarantined_whole(local_home: Home) -> None:
+    home = local_home
+    _, a = _study(8, 3)
+    whole_zip, whole_tar = samples.zip_bytes(a), samples.tar_bytes(a, gz=False)
+    drop = {
+        "locked.zip": samples.zip_bytes(a, encrypted_flag=True),
+        "cut.zip": whole_zip[: len(whole_zip) * 2 // 3],
+        "cut.tar": whole_tar[: len(whole_tar) * 2 // 3],
+        "cut.tgz": samples.tar_bytes(a)[:-40],
+        "not-really.zip": samples.not_dicom(),
+    }
+    samples.write_drop(home.drops, "fac", "d1", drop)
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 0
+    assert _reasons(home) == {"archive_encrypted": 1, "archive_corrupt": 4}
+    assert sources(home.drops) == []  # a cut tar's first members were unpacked, then undone
+
+
+def test_a_tar_with_links_and_devices_refuses_those_members(
+    local_home: Home, tmp_path: Path
+) -> None:
+    home = local_home
+    _, a = _study(9, 2)
+    links = {"link": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE, "dev": tarfile.CHRTYPE,
+             "fifo": tarfile.FIFOTYPE}  # fmt: skip
+    samples.write_drop(home.drops, "fac", "d1", {"x.tgz": samples.tar_bytes(a, links=links)})
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 2
+    assert _reasons(home) == {"archive_member_refused": 4}
+    assert not any(p.is_symlink() for p in tmp_path.rglob("*"))
+    assert sources(home.drops) == []
+
+
+KILLED_RUN = """
+import os, signal, sys
+from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.settings import Settings
+from dropvault.storage.home import Home
+from dropvault.tasks import archives, ingest
+
+home_dir, where = sys.argv[1], sys.argv[2]
+calls = []
+def kill():
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+(archives.FAULTS if where == "mid_unpack" else ingest.FAULTS)[
+    "after_member" if where == "mid_unpack" else "after_commit"] = kill
+settings = Settings.load(home=home_dir, quiet_seconds=0, batch_files=2, batches_in_flight=1)
+ingest_drops(home=Home.init(home_dir), settings=settings)
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize("where", ["mid_unpack", "between_batches"])
+def test_a_run_killed_mid_archive_is_finished_exactly_once(tmp_path: Path, where: str) -> None:
+    """SIGKILL while the archive unpacks, or after the second of four batches committed:
+    the archive stays, and the next run catalogs every member exactly once."""
+    home_dir = tmp_path / "home"
+    home = Home.init(home_dir)
+    patient = samples.make_patient(random.Random(10), 10)
+    _, a = samples.make_study(random.Random(10), patient, 7, "CT_small.dcm")
+    files = {"a-note.txt": b"not an image", **a}
+    samples.write_drop(home.drops, "fac", "d1", {"x.zip": samples.zip_bytes(files)})
+    proc = subprocess.run(  # noqa: S603 - this interpreter
+        [sys.executable, "-c", KILLED_RUN, str(home_dir), where],
+        env=cli_env(home_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert any(e.name.endswith("/x.zip") for e in sources(home.drops))  # the archive stays
+    ingest_drops(home=home, settings=_settings(batch_files=2, batches_in_flight=1))
+    assert _count(home, "SELECT count(*) FROM instances") == 7
+    assert _count(home, "SELECT count(DISTINCT sop_instance_uid) FROM instances") == 7
+    assert _reasons(home) == {"not_dicom": 1}
+    assert sources(home.drops) == []
+    secret = [patient.name.encode(), patient.patient_id.encode()]
+    assert _plain_outside_drops(home_dir, secret) == []
+
+
+def test_a_manifest_may_list_an_archive_and_its_checksum_is_checked(local_home: Home) -> None:
+    home = local_home
+    _, a = _study(11, 2)
+    packed = samples.zip_bytes(a)
+    samples.write_drop(home.drops, "fac", "good", {"a.zip": packed})
+    samples.write_drop(home.drops, "fac", "bad", {"a.zip": packed}, listed={"a.zip": packed + b"x"})
+    # The listed size differs too: make the bad one's listed size match, checksum not.
+    doc = json.loads(home.drops.read_bytes("fac/bad/manifest.json"))
+    doc["files"][0]["size"] = len(packed)
+    home.drops.put_bytes("fac/bad/manifest.json", json.dumps(doc).encode())
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 2
+    assert _reasons(home) == {"checksum_mismatch": 1}
+    assert hashlib.sha256(packed).hexdigest() != doc["files"][0]["sha256"]
+    assert sources(home.drops) == []
+
+
+# -- CDs ----------------------------------------------------------------------
+
+
+def test_a_cd_is_read_by_its_dicomdir_with_extras_kept_apart(
+    local_home: Home, tmp_path: Path
+) -> None:
+    home = local_home
+    cd = samples.cd_files()
+    samples.write_drop(home.drops, "fac", "CD 1", cd, manifest=False)
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 31
+    # The DICOMDIR is the drop's directory, not a bad image; the rest is the CD's extras.
+    assert _reasons(home) == {"cd_extra": 3}
+    r = read_receipt(home.drops, "fac", drop_ref(home, "fac", "CD 1"))
+    assert sorted(r["quarantined_files"]["cd_extra"]) == [
+        "README.txt",
+        "autorun.inf",
+        "viewer/viewer.exe",
+    ]
+    assert r["state"] == "done"
+    assert sources(home.drops) == []
+    names = [b"ANON", b"ANON^^"]  # the CD's patient, in clear only inside the drops
+    assert _plain_outside_drops(tmp_path, [n for n in names if n in cd["DICOMDIR"]]) == []
+
+
+def test_a_cd_can_discard_its_extras_after_counting(local_home: Home) -> None:
+    home = local_home
+    samples.write_drop(home.drops, "fac", "cd", samples.cd_files(), manifest=False)
+    stats = ingest_drops(home=home, settings=_settings(cd_extras="discard"))
+    assert (stats.ingested, stats.discarded) == (31, 3)
+    assert _reasons(home) == {}
+    r = read_receipt(home.drops, "fac", drop_ref(home, "fac", "cd"))
+    assert sorted(r["quarantined_files"]["discarded"]) == [
+        "README.txt",
+        "autorun.inf",
+        "viewer/viewer.exe",
+    ]
+    assert sources(home.drops) == []
+
+
+def test_a_cd_missing_a_referenced_file_waits_then_goes_incomplete(local_home: Home) -> None:
+    home = local_home
+    cd = samples.cd_files()
+    gone = "98892001/CT2N/6293"
+    assert gone in cd
+    del cd[gone]
+    samples.write_drop(home.drops, "fac", "cd", cd, manifest=False)
+    stats = ingest_drops(home=home, settings=_settings(incomplete_seconds=3600))
+    assert stats.files_seen == 0 and stats.drops_waiting == 1
+    r = read_receipt(home.drops, "fac", drop_ref(home, "fac", "cd"))
+    assert r["state"] == "waiting" and r["missing"] == [gone.upper()]
+    assert "DICOMDIR" in r["why"]
+    stats = ingest_drops(home=home, settings=_settings(incomplete_seconds=0.001))
+    assert stats.ingested == 0
+    assert _reasons(home) == {"incomplete_drop": 33}  # 30 images and 3 extras
+    assert sources(home.drops) == []
+
+
+def test_a_cd_file_whose_uid_is_not_its_record_is_quarantined(local_home: Home) -> None:
+    home = local_home
+    cd = samples.cd_files()
+    first, second = "98892001/CT2N/6293", "98892001/CT2N/6924"
+    cd[first] = cd[second]  # the same image under two records: one of them lies
+    samples.write_drop(home.drops, "fac", "cd", cd, manifest=False)
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 30
+    assert _reasons(home) == {"dicomdir_mismatch": 1, "cd_extra": 3}
+
+
+def test_a_cd_inside_a_zip(local_home: Home) -> None:
+    """A CD sent zipped: unpacked, then read by its DICOMDIR like a CD copied as files."""
+    home = local_home
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in samples.cd_files().items():
+            zf.writestr(f"CD/{name}", data)
+    samples.write_drop(home.drops, "fac", "d1", {"cd.zip": buf.getvalue()})
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 31
+    assert _reasons(home) == {"cd_extra": 3}
+    assert sources(home.drops) == []
