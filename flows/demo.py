@@ -33,6 +33,8 @@ from dropvault.tasks.sharing import access_list
 from dropvault.tasks.status import table_counts
 
 FACILITIES = ("st-olav", "north-imaging", "harbor-clinic")
+ARCHIVE_FACILITY = "lakeside-pacs"  # sends ZIP files
+CD_FACILITY = "county-cd-desk"  # copies patients' image CDs
 # Written into a home the demo made: ``--reset`` removes only such a home.
 DEMO_MARK = "made-by-dropvault-demo"
 # Tables whose rows mean the home holds data (a new home has only its first catalog write).
@@ -187,7 +189,24 @@ def write_demo_drops(
     patient = samples.make_patient(rng, 1000)
     _, study = samples.make_study(rng, patient, 2, "MR_small.dcm")
     samples.write_drop(home.drops, FACILITIES[2], "drop-nomanifest", study, manifest=False)
-    return drops + 3, files + len(bad) + 2 + 1 + 2, [(o, s) for s, o in owned]
+    archived, cd = write_demo_archive_and_cd(home, rng)
+    return drops + 5, files + len(bad) + 2 + 1 + 2 + archived + cd, [(o, s) for s, o in owned]
+
+
+def write_demo_archive_and_cd(home: Home, rng: random.Random) -> tuple[int, int]:
+    """One facility sends its PACS export as ZIP files (one per study, listed in a
+    manifest), and one copies a patient's image CD (pydicom's ``dicomdirtests``: a DICOMDIR,
+    images without extensions, a README, ``autorun.inf`` and a viewer). Returns the files
+    in each."""
+    zips = {}
+    for i in range(3):
+        patient = samples.make_patient(rng, 2000 + i)
+        _, study = samples.make_study(rng, patient, 3)
+        zips[f"export-{i + 1}.zip"] = samples.zip_bytes(study)
+    samples.write_drop(home.drops, ARCHIVE_FACILITY, "pacs-export-0001", zips)
+    cd = samples.cd_files()
+    samples.write_drop(home.drops, CD_FACILITY, "cd-0001", cd, manifest=False)
+    return len(zips), len(cd)
 
 
 def write_demo_share_manifests(home: Home, owned: list[tuple[str, str]]) -> int:

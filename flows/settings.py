@@ -25,7 +25,7 @@ import os
 import re
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -49,7 +49,9 @@ from dropvault.storage.home import (
 )
 from dropvault.storage.keystore import KeyError_, KeyFileError, Keystore, MissingKeystoreError
 from dropvault.storage.locations import InsecureEndpointError, Location, check_endpoint_tls
-from dropvault.tasks.archives import ArchiveLimits
+
+if TYPE_CHECKING:
+    from dropvault.tasks.archives import ArchiveLimits
 
 SCHEMES = {"file", "memory", "s3", "s3a"}
 DUCKLAKE_PREFIX = "ducklake:postgres:"
@@ -555,6 +557,9 @@ class Settings(BaseSettings):
 
     def archive_limits(self) -> ArchiveLimits:
         """The ``DROPVAULT_ARCHIVE_*`` bounds on one archive in a drop."""
+        # Imported here: the CLI sets Prefect's home before Prefect is first imported.
+        from dropvault.tasks.archives import ArchiveLimits
+
         return ArchiveLimits(
             max_bytes=self.archive_max_bytes,
             max_members=self.archive_max_members,

@@ -48,11 +48,22 @@ def test_demo_fills_the_catalog(demo_home: Path) -> None:
             "--json",
         ).stdout
     )
-    assert rows[0]["f"] == 3 and rows[0]["p"] >= 20
+    assert rows[0]["f"] == 5 and rows[0]["p"] >= 20
     reasons = {
         r["reason"] for r in json.loads(dv(demo_home, "quarantine", "list", "--json").stdout)
     }
-    assert {"not_dicom", "truncated", "missing_uid", "uid_conflict"} <= reasons
+    assert {"not_dicom", "truncated", "missing_uid", "uid_conflict", "cd_extra"} <= reasons
+    # The ZIP facility's 3 archives of 3 images, and the CD's 31 images, are all in.
+    per = json.loads(
+        dv(
+            demo_home,
+            "sql",
+            "SELECT facility_id, count(*) AS n FROM instances GROUP BY 1 ORDER BY 1",
+            "--json",
+        ).stdout
+    )
+    counts = {r["facility_id"]: r["n"] for r in per}
+    assert counts["lakeside-pacs"] == 9 and counts["county-cd-desk"] == 31
 
 
 def test_sql_json_is_array_of_objects(demo_home: Path) -> None:

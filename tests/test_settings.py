@@ -110,3 +110,17 @@ def test_an_aws_profile_endpoint_follows_the_same_tls_rule(
         Settings.load()
     monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")  # botocore skips it too
     Settings.load()
+
+
+def test_settings_do_not_import_prefect() -> None:
+    """The CLI points PREFECT_HOME at the home (and sets Prefect's defaults) after reading
+    the settings and before Prefect is first imported: an import here would undo that and
+    the demo's embedded server would start with the wrong home and timeouts."""
+    import subprocess
+    import sys
+
+    code = "import sys, dropvault.flows.settings; print('prefect' in sys.modules)"
+    out = subprocess.run(  # noqa: S603 - this interpreter
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
