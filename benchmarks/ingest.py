@@ -4,6 +4,7 @@
     python benchmarks/ingest.py -n 10000   # the headline figure
     python benchmarks/ingest.py --quick    # 200 files, what CI runs to keep this working
     python benchmarks/ingest.py --workers 2   # also: 2 worker processes, one Prefect server
+    python benchmarks/ingest.py --archive zip # also: the same files packed in ZIPs of 500
 
 The baseline copies every file with ``fsspec`` ``cp_file`` from one local folder
 to another. ``--workers N`` adds a run of N worker processes on one Prefect server
@@ -15,6 +16,10 @@ dropvault runs the ``ingest_drops`` flow on identical drops: header parse and
 validation, SHA-256, AES-256-GCM encryption, read-back verification, a DuckDB
 commit per batch and source removal. Not a timed test: the machines
 are shared, so only the ratio means something.
+
+``--archive zip`` (or ``tgz``) also ingests the same files packed in archives of 500 (one
+drop each, into a fresh home): the ratio to the plain-file ingest of the same run is what
+unpacking costs.
 """
 
 from __future__ import annotations
@@ -139,6 +144,27 @@ def ingest_with_workers(root: Path, workers: int) -> tuple[float, int]:
     return max(r[0] for r in results), sum(r[1] for r in results)
 
 
+def write_archives(root: Path, files: list[tuple[str, bytes]], kind: str, size: int = 500) -> None:
+    """The same files, packed ``size`` to an archive, one archive per drop."""
+    pack = samples.zip_bytes if kind == "zip" else samples.tar_bytes
+    for start in range(0, len(files), size):
+        part = dict(files[start : start + size])
+        path = root / f"fac-a/packed-{start // size:04d}/part.{kind}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pack(part))
+
+
+def ingest_archives(root: Path, files: list[tuple[str, bytes]], kind: str) -> float:
+    """Seconds to ingest ``files`` packed in archives into a fresh home."""
+    home = Home.init(root / "zhome")
+    write_archives(root / "zhome" / "drops", files, kind)
+    settings = Settings.load(quiet_seconds=0, home=root / "zhome")
+    started = time.perf_counter()
+    stats = ingest_drops(home=home, settings=settings)
+    assert stats.ingested == len(files), stats.as_dict()
+    return time.perf_counter() - started
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -149,6 +175,7 @@ def main() -> None:
     parser.add_argument("--per-drop", type=int, default=50, help="files per drop")
     parser.add_argument("--quick", action="store_true", help="200 files (CI)")
     parser.add_argument("--workers", type=int, default=1, help="also run N worker processes")
+    parser.add_argument("--archive", choices=["zip", "tgz"], help="also ingest them packed")
     args = parser.parse_args()
     n = 200 if args.quick else args.n
     files = make_files(n, args.per_drop)
@@ -169,6 +196,9 @@ def main() -> None:
         ingest_s = time.perf_counter() - started
         assert stats.ingested == n, stats.as_dict()
         rss = peak_rss_mb()
+        if args.archive:
+            archive_s = ingest_archives(root, files, args.archive)
+            archive_rss = peak_rss_mb()
         if args.workers > 1:
             shutil.copytree(root / "source", root / "multi" / "drops")
             multi_s, ingested = ingest_with_workers(root / "multi", args.workers)
@@ -179,6 +209,8 @@ def main() -> None:
         ("encrypt-only floor", n / floor_s, mb / floor_s),
         ("dropvault ingest", n / ingest_s, mb / ingest_s),
     ]
+    if args.archive:
+        rows.append((f"ingest from {args.archive}", n / archive_s, mb / archive_s))
     if args.workers > 1:
         rows.append((f"dropvault x{args.workers} workers", n / multi_s, mb / multi_s))
     print(f"files: {n}  bytes: {total_bytes:,}  cores: {os.cpu_count()}")
@@ -190,6 +222,9 @@ def main() -> None:
     if args.workers > 1:
         print(f"ratio ingest x{args.workers} workers / plain copy: {copy_s / multi_s:.3f}")
     print(f"peak RSS (one worker): {rss:.0f} MB")
+    if args.archive:
+        print(f"ratio ingest from {args.archive} / plain-file ingest: {ingest_s / archive_s:.3f}")
+        print(f"peak RSS after the {args.archive} ingest: {archive_rss:.0f} MB")
 
 
 if __name__ == "__main__":

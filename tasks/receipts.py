@@ -10,7 +10,12 @@ deleted study's drops without it (:func:`receipt_name`)::
      "files_seen": 3, "ingested": 2, "duplicates": 0, "quarantined": 1,
      "quarantined_files": {"not_dicom": ["notes.txt"]},
      "missing": ["series1/img003.dcm"], "why": "1 listed file(s) missing or short",
-     "incomplete_at": "2026-12-03T10:00:00+00:00"}
+     "incomplete_at": "2026-12-03T10:00:00+00:00",
+     "unpacked": ["export-1.zip"], "directory_references": 0}
+
+An archive's members are named by their path under ``<archive>.contents/``; a CD's extras
+kept are under ``cd_extra``, and those discarded (``DROPVAULT_CD_EXTRAS=discard``) under
+``discarded``.
 
 Names are the facility's own (relative to the drop folder): they can be PHI, so they go
 only here, in the space the facility wrote them to, never to the catalog or a log. A file
@@ -55,6 +60,8 @@ class Receipt:
     missing: list[str] = field(default_factory=list)
     why: str = ""
     incomplete_at: str | None = None
+    unpacked: list[str] = field(default_factory=list)  # archives opened this pass
+    directory_references: int = 0  # files its DICOMDIRs reference (a CD)
 
 
 def receipt_name(facility_id: str, drop_id: str) -> str:
@@ -96,6 +103,8 @@ def receipt_for(
         missing=list(drop.missing),
         why=drop.why,
         incomplete_at=_iso(drop.incomplete_at) if state in ("waiting", "incomplete") else None,
+        unpacked=sorted(n.removeprefix(prefix) for n in drop.unpacked),
+        directory_references=drop.references,
     )
 
 

@@ -76,6 +76,7 @@ def test_a_zip_and_tarballs_are_ingested_member_by_member(home: Home) -> None:
     assert _count(home, "SELECT count(DISTINCT sop_instance_uid) FROM instances") == 9
     r = read_receipt(home.drops, "fac", drop_ref(home, "fac", "d1"))
     assert r["state"] == "done" and r["ingested"] == 9
+    assert r["unpacked"] == ["export.zip", "plain.tar", "script.tar.gz"]
     assert r["quarantined_files"] == {
         "not_dicom": ["export.zip.contents/notes.txt"],
         "truncated": ["export.zip.contents/cut.dcm"],
@@ -263,7 +264,7 @@ def test_a_cd_is_read_by_its_dicomdir_with_extras_kept_apart(
         "autorun.inf",
         "viewer/viewer.exe",
     ]
-    assert r["state"] == "done"
+    assert r["state"] == "done" and r["directory_references"] == 31
     assert sources(home.drops) == []
     names = [b"ANON", b"ANON^^"]  # the CD's patient, in clear only inside the drops
     assert _plain_outside_drops(tmp_path, [n for n in names if n in cd["DICOMDIR"]]) == []
