@@ -287,11 +287,23 @@ def reconcile(
 def export(
     sop_instance_uid: str,
     out: Annotated[Path, typer.Option("--out", help="File to write the image to.")],
+    as_user: Annotated[
+        str | None,
+        typer.Option("--as", help="Export as this user: only its owner or a grantee in force."),
+    ] = None,
+    purpose: Annotated[str, typer.Option("--purpose", help="Why (kept in the audit row).")] = "",
 ) -> None:
-    """Decrypt one image to a file, byte-identical to what was dropped (audited)."""
-    from dropvault.tasks.exports import export_instance
+    """Decrypt one image to a file, byte-identical to what was dropped (audited). With
+    --as USER, only if USER owns its study or holds a grant in force that covers it; every
+    attempt is audited, refused ones too."""
+    if as_user is None:
+        from dropvault.tasks.exports import export_instance
 
-    result = export_instance(_home(), sop_instance_uid, out)
+        result = export_instance(_home(), sop_instance_uid, out)
+    else:
+        from dropvault.tasks.access import export_for
+
+        result = export_for(_home(), as_user, sop_instance_uid, out, purpose)
     typer.echo(f"wrote {result['bytes']} bytes to {result['out']}")
 
 

@@ -22,9 +22,10 @@ class ExportError(TerminalError, RuntimeError):
 
 
 def export_instance(
-    home: Home, sop_instance_uid: str, out: Path, actor: str = "cli"
+    home: Home, sop_instance_uid: str, out: Path, actor: str = "cli", audited: bool = True
 ) -> dict[str, Any]:
-    """Decrypt an instance to ``out`` (via a temporary file), check its SHA-256, audit it."""
+    """Decrypt an instance to ``out`` (via a temporary file), check its SHA-256, audit it
+    (unless ``audited`` is False: :func:`dropvault.tasks.access.export_for` audits its own)."""
     rows = home.catalog.query(
         "SELECT i.sha256, i.size_bytes, o.location_url, o.name FROM instances i"
         " JOIN objects o USING (object_id) WHERE i.sop_instance_uid = ?",
@@ -52,6 +53,10 @@ def export_instance(
     finally:
         tmp.unlink(missing_ok=True)
     now = datetime.now(UTC)
+    size = int(row["size_bytes"])
+    result = {"sop_instance_uid": sop_instance_uid, "bytes": size, "out": str(out)}
+    if not audited:
+        return result
 
     def record(con: duckdb.DuckDBPyConnection) -> None:
         audit(
@@ -64,4 +69,4 @@ def export_instance(
         )
 
     home.catalog.write(record)
-    return {"sop_instance_uid": sop_instance_uid, "bytes": int(row["size_bytes"]), "out": str(out)}
+    return result
