@@ -385,6 +385,21 @@ def disclosures(
     _print_frame(disclosures_for(_catalog(), owner, start), as_json)
 
 
+@app.command("access-report")
+@one_line_errors
+def access_report_command(
+    owner: str,
+    since: Annotated[str | None, typer.Option(help="ISO date; default: everything.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """Who accessed OWNER's records, when and why: exports under grants (refused ones too),
+    operator exports, grants, disclosures and incidents, oldest first."""
+    from dropvault.tasks.access import access_report
+
+    start = _time_option(since, "--since")
+    _print_frame(access_report(_home(), owner, start), as_json)
+
+
 @app.command()
 @one_line_errors
 def incident(

@@ -11,11 +11,13 @@ one line that names no UID.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import pandas as pd
 
 from dropvault.storage.errors import TerminalError
 from dropvault.storage.home import Home
@@ -89,3 +91,68 @@ def export_for(
         raise AccessRefused(str(exc)) from None
     _record(home, user, str(subject), {**detail, "outcome": "allowed", "bytes": result["bytes"]})
     return {**result, "via": via}
+
+
+REPORT_COLUMNS = ["at", "kind", "who", "study_uid", "outcome", "why"]
+
+
+def access_report(home: Home, owner: str, since: datetime | None = None) -> pd.DataFrame:
+    """Every access to ``owner``'s records since ``since`` (default: all), newest last, one
+    row each with who, when and why: exports under a grant (allowed, refused or failed) and
+    operator exports, the grants (those in force whatever their date), disclosures and
+    wrong-access incidents. This is the log a patient asks for: it names the owner's own
+    studies and the people they were shared with, nobody else's records."""
+    since = since or datetime(1970, 1, 1, tzinfo=UTC)
+    q = home.catalog.read_only()
+    studies = q.sql("SELECT study_uid FROM studies WHERE owner = ?", [owner])["study_uid"]
+    by_key = {study_key(home.pepper, str(s)): str(s) for s in studies}
+    frames = q.many(
+        [
+            (
+                "SELECT occurred_at AS at, actor AS who, subject, detail FROM audit_log"
+                " WHERE action = ? AND occurred_at >= ?"
+                " AND subject IN (SELECT unnest(?::VARCHAR[]))",
+                [ACTION, since, sorted(by_key)],
+            ),
+            (
+                "SELECT a.occurred_at AS at, a.actor AS who, i.study_uid FROM audit_log a"
+                " JOIN instances i ON i.sop_instance_uid = a.subject"
+                " JOIN studies s USING (study_uid)"
+                " WHERE a.action = 'export' AND s.owner = ? AND a.occurred_at >= ?",
+                [owner, since],
+            ),
+            (
+                "SELECT granted_at AS at, grantee AS who, study_uid, status AS outcome"
+                " FROM access_list WHERE owner = ? AND (granted_at >= ? OR status = 'active')",
+                [owner, since],
+            ),
+            (
+                "SELECT disclosed_at AS at, recipient AS who, study_uid, purpose AS why"
+                " FROM disclosures WHERE owner = ? AND disclosed_at >= ?",
+                [owner, since],
+            ),
+            (
+                "SELECT n.reported_at AS at, n.reported_user AS who, n.study_uid,"
+                " n.grants_revoked FROM incidents n JOIN studies s USING (study_uid)"
+                " WHERE s.owner = ? AND n.reported_at >= ?",
+                [owner, since],
+            ),
+        ]
+    )
+    exports, operator, grants, disclosed, incidents = frames
+    rows: list[tuple[Any, ...]] = []
+    for r in exports.itertuples(index=False):
+        detail = json.loads(str(r.detail or "{}"))
+        outcome, why = detail.get("outcome", ""), detail.get("purpose", "")
+        rows.append((r.at, "export", r.who, by_key[str(r.subject)], outcome, why))
+    for r in operator.itertuples(index=False):
+        rows.append((r.at, "export", f"operator ({r.who})", r.study_uid, "allowed", ""))
+    for r in grants.itertuples(index=False):
+        rows.append((r.at, "grant", r.who, r.study_uid, r.outcome, ""))
+    for r in disclosed.itertuples(index=False):
+        rows.append((r.at, "disclosure", r.who, r.study_uid, "disclosed", r.why))
+    for r in incidents.itertuples(index=False):
+        revoked = f"{r.grants_revoked} grant(s) revoked"
+        rows.append((r.at, "incident", r.who, r.study_uid, revoked, "wrong access reported"))
+    frame = pd.DataFrame(rows, columns=REPORT_COLUMNS)
+    return frame.sort_values("at", kind="stable").reset_index(drop=True)

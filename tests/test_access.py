@@ -15,7 +15,7 @@ from dropvault.flows.deletion import deletion_sweep
 from dropvault.flows.settings import Settings
 from dropvault.flows.sharing import apply_share_manifests
 from dropvault.storage.home import Home
-from dropvault.tasks.access import AccessRefused, export_for
+from dropvault.tasks.access import AccessRefused, access_report, export_for
 from dropvault.tasks.phi import study_key
 from tests.helpers import cli_env, req, seed, ts, write_manifest
 
@@ -144,3 +144,24 @@ def test_the_cli_export_as_a_user(shared: tuple[Home, str, str], tmp_path: Path)
     # One line of ours (Prefect's event client may add its own "still processing" line).
     assert "Traceback" not in no.stderr and sop not in no.stderr
     assert not (tmp_path / "b.dcm").exists()
+
+
+def test_the_owner_reads_who_accessed_their_records(
+    shared: tuple[Home, str, str], tmp_path: Path
+) -> None:
+    home, sop, study = shared
+    export_for(home, "dr:carol", sop, tmp_path / "a.dcm", purpose="second opinion")
+    with pytest.raises(AccessRefused):
+        export_for(home, "dr:gone", sop, tmp_path / "b.dcm")
+    report = access_report(home, "user:alice")
+    kinds = list(zip(report["kind"], report["who"], report["outcome"], strict=True))
+    assert ("export", "dr:carol", "allowed") in kinds and ("export", "dr:gone", "refused") in kinds
+    grants = {(w, o) for k, w, o in kinds if k == "grant"}
+    assert grants == {("dr:carol", "active"), ("dr:old", "expired"), ("dr:gone", "revoked")}
+    assert set(report["study_uid"]) == {study}  # alice's own study only
+    mine = report[report["kind"] == "export"]
+    assert list(mine["why"]) == ["second opinion", ""]
+    # bob's report does not see alice's accesses
+    assert access_report(home, "user:bob").empty
+    later = access_report(home, "user:alice", since=datetime(2100, 1, 1, tzinfo=UTC))
+    assert set(later["kind"]) == {"grant"} and set(later["outcome"]) == {"active"}
