@@ -565,6 +565,7 @@ class Settings(BaseSettings):
             max_members=self.archive_max_members,
             max_ratio=self.archive_max_ratio,
             max_depth=self.archive_max_depth,
+            max_file_bytes=self.max_file_bytes,
         )
 
     def build_home(self) -> Home:

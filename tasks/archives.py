@@ -39,9 +39,11 @@ A CD sent as an archive is read by its DICOMDIR once unpacked (see
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import logging
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -54,12 +56,13 @@ from prefect.cache_policies import NO_CACHE
 
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.locations import (
+    Entry,
     Location,
     UnsafeNameError,
     is_file_problem,
     safe_relpath,
 )
-from dropvault.tasks.drops import Drop, DropFile, file_from_entry, with_directories
+from dropvault.tasks.drops import TMP_PREFIX, Drop, DropFile, file_from_entry, with_directories
 from dropvault.tasks.reasons import QuarantineReason
 
 log = logging.getLogger(__name__)
@@ -67,19 +70,30 @@ log = logging.getLogger(__name__)
 CONTENTS = ".contents"  # <archive name>.contents/: where its members are unpacked
 CHUNK = 1 << 20
 SMALL_TOTAL = 1 << 20  # below this many bytes unpacked, no ratio is a bomb
-_KINDS = ((".tar.gz", "tar"), (".tgz", "tar"), (".tar", "tar"), (".zip", "zip"))
+MAX_HEADER = 1 << 20  # a tar's long-name or pax header larger than this is corrupt
+MAX_SEGMENT = 255  # bytes in one part of a member's name (the usual filesystem limit)
+MAX_NAME = 1024  # bytes in a member's whole name
+# By name: a ``.tar`` is read as plain tar and a ``.tgz`` as gzip only (tarfile would
+# otherwise detect bzip2 and xz, which decompress without a bound on memory).
+_KINDS = ((".tar.gz", "tgz"), (".tgz", "tgz"), (".tar", "tar"), (".zip", "zip"))
+# ZIP members: only stored and deflated (what PACS exports write). zipfile's bzip2 and
+# LZMA readers decompress a whole block before the declared size cuts them off.
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+_LONG_HEADERS = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                 tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}  # fmt: skip
 # Fault-injection points for crash tests: name -> callable run at that point.
 FAULTS: dict[str, Callable[[], None]] = {}
 
 
 @dataclass(frozen=True)
 class ArchiveLimits:
-    """Bounds on one archive (settings ``DROPVAULT_ARCHIVE_*``)."""
+    """Bounds on one archive, nested archives included (settings ``DROPVAULT_ARCHIVE_*``)."""
 
     max_bytes: int = 16 << 30  # total uncompressed bytes of its members
     max_members: int = 100_000
     max_ratio: float = 200.0  # uncompressed bytes per byte of archive
     max_depth: int = 1  # archives inside archives unpacked; one level deeper is refused
+    max_file_bytes: int = 4 << 30  # a member larger than a drop file may be refuses it all
 
 
 class ArchiveRefused(Exception):
@@ -91,8 +105,13 @@ class ArchiveRefused(Exception):
         self.detail = detail
 
 
+class UnpackFailed(Exception):
+    """The drop's storage refused a write (full, read-only): the drop waits for the next
+    run, with nothing of this archive left unpacked; other drops go on."""
+
+
 def archive_kind(name: str) -> str | None:
-    """``"zip"``, ``"tar"`` or None, by the name's ending (any case)."""
+    """``"zip"``, ``"tar"``, ``"tgz"`` or None, by the name's ending (any case)."""
     lower = name.lower()
     return next((kind for suffix, kind in _KINDS if lower.endswith(suffix)), None)
 
@@ -103,52 +122,73 @@ def depth_of(name: str) -> int:
 
 
 @dataclass
-class _Unpacking:
-    """One archive being unpacked: what was written, what was refused, the running totals."""
+class _Budget:
+    """The running totals of one archive dropped, shared with the archives inside it: the
+    bounds hold for what one dropped file unpacks to, however it is nested."""
 
-    drops: Location
-    archive: DropFile
     limits: ArchiveLimits
-    written: list[str] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
-    refused: list[DropFile] = field(default_factory=list)
+    archive_size: int
     total: int = 0
     members: int = 0
 
-    @property
-    def prefix(self) -> str:
-        return self.archive.name + CONTENTS + "/"
-
-    def count(self, size: int) -> None:
-        """Add a member of ``size`` bytes (as it unpacks, or as declared up front)."""
+    def count(self) -> None:
         self.members += 1
         if self.members > self.limits.max_members:
             raise ArchiveRefused(
-                QuarantineReason.ARCHIVE_TOO_LARGE,
-                f"more than {self.limits.max_members} members",
+                QuarantineReason.ARCHIVE_TOO_LARGE, f"more than {self.limits.max_members} members"
             )
-        self.grow(size)
 
     def grow(self, size: int) -> None:
         self.total += size
         limits = self.limits
         # The ratio first: a bomb is named as one even when it is also over the total.
-        if self.total > SMALL_TOTAL and self.total > limits.max_ratio * max(self.archive.size, 1):
+        if self.total > SMALL_TOTAL and self.total > limits.max_ratio * max(self.archive_size, 1):
             raise ArchiveRefused(
-                QuarantineReason.ARCHIVE_TOO_LARGE,
-                f"compression ratio over {limits.max_ratio:g}",
+                QuarantineReason.ARCHIVE_TOO_LARGE, f"compression ratio over {limits.max_ratio:g}"
             )
         if self.total > limits.max_bytes:
             raise ArchiveRefused(
-                QuarantineReason.ARCHIVE_TOO_LARGE,
-                f"over {limits.max_bytes} bytes unpacked",
+                QuarantineReason.ARCHIVE_TOO_LARGE, f"over {limits.max_bytes} bytes unpacked"
             )
 
+    def check_member(self, size: int) -> None:
+        if size > self.limits.max_file_bytes:
+            raise ArchiveRefused(
+                QuarantineReason.ARCHIVE_TOO_LARGE,
+                f"a member is over the {self.limits.max_file_bytes}-byte file limit",
+            )
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses a long-name or pax header before tarfile reads it whole into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _LONG_HEADERS and self.size > MAX_HEADER:
+            raise tarfile.HeaderError("oversized extended header")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+@dataclass
+class _Unpacking:
+    """One archive being unpacked: what was written, what was refused."""
+
+    drops: Location
+    archive: DropFile
+    budget: _Budget
+    written: list[str] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    refused: list[DropFile] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        return self.archive.name + CONTENTS + "/"
+
     def refuse(self, index: int, reason: QuarantineReason, detail: str) -> None:
-        """A member that is not written: reported (no bytes) under a stand-in name."""
+        """A member that is not written: reported (no bytes) under a stand-in name that no
+        member's name can take (members are all under ``<archive>.contents/``)."""
         self.refused.append(
             DropFile(
-                f"{self.prefix}.refused-{index}",
+                f"{self.archive.name}#member-{index}",
                 0,
                 self.archive.mtime,
                 problem=detail,
@@ -157,56 +197,91 @@ class _Unpacking:
         )
 
     def target(self, index: int, name: str) -> str | None:
-        """The member's name in the drop, or None (refused) when it escapes the archive or
-        repeats an earlier member's (which it would overwrite)."""
+        """The member's name in the drop, or None (refused) when it escapes the archive,
+        reaches into an unpacking folder, is too long, or repeats an earlier member's."""
         while name.startswith("./"):
             name = name[2:]  # ``tar -C dir .`` writes every name as ./name
         try:
-            rel = self.prefix + safe_relpath(name)
+            rel = safe_relpath(name)
         except UnsafeNameError:
             self.refuse(index, QuarantineReason.UNSAFE_NAME, "member name escapes its archive")
             return None
-        if rel in self.seen:
+        parts = rel.split("/")
+        if any(p.endswith(CONTENTS) for p in parts[:-1]) or parts[-1].endswith(CONTENTS):
+            # Where a nested archive unpacks: a member there would be overwritten or removed.
+            self.refuse(index, QuarantineReason.UNSAFE_NAME, "member name is reserved")
+            return None
+        if len(rel.encode()) > MAX_NAME or any(len(p.encode()) > MAX_SEGMENT for p in parts):
+            self.refuse(index, QuarantineReason.UNSAFE_NAME, "member name is too long")
+            return None
+        full = self.prefix + rel
+        if full in self.seen:
             self.refuse(index, QuarantineReason.UNSAFE_NAME, "member name repeats another's")
             return None
-        return rel
+        return full
 
     def write(self, name: str, src: IO[bytes]) -> None:
         self.written.append(name)
         self.seen.add(name)
-        with self.drops.writer(name) as out:
-            while chunk := src.read(CHUNK):
-                self.grow(len(chunk))
-                out.write(chunk)
+        try:
+            with self.drops.writer(name) as out:
+                while chunk := src.read(CHUNK):
+                    self.budget.grow(len(chunk))
+                    out.write(chunk)
+        except OSError as exc:
+            if exc.errno is None or self.drops.is_object_store:
+                raise  # the archive's own trouble (a bad stream), or the store's
+            # The local disk refused the write (full, read-only, a folder in the way).
+            if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+                raise ArchiveRefused(
+                    QuarantineReason.ARCHIVE_CORRUPT, "a member is both a file and a folder"
+                ) from None
+            raise UnpackFailed(
+                f"the drops location refused a write ({errno.errorcode.get(exc.errno, exc.errno)})"
+            ) from None
         if hook := FAULTS.get("after_member"):
             hook()
 
     # -- formats ---------------------------------------------------------------
 
     def unpack_zip(self, fh: IO[bytes]) -> None:
+        declared = _zip_entries(fh)
+        if declared is not None and declared > self.budget.limits.max_members:
+            raise ArchiveRefused(
+                QuarantineReason.ARCHIVE_TOO_LARGE,
+                f"more than {self.budget.limits.max_members} members",
+            )
         with zipfile.ZipFile(fh) as zf:
             infos = zf.infolist()
             if any(i.flag_bits & 0x1 for i in infos):
                 raise ArchiveRefused(QuarantineReason.ARCHIVE_ENCRYPTED, "ZIP is encrypted")
-            declared = _Unpacking(self.drops, self.archive, self.limits)
+            if any(i.compress_type not in _ZIP_METHODS for i in infos):
+                raise ArchiveRefused(
+                    QuarantineReason.ARCHIVE_CORRUPT, "a member uses a compression not accepted"
+                )
+            # Refused on what the directory declares, before a byte is written.
+            declared_budget = replace(self.budget)
             for info in infos:
-                declared.count(info.file_size)  # refused before a byte is written
+                declared_budget.count()
+                declared_budget.check_member(info.file_size)
+                declared_budget.grow(info.file_size)
             for index, info in enumerate(infos):
+                self.budget.count()
                 if info.is_dir():
                     continue
-                self.members += 1
                 name = self.target(index, info.filename)
                 if name is not None:
                     with zf.open(info) as src:
                         self.write(name, src)
 
-    def unpack_tar(self, fh: IO[bytes]) -> None:
-        with tarfile.open(fileobj=fh, mode="r|*") as tf:
+    def unpack_tar(self, fh: IO[bytes], gz: bool) -> None:
+        with tarfile.open(fileobj=fh, mode="r|gz" if gz else "r|", tarinfo=_BoundedTarInfo) as tf:
             for index, member in enumerate(tf):
+                tf.members.clear()  # type: ignore[attr-defined]  # stream mode keeps each header
+                self.budget.count()
                 if member.isdir():
                     continue
                 if not member.isreg():
-                    self.count(0)
                     kind = "link" if member.issym() or member.islnk() else "special file"
                     self.refuse(
                         index,
@@ -214,23 +289,49 @@ class _Unpacking:
                         f"archive member is a {kind}",
                     )
                     continue
-                self.count(0)
+                self.budget.check_member(member.size)
                 name = self.target(index, member.name)
                 src = tf.extractfile(member)
                 if name is not None and src is not None:
                     self.write(name, src)
 
+    def clear_leftovers(self) -> None:
+        """Partial files a killed run's writer left in this archive's folder (``.tmp-*``):
+        plain text nothing else would remove."""
+        for entry in self._listed():
+            if entry.name.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    self.drops.delete(entry.name, unchecked=True)
+
+    def _listed(self) -> list[Entry]:
+        try:
+            return self.drops.list(self.prefix.rstrip("/"))
+        except (FileNotFoundError, UnsafeNameError):
+            return []
+
     def undo(self) -> None:
         """Delete what this archive left unpacked (its members so far, and any an earlier
         stopped run wrote): a refused archive keeps nothing in plain text beside it."""
-        names = set(self.written)
-        with contextlib.suppress(FileNotFoundError):
-            names.update(e.name for e in self.drops.list(self.prefix.rstrip("/")))
+        names = set(self.written) | {e.name for e in self._listed()}
         for name in sorted(names):
-            with contextlib.suppress(FileNotFoundError):
-                self.drops.delete(name)
+            with contextlib.suppress(OSError):
+                self.drops.delete(name, unchecked=True)
         with contextlib.suppress(OSError):
             self.drops.rmdir_empty(self.prefix.rstrip("/"))
+
+
+def _zip_entries(fh: IO[bytes]) -> int | None:
+    """The entry count a ZIP's end record declares, read before zipfile loads every entry
+    (a million-entry directory would cost its memory first); None if it cannot be read."""
+    end_record = getattr(zipfile, "_EndRecData", None)
+    if end_record is None:
+        return None
+    try:
+        record = end_record(fh)
+        fh.seek(0)
+    except (OSError, ValueError, struct.error):
+        return None
+    return int(record[4]) if record else None  # _ECD_ENTRIES_TOTAL
 
 
 _CORRUPT = (
@@ -239,7 +340,10 @@ _CORRUPT = (
     EOFError,
     zlib.error,
     gzip.BadGzipFile,  # an OSError: caught before the store's own errors
-    NotImplementedError,  # a ZIP compression method Python does not have
+    NotImplementedError,
+    UnicodeDecodeError,  # a ZIP name flagged UTF-8 that is not
+    ValueError,
+    struct.error,
 )
 
 
@@ -251,22 +355,25 @@ def _hash(drops: Location, name: str) -> str:
     return digest.hexdigest()
 
 
-def unpack_archive(drops: Location, archive: DropFile, limits: ArchiveLimits) -> list[DropFile]:
+def unpack_archive(drops: Location, archive: DropFile, budget: _Budget) -> list[DropFile]:
     """Unpack one archive into the drop; returns its members as files of the drop (written
     ones as listed now, refused ones with their reason). Raises :class:`ArchiveRefused`
-    when it is to be quarantined whole (having deleted anything it wrote)."""
+    when it is to be quarantined whole, :class:`UnpackFailed` when the drop must wait,
+    having deleted anything it wrote either way."""
     if archive.expected_sha256 and _hash(drops, archive.name) != archive.expected_sha256:
         raise ArchiveRefused(
             QuarantineReason.CHECKSUM_MISMATCH, "SHA-256 differs from the manifest"
         )
-    job = _Unpacking(drops, archive, limits)
+    job = _Unpacking(drops, archive, budget)
+    job.clear_leftovers()
+    kind = archive_kind(archive.name)
     try:
         with drops.open(archive.name) as fh:
-            if archive_kind(archive.name) == "zip":
+            if kind == "zip":
                 job.unpack_zip(fh)
             else:
-                job.unpack_tar(fh)
-    except ArchiveRefused:
+                job.unpack_tar(fh, gz=kind == "tgz")
+    except (ArchiveRefused, UnpackFailed):
         job.undo()
         raise
     except _CORRUPT as exc:
@@ -276,23 +383,29 @@ def unpack_archive(drops: Location, archive: DropFile, limits: ArchiveLimits) ->
         ) from None
     except OSError as exc:
         job.undo()
-        if not is_file_problem(exc):
+        if exc.errno is not None and not is_file_problem(exc):
             raise  # the store's trouble: the task retries
+        # No errno: a decompressor's complaint ("Invalid data stream"), not the store's.
         raise ArchiveRefused(
             QuarantineReason.ARCHIVE_CORRUPT, f"archive cannot be read ({type(exc).__name__})"
         ) from None
     written = set(job.written)
-    listed = [e for e in drops.list(job.prefix.rstrip("/")) if e.name in written] if written else []
+    listed = [e for e in job._listed() if e.name in written]
     return [file_from_entry(e) for e in listed] + job.refused
 
 
 def _unpack_all(
-    drops: Location, archive: DropFile, limits: ArchiveLimits, unpacked: list[str]
+    drops: Location,
+    archive: DropFile,
+    budget: _Budget,
+    unpacked: list[str],
+    nested: bool = False,
 ) -> Iterator[DropFile]:
     """The files ``archive`` turns into: its members, nested archives unpacked in turn
-    (down to ``limits.max_depth``), or the archive itself marked to be quarantined."""
-    depth = depth_of(archive.name)
-    if depth > limits.max_depth:
+    (down to ``max_depth``, within the one budget), or the archive marked to be
+    quarantined."""
+    limits = budget.limits
+    if depth_of(archive.name) > limits.max_depth:
         yield replace(
             archive,
             verdict=QuarantineReason.ARCHIVE_TOO_DEEP,
@@ -300,16 +413,24 @@ def _unpack_all(
         )
         return
     try:
-        members = unpack_archive(drops, archive, limits)
+        members = unpack_archive(drops, archive, budget)
     except ArchiveRefused as refused:
+        if nested and refused.reason == QuarantineReason.ARCHIVE_TOO_LARGE:
+            raise  # the dropped archive's budget ran out: it is refused whole
         yield replace(archive, verdict=refused.reason, verdict_detail=refused.detail)
         return
     unpacked.append(archive.name)
     for member in members:
         if archive_kind(member.name) and not member.problem:
-            yield from _unpack_all(drops, member, limits, unpacked)
+            yield from _unpack_all(drops, member, budget, unpacked, nested=True)
         else:
             yield member
+
+
+def _remove_unpacked(drops: Location, archive: DropFile) -> None:
+    """Everything unpacked from ``archive``, nested archives' members included."""
+    job = _Unpacking(drops, archive, _Budget(ArchiveLimits(), 0))
+    job.undo()
 
 
 def unpack_drop(drops: Location, drop: Drop, limits: ArchiveLimits) -> Drop:
@@ -328,12 +449,15 @@ def unpack_drop(drops: Location, drop: Drop, limits: ArchiveLimits) -> Drop:
     files = [f for f in drop.files if f.name not in names and not f.name.startswith(prefixes)]
     unpacked: list[str] = []
     for archive in archives:
+        budget = _Budget(limits, archive.size)
+        opened: list[str] = []
         try:
-            files.extend(_unpack_all(drops, archive, limits, unpacked))
-        except OSError as exc:
-            if not is_file_problem(exc):
-                raise
-            files.append(replace(archive, problem="archive cannot be read now"))
+            files.extend(list(_unpack_all(drops, archive, budget, opened)))
+        except ArchiveRefused as refused:  # its nested archives together went past a bound
+            _remove_unpacked(drops, archive)
+            files.append(replace(archive, verdict=refused.reason, verdict_detail=refused.detail))
+            continue
+        unpacked += opened
     # A CD sent as an archive: its DICOMDIR sorts the members (the archive is whole, so a
     # file it references and lacks is only reported missing, not waited for).
     drop = replace(drop, files=files, unpacked=tuple(unpacked))
@@ -345,14 +469,15 @@ def _inside(name: str, prefixes: tuple[str, ...], own: str) -> bool:
 
 
 def unpack_drops(drops: Location, ready: list[Drop], limits: ArchiveLimits) -> list[Drop]:
-    """Every ready drop with its archives unpacked; a drop's failure is its own (logged by
-    keyed id: the archive's name can be PHI), leaving it for the next run."""
+    """Every ready drop with its archives unpacked; a drop whose unpacking fails (its
+    storage refused a write, or anything unforeseen) waits for the next run on its own,
+    logged by keyed id (an archive's name can be PHI), and the others go on."""
     out = []
     for drop in ready:
         try:
             out.append(unpack_drop(drops, drop, limits))
         except Exception as exc:
-            if isinstance(exc, OSError) and not is_file_problem(exc):
+            if isinstance(exc, OSError) and exc.errno is not None and not is_file_problem(exc):
                 raise  # the store's trouble: the task retries
             log.warning(
                 "drop %s/%s: unpacking failed (%s); left for the next run",

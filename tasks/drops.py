@@ -47,12 +47,14 @@ from dropvault.tasks.dicom.dicomdir import MAX_BYTES as DICOMDIR_MAX
 from dropvault.tasks.dicom.dicomdir import NAME as DICOMDIR_NAME
 from dropvault.tasks.dicom.dicomdir import Directory, is_dicomdir_name, read_dicomdir
 from dropvault.tasks.drop_names import drop_id_for
+from dropvault.tasks.phi import study_key
 
 MANIFEST = "manifest.json"
 # ``{drops}/{facility}/_receipts/``: what each drop did, for the facility to read
 # (``dropvault.tasks.receipts``). A drop folder of that name is never a drop.
 RECEIPTS = "_receipts"
 MAX_MANIFEST_BYTES = 64 << 20  # ~400,000 listed files; a larger one is malformed
+MAX_DIRECTORIES = 8  # DICOMDIRs read per drop (a box of CDs copied into one folder)
 TMP_PREFIX = ".tmp-"
 
 DropState = Literal["ready", "waiting", "incomplete"]
@@ -236,7 +238,7 @@ def scan_drops(
     ]
     found += [_loose(facility_id, n, clock) for facility_id, n in sorted(loose.items())]
     if catalog is not None:
-        _resume_started(catalog, found)
+        _resume_started(catalog, found, pepper)
     return found
 
 
@@ -332,8 +334,9 @@ def _drop_by_manifest(
         return Drop(
             facility_id, drop_id, files, False, state, why, folder=folder, first_seen=first_seen
         )
-    overdue = clock.now - manifest_entry.mtime >= clock.incomplete_seconds
-    incomplete_at = manifest_entry.mtime + clock.incomplete_seconds
+    arrived = clock.mtime(manifest_entry)  # a time set far ahead does not postpone it
+    overdue = clock.now - arrived >= clock.incomplete_seconds
+    incomplete_at = arrived + clock.incomplete_seconds
     try:
         if manifest_entry.size > MAX_MANIFEST_BYTES:
             raise ValueError("manifest too large")  # read whole, it could exhaust memory
@@ -391,10 +394,12 @@ def _drop_by_manifest(
 
 def _read_directories(drops: Location, drop: Drop) -> dict[DropFile, Directory]:
     """The drop's readable DICOMDIRs (one that cannot be read is an ordinary file)."""
-    found = {}
+    found: dict[DropFile, Directory] = {}
     for f in drop.files:
         if not is_dicomdir_name(f.name) or not f.safe or f.problem or f.size > DICOMDIR_MAX:
             continue
+        if len(found) >= MAX_DIRECTORIES:
+            break  # more are ordinary files (and quarantined): each read costs every scan
         try:
             directory = read_dicomdir(drops.read_bytes(f.name, unchecked=True))
         except OSError as exc:
@@ -447,6 +452,8 @@ def with_directories(
     if not absent:
         return drop
     arrived = max(f.mtime for f in read)
+    if arrived > now + FUTURE_SKEW:
+        arrived = 0.0  # set far ahead by hand or a skewed clock: not a reason to wait years
     drop.missing = tuple(sorted({*drop.missing, *absent}))
     if not wait or drop.state != "ready":
         return drop
@@ -458,12 +465,14 @@ def with_directories(
     return drop
 
 
-def _resume_started(catalog: Catalog, drops: list[Drop]) -> None:
+def _resume_started(catalog: Catalog, drops: list[Drop], pepper: bytes) -> None:
     """Mark ready the drops whose only missing files the catalog accounts for."""
     stalled = [d for d in drops if d.state != "ready" and (d.absent or d.absent_uids)]
     if not stalled:
         return
-    known, hashes, uids = catalog.read_only().many(
+    uids = {u for d in stalled for u in d.absent_uids.values() if u}
+    keyed = {study_key(pepper, u) for u in uids}  # a referenced file quarantined since
+    known, hashes, found_uids = catalog.read_only().many(
         [
             (
                 "SELECT facility_id || '/' || drop_id AS k FROM drops"
@@ -477,19 +486,24 @@ def _resume_started(catalog: Catalog, drops: list[Drop]) -> None:
                 [sorted({s for d in stalled for s in d.absent.values()})] * 2,
             ),
             (
-                "SELECT sop_instance_uid FROM instances"
-                " WHERE sop_instance_uid IN (SELECT unnest(?::VARCHAR[]))",
-                [sorted({u for d in stalled for u in d.absent_uids.values() if u})],
+                "SELECT sop_instance_uid AS k FROM instances"
+                " WHERE sop_instance_uid IN (SELECT unnest(?::VARCHAR[]))"
+                " UNION SELECT uid_key FROM quarantine_uids"
+                " WHERE uid_key IN (SELECT unnest(?::VARCHAR[]))",
+                [sorted(uids), sorted(keyed)],
             ),
         ]
     )
     seen_drops, seen_hashes = set(known["k"]), set(hashes["sha256"])
-    seen_uids = set(uids["sop_instance_uid"])
+    seen_uids = set(found_uids["k"])
     for drop in stalled:
         accounted = set(drop.absent.values()) <= seen_hashes and all(
-            u and u in seen_uids for u in drop.absent_uids.values()
+            u and (u in seen_uids or study_key(pepper, u) in seen_uids)
+            for u in drop.absent_uids.values()
         )
-        if drop.key in seen_drops or accounted:
+        # A known drop folder resumes by its manifest; a CD only by its own images (the
+        # same folder name reused for a later CD must still wait for every image).
+        if (drop.key in seen_drops and not drop.absent_uids) or accounted:
             drop.state, drop.why = "ready", ""
 
 

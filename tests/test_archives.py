@@ -131,15 +131,16 @@ def test_a_bomb_is_quarantined_whole_by_ratio_and_by_total(local_home: Home, kin
 
 def test_too_many_members_and_nesting_past_the_limit(local_home: Home) -> None:
     home = local_home
-    _, a = _study(6, 3)
+    _, a = _study(6, 4)
     _, b = _study(7, 1)
     deepest = samples.zip_bytes(b)
     inner = samples.zip_bytes({"deeper.zip": deepest, **dict(list(a.items())[:1])})
     outer = samples.zip_bytes({"inner.zip": inner})
     samples.write_drop(home.drops, "fac", "nested", {"outer.zip": outer})
     samples.write_drop(home.drops, "fac", "many", {"many.zip": samples.zip_bytes(a)})
-    ingest_drops(home=home, settings=_settings(archive_max_members=2))
-    # outer -> inner (one level of nesting) unpacked; deeper.zip is a second level.
+    ingest_drops(home=home, settings=_settings(archive_max_members=3))
+    # outer -> inner (one level of nesting) unpacked; deeper.zip is a second level. The
+    # members of an archive and of those inside it count together: 1 + 2 here.
     assert _reasons(home) == {"archive_too_deep": 1, "archive_too_large": 1}
     assert _count(home, "SELECT count(*) FROM instances") == 1
     assert sources(home.drops) == []
@@ -326,3 +327,153 @@ def test_a_cd_inside_a_zip(local_home: Home) -> None:
     assert stats.ingested == 31
     assert _reasons(home) == {"cd_extra": 3}
     assert sources(home.drops) == []
+
+
+# -- what an outside review broke ---------------------------------------------
+
+
+def _zip_raw(entries: list[tuple[str, bytes, int]]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data, method in entries:
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=method)
+    return out.getvalue()
+
+
+def test_an_unaccepted_compression_or_a_bad_name_is_corrupt_and_stops_nobody(
+    local_home: Home,
+) -> None:
+    """bzip2 and LZMA members (zipfile inflates them whole before checking sizes), a bzip2
+    tar named .tar, and a name flagged UTF-8 that is not: each is archive_corrupt, and the
+    other facility's drop is ingested in the same run."""
+    home = local_home
+    _, a = _study(20, 1)
+    _, other = _study(21, 2)
+    image = next(iter(a.values()))
+    bz2_tar = io.BytesIO()
+    with tarfile.open(fileobj=bz2_tar, mode="w:bz2") as tf:
+        info = tarfile.TarInfo("x.dcm")
+        info.size = len(image)
+        tf.addfile(info, io.BytesIO(image))
+    bad_name = bytearray(_zip_raw([("n" * 8 + ".dcm", image, zipfile.ZIP_STORED)]))
+    for sig, flags_at, name_at in ((b"PK\x03\x04", 6, 30), (b"PK\x01\x02", 8, 46)):
+        at = bad_name.find(sig)
+        bad_name[at + flags_at] |= 0x08  # bit 11 (UTF-8 names) is in the second byte
+        bad_name[at + flags_at + 1] |= 0x08
+        bad_name[at + name_at] = 0xFF  # not UTF-8
+    drop = {
+        "bz.zip": _zip_raw([("x.dcm", image, zipfile.ZIP_BZIP2)]),
+        "xz.zip": _zip_raw([("x.dcm", image, zipfile.ZIP_LZMA)]),
+        "bz.tar": bz2_tar.getvalue(),
+        "name.zip": bytes(bad_name),
+    }
+    samples.write_drop(home.drops, "fac", "bad", drop)
+    samples.write_drop(home.drops, "other", "fine", other)
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 2
+    assert _reasons(home) == {"archive_corrupt": 4}
+    assert sources(home.drops) == []
+
+
+def test_headers_and_directories_count_against_the_bounds(local_home: Home) -> None:
+    home = local_home
+    long_header = io.BytesIO()
+    with tarfile.open(fileobj=long_header, mode="w:gz", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("a" * (2 << 20))  # a 2 MiB long-name header, read whole
+        tf.addfile(info, io.BytesIO(b""))
+    dirs = io.BytesIO()
+    with tarfile.open(fileobj=dirs, mode="w:gz") as tf:
+        for i in range(300):
+            d = tarfile.TarInfo(f"d{i}")
+            d.type = tarfile.DIRTYPE
+            tf.addfile(d)
+    samples.write_drop(home.drops, "fac", "d1", {"long.tgz": long_header.getvalue(),
+                                                 "dirs.tgz": dirs.getvalue()})  # fmt: skip
+    ingest_drops(home=home, settings=_settings(archive_max_members=100))
+    assert _reasons(home) == {"archive_corrupt": 1, "archive_too_large": 1}
+    assert sources(home.drops) == []
+
+
+def test_nesting_shares_one_budget(local_home: Home) -> None:
+    """Each inner archive alone is under the ratio; together they are a bomb."""
+    home = local_home
+    inner = samples.zip_bytes({"z.bin": bytes(600_000)})
+    outer = _zip_raw([(f"i{k}.zip", inner, zipfile.ZIP_STORED) for k in range(20)])
+    samples.write_drop(home.drops, "fac", "d1", {"outer.zip": outer})
+    ingest_drops(home=home, settings=_settings(archive_max_ratio=50))
+    assert _reasons(home) == {"archive_too_large": 1}
+    assert sources(home.drops) == []
+
+
+def test_member_names_that_reach_into_an_unpacking_folder_or_are_too_long(
+    local_home: Home,
+) -> None:
+    home = local_home
+    _, a = _study(22, 3)
+    one, two, three = a.values()
+    packed = _zip_raw([
+        ("inner.zip", samples.zip_bytes({"x.dcm": two}), zipfile.ZIP_STORED),
+        ("inner.zip.contents/x.dcm", one, zipfile.ZIP_STORED),  # would be overwritten
+        ("L" * 300 + ".dcm", one, zipfile.ZIP_STORED),
+        ("ok.dcm", three, zipfile.ZIP_STORED),
+        ("../up.dcm", one, zipfile.ZIP_STORED),
+        ("outer.zip#member-4", one, zipfile.ZIP_STORED),  # like a refused member's label
+    ])  # fmt: skip
+    samples.write_drop(home.drops, "fac", "d1", {"outer.zip": packed})
+    stats = ingest_drops(home=home, settings=_settings())
+    # two (from inner.zip), three, and one once (the member named like a refused member's
+    # label is an ordinary member); one's other three names are refused.
+    assert _count(home, "SELECT count(*) FROM instances") == 3
+    assert _reasons(home) == {"unsafe_name": 3}
+    assert stats.duplicates == 0
+    r = read_receipt(home.drops, "fac", drop_ref(home, "fac", "d1"))
+    assert r["state"] == "done"
+    assert sources(home.drops) == []
+
+
+def test_a_member_over_the_file_limit_refuses_its_archive_once(local_home: Home) -> None:
+    home = local_home
+    samples.write_drop(
+        home.drops, "fac", "d1", {"x.zip": samples.zip_bytes({"big": bytes(300_000)})}
+    )
+    for _ in range(3):
+        ingest_drops(home=home, settings=_settings(max_file_bytes=200_000))
+    assert _reasons(home) == {"archive_too_large": 1}
+    assert sources(home.drops) == []
+
+
+def test_a_killed_writers_partial_file_does_not_hold_the_drop(local_home: Home) -> None:
+    home = local_home
+    _, a = _study(23, 2)
+    samples.write_drop(home.drops, "fac", "d1", {"x.zip": samples.zip_bytes(a)})
+    home.drops.put_bytes("fac/d1/x.zip.contents/.tmp-0123abcd", b"partial plain text")
+    ingest_drops(home=home, settings=_settings())
+    assert _count(home, "SELECT count(*) FROM instances") == 2
+    assert sources(home.drops) == []
+
+
+def test_a_cd_folder_name_reused_still_waits_for_every_image(local_home: Home) -> None:
+    home = local_home
+    _, first = _study(24, 1)
+    samples.write_drop(home.drops, "fac", "cd-0001", first, manifest=False)
+    ingest_drops(home=home, settings=_settings())
+    cd = samples.cd_files()
+    del cd["98892001/CT2N/6293"]
+    samples.write_drop(home.drops, "fac", "cd-0001", cd, manifest=False)
+    stats = ingest_drops(home=home, settings=_settings(incomplete_seconds=3600))
+    assert stats.drops_waiting == 1 and stats.ingested == 0
+
+
+def test_a_future_dated_dicomdir_does_not_postpone_incomplete(local_home: Home) -> None:
+    import os
+    import time
+
+    home = local_home
+    cd = samples.cd_files()
+    del cd["98892001/CT2N/6293"]
+    samples.write_drop(home.drops, "fac", "cd", cd, manifest=False)
+    dicomdir = Path(home.drops.path("fac/cd/DICOMDIR"))
+    ahead = time.time() + 10 * 365 * 86400
+    os.utime(dicomdir, (ahead, ahead))
+    ingest_drops(home=home, settings=_settings(incomplete_seconds=60))
+    assert _reasons(home) == {"incomplete_drop": 33}
