@@ -6,6 +6,7 @@ and solves for every hidden number's interval.
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 from pathlib import Path
@@ -209,6 +210,34 @@ def test_weeks_and_months_leak_nothing_with_their_days(local_home: Home) -> None
     assert attack_rollups(home.catalog) == []
     assert attack(home.catalog) == []
     assert home.beacons.list(CELLS) == []  # the month is out: its cells are deleted
+
+
+def test_a_period_of_one_day_publishes_what_the_day_did_without_an_audit(
+    local_home: Home,
+) -> None:
+    """November's last week and the month hold one compiled day: they publish that day's
+    rows as the day did (hidden where it hid), so an attacker gains nothing, and no LP
+    runs for them."""
+    home, rng = local_home, random.Random(11)
+    day = "2026-11-30"
+    samples.write_hits(home.beacons, day, [samples.make_hit(rng, day, 40) for _ in range(300)])
+    compile_beacon_stats(home=home)
+    rollups = home.catalog.query(
+        "SELECT period, beacon, target, partner, hits, suppressed FROM beacon_rollups"
+    )
+    assert set(rollups["period"]) == {"week", "month"}
+    days = beacon_stats(home.catalog, day=day).set_index(["beacon", "target", "partner"])
+    for r in rollups.itertuples(index=False):
+        shown = days.loc[(r.beacon, r.target, r.partner)]
+        assert r.suppressed == shown["suppressed"]
+        assert r.suppressed or r.hits == shown["hits"]
+    assert rollups["suppressed"].any()  # small cells abound: some are hidden
+    audits = home.catalog.query("SELECT detail FROM audit_log WHERE action = 'compile_rollup'")[
+        "detail"
+    ]
+    assert all(json.loads(d)["audit_seconds"] == 0 for d in audits)
+    assert attack_rollups(home.catalog) == []
+    assert attack(home.catalog) == []
 
 
 def test_an_outside_reviews_breaks_hold(home: Home) -> None:
