@@ -4,13 +4,15 @@ A grant is what lets someone other than the owner read an image. :func:`export_f
 user export an instance only when they own its study (active or archived) or hold a grant
 in force that covers it (``study_access``: not expired, not revoked, the study active).
 Every attempt, allowed or refused, is one ``audit_log`` row (action ``access_export``)
-naming who, the study by its keyed id (never its UID), when, the purpose given, and the
-outcome; an owner reads them in their access report. A refusal writes nothing and says
-one line that names no UID.
+naming who, the study by its keyed id (never its UID), when, and the outcome; the purpose
+given is free text that can name the patient, so it is sealed under the study's record
+key (gone with the study). An owner reads them in their access report. A refusal writes
+nothing and says one line that names no UID.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +23,11 @@ import pandas as pd
 
 from dropvault.storage.errors import TerminalError
 from dropvault.storage.home import Home
+from dropvault.storage.keystore import KeyDestroyedError
 from dropvault.tasks.audit import audit
 from dropvault.tasks.exports import ExportError, export_instance
 from dropvault.tasks.manifests import UID_IN_NAME
-from dropvault.tasks.phi import study_key
+from dropvault.tasks.phi import open_fields, seal_fields, study_key
 
 ACTION = "access_export"
 MAX_PURPOSE = 200
@@ -73,12 +76,20 @@ def export_for(
             f"the user and purpose must not quote a UID (purpose: {MAX_PURPOSE} characters at most)"
         )
     found = home.catalog.query(
-        "SELECT study_uid FROM instances WHERE sop_instance_uid = ?", [sop_instance_uid]
+        "SELECT i.study_uid, s.record_key_id FROM instances i JOIN studies s USING (study_uid)"
+        " WHERE i.sop_instance_uid = ?",
+        [sop_instance_uid],
     )
     study_uid = str(found["study_uid"].iloc[0]) if not found.empty else None
     via = access_via(home, user, study_uid) if study_uid else None
     subject = study_key(home.pepper, study_uid) if study_uid else None
-    detail: dict[str, Any] = {"purpose": purpose, "via": via}
+    detail: dict[str, Any] = {"via": via}
+    if subject and purpose:
+        # Free text can name the patient: sealed under the study's record key, so the
+        # study's deletion takes it too; the owner's access report opens it.
+        key = home.keystore.unwrap(str(found["record_key_id"].iloc[0]))
+        sealed = seal_fields(key, subject, {"purpose": purpose})
+        detail["purpose_enc"] = base64.b64encode(sealed).decode()
     if via is None:
         # The same refusal for an unknown image as for one the user may not see: the
         # answer must not tell a stranger which UIDs exist.
@@ -104,8 +115,12 @@ def access_report(home: Home, owner: str, since: datetime | None = None) -> pd.D
     studies and the people they were shared with, nobody else's records."""
     since = since or datetime(1970, 1, 1, tzinfo=UTC)
     q = home.catalog.read_only()
-    studies = q.sql("SELECT study_uid FROM studies WHERE owner = ?", [owner])["study_uid"]
-    by_key = {study_key(home.pepper, str(s)): str(s) for s in studies}
+    studies = q.sql("SELECT study_uid, record_key_id FROM studies WHERE owner = ?", [owner])
+    by_key = {study_key(home.pepper, str(s)): str(s) for s in studies["study_uid"]}
+    keys = {
+        study_key(home.pepper, str(s)): str(k)
+        for s, k in zip(studies["study_uid"], studies["record_key_id"], strict=True)
+    }
     frames = q.many(
         [
             (
@@ -143,8 +158,8 @@ def access_report(home: Home, owner: str, since: datetime | None = None) -> pd.D
     rows: list[tuple[Any, ...]] = []
     for r in exports.itertuples(index=False):
         detail = json.loads(str(r.detail or "{}"))
-        outcome, why = detail.get("outcome", ""), detail.get("purpose", "")
-        rows.append((r.at, "export", r.who, by_key[str(r.subject)], outcome, why))
+        why = _purpose(home, keys.get(str(r.subject)), str(r.subject), detail)
+        rows.append((r.at, "export", r.who, by_key[str(r.subject)], detail["outcome"], why))
     for r in operator.itertuples(index=False):
         rows.append((r.at, "export", f"operator ({r.who})", r.study_uid, "allowed", ""))
     for r in grants.itertuples(index=False):
@@ -156,3 +171,15 @@ def access_report(home: Home, owner: str, since: datetime | None = None) -> pd.D
         rows.append((r.at, "incident", r.who, r.study_uid, revoked, "wrong access reported"))
     frame = pd.DataFrame(rows, columns=REPORT_COLUMNS)
     return frame.sort_values("at", kind="stable").reset_index(drop=True)
+
+
+def _purpose(home: Home, key_id: str | None, subject: str, detail: dict[str, Any]) -> str:
+    """The purpose an export gave, opened with the study's record key."""
+    sealed = detail.get("purpose_enc")
+    if not sealed or key_id is None:
+        return ""
+    try:
+        key = home.keystore.unwrap(key_id)
+    except KeyDestroyedError:
+        return "(erased)"
+    return open_fields(key, subject, base64.b64decode(sealed)).get("purpose", "")

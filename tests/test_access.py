@@ -66,6 +66,7 @@ def test_the_owner_and_a_grantee_in_force_may_export(
     ]
     assert {s for _, s, _ in audits} == {study_key(home.pepper, study)}
     assert all(study not in json.dumps(d) and sop not in json.dumps(d) for *_, d in audits)
+    assert all("second opinion" not in json.dumps(d) for *_, d in audits)  # sealed
 
 
 @pytest.mark.parametrize("user", ["dr:old", "dr:gone", "dr:stranger", "user:bob"])
