@@ -89,9 +89,10 @@ def ingest_drops(
     drops = [d for d in drops if in_shard(d.key, shard)]
     ready = [d for d in drops if d.state != "waiting"]
     if any(archive_kind(f.name) for d in ready for f in d.files):
+        # A drop whose unpacking failed comes back waiting (with why) for the next run.
         unpacked = unpack_drops_task(home.drops, opaque(ready), settings.archive_limits())
         drops = [d for d in drops if d.state == "waiting"] + unpacked
-        ready = unpacked
+        ready = [d for d in unpacked if d.state != "waiting"]
     for drop in drops:
         if drop.state == "waiting":
             totals.drops_waiting += 1

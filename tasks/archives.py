@@ -60,6 +60,7 @@ from dropvault.storage.locations import (
     Location,
     UnsafeNameError,
     is_file_problem,
+    read_problem,
     safe_relpath,
 )
 from dropvault.tasks.drops import TMP_PREFIX, Drop, DropFile, file_from_entry, with_directories
@@ -73,6 +74,9 @@ SMALL_TOTAL = 1 << 20  # below this many bytes unpacked, no ratio is a bomb
 MAX_HEADER = 1 << 20  # a tar's long-name or pax header larger than this is corrupt
 MAX_SEGMENT = 255  # bytes in one part of a member's name (the usual filesystem limit)
 MAX_NAME = 1024  # bytes in a member's whole name
+# Bytes of central directory counted as one entry when bounding a ZIP before zipfile reads
+# it (46 fixed bytes and a name; ~10x that in memory once parsed).
+CD_ENTRY_BYTES = 300
 # By name: a ``.tar`` is read as plain tar and a ``.tgz`` as gzip only (tarfile would
 # otherwise detect bzip2 and xz, which decompress without a bound on memory).
 _KINDS = ((".tar.gz", "tgz"), (".tgz", "tgz"), (".tar", "tar"), (".zip", "zip"))
@@ -130,6 +134,7 @@ class _Budget:
     archive_size: int
     total: int = 0
     members: int = 0
+    written: list[str] = field(default_factory=list)  # by every archive in it
 
     def count(self) -> None:
         self.members += 1
@@ -160,11 +165,14 @@ class _Budget:
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses a long-name or pax header before tarfile reads it whole into memory."""
+    """Refuses a long-name or pax header before tarfile reads it whole into memory, and old
+    GNU sparse members (their chain of extension blocks has no bound)."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _LONG_HEADERS and self.size > MAX_HEADER:
             raise tarfile.HeaderError("oversized extended header")
+        if self.type == tarfile.GNUTYPE_SPARSE:  # old GNU sparse: unbounded extension blocks
+            raise tarfile.HeaderError("sparse members are not accepted")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
@@ -188,7 +196,7 @@ class _Unpacking:
         member's name can take (members are all under ``<archive>.contents/``)."""
         self.refused.append(
             DropFile(
-                f"{self.archive.name}#member-{index}",
+                f"{self.archive.name}#refused-member-{index}",
                 0,
                 self.archive.mtime,
                 problem=detail,
@@ -222,6 +230,7 @@ class _Unpacking:
 
     def write(self, name: str, src: IO[bytes]) -> None:
         self.written.append(name)
+        self.budget.written.append(name)
         self.seen.add(name)
         try:
             with self.drops.writer(name) as out:
@@ -281,7 +290,8 @@ class _Unpacking:
                 self.budget.count()
                 if member.isdir():
                     continue
-                if not member.isreg():
+                # POSIX: a type tar does not know is read as a regular file (tarfile does).
+                if not member.isreg() and member.type in tarfile.SUPPORTED_TYPES:
                     kind = "link" if member.issym() or member.islnk() else "special file"
                     self.refuse(
                         index,
@@ -310,10 +320,10 @@ class _Unpacking:
             return []
 
     def undo(self) -> None:
-        """Delete what this archive left unpacked (its members so far, and any an earlier
-        stopped run wrote): a refused archive keeps nothing in plain text beside it."""
-        names = set(self.written) | {e.name for e in self._listed()}
-        for name in sorted(names):
+        """Delete what this unpacking wrote (an earlier stopped run wrote the same names in
+        the same order, so those go too): a refused archive keeps nothing in plain text
+        beside it. Files the facility put in the folder itself are theirs: they stay."""
+        for name in sorted(set(self.written)):
             with contextlib.suppress(OSError):
                 self.drops.delete(name, unchecked=True)
         with contextlib.suppress(OSError):
@@ -331,7 +341,12 @@ def _zip_entries(fh: IO[bytes]) -> int | None:
         fh.seek(0)
     except (OSError, ValueError, struct.error):
         return None
-    return int(record[4]) if record else None  # _ECD_ENTRIES_TOTAL
+    if not record:
+        return None
+    # zipfile reads the directory by its size, whatever count the record declares: a
+    # directory larger than the member limit's worth of entries counts as that many more.
+    by_size = int(record[5]) // CD_ENTRY_BYTES  # _ECD_SIZE
+    return max(int(record[4]), by_size)  # _ECD_ENTRIES_TOTAL
 
 
 _CORRUPT = (
@@ -344,6 +359,9 @@ _CORRUPT = (
     UnicodeDecodeError,  # a ZIP name flagged UTF-8 that is not
     ValueError,
     struct.error,
+    IndexError,  # tarfile's header parsing on a cut or crafted header
+    KeyError,
+    OverflowError,
 )
 
 
@@ -414,6 +432,11 @@ def _unpack_all(
         return
     try:
         members = unpack_archive(drops, archive, budget)
+    except OSError as exc:
+        if exc.errno is not None and not is_file_problem(exc):
+            raise  # the store's trouble: the task retries
+        yield replace(archive, problem=read_problem(exc))  # reported, left in place
+        return
     except ArchiveRefused as refused:
         if nested and refused.reason == QuarantineReason.ARCHIVE_TOO_LARGE:
             raise  # the dropped archive's budget ran out: it is refused whole
@@ -427,10 +450,22 @@ def _unpack_all(
             yield member
 
 
-def _remove_unpacked(drops: Location, archive: DropFile) -> None:
-    """Everything unpacked from ``archive``, nested archives' members included."""
-    job = _Unpacking(drops, archive, _Budget(ArchiveLimits(), 0))
-    job.undo()
+def _remove_unpacked(drops: Location, budget: _Budget, opened: list[str]) -> None:
+    """What one dropped archive and those inside it wrote (nothing else)."""
+    for name in sorted(set(budget.written), reverse=True):
+        with contextlib.suppress(OSError):
+            drops.delete(name, unchecked=True)
+    for name in opened:
+        with contextlib.suppress(OSError):
+            drops.rmdir_empty(name + CONTENTS)
+
+
+def drops_has(drops: Location, name: str) -> bool:
+    """Whether a listed file is still there (the unpacking may have removed it)."""
+    try:
+        return drops.exists(name)
+    except (OSError, UnsafeNameError):
+        return True  # let ingest find out and report it
 
 
 def unpack_drop(drops: Location, drop: Drop, limits: ArchiveLimits) -> Drop:
@@ -454,10 +489,21 @@ def unpack_drop(drops: Location, drop: Drop, limits: ArchiveLimits) -> Drop:
         try:
             files.extend(list(_unpack_all(drops, archive, budget, opened)))
         except ArchiveRefused as refused:  # its nested archives together went past a bound
-            _remove_unpacked(drops, archive)
+            _remove_unpacked(drops, budget, opened)
             files.append(replace(archive, verdict=refused.reason, verdict_detail=refused.detail))
             continue
         unpacked += opened
+    # Files in an unpacking folder that no member wrote now (put there by the facility):
+    # files of the drop like any other. A killed writer's partial files were removed.
+    now_written = {f.name for f in files}
+    files += [
+        f
+        for f in drop.files
+        if f.name.startswith(prefixes)
+        and f.name not in now_written
+        and not f.name.rsplit("/", 1)[-1].startswith(TMP_PREFIX)
+        and drops_has(drops, f.name)
+    ]
     # A CD sent as an archive: its DICOMDIR sorts the members (the archive is whole, so a
     # file it references and lacks is only reported missing, not waited for).
     drop = replace(drop, files=files, unpacked=tuple(unpacked))
@@ -469,9 +515,10 @@ def _inside(name: str, prefixes: tuple[str, ...], own: str) -> bool:
 
 
 def unpack_drops(drops: Location, ready: list[Drop], limits: ArchiveLimits) -> list[Drop]:
-    """Every ready drop with its archives unpacked; a drop whose unpacking fails (its
-    storage refused a write, or anything unforeseen) waits for the next run on its own,
-    logged by keyed id (an archive's name can be PHI), and the others go on."""
+    """Every ready drop with its archives unpacked. A drop whose unpacking fails (its
+    storage refused a write, or anything unforeseen) comes back ``waiting`` with why, so
+    status and its receipt show it; it is tried again next run, logged by keyed id (an
+    archive's name can be PHI), and the others go on."""
     out = []
     for drop in ready:
         try:
@@ -479,12 +526,9 @@ def unpack_drops(drops: Location, ready: list[Drop], limits: ArchiveLimits) -> l
         except Exception as exc:
             if isinstance(exc, OSError) and exc.errno is not None and not is_file_problem(exc):
                 raise  # the store's trouble: the task retries
-            log.warning(
-                "drop %s/%s: unpacking failed (%s); left for the next run",
-                drop.facility_id,
-                drop.drop_id,
-                type(exc).__name__,
-            )
+            why = f"unpacking failed ({type(exc).__name__}); tried again next run"
+            log.warning("drop %s/%s: %s", drop.facility_id, drop.drop_id, why)
+            out.append(replace(drop, state="waiting", why=why))  # reported, not dropped
     return out
 
 

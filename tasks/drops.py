@@ -54,7 +54,7 @@ MANIFEST = "manifest.json"
 # (``dropvault.tasks.receipts``). A drop folder of that name is never a drop.
 RECEIPTS = "_receipts"
 MAX_MANIFEST_BYTES = 64 << 20  # ~400,000 listed files; a larger one is malformed
-MAX_DIRECTORIES = 8  # DICOMDIRs read per drop (a box of CDs copied into one folder)
+MAX_DIRECTORIES = 4  # DICOMDIRs read per drop (a few CDs copied into one folder)
 TMP_PREFIX = ".tmp-"
 
 DropState = Literal["ready", "waiting", "incomplete"]
@@ -259,6 +259,16 @@ class _Clock:
         return 0.0 if entry.mtime > self.now + FUTURE_SKEW else entry.mtime
 
 
+def _arrival(mtime: float, others: list[float], now: float) -> float:
+    """When a manifest or DICOMDIR arrived, for its incomplete window: its time, or, when
+    that is far ahead (set by hand or a skewed clock), the newest plausible time among its
+    drop's files, else now. Neither postpones the window for years nor ends it at once."""
+    if mtime <= now + FUTURE_SKEW:
+        return mtime
+    plausible = [t for t in others if t <= now + FUTURE_SKEW]
+    return max(plausible, default=now)
+
+
 def _writing(entry: Entry, name: str, clock: _Clock) -> bool:
     """An atomic write still under way (``.tmp-*``). One left longer than the incomplete
     window is a crashed writer's leftover: it counts as a file of its drop (and is
@@ -334,7 +344,7 @@ def _drop_by_manifest(
         return Drop(
             facility_id, drop_id, files, False, state, why, folder=folder, first_seen=first_seen
         )
-    arrived = clock.mtime(manifest_entry)  # a time set far ahead does not postpone it
+    arrived = _arrival(manifest_entry.mtime, [e.mtime for e in entries], clock.now)
     overdue = clock.now - arrived >= clock.incomplete_seconds
     incomplete_at = arrived + clock.incomplete_seconds
     try:
@@ -421,6 +431,8 @@ def with_directories(
     ``wait`` a ready drop waits until every referenced file is there, going incomplete
     ``incomplete_seconds`` after the DICOMDIR arrived, as with a manifest. References are
     matched without regard to case (ISO 9660 names are upper case; copies may not be)."""
+    if wait and drop.state == "waiting" and not drop.has_manifest:
+        return drop  # not quiet yet: it waits anyway, and its DICOMDIR may still be copying
     read = _read_directories(drops, drop)
     if not read:
         return drop
@@ -451,9 +463,7 @@ def with_directories(
     )
     if not absent:
         return drop
-    arrived = max(f.mtime for f in read)
-    if arrived > now + FUTURE_SKEW:
-        arrived = 0.0  # set far ahead by hand or a skewed clock: not a reason to wait years
+    arrived = _arrival(max(f.mtime for f in read), [f.mtime for f in drop.files], now)
     drop.missing = tuple(sorted({*drop.missing, *absent}))
     if not wait or drop.state != "ready":
         return drop

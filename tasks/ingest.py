@@ -208,7 +208,9 @@ def remove_sources(home: Home, work: list[tuple[Drop, DropFile]], names: list[st
     were left in place because they changed since they were listed."""
     if not names:
         return 0
-    listed: dict[str, DropFile] = {f.name: f for _, f in work}
+    # Files with a problem were never read (nor are they removed): a real file can share
+    # the name of one (an archive's refused member is reported under a stand-in name).
+    listed: dict[str, DropFile] = {f.name: f for _, f in work if not f.problem}
     prefixes = sorted({d.folder for d, _ in work})
     current = {e.name: e for prefix in prefixes for e in home.drops.list(prefix, unchecked=True)}
     changed = 0
@@ -373,6 +375,11 @@ class _Batch:
         self, item: _Read, reason: QuarantineReason, detail: str, study_uid: str | None = None
     ) -> None:
         """Count a file as quarantined; :meth:`write_quarantine` stores it later."""
+        if item.file.expected_uid:
+            # A CD's referenced file: the UID its DICOMDIR record names finds it too, so a
+            # rerun after a stop counts the reference handled (drops._resume_started).
+            keys = self.uid_keys.setdefault(item.quarantine_id, set())
+            keys.add(study_key(self.home.pepper, item.file.expected_uid))
         self.stats.quarantined[reason] += 1
         self.stats.count(item.drop, "quarantined")
         self.stats.reject(item.drop, item.file.name, reason)

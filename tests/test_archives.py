@@ -464,7 +464,7 @@ def test_a_cd_folder_name_reused_still_waits_for_every_image(local_home: Home) -
     assert stats.drops_waiting == 1 and stats.ingested == 0
 
 
-def test_a_future_dated_dicomdir_does_not_postpone_incomplete(local_home: Home) -> None:
+def test_a_future_dated_dicomdir_neither_postpones_nor_ends_the_wait(local_home: Home) -> None:
     import os
     import time
 
@@ -472,8 +472,65 @@ def test_a_future_dated_dicomdir_does_not_postpone_incomplete(local_home: Home) 
     cd = samples.cd_files()
     del cd["98892001/CT2N/6293"]
     samples.write_drop(home.drops, "fac", "cd", cd, manifest=False)
-    dicomdir = Path(home.drops.path("fac/cd/DICOMDIR"))
+    root = Path(home.drops.path("fac/cd"))
     ahead = time.time() + 10 * 365 * 86400
-    os.utime(dicomdir, (ahead, ahead))
-    ingest_drops(home=home, settings=_settings(incomplete_seconds=60))
+    os.utime(root / "DICOMDIR", (ahead, ahead))
+    # The files arrived just now: the window starts with them, not at the epoch.
+    stats = ingest_drops(home=home, settings=_settings(incomplete_seconds=3600))
+    assert stats.drops_waiting == 1 and _reasons(home) == {}
+    # Files two hours old: a one-hour window is over, ten years ahead or not.
+    old = time.time() - 7200
+    for p in root.rglob("*"):
+        if p.is_file() and p.name != "DICOMDIR":
+            os.utime(p, (old, old))
+    ingest_drops(home=home, settings=_settings(incomplete_seconds=3600))
     assert _reasons(home) == {"incomplete_drop": 33}
+
+
+def test_a_facilitys_files_beside_and_inside_the_unpacking_folder_keep_their_outcome(
+    local_home: Home,
+) -> None:
+    home = local_home
+    _, a = _study(25, 4)
+    one, two, three, four = a.values()
+    packed = _zip_raw([("../evil.dcm", one, zipfile.ZIP_STORED), ("ok.dcm", two, 0)])
+    samples.write_drop(home.drops, "fac", "good", {
+        "x.zip": packed,
+        "x.zip.contents/mine.dcm": three,  # the facility's own, in our folder
+        "x.zip#refused-member-0": four,  # named like the refused member's label
+    })  # fmt: skip
+    samples.write_drop(home.drops, "fac", "bad", {
+        "y.zip": b"PK\x03\x04 not really",
+        "y.zip.contents/mine.dcm": one,
+    })  # fmt: skip
+    ingest_drops(home=home, settings=_settings())
+    assert _count(home, "SELECT count(*) FROM instances") == 4
+    assert _reasons(home) == {"unsafe_name": 1, "archive_corrupt": 1}
+    for folder in ("good", "bad"):
+        r = read_receipt(home.drops, "fac", drop_ref(home, "fac", folder))
+        assert r["state"] == "done", (folder, r)
+    assert sources(home.drops) == []
+
+
+def test_sparse_headers_unknown_types_and_a_lying_zip_directory(local_home: Home) -> None:
+    home = local_home
+    _, a = _study(26, 2)
+    one, two = a.values()
+    sparse = io.BytesIO()
+    with tarfile.open(fileobj=sparse, mode="w:gz", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("s.dcm")
+        info.type = tarfile.GNUTYPE_SPARSE
+        tf.addfile(info)
+    odd = io.BytesIO()
+    with tarfile.open(fileobj=odd, mode="w") as tf:
+        info = tarfile.TarInfo("z.dcm")
+        info.type = b"Z"  # unknown to tar: a regular file
+        info.size = len(one)
+        tf.addfile(info, io.BytesIO(one))
+    many = _zip_raw([("n" * 250 + f"{i:05d}", b"", zipfile.ZIP_STORED) for i in range(2000)])
+    samples.write_drop(home.drops, "fac", "d1", {"sparse.tgz": sparse.getvalue(),
+        "odd.tar": odd.getvalue(), "many.zip": many, "beside.dcm": two})  # fmt: skip
+    ingest_drops(home=home, settings=_settings(archive_max_members=1000))
+    assert _count(home, "SELECT count(*) FROM instances") == 2
+    assert _reasons(home) == {"archive_corrupt": 1, "archive_too_large": 1}
+    assert sources(home.drops) == []
