@@ -85,6 +85,11 @@ _KINDS = ((".tar.gz", "tgz"), (".tgz", "tgz"), (".tar", "tar"), (".zip", "zip"))
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
 _LONG_HEADERS = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                  tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}  # fmt: skip
+# Vendor typeflags that carry tar's bookkeeping, not a file: Solaris ACLs (A) and extended
+# headers (X), GNU dump directories (D), volume labels (V), old long names (N), inode
+# metadata (I). Read as regular files (POSIX's rule for unknown types), an ACL entry would
+# take the name of the image after it.
+_VENDOR_METADATA = {b"A", b"D", b"V", b"N", b"X", b"I"}
 # Fault-injection points for crash tests: name -> callable run at that point.
 FAULTS: dict[str, Callable[[], None]] = {}
 
@@ -288,8 +293,12 @@ class _Unpacking:
             for index, member in enumerate(tf):
                 tf.members.clear()  # type: ignore[attr-defined]  # stream mode keeps each header
                 self.budget.count()
-                if member.isdir():
-                    continue
+                if member.isdir() or member.type in _VENDOR_METADATA:
+                    continue  # tar's own bookkeeping: no file of the facility's
+                if member.type == b"M":
+                    raise ArchiveRefused(
+                        QuarantineReason.ARCHIVE_CORRUPT, "a multi-volume tar continuation"
+                    )
                 # POSIX: a type tar does not know is read as a regular file (tarfile does).
                 if not member.isreg() and member.type in tarfile.SUPPORTED_TYPES:
                     kind = "link" if member.issym() or member.islnk() else "special file"

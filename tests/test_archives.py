@@ -534,3 +534,28 @@ def test_sparse_headers_unknown_types_and_a_lying_zip_directory(local_home: Home
     assert _count(home, "SELECT count(*) FROM instances") == 2
     assert _reasons(home) == {"archive_corrupt": 1, "archive_too_large": 1}
     assert sources(home.drops) == []
+
+
+def test_tar_bookkeeping_entries_are_not_files(local_home: Home) -> None:
+    """A Solaris ACL entry ('A') comes before the file it describes, under its name; GNU
+    dump directories ('D') and volume labels ('V') are tar's own: none is a file."""
+    home = local_home
+    _, a = _study(27, 1)
+    image = next(iter(a.values()))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        entries = [
+            ("vol", b"V", b""),
+            ("dir", b"D", b"Ydir\0"),
+            ("IM0.dcm", b"A", b"user::rw-\0"),
+            ("IM0.dcm", tarfile.REGTYPE, image),
+        ]
+        for name, kind, data in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    samples.write_drop(home.drops, "fac", "d1", {"x.tar": out.getvalue()})
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 1 and _reasons(home) == {}
+    assert sources(home.drops) == []
