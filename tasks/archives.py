@@ -267,8 +267,12 @@ class _Unpacking:
             )
         with zipfile.ZipFile(fh) as zf:
             infos = zf.infolist()
-            if any(i.flag_bits & 0x1 for i in infos):
+            # Bit 0: encrypted; bit 6: "strong" encryption; bit 5: patched data zipfile
+            # cannot read. Refused on the flags, before zipfile would raise on a member.
+            if any(i.flag_bits & (0x1 | 0x40) for i in infos):
                 raise ArchiveRefused(QuarantineReason.ARCHIVE_ENCRYPTED, "ZIP is encrypted")
+            if any(i.flag_bits & 0x20 for i in infos):
+                raise ArchiveRefused(QuarantineReason.ARCHIVE_CORRUPT, "ZIP of patched data")
             if any(i.compress_type not in _ZIP_METHODS for i in infos):
                 raise ArchiveRefused(
                     QuarantineReason.ARCHIVE_CORRUPT, "a member uses a compression not accepted"
@@ -364,7 +368,6 @@ _CORRUPT = (
     EOFError,
     zlib.error,
     gzip.BadGzipFile,  # an OSError: caught before the store's own errors
-    NotImplementedError,
     UnicodeDecodeError,  # a ZIP name flagged UTF-8 that is not
     ValueError,
     struct.error,

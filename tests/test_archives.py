@@ -559,3 +559,23 @@ def test_tar_bookkeeping_entries_are_not_files(local_home: Home) -> None:
     stats = ingest_drops(home=home, settings=_settings())
     assert stats.ingested == 1 and _reasons(home) == {}
     assert sources(home.drops) == []
+
+
+def test_strong_encryption_and_patched_data_flags_are_refused_whole(local_home: Home) -> None:
+    home = local_home
+    _, a = _study(28, 1)
+    raw = samples.zip_bytes(a)
+
+    def flagged(bit: int) -> bytes:
+        buf = bytearray(raw)
+        for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            pos = buf.find(sig)
+            buf[pos + at] |= bit
+        return bytes(buf)
+
+    samples.write_drop(home.drops, "fac", "d1", {"strong.zip": flagged(0x40),
+                                                 "patched.zip": flagged(0x20)})  # fmt: skip
+    stats = ingest_drops(home=home, settings=_settings())
+    assert stats.ingested == 0
+    assert _reasons(home) == {"archive_encrypted": 1, "archive_corrupt": 1}
+    assert sources(home.drops) == []
