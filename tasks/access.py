@@ -69,8 +69,10 @@ def export_for(
     force, refused (:class:`AccessRefused`, nothing written) otherwise; audited either way.
     A purpose that quotes a UID is refused before anything is looked up."""
     user = user.strip()
-    if not user:
-        raise AccessRefused("a user is required")
+    if not user or len(user) > MAX_PURPOSE or not user.isprintable():
+        # The account goes into the audit row as is: no control characters (a newline
+        # would forge a second line in any text export of the log).
+        raise AccessRefused("a user is required: printable, 200 characters at most")
     if len(purpose) > MAX_PURPOSE or UID_IN_NAME.search(purpose) or UID_IN_NAME.search(user):
         raise AccessRefused(
             f"the user and purpose must not quote a UID (purpose: {MAX_PURPOSE} characters at most)"

@@ -166,3 +166,13 @@ def test_the_owner_reads_who_accessed_their_records(
     assert access_report(home, "user:bob").empty
     later = access_report(home, "user:alice", since=datetime(2100, 1, 1, tzinfo=UTC))
     assert set(later["kind"]) == {"grant"} and set(later["outcome"]) == {"active"}
+
+
+@pytest.mark.parametrize("user", ["", "dr:carol\nuser:alice allowed", "x" * 201])
+def test_an_unprintable_or_empty_user_is_refused_unlogged(
+    shared: tuple[Home, str, str], tmp_path: Path, user: str
+) -> None:
+    home, sop, _ = shared
+    with pytest.raises(AccessRefused, match="a user is required"):
+        export_for(home, user, sop, tmp_path / "x.dcm")
+    assert _audits(home) == []
