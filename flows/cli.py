@@ -385,6 +385,32 @@ def disclosures(
     _print_frame(disclosures_for(_catalog(), owner, start), as_json)
 
 
+@app.command("deliver-shares")
+@one_line_errors
+def deliver_shares_cmd() -> None:
+    """Register grantees' keys ({manifests}/recipients/), withdraw packages whose grant
+    ended, and deliver each due study to its grantee, age-encrypted, into the outbox."""
+    from dropvault.flows.delivery import deliver_shares
+
+    settings = Settings.load()
+    result = deliver_shares(home=settings.build_home(), settings=settings)
+    for made in result.delivered:
+        typer.echo(f"+ {made['name']} ({made['files']} files, {made['bytes']} bytes)")
+    typer.echo(json.dumps(result.summary()))
+
+
+@app.command()
+@one_line_errors
+def deliveries(
+    user: str,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """USER's packages in the outbox now, each with its object name and expiry."""
+    from dropvault.tasks.delivery import deliveries_for
+
+    _print_frame(deliveries_for(_catalog(), user), as_json)
+
+
 @app.command("access-report")
 @one_line_errors
 def access_report_command(

@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     manifests_url: str | None = None
     beacons_url: str | None = None
     exports_url: str | None = None
+    outbox_url: str | None = None
     # A local DuckDB file path or file:// URL, or ducklake:postgres:<libpq conninfo>
     catalog_url: str | None = None
     catalog_data_url: str | None = None  # DuckLake's Parquet files: s3://bucket/prefix/
@@ -172,6 +173,8 @@ class Settings(BaseSettings):
     # A CD's files that are not images (viewer, autorun.inf, README, a PDF report): kept
     # encrypted in quarantine (cd_extra) or counted, named in the receipt, and removed.
     cd_extras: Literal["keep", "discard"] = "keep"
+    # A delivered package stays in the outbox this long, then the next run removes it.
+    delivery_ttl_hours: float = Field(default=168.0, gt=0)
     beacon_retention: Literal["delete", "keep"] = "delete"
     beacon_memory_limit: str = "1GB"
     # A beacon log larger than this once decompressed is set aside unread (too_large).
@@ -202,6 +205,7 @@ class Settings(BaseSettings):
         "manifests_url",
         "beacons_url",
         "exports_url",
+        "outbox_url",
     )
     @classmethod
     def _url(cls, value: str | None, info: Any) -> str | None:

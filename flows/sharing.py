@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dropvault.flows.settings import RunHome, RunSettings, for_run
 from dropvault.tasks.deletion import tombstoned
+from dropvault.tasks.delivery import withdraw_out_of_force
 from dropvault.tasks.incidents import (
     REQUESTS,
     Incident,
@@ -41,6 +42,9 @@ def apply_share_manifests(
     result = apply_share_rows_task(home.catalog, rows, now, dry_run)
     if not dry_run:
         archive_manifests_task(home.manifests, "shares", names, result.outcomes, deleted)
+        if result.revoked:
+            # A revoke withdraws the grantee's packages now, not at the next delivery run.
+            withdraw_out_of_force(home, now)
     summary = result.summary()
     get_run_logger().info(
         "share manifests: %s", {k: v for k, v in summary.items() if k != "rejected_by_reason"}
@@ -78,6 +82,7 @@ def report_wrong_access(
         raise
     report = f"incidents/{incident.incident_id}.md"
     home.manifests.put_bytes(report, incident.report_md.encode())
+    withdraw_out_of_force(home)  # the revoked grants' packages go with them
     home.manifests.move(
         f"{REQUESTS}/{request}.json", home.manifests, f"{REQUESTS}/processed/{request}.json"
     )

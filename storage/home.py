@@ -39,7 +39,16 @@ from dropvault.storage.keystore import (
 from dropvault.storage.locations import Location
 from dropvault.storage.vault import Vault
 
-LOCATIONS = ("drops", "vault", "quarantine", "archive", "manifests", "beacons", "exports")
+LOCATIONS = (
+    "drops",
+    "vault",
+    "quarantine",
+    "archive",
+    "manifests",
+    "beacons",
+    "exports",
+    "outbox",
+)
 KeyName = Literal["kek", "pepper"]
 
 
@@ -233,6 +242,7 @@ class Home:
     manifests: Location
     beacons: Location
     exports: Location
+    outbox: Location  # packages delivered to grantees, age-encrypted to each
     catalog: Catalog
     keystore: Keystore
     pepper: bytes = field(repr=False)  # HMAC key for patient_key and other pseudonyms

@@ -48,6 +48,10 @@ QUOTING = {
             ("disclosures", "description"),
             ("deletion_requests", "manifest"),
             ("incidents", "reported_user"),
+            ("recipient_requests", "request_id"),
+            ("recipient_requests", "user_id"),
+            ("recipient_requests", "manifest"),
+            ("deliveries", "grantee"),
         ],
         "study",
     ),
@@ -90,6 +94,12 @@ CLEAN = frozenset(
         # keyed hashes of UIDs (as tombstones.study_key), and our own ids
         *(("quarantine_uids", c) for c in ("quarantine_id", "uid_key")),
         *(("tombstone_uids", c) for c in ("uid_key", "study_key")),
+        # accounts and ids a recipients manifest may only give without a UID, age keys
+        *(("recipient_keys", c) for c in ("user_id", "public_key", "request_id")),
+        *(("recipient_requests", c) for c in ("content_hash", "action", "outcome")),
+        ("delivery_requests", "request_id"),
+        *(("deliveries", c) for c in ("delivery_id", "owner", "grant_request_id", "name")),
+        *(("deliveries", c) for c in ("status", "withdraw_reason")),
         *(("access_list", c) for c in ("owner", "grantee", "scope", "status")),
         *(("study_access", c) for c in ("user_id", "via")),
     }

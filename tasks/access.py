@@ -112,7 +112,8 @@ REPORT_COLUMNS = ["at", "kind", "who", "study_uid", "outcome", "why"]
 def access_report(home: Home, owner: str, since: datetime | None = None) -> pd.DataFrame:
     """Every access to ``owner``'s records since ``since`` (default: all), newest last, one
     row each with who, when and why: exports under a grant (allowed, refused or failed) and
-    operator exports, the grants (those in force whatever their date), disclosures and
+    operator exports, the grants (those in force whatever their date), packages delivered
+    to grantees (and whether withdrawn), disclosures and
     wrong-access incidents. This is the log a patient asks for: it names the owner's own
     studies and the people they were shared with, nobody else's records."""
     since = since or datetime(1970, 1, 1, tzinfo=UTC)
@@ -149,6 +150,12 @@ def access_report(home: Home, owner: str, since: datetime | None = None) -> pd.D
                 [owner, since],
             ),
             (
+                "SELECT created_at AS at, grantee AS who, study_uid, status, withdraw_reason,"
+                " files FROM deliveries WHERE owner = ? AND status <> 'writing'"
+                " AND (created_at >= ? OR status = 'delivered')",
+                [owner, since],
+            ),
+            (
                 "SELECT n.reported_at AS at, n.reported_user AS who, n.study_uid,"
                 " n.grants_revoked FROM incidents n JOIN studies s USING (study_uid)"
                 " WHERE s.owner = ? AND n.reported_at >= ?",
@@ -156,7 +163,7 @@ def access_report(home: Home, owner: str, since: datetime | None = None) -> pd.D
             ),
         ]
     )
-    exports, operator, grants, disclosed, incidents = frames
+    exports, operator, grants, disclosed, delivered, incidents = frames
     rows: list[tuple[Any, ...]] = []
     for r in exports.itertuples(index=False):
         detail = json.loads(str(r.detail or "{}"))
@@ -168,6 +175,10 @@ def access_report(home: Home, owner: str, since: datetime | None = None) -> pd.D
         rows.append((r.at, "grant", r.who, r.study_uid, r.outcome, ""))
     for r in disclosed.itertuples(index=False):
         rows.append((r.at, "disclosure", r.who, r.study_uid, "disclosed", r.why))
+    for r in delivered.itertuples(index=False):
+        state = "delivered" if r.status == "delivered" else f"withdrawn ({r.withdraw_reason})"
+        why = f"package of {r.files} image(s), encrypted to the grantee's key"
+        rows.append((r.at, "delivery", r.who, r.study_uid, state, why))
     for r in incidents.itertuples(index=False):
         revoked = f"{r.grants_revoked} grant(s) revoked"
         rows.append((r.at, "incident", r.who, r.study_uid, revoked, "wrong access reported"))

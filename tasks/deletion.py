@@ -41,7 +41,10 @@ from dropvault.storage.home import Home
 from dropvault.storage.identifiers import columns_of_kind
 from dropvault.storage.keystore import KeyError_
 from dropvault.tasks.audit import audit
+from dropvault.tasks.delivery import withdraw_studies
 from dropvault.tasks.manifests import (
+    FALSE,
+    TRUE,
     ManifestRow,
     Rejected,
     RowOutcomes,
@@ -67,8 +70,6 @@ from dropvault.tasks.sharing import GrantEvent, insert_grant_events, recompute_g
 
 DELETION_FIELDS = ("request_id", "owner", "study_uid", "requested_at", "keep_archive")
 DUE_WITHIN = timedelta(hours=24)
-TRUE = {"true", "1", "yes", "y"}
-FALSE = {"false", "0", "no", "n", ""}
 
 # Fault-injection points for the resume tests: name -> callable.
 FAULTS: dict[str, Any] = {}
@@ -252,6 +253,7 @@ class _Sweep:
         self.scan_rows: list[dict[str, Any]] = []
         self.members: dict[str, list[str]] = {}  # study -> its series and instance UIDs
         self.quotes: dict[str, list[str]] = {}  # study -> its patient's name and ID
+        self.packages_left: set[str] = set()  # studies with a delivered package not gone
 
     # -- 1. revoke, mark, tombstone: one transaction -----------------------------------
 
@@ -497,6 +499,14 @@ class _Sweep:
         for uid in self.to_archive:
             self.outcomes[uid].verified = uid not in missing
 
+    def withdraw_deliveries(self) -> None:
+        """Packages sent to grantees are encrypted to them, not under the study's keys:
+        shredding does not reach them, so each is deleted (every version) and checked."""
+        left = withdraw_studies(self.home, self.uids, self.now)
+        for uid in left:
+            self.outcomes[uid].verified = False
+        self.packages_left = left
+
     # -- 3. crypto-shred: every key of every object, in one keystore call ----------------
 
     def shred(self) -> None:
@@ -629,7 +639,11 @@ class _Sweep:
             keys_of.setdefault(str(uid), set()).add(str(key_id))
         for uid in self.to_delete:
             outcome = self.outcomes[uid]
-            outcome.verified = left.get(uid, 0) == 0 and not (keys_of.get(uid, set()) & live)
+            outcome.verified = (
+                left.get(uid, 0) == 0
+                and not (keys_of.get(uid, set()) & live)
+                and uid not in self.packages_left
+            )
 
 
 def _redact_tied(con: duckdb.DuckDBPyConnection, quotes: dict[str, list[str]]) -> None:
@@ -729,6 +743,7 @@ def delete_studies(home: Home, work: list[StudyWork], now: datetime) -> list[Stu
     sweep.mark()
     _fault("after_mark")
     sweep.archive()
+    sweep.withdraw_deliveries()
     if not sweep.to_delete:
         return list(sweep.outcomes.values())
     sweep.shred()

@@ -155,8 +155,11 @@ def parse_manifest(name: str, raw: bytes) -> list[ManifestRow]:
 # a file without a header (its first row would otherwise be taken for one and vanish).
 KNOWN_FIELDS = frozenset(
     {"request_id", "action", "owner", "grantee", "study_uid", "requested_at"}
-    | {"expires_at", "purpose", "keep_archive"}
+    | {"expires_at", "purpose", "keep_archive", "deliver"}
+    | {"user", "age_public_key"}  # recipients manifests
 )
+TRUE = frozenset({"true", "1", "yes", "y"})
+FALSE = frozenset({"false", "0", "no", "n", ""})
 
 
 def _csv_rows(name: str, text: str) -> list[ManifestRow]:

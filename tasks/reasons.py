@@ -46,6 +46,9 @@ class RejectReason(StrEnum):
     UNKNOWN_ACTION = "unknown_action"
     GRANTEE_IS_OWNER = "grantee_is_owner"
     BAD_KEEP_ARCHIVE = "bad_keep_archive"
+    BAD_DELIVER = "bad_deliver"  # deliver is not true or false
+    BAD_PUBLIC_KEY = "bad_public_key"  # not an age X25519 recipient (age1...)
+    NO_RECIPIENT_KEY = "no_recipient_key"  # a remove for an account with no key in force
     DUPLICATE_REQUEST_ID = "duplicate_request_id"
     UNKNOWN_STUDY = "unknown_study"
     UID_IN_NAME = "uid_in_name"  # a request id or owner account quotes a UID

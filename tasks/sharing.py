@@ -24,6 +24,8 @@ from prefect.cache_policies import NO_CACHE
 from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.tasks.manifests import (
+    FALSE,
+    TRUE,
     ManifestRow,
     Rejected,
     RowOutcomes,
@@ -65,6 +67,7 @@ class ShareRequest:
     purpose: str | None
     row: ManifestRow
     digest: str
+    deliver: bool = False  # send the study's images to the grantee, encrypted to their key
 
 
 @dataclass
@@ -114,6 +117,9 @@ def validate_fields(row: ManifestRow, now: datetime) -> ShareRequest:
         raise Rejected(RejectReason.BAD_TIMESTAMP)
     if f["grantee"] == f["owner"]:
         raise Rejected(RejectReason.GRANTEE_IS_OWNER)
+    deliver = (f.get("deliver") or "").lower()
+    if deliver not in TRUE | FALSE or (deliver in TRUE and action != "share"):
+        raise Rejected(RejectReason.BAD_DELIVER)
     return ShareRequest(
         request_id=f["request_id"],
         action=action,
@@ -124,7 +130,10 @@ def validate_fields(row: ManifestRow, now: datetime) -> ShareRequest:
         expires_at=expires_at,
         purpose=f.get("purpose") or None,
         row=row,
-        digest=content_hash(f, SHARE_FIELDS),
+        # deliver joins the digest only when asked: rows recorded before it existed keep
+        # theirs, so their replays are still duplicates.
+        digest=content_hash(f, SHARE_FIELDS + (("deliver",) if deliver in TRUE else ())),
+        deliver=deliver in TRUE,
     )
 
 
@@ -312,6 +321,7 @@ def _apply(
         if r.action != "disclose"
     ]
     insert_rows(con, "grant_events", [e.row() for e in events])
+    insert_rows(con, "delivery_requests", [{"request_id": r.request_id} for r in todo if r.deliver])
     disclosures = [
         {
             "disclosure_id": r.request_id,

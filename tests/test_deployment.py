@@ -62,6 +62,7 @@ def test_every_entrypoint_imports_and_every_schedule_parses() -> None:
     assert names == {
         "ingest-drops",
         "apply-share-manifests",
+        "deliver-shares",
         "deletion-sweep",
         "compile-beacon-stats",
         "reconcile-vault",

@@ -56,14 +56,18 @@ def test_series_and_instance_uids_live_only_in_rows_deletion_removes() -> None:
 def test_history_is_every_other_table_with_a_study_uid() -> None:
     assert history_tables() == [
         "deletion_requests",
+        "deliveries",
         "disclosures",
         "grant_events",
         "grants",
         "incidents",
         "share_requests",
     ]
+    # Free text in a row about a study names its study; a recipients request is about an
+    # account (its rejected rows' text is still rewritten when it quotes a deleted UID).
     for table, _ in identifiers.columns_of_kind("quoting:study"):
-        assert "study_uid" in catalog_mod.column_types()[table], table
+        if table != "recipient_requests":
+            assert "study_uid" in catalog_mod.column_types()[table], table
 
 
 def test_a_new_table_with_a_study_uid_is_history_without_code_changes(
