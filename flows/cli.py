@@ -411,6 +411,27 @@ def deliveries(
     _print_frame(deliveries_for(_catalog(), user), as_json)
 
 
+@app.command("policy-notices")
+@one_line_errors
+def policy_notices_cmd(
+    send: Annotated[
+        bool, typer.Option("--send", help="Run the flow first: record, notify, write batches.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
+) -> None:
+    """Each policy version ({manifests}/policy/*.json) and how many accounts were notified."""
+    from dropvault.tasks.policy import policy_versions
+
+    if send:
+        from dropvault.flows.policy import policy_notices
+
+        settings = Settings.load()
+        result = policy_notices(home=settings.build_home(), settings=settings)
+        if not as_json:
+            typer.echo(json.dumps(result.summary()))
+    _print_frame(policy_versions(_catalog()), as_json)
+
+
 @app.command("access-report")
 @one_line_errors
 def access_report_command(

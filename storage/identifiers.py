@@ -52,6 +52,8 @@ QUOTING = {
             ("recipient_requests", "user_id"),
             ("recipient_requests", "manifest"),
             ("deliveries", "grantee"),
+            ("policy_notices", "account"),  # a grantee's account is free text
+            ("policy_rejects", "file"),
         ],
         "study",
     ),
@@ -98,6 +100,11 @@ CLEAN = frozenset(
         *(("recipient_keys", c) for c in ("user_id", "public_key", "request_id")),
         *(("recipient_requests", c) for c in ("content_hash", "action", "outcome")),
         ("delivery_requests", "request_id"),
+        # a policy version's id, its text's hash, the file it came from (the operator's)
+        *(("policy_versions", c) for c in ("version", "text_sha256", "file")),
+        *(("policy_rejects", c) for c in ("content_sha", "reason")),
+        *(("policy_notices", c) for c in ("version", "role", "batch_id")),
+        *(("policy_batches", c) for c in ("batch_id", "version")),
         *(("deliveries", c) for c in ("delivery_id", "owner", "grant_request_id", "name")),
         *(("deliveries", c) for c in ("status", "withdraw_reason")),
         *(("access_list", c) for c in ("owner", "grantee", "scope", "status")),

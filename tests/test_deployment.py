@@ -63,6 +63,7 @@ def test_every_entrypoint_imports_and_every_schedule_parses() -> None:
         "ingest-drops",
         "apply-share-manifests",
         "deliver-shares",
+        "policy-notices",
         "deletion-sweep",
         "compile-beacon-stats",
         "reconcile-vault",
