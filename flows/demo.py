@@ -4,12 +4,18 @@ The drops come from 3 facilities and 26 patients, built from pydicom's bundled
 samples with rewritten patient identities and UIDs; a few files are bad on
 purpose (not DICOM, truncated, missing a UID, a UID conflict, a short
 manifest) so the quarantine has something to show. Then share, revoke and
-disclose manifests (with a few bad rows) are applied.
+disclose manifests (with a few bad rows) are applied; two grantees register age keys and
+half the shares ask for delivery, so packages reach the outbox; one delivered grant is
+revoked (its package goes); a material policy version is published and its notices
+computed. The grantees' private keys are written under ``{home}/demo-grantee-keys/`` (0600)
+so a package can be opened with any age tool.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -22,7 +28,9 @@ import pandas as pd
 
 from dropvault.flows.beacons import compile_beacon_stats
 from dropvault.flows.deletion import deletion_sweep
+from dropvault.flows.delivery import deliver_shares
 from dropvault.flows.ingest import ingest_drops
+from dropvault.flows.policy import policy_notices
 from dropvault.flows.settings import Settings
 from dropvault.flows.sharing import apply_share_manifests
 from dropvault.storage.errors import TerminalError
@@ -108,6 +116,9 @@ class DemoSummary:
     deletion: dict[str, Any] = field(default_factory=dict)
     sla: pd.DataFrame = field(default_factory=pd.DataFrame)
     beacons: dict[str, Any] = field(default_factory=dict)
+    delivery: dict[str, Any] = field(default_factory=dict)
+    revoked_package_gone: bool = False
+    policy: dict[str, Any] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [f"dropvault demo home: {self.home}"]
@@ -126,6 +137,19 @@ class DemoSummary:
         out.append(
             f"sharing: {sh.get('applied', 0)} applied, {sh.get('rejected', 0)} rejected "
             f"{sh.get('rejected_by_reason', {})}, {sh.get('disclosures', 0)} disclosures"
+        )
+        dv = self.delivery
+        out.append(
+            f"delivery: {dv.get('delivered', 0)} packages ({dv.get('files', 0)} images) "
+            f"age-encrypted to their grantees in the outbox; one grant revoked, its package "
+            f"{'removed' if self.revoked_package_gone else 'STILL THERE'} "
+            "(see: dropvault deliveries dr:house)"
+        )
+        pol = self.policy
+        out.append(
+            f"policy: {pol.get('versions_recorded', 0)} version(s) recorded, "
+            f"{pol.get('accounts_notified', 0)} accounts to notify in "
+            f"{pol.get('batches_written', 0)} batch(es) (see: dropvault policy-notices)"
         )
         out.append(f"access list of {self.access_owner}:")
         view = self.access[["grantee", "scope", "status", "granted_at", "expires_at"]]
@@ -218,7 +242,8 @@ def write_demo_share_manifests(home: Home, owned: list[tuple[str, str]]) -> int:
 
     rows: list[dict[str, str]] = []
     for i, (owner, study) in enumerate(owned):
-        rows.append(_share(f"demo-s{i}", "share", owner, "dr:house", study, at(30 - i)))
+        share = _share(f"demo-s{i}", "share", owner, "dr:house", study, at(30 - i))
+        rows.append({**share, "deliver": "true"} if i % 2 == 0 else share)
         if i % 3 == 0:
             rows.append(_share(f"demo-w{i}", "share", owner, "clinic:north", "*", at(20)))
         if i % 4 == 1:
@@ -245,6 +270,54 @@ def write_demo_share_manifests(home: Home, owned: list[tuple[str, str]]) -> int:
     ]
     home.manifests.put_bytes("shares/demo-requests.csv", ("\n".join(csv_rows) + "\n").encode())
     return len(rows) + len(csv_rows) - 1
+
+
+DEMO_GRANTEES = ("dr:house", "clinic:north")
+
+
+def register_demo_keys(home: Home, root: Path) -> None:
+    """Age identities for two grantees: public keys into the recipients registry, private
+    keys (0600) under ``{root}/demo-grantee-keys/`` for opening the packages."""
+    from pyrage import x25519
+
+    folder = root / "demo-grantee-keys"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    rows = []
+    for n, user in enumerate(DEMO_GRANTEES):
+        ident = x25519.Identity.generate()
+        path = folder / f"{user.replace(':', '-')}.agekey"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"# public key: {ident.to_public()}\n{ident}\n")
+        rows.append(
+            {
+                "request_id": f"demo-key-{n}",
+                "user": user,
+                "age_public_key": str(ident.to_public()),
+                "requested_at": datetime.now(UTC).isoformat(),
+            }
+        )
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    home.manifests.put_bytes("recipients/demo-keys.jsonl", text.encode())
+
+
+def revoke_one_delivered(home: Home, owner: str, study: str) -> None:
+    """The owner withdraws the first delivered share (its package must go at once)."""
+    row = _share("demo-revoke-delivered", "revoke", owner, "dr:house", study, "")
+    row["requested_at"] = datetime.now(UTC).isoformat()
+    home.manifests.put_bytes("shares/demo-revoke.jsonl", (json.dumps(row) + "\n").encode())
+
+
+def publish_demo_policy(home: Home) -> None:
+    """A material policy version taking effect in 30 days."""
+    text = b"dropvault network policy, version 2026-12 (demo text)"
+    doc = {
+        "version": "2026-12",
+        "effective_on": (datetime.now(UTC) + timedelta(days=30)).date().isoformat(),
+        "material": True,
+        "text_sha256": hashlib.sha256(text).hexdigest(),
+    }
+    home.manifests.put_bytes("policy/2026-12.json", json.dumps(doc).encode())
 
 
 def write_demo_deletions(home: Home, owned: list[tuple[str, str]]) -> None:
@@ -327,18 +400,30 @@ def run_demo(
     if fresh and record is not None:
         (settings.home.resolve() / DEMO_MARK).write_text(_mark_text(record), encoding="utf-8")
     say(made)
-    say("1/5 writing demo drops from pydicom's samples")
+    say("1/7 writing demo drops from pydicom's samples")
     drops, files, owned = write_demo_drops(home)
-    say("2/5 ingest-drops: validate, encrypt, catalog")
+    say("2/7 ingest-drops: validate, encrypt, catalog")
     stats = ingest_drops(home=home, settings=settings)
-    say("3/5 apply-share-manifests")
+    say("3/7 apply-share-manifests")
     write_demo_share_manifests(home, owned)
     sharing = apply_share_manifests(home=home, settings=settings)
     sample_owner = owned[0][0]
-    say("4/5 deletion-sweep")
+    say("4/7 deliver-shares: grantees' keys, packages to the outbox, one grant revoked")
+    register_demo_keys(home, settings.home.resolve())
+    delivery = deliver_shares(home=home, settings=settings)
+    revoked = home.catalog.query(
+        "SELECT name FROM deliveries WHERE grantee = 'dr:house' AND study_uid = ?",
+        [owned[0][1]],
+    )["name"].tolist()
+    revoke_one_delivered(home, *owned[0])
+    apply_share_manifests(home=home, settings=settings)
+    say("5/7 policy-notices for a material policy change")
+    publish_demo_policy(home)
+    policy = policy_notices(home=home, settings=settings)
+    say("6/7 deletion-sweep")
     write_demo_deletions(home, owned)
     sweep = deletion_sweep(home=home, settings=settings)
-    say("5/5 compile-beacon-stats over a month of hits")
+    say("7/7 compile-beacon-stats over a month of hits")
     beacon_days = write_demo_hits(home)
     days = compile_beacon_stats(home=home, settings=settings)
     reader = home.catalog.read_only()
@@ -355,6 +440,9 @@ def run_demo(
         access_owner=sample_owner,
         access=access_list(home.catalog, sample_owner),
         deletion=sweep.summary(),
+        delivery=delivery.summary(),
+        revoked_package_gone=bool(revoked) and not home.outbox.remaining(revoked[0]),
+        policy=policy.summary(),
         beacons={
             "days": len(days),
             "lines": sum(d.lines for d in days),

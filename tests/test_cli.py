@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,32 @@ def test_demo_fills_the_catalog(demo_home: Path) -> None:
     )
     counts = {r["facility_id"]: r["n"] for r in per}
     assert counts["lakeside-pacs"] == 9 and counts["county-cd-desk"] == 31
+
+
+def test_demo_delivers_packages_only_the_grantee_opens(demo_home: Path) -> None:
+    from pyrage import decrypt, x25519
+
+    packages = json.loads(dv(demo_home, "deliveries", "dr:house", "--json").stdout)
+    assert packages, "the demo delivers to dr:house"
+    key_file = demo_home / "demo-grantee-keys" / "dr-house.agekey"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    ident = x25519.Identity.from_str(key_file.read_text().splitlines()[-1])
+    blob = (demo_home / "outbox" / packages[0]["name"]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(decrypt(blob, [ident]))) as tar:
+        names = tar.getnames()
+    assert names[0] == "index.json" and len(names) == packages[0]["files"] + 1
+    # The revoked grant's package is not offered and not in the outbox.
+    gone = json.loads(
+        dv(
+            demo_home,
+            "sql",
+            "SELECT name FROM deliveries WHERE status = 'withdrawn'",
+            "--json",
+        ).stdout
+    )
+    assert gone and not any((demo_home / "outbox" / g["name"]).exists() for g in gone)
+    versions = json.loads(dv(demo_home, "policy-notices", "--json").stdout)
+    assert versions[0]["material"] and versions[0]["notified"] > 0
 
 
 def test_sql_json_is_array_of_objects(demo_home: Path) -> None:
