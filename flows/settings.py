@@ -147,7 +147,8 @@ class Settings(BaseSettings):
 
     quiet_seconds: float = Field(default=120.0, ge=0)
     incomplete_seconds: float = Field(default=86400.0, gt=0)
-    max_file_bytes: int = Field(default=4 * 1024**3, gt=0)
+    # At most 45 GiB: an S3 upload has at most 10,000 parts of OBJECT_STORE_BLOCK (5 MiB).
+    max_file_bytes: int = Field(default=4 * 1024**3, gt=0, le=45 * 1024**3)
     batch_files: int = Field(default=500, gt=0)
     batch_bytes: int = Field(default=256 * 1024**2, gt=0)
     # Ingest batches one flow runs at once (threads): one parses while another writes.

@@ -35,6 +35,10 @@ def test_locations_derive_from_home(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("DROPVAULT_KEK", "not base64!", "DROPVAULT_KEK"),
         ("DROPVAULT_KEK", base64.b64encode(b"short").decode(), "DROPVAULT_KEK"),
         ("DROPVAULT_MAX_FILE_BYTES", "0", "DROPVAULT_MAX_FILE_BYTES"),
+        # past 10,000 S3 parts of 5 MiB: an upload would fail after reading the whole file
+        ("DROPVAULT_MAX_FILE_BYTES", str(46 * 1024**3), "DROPVAULT_MAX_FILE_BYTES"),
+        ("DROPVAULT_DELIVERY_TTL_HOURS", "0", "DROPVAULT_DELIVERY_TTL_HOURS"),
+        ("DROPVAULT_OUTBOX_URL", "ftp://host/x", "DROPVAULT_OUTBOX_URL"),
     ],
 )
 def test_bad_setting_names_itself(
