@@ -251,16 +251,24 @@ def ingest(
     ] = None,
 ) -> None:
     """Run one ingest pass over every ready drop and print its summary."""
-    from dropvault.flows.ingest import ingest_drops
-    from dropvault.tasks.drops import parse_shard
+    from dropvault.tasks.layout import ingest_has_work
 
     if shard is not None:
+        from dropvault.tasks.drops import parse_shard
+
         try:
             parse_shard(shard)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--shard") from None
     settings = Settings.load()
     home = settings.build_home()
+    if not prefect_api_configured() and not ingest_has_work(home):
+        # Nothing to ingest: answered without starting Prefect's temporary server, so no
+        # flow run is recorded (a deployment's scheduled runs always run the flow).
+        typer.echo("nothing to ingest: the drop zone is empty (no flow run started)")
+        return
+    from dropvault.flows.ingest import ingest_drops
+
     with progress_bar("ingest") as update:
         stats = ingest_drops(home=home, settings=settings, progress=update, shard=shard)
     for line in stats.drop_lines():  # one per drop, by keyed id (folder names can be PHI)

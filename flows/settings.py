@@ -23,7 +23,7 @@ import configparser
 import functools
 import os
 import re
-from contextlib import suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -73,6 +73,15 @@ def _prefect_server() -> bool:
     from prefect.settings import PREFECT_API_URL
 
     return bool(PREFECT_API_URL.value())
+
+
+def _write_guard(timeout_seconds: float) -> AbstractContextManager[object]:
+    """The catalog's write guard, decided at each write rather than when the home is built:
+    that needs Prefect's settings (~1 s to import), which a command that writes nothing
+    should not pay."""
+    if _prefect_server():
+        return catalog_write_slot(timeout_seconds)
+    return nullcontext()
 
 
 def _profile_endpoints() -> list[tuple[str, str]]:
@@ -551,11 +560,7 @@ class Settings(BaseSettings):
         return Catalog(
             self.catalog_target(),
             lock_timeout=self.lock_timeout_seconds,
-            write_guard=(
-                functools.partial(catalog_write_slot, self.lock_timeout_seconds)
-                if _prefect_server()
-                else None
-            ),
+            write_guard=functools.partial(_write_guard, self.lock_timeout_seconds),
             reader_memory_limit=self.reader_memory_limit,
             reader_timeout=self.reader_timeout_seconds,
         )

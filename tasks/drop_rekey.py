@@ -22,6 +22,7 @@ from dropvault.storage.home import Home
 from dropvault.storage.locations import Location, is_file_problem
 from dropvault.tasks.audit import audit
 from dropvault.tasks.drop_names import drop_id_for, seal_names
+from dropvault.tasks.layout import LEGACY
 from dropvault.tasks.quarantine import quarantine_object_name
 
 
@@ -30,15 +31,6 @@ class _Legacy:
     facility_id: str
     name: str  # the plain drop_id such a catalog holds
     drop_id: str  # its keyed id
-
-
-LEGACY = (
-    "SELECT DISTINCT facility_id, drop_id FROM ("
-    " SELECT facility_id, drop_id FROM drops UNION ALL"
-    " SELECT facility_id, drop_id FROM instances UNION ALL"
-    " SELECT facility_id, drop_id FROM quarantine)"
-    " WHERE NOT regexp_full_match(drop_id, 'd_[0-9a-f]{24}')"
-)
 
 
 def rekey_drops(home: Home) -> int:

@@ -47,12 +47,12 @@ from dropvault.tasks.dicom.dicomdir import MAX_BYTES as DICOMDIR_MAX
 from dropvault.tasks.dicom.dicomdir import NAME as DICOMDIR_NAME
 from dropvault.tasks.dicom.dicomdir import Directory, is_dicomdir_name, read_dicomdir
 from dropvault.tasks.drop_names import drop_id_for
+from dropvault.tasks.layout import RECEIPTS
 from dropvault.tasks.phi import study_key
 
 MANIFEST = "manifest.json"
 # ``{drops}/{facility}/_receipts/``: what each drop did, for the facility to read
 # (``dropvault.tasks.receipts``). A drop folder of that name is never a drop.
-RECEIPTS = "_receipts"
 MAX_MANIFEST_BYTES = 64 << 20  # ~400,000 listed files; a larger one is malformed
 MAX_DIRECTORIES = 4  # DICOMDIRs read per drop (a few CDs copied into one folder)
 TMP_PREFIX = ".tmp-"

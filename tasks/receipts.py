@@ -2,7 +2,7 @@
 
 After each ingest pass, every drop the pass handled or saw waiting gets
 ``{drops}/{facility}/_receipts/<drop_id>.json`` (replaced on each pass; never ingested, see
-:data:`dropvault.tasks.drops.RECEIPTS`). It is named by the drop's keyed id, not its folder:
+:data:`dropvault.tasks.layout.RECEIPTS`). It is named by the drop's keyed id, not its folder:
 a folder name can hold PHI, and a deletion sweep must find and remove the receipts of a
 deleted study's drops without it (:func:`receipt_name`)::
 
@@ -39,8 +39,9 @@ from prefect.cache_policies import NO_CACHE
 
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.locations import Location, UnsafeNameError, is_file_problem, read_problem
-from dropvault.tasks.drops import RECEIPTS, Drop
+from dropvault.tasks.drops import Drop
 from dropvault.tasks.ingest import DropCounts, IngestStats
+from dropvault.tasks.layout import RECEIPTS
 from dropvault.tasks.reasons import QuarantineReason
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
 from dropvault.storage.locations import Entry, Location
-
-PENDING = ".pending"  # the vault folder of pending-write records
+from dropvault.tasks.layout import PENDING
 
 
 @dataclass

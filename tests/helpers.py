@@ -18,8 +18,9 @@ from dropvault.storage.home import Home
 from dropvault.storage.locations import Entry, Location
 from dropvault.tasks import samples
 from dropvault.tasks.drop_names import drop_id_for
-from dropvault.tasks.drops import RECEIPTS, scan_drops
+from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.ingest import ingest_batch
+from dropvault.tasks.layout import RECEIPTS
 
 EXE = shutil.which("dropvault") or str(Path(sys.executable).with_name("dropvault"))
 

@@ -413,3 +413,29 @@ def test_demo_twice_is_refused_and_reset_starts_over(demo_home: Path, tmp_path: 
     dv(copy, "demo", "--reset")
     after = json.loads(dv(copy, "sql", count, "--json").stdout)[0]["n"]
     assert after == before  # started over, not stacked
+
+
+def test_an_ingest_with_nothing_to_do_starts_no_prefect_server(tmp_path: Path) -> None:
+    """Embedded (no PREFECT_API_URL): an empty drop zone is answered without Prefect's
+    temporary server (no run recorded), and one file in it makes the flow run."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in cli_env(home).items() if k != "PREFECT_API_URL"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [EXE, *args], env=env, capture_output=True, text=True, timeout=300, check=True
+        )
+
+    run("init")
+    quiet = run("ingest")
+    assert quiet.stdout.startswith("nothing to ingest")
+    assert not (home / "prefect" / "prefect.db").exists()
+    # A receipt alone is not work either; a file waiting in a drop is.
+    (home / "drops" / "fac" / "_receipts").mkdir(parents=True)
+    (home / "drops" / "fac" / "_receipts" / "old.json").write_text("{}")
+    assert "nothing to ingest" in run("ingest").stdout
+    (home / "drops" / "fac" / "d1").mkdir(parents=True)
+    (home / "drops" / "fac" / "d1" / "a.dcm").write_bytes(b"not yet quiet")
+    busy = run("ingest")
+    assert "nothing to ingest" not in busy.stdout and "drops_waiting: 1" in busy.stdout
+    assert (home / "prefect" / "prefect.db").exists()

@@ -20,8 +20,9 @@ from dropvault.tasks import ingest as ingest_mod
 from dropvault.tasks import reconcile, samples
 from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.exports import ExportError, export_instance
+from dropvault.tasks.layout import PENDING
 from dropvault.tasks.quarantine import quarantine_export
-from dropvault.tasks.reconcile import PENDING, record_pending, settle_pending
+from dropvault.tasks.reconcile import record_pending, settle_pending
 from tests.helpers import drop_ref, sources
 
 
