@@ -26,10 +26,12 @@ deletes the object, or the writer finds the grant gone and deletes its own objec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import posixpath
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -44,8 +46,6 @@ from pyrage import x25519
 
 from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.home import Home
-from dropvault.storage.keystore import KeyDestroyedError
-from dropvault.storage.vault import IntegrityError
 from dropvault.tasks.audit import audit
 from dropvault.tasks.phi import keyed_hash, study_key
 
@@ -58,6 +58,9 @@ DEFAULT_TTL = timedelta(days=7)
 # A package still "writing" this long after it began was left by a killed run: withdrawn as
 # failed, and built again.
 STALE_WRITING = timedelta(hours=6)
+# A temporary file no writer has touched this long belongs to a killed one.
+STALE_TMP = timedelta(minutes=15)
+TMP_PREFIX = ".tmp-"  # storage.locations' temporary names
 
 # Grants in force that ask for delivery, each study they cover, and the grantee's key.
 IN_FORCE = """
@@ -86,6 +89,7 @@ class DeliveryResult:
     failed: int = 0
     waiting_for_key: int = 0  # grants asking for delivery whose grantee has no key
     unverified: int = 0  # withdrawn packages with something left in the outbox
+    leftovers: int = 0  # what killed writers left, removed
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -96,6 +100,7 @@ class DeliveryResult:
             "withdrawn_by_reason": dict(sorted(self.withdrawn.items())),
             "failed": self.failed,
             "waiting_for_key": self.waiting_for_key,
+            "leftovers_removed": self.leftovers,
             "all_withdrawals_verified": self.unverified == 0,
         }
 
@@ -113,6 +118,7 @@ class _TarStream(io.RawIOBase):
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
         self._pending = b""
+        self.error: BaseException | None = None  # what the chunks raised, if anything
 
     def readable(self) -> bool:
         return True
@@ -123,6 +129,9 @@ class _TarStream(io.RawIOBase):
                 self._pending = next(self._chunks)
             except StopIteration:
                 return 0
+            except BaseException as exc:
+                self.error = exc
+                raise
         n = min(len(buffer), len(self._pending))
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
@@ -180,27 +189,24 @@ def package_chunks(home: Home, images: pd.DataFrame) -> Iterator[bytes]:
 
 def write_package(home: Home, name: str, study_uid: str, public_key: str) -> tuple[int, int]:
     """Encrypt the study's package to one age recipient into ``{outbox}/{name}``; returns
-    (files, plaintext bytes). Nothing is left in the outbox when it fails."""
+    (files, plaintext bytes). Raises :class:`PackageError` naming the cause's type (an
+    image that fails its check, a destroyed key, a store error, a key pyrage refuses);
+    nothing is left in the outbox then."""
     images = _images(home, study_uid)
-    recipient = x25519.Recipient.from_str(public_key)
-    failure: BaseException | None = None
     stream = _TarStream(package_chunks(home, images))
     try:
+        recipient = x25519.Recipient.from_str(public_key)
         with home.outbox.writer(name) as out:
-            try:
-                pyrage.encrypt_io(stream, out, [recipient])  # type: ignore[arg-type]
-            except Exception as exc:
-                # pyrage reports an error raised in the tar stream as its own: the cause
-                # is kept so the caller sees why.
-                failure = exc
-                raise
-    except (KeyDestroyedError, IntegrityError, PackageError) as exc:
-        raise PackageError(type(exc).__name__) from exc
-    except Exception:
-        home.outbox.delete(name)
-        if failure is not None and failure.__context__ is not None:
-            raise PackageError(type(failure.__context__).__name__) from failure
+            pyrage.encrypt_io(stream, out, [recipient])  # type: ignore[arg-type]
+    except (KeyboardInterrupt, SystemExit):
         raise
+    except BaseException as exc:  # noqa: BLE001 - pyrage panics (PanicException) are BaseException
+        with contextlib.suppress(OSError):
+            home.outbox.delete(name)
+        # pyrage reports an error raised in the tar stream as its own EncryptError; the
+        # stream keeps what it raised.
+        cause = stream.error or exc
+        raise PackageError(type(cause).__name__) from cause
     return len(images), int(images["size_bytes"].sum())
 
 
@@ -251,6 +257,38 @@ def withdrawal_reasons(catalog: Catalog, now: datetime) -> dict[str, str]:
     return reasons
 
 
+def _remove(home: Home, name: str) -> int:
+    """Delete a package, every version; returns what is left of it (0 when gone). A
+    package that cannot be removed (a folder made unwritable) is logged by its error's
+    type and left for the next run: it must not stop the others' withdrawal."""
+    try:
+        home.outbox.delete(name)
+        return home.outbox.remaining(name)
+    except OSError as exc:
+        log.warning("a package could not be removed (%s); retried next run", type(exc).__name__)
+        return 1
+
+
+def sweep_leftovers(home: Home, now: datetime) -> int:
+    """What killed writers left: a package published after its row was withdrawn (a
+    revoke or deletion that landed mid-write, then the writer died before its own check),
+    and partial temporary files (decryptable in part). Returns how many were removed."""
+    recent = home.catalog.query(
+        "SELECT name FROM deliveries WHERE status = 'withdrawn' AND created_at >= ?",
+        [now - STALE_WRITING - timedelta(hours=1)],
+    )
+    removed = 0
+    for name in recent["name"]:
+        if home.outbox.exists(str(name)) and not _remove(home, str(name)):
+            removed += 1
+    cutoff = now.timestamp() - STALE_TMP.total_seconds()
+    for entry in home.outbox.list():
+        if posixpath.basename(entry.name).startswith(TMP_PREFIX) and entry.mtime < cutoff:
+            with contextlib.suppress(OSError):
+                removed += home.outbox.delete(entry.name, unchecked=True) > 0
+    return removed
+
+
 def withdraw(home: Home, reasons: dict[str, str], now: datetime) -> tuple[dict[str, int], int]:
     """Delete these packages (every version) and mark them withdrawn; returns the count by
     reason and how many still have something left in the outbox (kept live, retried)."""
@@ -264,8 +302,7 @@ def withdraw(home: Home, reasons: dict[str, str], now: datetime) -> tuple[dict[s
     gone = dict(reasons)
     left = 0
     for delivery_id, name in zip(rows["delivery_id"], rows["name"], strict=True):
-        home.outbox.delete(str(name))
-        if home.outbox.remaining(str(name)):
+        if _remove(home, str(name)):
             left += 1
             gone.pop(str(delivery_id))
     frame = pd.DataFrame({"delivery_id": list(gone), "reason": list(gone.values())})
@@ -307,8 +344,7 @@ def withdraw_studies(home: Home, study_uids: list[str], now: datetime) -> set[st
     )
     left: set[str] = set()
     for study_uid, name in zip(rows["study_uid"], rows["name"], strict=True):
-        home.outbox.delete(str(name))
-        if home.outbox.remaining(str(name)):
+        if _remove(home, str(name)):
             left.add(str(study_uid))
     home.catalog.write(
         lambda con: con.execute(
@@ -429,6 +465,7 @@ def deliver_due(
     packages the new ones replace. A package that fails is counted and retried next run."""
     now = now or datetime.now(UTC)
     result = DeliveryResult()
+    result.leftovers = sweep_leftovers(home, now)
     counts, result.unverified = withdraw_out_of_force(home, now)
     todo, result.waiting_for_key = due(home.catalog, now)
     for row in _rows(todo):

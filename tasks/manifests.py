@@ -115,7 +115,9 @@ def _clean(value: Any) -> str | None:
 
 
 # Values a request names things by, kept verbatim as keys of its history.
-NAMED_BY_REQUESTER = ("request_id", "owner")
+# The grantee too: an account is written verbatim to the audit log (a delivery's actor)
+# and to the mailer's policy-notice batches, where deletion cannot reach it.
+NAMED_BY_REQUESTER = ("request_id", "owner", "grantee")
 UID_IN_NAME = re.compile(r"[0-9]+(?:\.[0-9]+){2,}")
 
 
@@ -493,7 +495,7 @@ def _redacted(
 def refuse_phi_in_names(
     catalog: Catalog, keystore: Keystore, rows: list[ManifestRow]
 ) -> list[ManifestRow]:
-    """Rows whose request id or owner quotes the patient (name or ID) of the study they
+    """Rows whose request id, owner or grantee quotes the patient (name or ID) of the study they
     name, or for ``*`` of any study of the owner, become ``rejected:phi_in_name`` rows: ids
     and accounts key a request's history verbatim, so a patient there would outlive the
     study's deletion."""

@@ -46,6 +46,7 @@ from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.home import Home
 from dropvault.storage.locations import Location, is_file_problem
 from dropvault.tasks.audit import audit
+from dropvault.tasks.manifests import UID_IN_NAME
 
 KIND = "policy"
 RECENT = timedelta(days=90)
@@ -104,8 +105,12 @@ def parse_policy(name: str, raw: bytes) -> PolicyVersion:
     if "material" not in doc:
         raise _Rejected("missing_field")
     version = doc["version"]
-    if not isinstance(version, str) or not VERSION.fullmatch(version):
-        raise _Rejected("bad_version")
+    if (
+        not isinstance(version, str)
+        or not VERSION.fullmatch(version)
+        or UID_IN_NAME.search(version)
+    ):
+        raise _Rejected("bad_version")  # it names a folder of the outbox, and is kept as is
     try:
         effective = date.fromisoformat(str(doc["effective_on"]))
     except ValueError:

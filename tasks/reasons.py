@@ -49,6 +49,7 @@ class RejectReason(StrEnum):
     BAD_DELIVER = "bad_deliver"  # deliver is not true or false
     BAD_PUBLIC_KEY = "bad_public_key"  # not an age X25519 recipient (age1...)
     NO_RECIPIENT_KEY = "no_recipient_key"  # a remove for an account with no key in force
+    SUPERSEDED = "superseded"  # older than the account's last key change: it arrived late
     DUPLICATE_REQUEST_ID = "duplicate_request_id"
     UNKNOWN_STUDY = "unknown_study"
     UID_IN_NAME = "uid_in_name"  # a request id or owner account quotes a UID

@@ -27,7 +27,8 @@ from datetime import datetime
 from typing import Any
 
 import duckdb
-from pyrage import RecipientError, x25519
+import pyrage
+from pyrage import x25519
 
 from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.tasks.audit import audit
@@ -63,6 +64,18 @@ def fingerprint(public_key: str) -> str:
     return hashlib.sha256(public_key.encode()).hexdigest()[:16]
 
 
+def _usable(key: str) -> bool:
+    """Whether pyrage takes the key and can encrypt to it: it parses low-order X25519
+    points (all zeros, u=1, u=p-1) and then panics when encrypting to them."""
+    try:
+        pyrage.encrypt(b"", [x25519.Recipient.from_str(key)])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: BLE001 - pyrage's PanicException is a BaseException
+        return False
+    return True
+
+
 def _validate(row: ManifestRow, now: datetime) -> KeyRequest:
     if row.fields is None:
         raise Rejected(row.error or RejectReason.MALFORMED)
@@ -82,11 +95,7 @@ def _validate(row: ManifestRow, now: datetime) -> KeyRequest:
     if action == "register":
         if key is None:
             raise Rejected(RejectReason.MISSING_FIELD)
-        try:
-            x25519.Recipient.from_str(key)
-        except (RecipientError, ValueError):
-            raise Rejected(RejectReason.BAD_PUBLIC_KEY) from None
-        if not key.startswith("age1"):
+        if not key.startswith("age1") or not _usable(key):
             raise Rejected(RejectReason.BAD_PUBLIC_KEY)
     try:
         requested_at = parse_request_time(f["requested_at"], now)
@@ -138,9 +147,23 @@ def _current(con: duckdb.DuckDBPyConnection, user: str) -> tuple[int, str] | Non
     return (int(found[0]), str(found[1])) if found else None
 
 
+def _latest_change(con: duckdb.DuckDBPyConnection, user: str) -> datetime | None:
+    """When the account's key last changed (registered or retired)."""
+    found = con.execute(
+        "SELECT max(greatest(registered_at, coalesce(retired_at, registered_at)))"
+        " FROM recipient_keys WHERE user_id = ?",
+        [user],
+    ).fetchone()
+    return found[0] if found else None
+
+
 def _apply_one(con: duckdb.DuckDBPyConnection, req: KeyRequest, now: datetime) -> str:
     """Apply one valid request; returns its outcome."""
     current = _current(con, req.user)
+    latest = _latest_change(con, req.user)
+    if latest is not None and req.requested_at < latest:
+        # Arrived late: a newer request decided already (an old key must not come back).
+        return Rejected(RejectReason.SUPERSEDED).outcome
     if req.action == "remove":
         if current is None:
             return Rejected(RejectReason.NO_RECIPIENT_KEY).outcome
