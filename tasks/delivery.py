@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -61,6 +62,7 @@ STALE_WRITING = timedelta(hours=6)
 # A temporary file no writer has touched this long belongs to a killed one.
 STALE_TMP = timedelta(minutes=15)
 TMP_PREFIX = ".tmp-"  # storage.locations' temporary names
+GRANTEE_FOLDER = re.compile(r"[0-9a-f]{24}")  # {outbox}/<grantee's keyed id>/
 
 # Grants in force that ask for delivery, each study they cover, and the grantee's key.
 IN_FORCE = """
@@ -270,22 +272,25 @@ def _remove(home: Home, name: str) -> int:
 
 
 def sweep_leftovers(home: Home, now: datetime) -> int:
-    """What killed writers left: a package published after its row was withdrawn (a
-    revoke or deletion that landed mid-write, then the writer died before its own check),
-    and partial temporary files (decryptable in part). Returns how many were removed."""
-    recent = home.catalog.query(
-        "SELECT name FROM deliveries WHERE status = 'withdrawn' AND created_at >= ?",
-        [now - STALE_WRITING - timedelta(hours=1)],
-    )
-    removed = 0
-    for name in recent["name"]:
-        if home.outbox.exists(str(name)) and not _remove(home, str(name)):
-            removed += 1
+    """Remove what no live package row names from the grantees' folders of the outbox: a
+    package published after its row was withdrawn (a revoke or deletion landed mid-write,
+    then the writer died before its own check), anything else put there, and temporary
+    files no writer has touched for :data:`STALE_TMP` (decryptable in part). One listing
+    per run. The listing comes first and the rows second: a writer records its row before
+    its first byte, so a package being delivered is never taken. Returns how many went."""
+    entries = [e for e in home.outbox.list() if GRANTEE_FOLDER.fullmatch(e.name.split("/")[0])]
+    live = set(home.catalog.query(f"SELECT name FROM deliveries WHERE {LIVE}")["name"])  # noqa: S608
     cutoff = now.timestamp() - STALE_TMP.total_seconds()
-    for entry in home.outbox.list():
-        if posixpath.basename(entry.name).startswith(TMP_PREFIX) and entry.mtime < cutoff:
-            with contextlib.suppress(OSError):
-                removed += home.outbox.delete(entry.name, unchecked=True) > 0
+    removed = 0
+    for entry in entries:
+        if posixpath.basename(entry.name).startswith(TMP_PREFIX):
+            if entry.mtime < cutoff:
+                with contextlib.suppress(OSError, ValueError):
+                    removed += home.outbox.delete(entry.name, unchecked=True) > 0
+        elif entry.name not in live:
+            with contextlib.suppress(OSError, ValueError):
+                home.outbox.delete(entry.name, unchecked=True)
+                removed += not home.outbox.exists(entry.name)
     return removed
 
 
@@ -403,7 +408,7 @@ def deliver_one(home: Home, row: Any, now: datetime, ttl: timedelta) -> dict[str
     """Build, write and record one package; None when its grant went meanwhile. Raises
     :class:`PackageError` (after withdrawing what was written) when it cannot be built."""
     delivery_id = uuid.uuid4().hex
-    folder = keyed_hash(home.pepper, "outbox", str(row.grantee), length=24)
+    folder = keyed_hash(home.pepper, "outbox", str(row.grantee), length=24)  # GRANTEE_FOLDER
     name = f"{folder}/{delivery_id}{SUFFIX}"
     expires = now + ttl
     if row.grant_expires_at is not None and not pd.isna(row.grant_expires_at):

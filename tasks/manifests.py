@@ -28,6 +28,7 @@ from dropvault.tasks.phi import (
     REDACTED,
     quoted_uids,
     quotes_any,
+    quotes_loosely,
     redact,
     redact_quotes,
     study_quotes,
@@ -495,10 +496,12 @@ def _redacted(
 def refuse_phi_in_names(
     catalog: Catalog, keystore: Keystore, rows: list[ManifestRow]
 ) -> list[ManifestRow]:
-    """Rows whose request id, owner or grantee quotes the patient (name or ID) of the study they
-    name, or for ``*`` of any study of the owner, become ``rejected:phi_in_name`` rows: ids
-    and accounts key a request's history verbatim, so a patient there would outlive the
-    study's deletion."""
+    """Rows whose request id, owner or grantee quotes the study they name (for ``*``, any
+    study of the owner) become ``rejected:uid_in_name`` rows, and those that quote its
+    patient (name or ID) ``rejected:phi_in_name`` rows, however the quote is separated,
+    cased or encoded (:func:`~dropvault.tasks.phi.quotes_loosely`): ids and accounts key a
+    request's history verbatim, and an account is written to the audit log and to the
+    mailer's batches, so a quote there would outlive the study's deletion."""
     asked = [r.fields for r in rows if r.fields]
     named = {f.get("study_uid") or "" for f in asked} - {"", "*"}
     owners = sorted({f.get("owner") or "" for f in asked if f.get("study_uid") == "*"})
@@ -510,15 +513,16 @@ def refuse_phi_in_names(
     for owner, uid in owned.itertuples(index=False):
         studies_of.setdefault(str(owner), []).append(str(uid))
     found = study_quotes(catalog, keystore, sorted(named | set(map(str, owned["study_uid"]))))
-    if not found:
-        return rows
     out = []
     for r in rows:
         f = r.fields or {}
         uid = f.get("study_uid") or ""
         covered = studies_of.get(f.get("owner") or "", []) if uid == "*" else [uid]
         quoted = [q for u in covered for q in found.get(u, [])]
-        if quoted and any(quotes_any(f.get(n) or "", quoted) for n in NAMED_BY_REQUESTER):
+        names = [f.get(n) or "" for n in NAMED_BY_REQUESTER]
+        if any(quotes_loosely(n, covered) for n in names):
+            out.append(ManifestRow(r.manifest, r.line, None, RejectReason.UID_IN_NAME))
+        elif quoted and any(quotes_loosely(n, quoted) for n in names):
             out.append(ManifestRow(r.manifest, r.line, None, RejectReason.PHI_IN_NAME))
         else:
             out.append(r)

@@ -16,7 +16,9 @@ import hmac
 import json
 import re
 import secrets
+import unicodedata
 from collections.abc import Iterable
+from urllib.parse import unquote
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -117,6 +119,33 @@ def redact_quotes(text: str, quotes: list[str]) -> str:
 def quotes_any(text: str, quoted: list[str]) -> bool:
     """Whether ``text`` quotes any of ``quoted`` (as :func:`redact_quotes` would find)."""
     return redact_quotes(text, quoted) != text
+
+
+def squashed(text: str) -> str:
+    """Text as an identifier can be dressed up, undressed: percent-decoded (three times at
+    most), NFKC-normalised, every decimal digit in ASCII, case-folded, and every character
+    that is not a letter or a digit dropped (``1,2,840`` and ``Doe^John`` and
+    ``ＤＯＥ%2FJOHN`` become ``12840``, ``doejohn``, ``doejohn``)."""
+    for _ in range(3):
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    out = []
+    for ch in unicodedata.normalize("NFKC", text).casefold():
+        if ch.isdecimal():
+            out.append(str(unicodedata.decimal(ch)))
+        elif ch.isalnum():
+            out.append(ch)
+    return "".join(out)
+
+
+def quotes_loosely(text: str, quoted: Iterable[str]) -> bool:
+    """Whether ``text`` holds any of ``quoted`` however separated, spaced, cased or encoded
+    (:func:`squashed`, both sides; values under 4 characters are not searched). For names
+    refused at intake: a false alarm costs a rejected row, a miss keeps PHI past deletion."""
+    body = squashed(text)
+    return any(len(q) >= 4 and q in body for q in map(squashed, quoted))
 
 
 def quoted_uids(text: str, uids: Iterable[str]) -> set[str]:

@@ -48,7 +48,6 @@ class RejectReason(StrEnum):
     BAD_KEEP_ARCHIVE = "bad_keep_archive"
     BAD_DELIVER = "bad_deliver"  # deliver is not true or false
     BAD_PUBLIC_KEY = "bad_public_key"  # not an age X25519 recipient (age1...)
-    NO_RECIPIENT_KEY = "no_recipient_key"  # a remove for an account with no key in force
     SUPERSEDED = "superseded"  # older than the account's last key change: it arrived late
     DUPLICATE_REQUEST_ID = "duplicate_request_id"
     UNKNOWN_STUDY = "unknown_study"

@@ -129,6 +129,7 @@ def _record(
                 "content_hash": req.digest if req else None,
                 "action": req.action if req else None,
                 "user_id": f.get("user") or None,
+                "requested_at": req.requested_at if req else None,
                 "manifest": row.manifest,
                 "line": row.line,
                 "outcome": outcome,
@@ -147,26 +148,27 @@ def _current(con: duckdb.DuckDBPyConnection, user: str) -> tuple[int, str] | Non
     return (int(found[0]), str(found[1])) if found else None
 
 
-def _latest_change(con: duckdb.DuckDBPyConnection, user: str) -> datetime | None:
-    """When the account's key last changed (registered or retired)."""
-    found = con.execute(
-        "SELECT max(greatest(registered_at, coalesce(retired_at, registered_at)))"
-        " FROM recipient_keys WHERE user_id = ?",
-        [user],
+def _superseded(con: duckdb.DuckDBPyConnection, req: KeyRequest) -> bool:
+    """Whether an applied request for the account is newer (by time, then request id, as
+    rows in one manifest are ordered): the latest request wins whatever the arrival order,
+    so a late old key never comes back, nor a key removed after it was registered."""
+    latest = con.execute(
+        "SELECT requested_at, request_id FROM recipient_requests"
+        " WHERE user_id = ? AND outcome = 'applied' AND requested_at IS NOT NULL"
+        " ORDER BY requested_at DESC, request_id DESC LIMIT 1",
+        [req.user],
     ).fetchone()
-    return found[0] if found else None
+    return latest is not None and (req.requested_at, req.request_id) < (latest[0], latest[1])
 
 
 def _apply_one(con: duckdb.DuckDBPyConnection, req: KeyRequest, now: datetime) -> str:
     """Apply one valid request; returns its outcome."""
-    current = _current(con, req.user)
-    latest = _latest_change(con, req.user)
-    if latest is not None and req.requested_at < latest:
-        # Arrived late: a newer request decided already (an old key must not come back).
+    if _superseded(con, req):
         return Rejected(RejectReason.SUPERSEDED).outcome
+    current = _current(con, req.user)
     if req.action == "remove":
         if current is None:
-            return Rejected(RejectReason.NO_RECIPIENT_KEY).outcome
+            return "applied"  # no key in force already; recorded, so an older key stays out
         con.execute(
             "UPDATE recipient_keys SET retired_at = ? WHERE user_id = ? AND version = ?",
             [req.requested_at, req.user, current[0]],

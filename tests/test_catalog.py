@@ -88,7 +88,7 @@ def test_upgrading_to_unindexed_image_tables_keeps_every_row(tmp_path: Path) -> 
             [NOW],
         )
     catalog = Catalog(path)
-    assert catalog.migrate() == [8, 9, 10, 11, 12]
+    assert catalog.migrate() == [8, 9, 10, 11, 12, 13, 14]
     got = catalog.query(
         "SELECT i.sop_instance_uid, i.rows, i.columns, i.sha256, i.ingested_at, o.name,"
         " o.stored_bytes FROM instances i JOIN objects o USING (object_id)"

@@ -16,6 +16,7 @@ CREATE TABLE recipient_requests (
     content_hash VARCHAR,                    -- detects a reused id with other content
     action       VARCHAR,                    -- register | remove
     user_id      VARCHAR,
+    requested_at TIMESTAMPTZ,                -- a valid row's time: the latest applied one decides
     manifest     VARCHAR NOT NULL,
     line         INTEGER NOT NULL,
     outcome      VARCHAR NOT NULL,           -- applied | duplicate | rejected:<reason>
