@@ -421,7 +421,8 @@ def test_an_ingest_with_nothing_to_do_starts_no_prefect_server(tmp_path: Path) -
     """Embedded (no PREFECT_API_URL): an empty drop zone is answered without Prefect's
     temporary server (no run recorded), and one file in it makes the flow run."""
     home = tmp_path / "home"
-    env = {k: v for k, v in cli_env(home).items() if k != "PREFECT_API_URL"}
+    # No server, and Prefect's home under the dropvault home (CI sets its own PREFECT_HOME).
+    env = {k: v for k, v in cli_env(home).items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
