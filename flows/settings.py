@@ -184,7 +184,7 @@ class Settings(BaseSettings):
     # encrypted in quarantine (cd_extra) or counted, named in the receipt, and removed.
     cd_extras: Literal["keep", "discard"] = "keep"
     # A delivered package stays in the outbox this long, then the next run removes it.
-    delivery_ttl_hours: float = Field(default=168.0, gt=0)
+    delivery_ttl_hours: float = Field(default=168.0, gt=0, le=24 * 366 * 10)  # 10 years at most
     beacon_retention: Literal["delete", "keep"] = "delete"
     beacon_memory_limit: str = "1GB"
     # A beacon log larger than this once decompressed is set aside unread (too_large).

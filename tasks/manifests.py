@@ -92,6 +92,17 @@ class RowOutcomes:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
+def replay_outcome(known: dict[str, Any], request_id: str, digest: str) -> str | None:
+    """For a request id seen before (``known``: id -> content digest): ``duplicate`` when
+    it is the same request again, ``rejected:duplicate_request_id`` when the id was reused
+    with other content; None for a new id."""
+    if request_id not in known:
+        return None
+    if known[request_id] == digest:
+        return "duplicate"
+    return Rejected(RejectReason.DUPLICATE_REQUEST_ID).outcome
+
+
 def pending_manifests(location: Location, kind: str) -> list[str]:
     """Manifests waiting under ``kind/`` (not in ``processed/``), oldest name first."""
     names = []

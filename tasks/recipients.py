@@ -40,6 +40,7 @@ from dropvault.tasks.manifests import (
     checked_row,
     content_hash,
     parse_request_time,
+    replay_outcome,
 )
 from dropvault.tasks.reasons import RejectReason
 
@@ -230,14 +231,11 @@ def apply_key_rows(catalog: Catalog, rows: list[ManifestRow], now: datetime) -> 
             ).fetchall()
         )
         for req in sorted(valid, key=lambda r: (r.requested_at, r.request_id)):
-            if req.request_id in known:
-                same = known[req.request_id] == req.digest
-                outcome = (
-                    "duplicate" if same else Rejected(RejectReason.DUPLICATE_REQUEST_ID).outcome
-                )
-                result.note(req.row, req.request_id, outcome)
-                if not same:
-                    _record(con, req.row, req, outcome, now)
+            replay = replay_outcome(known, req.request_id, req.digest)
+            if replay is not None:
+                result.note(req.row, req.request_id, replay)
+                if replay != "duplicate":
+                    _record(con, req.row, req, replay, now)
                 continue
             outcome = _apply_one(con, req, now)
             known[req.request_id] = req.digest

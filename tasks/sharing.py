@@ -35,6 +35,7 @@ from dropvault.tasks.manifests import (
     parse_request_time,
     parse_time,
     read_pending,
+    replay_outcome,
 )
 from dropvault.tasks.phi import DELETED_PREFIX
 from dropvault.tasks.reasons import RejectReason
@@ -273,14 +274,11 @@ def _decide(
     )
     todo: list[ShareRequest] = []
     for req in sorted(valid, key=lambda r: (r.requested_at, r.request_id)):
-        if req.request_id in known:
-            duplicate = known[req.request_id] == req.digest
-            outcome = (
-                "duplicate" if duplicate else Rejected(RejectReason.DUPLICATE_REQUEST_ID).outcome
-            )
-            result.note(req.row, req.request_id, outcome)
-            if not duplicate:
-                _record(con, req.row, req, outcome, now)
+        replay = replay_outcome(known, req.request_id, req.digest)
+        if replay is not None:
+            result.note(req.row, req.request_id, replay)
+            if replay != "duplicate":
+                _record(con, req.row, req, replay, now)
             continue
         reject = None
         if req.study_uid.startswith(DELETED_PREFIX):

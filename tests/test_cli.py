@@ -442,3 +442,9 @@ def test_an_ingest_with_nothing_to_do_starts_no_prefect_server(tmp_path: Path) -
     busy = run("ingest")
     assert "nothing to ingest" not in busy.stdout and "drops_waiting: 1" in busy.stdout
     assert (home / "prefect" / "prefect.db").exists()
+
+
+def test_deliver_shares_command_prints_its_summary(demo_home: Path) -> None:
+    out = dv(demo_home, "deliver-shares").stdout.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["delivered"] == 0 and summary["all_withdrawals_verified"] is True

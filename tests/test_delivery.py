@@ -522,3 +522,22 @@ def _owner_of(home: Home, name: str) -> str:
             0
         ]
     )
+
+
+def test_a_replayed_key_row_is_a_duplicate_and_a_reused_id_is_refused(local_home: Home) -> None:
+    home = local_home
+    first, other = x25519.Identity.generate(), x25519.Identity.generate()
+    row = _key_row("k1", "dr:carol", first)
+    _register(home, "a.jsonl", [row])
+    deliver_shares(home=home)
+    _register(
+        home, "b.jsonl", [row, {**_key_row("k1", "dr:carol", other), "requested_at": ts(-0.5)}]
+    )
+    result = deliver_shares(home=home)
+    assert result.summary()["delivered"] == 0
+    outcomes = home.catalog.query(
+        "SELECT outcome FROM recipient_requests WHERE manifest = 'recipients/b.jsonl'"
+    )["outcome"].tolist()
+    assert outcomes == ["rejected:duplicate_request_id"]  # the replay itself is not re-recorded
+    keys = home.catalog.query("SELECT public_key FROM recipient_keys")["public_key"].tolist()
+    assert keys == [str(first.to_public())]

@@ -142,3 +142,13 @@ def test_a_batch_lost_before_it_was_written_is_written_by_the_next_run(people: H
     home.catalog.write(lambda con: con.execute("UPDATE policy_batches SET written_at = NULL"))
     assert send_notices(home).notified == {}
     assert _batches(home, "v9") == [batch]
+
+
+def test_an_oversized_or_uid_named_policy_file_is_refused_unread(people: Home) -> None:
+    home = people
+    home.manifests.put_bytes("policy/huge.json", b" " * (64 * 1024 + 1))
+    _publish(home, "uid.json", **_version("1.2.840.10008", True))
+    _publish(home, "fine.json", **_version("v10", True))
+    result = send_notices(home)
+    assert result.versions == ["v10"]
+    assert result.rejected == {"too_large": 1, "bad_version": 1}

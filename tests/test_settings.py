@@ -39,6 +39,8 @@ def test_locations_derive_from_home(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         # past 10,000 S3 parts of 5 MiB: an upload would fail after reading the whole file
         ("DROPVAULT_MAX_FILE_BYTES", str(46 * 1024**3), "DROPVAULT_MAX_FILE_BYTES"),
         ("DROPVAULT_DELIVERY_TTL_HOURS", "0", "DROPVAULT_DELIVERY_TTL_HOURS"),
+        # past what a datetime can add (the run would overflow, not the start)
+        ("DROPVAULT_DELIVERY_TTL_HOURS", "1e12", "DROPVAULT_DELIVERY_TTL_HOURS"),
         ("DROPVAULT_OUTBOX_URL", "ftp://host/x", "DROPVAULT_OUTBOX_URL"),
     ],
 )
