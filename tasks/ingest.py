@@ -4,7 +4,8 @@ The order is what makes a crash safe at any point:
 
 1. read each file once (small files stay in memory), hash it, parse its header;
 2. look up its SOP Instance UID (and the batch's studies) in the catalog;
-3. encrypt new instances into the vault and read each one back to verify;
+3. encrypt new instances into the vault and read each one back to verify (a large
+   file is hashed here, as it is encrypted: see :func:`ingest_batch`'s ``one_pass``);
 4. commit every catalog row of the batch in one transaction, re-checking the
    UIDs inside it, so a concurrent run cannot double a row;
 5. only then delete the source files.
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,7 +41,7 @@ from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
 from dropvault.storage.keystore import KeyDestroyedError
 from dropvault.storage.locations import is_file_problem, read_problem
-from dropvault.storage.vault import IntegrityError, Sealed, Vault
+from dropvault.storage.vault import HELPERS, IntegrityError, Sealed, Vault
 from dropvault.tasks.audit import audit
 from dropvault.tasks.dicom import (
     DicomHeader,
@@ -178,10 +180,11 @@ class IngestStats:
 class _Read:
     drop: Drop
     file: DropFile
-    sha256: str
+    sha256: str  # "": a large file hashed as it is encrypted (see _Batch.read_one)
     data: bytes | None  # None: too big to keep, re-read from the source
     header: DicomHeader | None = None
     quarantine_id: str = ""  # deterministic, so a rerun finds an earlier quarantine
+    token: str | None = None  # what the header was parsed from (Location.change_token)
 
 
 _Rejected = tuple[_Read, QuarantineReason, str]  # a file, why, and a PHI-free detail
@@ -292,7 +295,7 @@ def _check(item: _Read) -> tuple[QuarantineReason, str] | None:
         return QuarantineReason(f.verdict), f.verdict_detail
     if drop.state == "incomplete":
         return QuarantineReason.INCOMPLETE_DROP, drop.why or "manifest never completed"
-    if f.expected_sha256 and f.expected_sha256 != item.sha256:
+    if f.expected_sha256 and item.sha256 and f.expected_sha256 != item.sha256:
         return QuarantineReason.CHECKSUM_MISMATCH, "SHA-256 differs from the manifest"
     return None
 
@@ -325,9 +328,13 @@ class _Batch:
         now: datetime,
         max_file_bytes: int,
         cd_extras: str = "keep",
+        one_pass: bool = True,
     ) -> None:
         self.home = home
         self.cd_extras = cd_extras
+        self.one_pass = one_pass and home.drops.has_change_tokens
+        # Large files taken out of this batch for the two-pass path (see read_one).
+        self.deferred: list[tuple[Drop, DropFile]] = []
         self.work = work
         self.now = now
         self.max_file_bytes = max_file_bytes
@@ -361,6 +368,10 @@ class _Batch:
         if f.size <= IN_MEMORY_MAX:
             data = drops.read_bytes(f.name, unchecked=True)
             item = _Read(drop, f, hashlib.sha256(data).hexdigest(), data)
+        elif self.one_pass:
+            # Hashed while it is encrypted (seal): one pass over its bytes. Only a plainly
+            # new image stays on this path; anything else is deferred to the two-pass one.
+            return _Read(drop, f, "", None)
         else:
             with drops.open(f.name, unchecked=True) as src:
                 item = _Read(drop, f, _hash_stream(src), None)
@@ -368,6 +379,13 @@ class _Batch:
             self.home.pepper, drop.facility_id, drop.drop_id, f.name, item.sha256
         )
         return item
+
+    def defer(self, item: _Read) -> None:
+        """Take a large file not yet hashed out of this batch: a later batch in the same
+        task hashes it first, then classifies it (duplicate, conflict, quarantine)."""
+        self.deferred.append((item.drop, item.file))
+        self.stats.files_seen -= 1
+        self.stats.count(item.drop, "files_seen", -1)
 
     # -- quarantine ----------------------------------------------------------
 
@@ -492,6 +510,9 @@ class _Batch:
         rejected: list[_Rejected] = []
         for item in reads:
             problem = _check(item)
+            if problem is not None and not item.sha256:
+                self.defer(item)  # a quarantined file is named by its hash
+                continue
             if problem is not None:
                 rejected.append((item, *problem))
                 continue
@@ -500,10 +521,17 @@ class _Batch:
                     item.header = header_from_bytes(item.data)
                 else:
                     with self.open_source(item) as fp:
+                        if not item.sha256:
+                            item.token = self.home.drops.change_token(fp)
                         item.header = read_header(fp, item.file.size)
+                if not item.sha256 and item.token is None:
+                    self.defer(item)  # no way to tell it unchanged by the encryption
+                    continue
                 parsed.append(item)
             except DicomRejected as exc:
-                if item.file.extra and exc.reason == QuarantineReason.NOT_DICOM:
+                if not item.sha256:
+                    self.defer(item)
+                elif item.file.extra and exc.reason == QuarantineReason.NOT_DICOM:
                     # A CD's viewer, autorun.inf or README: an extra, not a bad image.
                     if self.cd_extras == "discard":
                         self.discard(item)
@@ -546,7 +574,7 @@ class _Batch:
             self.home,
             [h.sop_instance_uid for h in headers],
             sorted({h.study_uid for h in headers}),
-            [r.quarantine_id for r in reads] + [u[2] for u in self.unreadable],
+            [r.quarantine_id for r in reads if r.quarantine_id] + [u[2] for u in self.unreadable],
         )
         # A file bearing a deleted instance's UID is a copy of it, whatever study UID it
         # claims now.
@@ -570,20 +598,19 @@ class _Batch:
             assert header is not None  # noqa: S101 - parsed items have headers
             prior = seen.get(header.sop_instance_uid)
             expected = item.file.expected_uid
-            if (
-                expected
-                and expected != header.sop_instance_uid
-                and not (
-                    header.study_uid in deleted or copy_keys[header.sop_instance_uid] & deleted_keys
-                )
+            gone = header.study_uid in deleted or copy_keys[header.sop_instance_uid] & deleted_keys
+            if (not item.sha256 or prior == "") and (
+                prior is not None or gone or (expected and expected != header.sop_instance_uid)
             ):
+                self.defer(item)  # deciding needs its hash (or the unhashed one's)
+            elif expected and expected != header.sop_instance_uid and not gone:
                 self.quarantine(
                     item,
                     QuarantineReason.DICOMDIR_MISMATCH,
                     "SOP Instance UID differs from its DICOMDIR record",
                     header.study_uid,
                 )
-            elif header.study_uid in deleted or copy_keys[header.sop_instance_uid] & deleted_keys:
+            elif gone:
                 # The owner deleted this study while the file was on its way: the tombstone wins.
                 self.quarantine(
                     item, QuarantineReason.DELETED_BY_OWNER, "study was deleted by its owner"
@@ -654,21 +681,62 @@ class _Batch:
         """Encrypt each planned instance into the vault and verify it; a failed read-back or
         a source that changed while read leaves the file in the drop for the next run. So
         does a study key a deletion sweep destroyed since the plan: the next run finds the
-        tombstone and treats the file as a late copy of a deleted study."""
+        tombstone and treats the file as a late copy of a deleted study.
+
+        A large object is read back on a helper thread while the next one is encrypted."""
+        checks: list[tuple[_Sealed, str, Sealed, Future[None]]] = []
         for p in planned:
             key_id = self.study_keys[p.header.study_uid]
             try:
-                with self.open_source(p.item) as src:
-                    _fault("mid_encrypt")
-                    sealed = self.vault.put(p.name, src, key_id, fresh=True)
+                sealed = self._put(p, key_id)
+                if sealed is None:
+                    continue
+                if p.item.data is None:
+                    checks.append(
+                        (p, key_id, sealed, HELPERS.submit(self.vault.verify, p.name, sealed))
+                    )
+                    continue
                 self.vault.verify(p.name, sealed)
             except (IntegrityError, KeyDestroyedError):
                 continue
-            if sealed.sha256 != p.item.sha256:
+            self._sealed(p, key_id, sealed)
+        for p, key_id, sealed, check in checks:
+            try:
+                check.result()
+            except (IntegrityError, KeyDestroyedError):
                 continue
-            self.source_of[p.object_id] = p.item
-            self.object_rows.append(self._object_row(p, key_id, sealed))
-            self.instance_rows.append(self._instance_row(p))
+            self._sealed(p, key_id, sealed)
+
+    def _put(self, p: _Sealed, key_id: str) -> Sealed | None:
+        """Encrypt one source; None when it is left out (changed, or deferred)."""
+        item = p.item
+        with self.open_source(item) as src:
+            _fault("mid_encrypt")
+            if item.sha256:
+                whole = self.vault.put(p.name, src, key_id, fresh=True)
+                return whole if whole.sha256 == item.sha256 else None
+            # One pass: hashed as it is encrypted. The same bytes as the parse read: this
+            # handle and the parse's name one unchanged file (or object version).
+            drops = self.home.drops
+            same = drops.change_token(src) == item.token
+            sealed = self.vault.put(p.name, src, key_id, fresh=True) if same else None
+            if sealed is None or drops.change_token(src) != item.token:
+                self.defer(item)  # changed since the parse: the two-pass path decides
+                return None
+        expected = item.file.expected_sha256
+        if expected and expected != sealed.sha256:
+            self.defer(item)  # quarantined there, named by its hash
+            return None
+        item.sha256 = sealed.sha256
+        item.quarantine_id = quarantine_id(
+            self.home.pepper, item.drop.facility_id, item.drop.drop_id, item.file.name, item.sha256
+        )
+        return sealed
+
+    def _sealed(self, p: _Sealed, key_id: str, sealed: Sealed) -> None:
+        self.source_of[p.object_id] = p.item
+        self.object_rows.append(self._object_row(p, key_id, sealed))
+        self.instance_rows.append(self._instance_row(p))
 
     def _object_row(self, p: _Sealed, key_id: str, sealed: Sealed) -> dict[str, Any]:
         return object_row(
@@ -897,9 +965,17 @@ def ingest_batch(
     now: datetime | None = None,
     cpu_turn: AbstractContextManager[object] | None = None,
     cd_extras: str = "keep",
+    one_pass: bool = True,
 ) -> IngestStats:
     """Ingest a batch of files (from one or more drops). Safe to rerun after a crash anywhere:
     the stages run in the order of this module's docstring.
+
+    ``one_pass``: a file too large to keep in memory is hashed while it is encrypted, so
+    its bytes are read once (and once more by the read-back), where the drops' store can
+    tell a changed source (:meth:`Location.change_token`: local disk, S3). Only a plainly
+    new image takes that path; one whose UID is known or repeated, whose header is
+    rejected, whose manifest checksum differs or whose source changed is deferred, and a
+    second batch in this call, after this one's commit, hashes it first as before.
 
     ``cpu_turn`` (a lock shared by the batches one run has in flight) is held while the
     batch reads, parses, looks up and plans its files, and released before it encrypts,
@@ -907,7 +983,7 @@ def ingest_batch(
     ``cd_extras`` (``keep`` or ``discard``): what becomes of a CD's files that are not images.
     """
     started = time.perf_counter()
-    batch = _Batch(home, work, now or datetime.now(UTC), max_file_bytes, cd_extras)
+    batch = _Batch(home, work, now or datetime.now(UTC), max_file_bytes, cd_extras, one_pass)
     with cpu_turn if cpu_turn is not None else nullcontext():
         reads = batch.read()
         parsed, rejected = batch.parse(reads)
@@ -921,6 +997,18 @@ def ingest_batch(
     committed = batch.settle(home.catalog.write(batch.commit))
     _fault("after_commit")
     batch.remove(committed)
+    if batch.deferred:
+        batch.stats.add(
+            ingest_batch(
+                home,
+                batch.deferred,
+                max_file_bytes=max_file_bytes,
+                now=now,
+                cpu_turn=cpu_turn,
+                cd_extras=cd_extras,
+                one_pass=False,
+            )
+        )
     batch.stats.seconds = time.perf_counter() - started
     return batch.stats
 
