@@ -130,7 +130,8 @@ class Entry:
     name: str
     size: int
     mtime: float  # seconds since the epoch, UTC
-    tag: str = ""  # the object store's ETag, when it has one (mtime is only to the second)
+    # The object store's ETag (mtime is only to the second); on local disk, inode:ctime_ns.
+    tag: str = ""
     problem: str = ""  # why it cannot be read (local disks): a symlink, a special file, ...
 
 
@@ -258,6 +259,12 @@ def _parent_beneath(root: str, path: str) -> tuple[int, str]:
     return fd, leaf
 
 
+def _local_tag(info: os.stat_result) -> str:
+    """A local file's tag: inode and change time, so a file rewritten in place with its size
+    and mtime put back (``cp -p``, ``rsync -t``) is not taken for the one listed."""
+    return f"{info.st_ino}:{info.st_ctime_ns}"
+
+
 def _not_a_folder(path: str, start: int) -> builtins.list[Entry] | None:
     """What listing ``path`` gives when it is not a folder that can be read: nothing (gone),
     the file itself, or one entry with a ``problem`` (a symlink, a FIFO, no permission);
@@ -273,7 +280,7 @@ def _not_a_folder(path: str, start: int) -> builtins.list[Entry] | None:
     if stat.S_ISDIR(info.st_mode):
         return None
     if stat.S_ISREG(info.st_mode):
-        return [Entry(path[start:], info.st_size, info.st_mtime)]
+        return [Entry(path[start:], info.st_size, info.st_mtime, _local_tag(info))]
     kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "a special file"
     return [Entry(path[start:], 0, info.st_mtime, problem=f"{kind}, not a regular file")]
 
@@ -281,6 +288,13 @@ def _not_a_folder(path: str, start: int) -> builtins.list[Entry] | None:
 def is_file_problem(exc: OSError) -> bool:
     """Whether ``exc`` says this one file cannot be read (see :data:`_FILE_ERRNOS`)."""
     return isinstance(exc, PermissionError | NotRegularFileError) or exc.errno in _FILE_ERRNOS
+
+
+def is_changed_source(exc: OSError) -> bool:
+    """Whether ``exc`` says the object changed under an open read handle: s3fs pins each
+    ranged read to the ETag it opened and raises its ``FileExpired`` on another version
+    (matched by name: this module does not import s3fs)."""
+    return type(exc).__name__ == "FileExpired"
 
 
 def read_problem(exc: OSError) -> str:
@@ -464,7 +478,7 @@ class Location:
                 raise
             return Entry(item.path[start:], 0, 0.0, problem=read_problem(exc))
         if item.is_file(follow_symlinks=False):
-            return Entry(item.path[start:], info.st_size, info.st_mtime)
+            return Entry(item.path[start:], info.st_size, info.st_mtime, _local_tag(info))
         kind = "a symlink" if item.is_symlink() else "a special file"
         return Entry(item.path[start:], 0, info.st_mtime, problem=f"{kind}, not a regular file")
 

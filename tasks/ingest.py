@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import duckdb
 from prefect import task
@@ -40,7 +40,7 @@ from dropvault.storage.catalog import Catalog, insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
 from dropvault.storage.keystore import KeyDestroyedError
-from dropvault.storage.locations import is_file_problem, read_problem
+from dropvault.storage.locations import is_changed_source, is_file_problem, read_problem
 from dropvault.storage.vault import HELPERS, IntegrityError, Sealed, Vault
 from dropvault.tasks.audit import audit
 from dropvault.tasks.dicom import (
@@ -184,10 +184,33 @@ class _Read:
     data: bytes | None  # None: too big to keep, re-read from the source
     header: DicomHeader | None = None
     quarantine_id: str = ""  # deterministic, so a rerun finds an earlier quarantine
-    token: str | None = None  # what the header was parsed from (Location.change_token)
+    token: str | None = None  # which bytes were read (Location.change_token)
+    changed: bool = False  # the source changed while it was read: left for the next run
 
 
 _Rejected = tuple[_Read, QuarantineReason, str]  # a file, why, and a PHI-free detail
+
+
+class _SourceReadError(Exception):
+    """A source's OSError while it was encrypted, told apart from the vault's own."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__("a dropped file could not be read")
+        self.exc = exc
+
+
+class _SourceReads:
+    """A source handle whose read errors are :class:`_SourceReadError`."""
+
+    def __init__(self, src: IO[bytes]) -> None:
+        self._src = src
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._src.read(size)
+        except OSError as exc:
+            raise _SourceReadError(exc) from exc
+
 
 # Fault-injection points for crash tests: name -> callable run at that point.
 FAULTS: dict[str, Callable[[], None]] = {}
@@ -373,12 +396,45 @@ class _Batch:
             # new image stays on this path; anything else is deferred to the two-pass one.
             return _Read(drop, f, "", None)
         else:
+            # Its bytes are read three times (hash, header, encryption): each read names the
+            # same file (or object version) as this one, or the file is left for later.
             with drops.open(f.name, unchecked=True) as src:
-                item = _Read(drop, f, _hash_stream(src), None)
+                token = drops.change_token(src)
+                item = _Read(drop, f, _hash_stream(src), None, token=token)
+                item.changed = drops.change_token(src) != token
         item.quarantine_id = quarantine_id(
             self.home.pepper, drop.facility_id, drop.drop_id, f.name, item.sha256
         )
         return item
+
+    def left(self, item: _Read) -> None:
+        """A source that changed while it was read: nothing of it is kept or removed now,
+        and the next run's listing sees it as it is then."""
+        self.stats.sources_changed += 1
+
+    def vanished(self, item: _Read) -> None:
+        """A source gone since the listing (another run took it): not counted as seen."""
+        self.stats.files_seen -= 1
+        self.stats.count(item.drop, "files_seen", -1)
+
+    def source_failed(self, item: _Read, exc: OSError, *, reportable: bool) -> None:
+        """A large source that failed to open or read after the listing, once its bytes were
+        needed again: gone, changed, or unreadable now (reported as such while the batch
+        can still report it, else left for the next run). Any other error is the store's
+        trouble and stops the batch, for the task to retry."""
+        if isinstance(exc, FileNotFoundError):
+            self.vanished(item)
+        elif not item.sha256 and (is_changed_source(exc) or is_file_problem(exc)):
+            self.defer(item)  # the two-pass batch decides (and reports it if unreadable)
+        elif is_file_problem(exc) and reportable:
+            drop, f = item.drop, item.file
+            pepper = self.home.pepper
+            qid = unreadable_id(pepper, drop.facility_id, drop.drop_id, f.name, f.size, f.mtime)
+            self.unreadable.append((drop, f, qid, read_problem(exc), QuarantineReason.UNREADABLE))
+        elif is_changed_source(exc) or is_file_problem(exc):
+            self.left(item)
+        else:
+            raise exc
 
     def defer(self, item: _Read) -> None:
         """Take a large file not yet hashed out of this batch: a later batch in the same
@@ -509,6 +565,9 @@ class _Batch:
         parsed: list[_Read] = []
         rejected: list[_Rejected] = []
         for item in reads:
+            if item.changed:
+                self.left(item)  # changed while it was hashed
+                continue
             problem = _check(item)
             if problem is not None and not item.sha256:
                 self.defer(item)  # a quarantined file is named by its hash
@@ -519,15 +578,11 @@ class _Batch:
             try:
                 if item.data is not None:
                     item.header = header_from_bytes(item.data)
-                else:
-                    with self.open_source(item) as fp:
-                        if not item.sha256:
-                            item.token = self.home.drops.change_token(fp)
-                        item.header = read_header(fp, item.file.size)
-                if not item.sha256 and item.token is None:
-                    self.defer(item)  # no way to tell it unchanged by the encryption
+                elif not self._parse_large(item):
                     continue
                 parsed.append(item)
+            except OSError as exc:
+                self.source_failed(item, exc, reportable=True)
             except DicomRejected as exc:
                 if not item.sha256:
                     self.defer(item)
@@ -540,6 +595,32 @@ class _Batch:
                 else:
                     rejected.append((item, exc.reason, exc.detail))
         return parsed, rejected
+
+    def _parse_large(self, item: _Read) -> bool:
+        """Parse a large file's header from its source; False when it was taken out of the
+        batch (deferred, or changed since it was hashed)."""
+        drops = self.home.drops
+        with self.open_source(item) as fp:
+            token = drops.change_token(fp)
+            if not item.sha256:
+                item.token = token
+            elif item.changed or token != item.token:
+                self.left(item)  # hashed in read_one from other bytes
+                return False
+            rejected: DicomRejected | None = None
+            try:
+                item.header = read_header(fp, item.file.size)
+            except DicomRejected as exc:
+                rejected = exc
+            if item.sha256 and drops.change_token(fp) != item.token:
+                self.left(item)  # the header and the hash came from other bytes
+                return False
+            if rejected is not None:
+                raise rejected
+        if not item.sha256 and item.token is None:
+            self.defer(item)  # no way to tell it unchanged by the encryption
+            return False
+        return True
 
     def discard(self, item: _Read) -> None:
         """A CD extra under ``cd_extras="discard"``: counted and named in the receipt, then
@@ -708,21 +789,38 @@ class _Batch:
             self._sealed(p, key_id, sealed)
 
     def _put(self, p: _Sealed, key_id: str) -> Sealed | None:
-        """Encrypt one source; None when it is left out (changed, or deferred)."""
+        """Encrypt one source; None when it is left out (changed, gone, or deferred). Only
+        the source's own errors are caught here: the vault's stop the batch."""
         item = p.item
-        with self.open_source(item) as src:
+        hashed = bool(item.sha256)
+        try:
+            src = self.open_source(item)
+        except OSError as exc:
+            self.source_failed(item, exc, reportable=False)
+            return None
+        with src:
             _fault("mid_encrypt")
-            if item.sha256:
-                whole = self.vault.put(p.name, src, key_id, fresh=True)
-                return whole if whole.sha256 == item.sha256 else None
-            # One pass: hashed as it is encrypted. The same bytes as the parse read: this
-            # handle and the parse's name one unchanged file (or object version).
             drops = self.home.drops
-            same = drops.change_token(src) == item.token
-            sealed = self.vault.put(p.name, src, key_id, fresh=True) if same else None
-            if sealed is None or drops.change_token(src) != item.token:
-                self.defer(item)  # changed since the parse: the two-pass path decides
+            # The same bytes as the parse (and the hash) read: this handle and theirs name
+            # one unchanged file or object version. In memory, the bytes are the batch's.
+            pinned = item.data is None
+            same = not pinned or drops.change_token(src) == item.token
+            try:
+                reads = cast(IO[bytes], _SourceReads(src))  # read() is all put uses
+                sealed = self.vault.put(p.name, reads, key_id, fresh=True)
+            except _SourceReadError as err:
+                self.source_failed(item, err.exc, reportable=False)
                 return None
+            same = same and (not pinned or drops.change_token(src) == item.token)
+        # A source cut or grown since the listing is not the file listed either.
+        if not same or sealed.plaintext_bytes != item.file.size:
+            self.defer(item) if not hashed else self.left(item)
+            return None
+        if hashed:
+            if sealed.sha256 != item.sha256:
+                self.left(item)
+                return None
+            return sealed
         expected = item.file.expected_sha256
         if expected and expected != sealed.sha256:
             self.defer(item)  # quarantined there, named by its hash
@@ -954,7 +1052,7 @@ class _Batch:
         """Stage 5: only now remove the sources, and only those still as they were listed: a
         facility may have replaced one meanwhile, and the new object is the next run's."""
         done = [self.source_of[r["object_id"]].file.name for r in committed]
-        self.stats.sources_changed = remove_sources(self.home, self.work, self.to_remove + done)
+        self.stats.sources_changed += remove_sources(self.home, self.work, self.to_remove + done)
 
 
 def ingest_batch(

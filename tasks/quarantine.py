@@ -120,6 +120,9 @@ def quarantine_file(
     object_name = quarantine_object_name(facility_id, drop_id, qid)
     sealed = store.put(object_name, src, key_id)
     store.verify(object_name, sealed)
+    # What was stored, as read now: a source changed since it was hashed is recorded as it
+    # is kept (the id stays the listing's, so a rerun with the new bytes stores those too).
+    size, sha256 = sealed.plaintext_bytes, sealed.sha256
     facts = {
         "quarantine_id": qid,
         "reason": reason,

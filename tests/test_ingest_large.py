@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from dropvault.tasks import samples
 from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.ingest import IN_MEMORY_MAX, IngestStats, ingest_batch
 from dropvault.tasks.quarantine import quarantine_export
+from tests.conftest import make_home, s3_filesystem
 from tests.helpers import sources
 
 
@@ -220,3 +222,221 @@ def test_a_source_changed_after_its_header_was_read_is_never_cataloged_as_it_was
         assert stats.ingested == 1
         assert list(rows["sha256"]) == [hashlib.sha256(second).hexdigest()]
     assert vault_names(home) == cataloged_names(home)
+
+
+# -- what an outside review broke (2026-12-03) -----------------------------------------
+
+
+def stored_bytes_match_rows(home: Home) -> None:
+    """Every instance row's object decrypts to bytes of its hash, size and UID, and the
+    vault holds no object without a row."""
+    rows = home.catalog.query(
+        "SELECT sop_instance_uid, sha256, size_bytes, object_id FROM instances"
+    )
+    vault = home.vault_store()
+    for uid, sha, size, object_id in rows.itertuples(index=False):
+        with vault.open(vault.object_name(object_id)) as fh:
+            stored = fh.read()
+        assert hashlib.sha256(stored).hexdigest() == sha
+        assert len(stored) == size
+        assert samples.sop_uid(stored) == uid
+    assert vault_names(home) == cataloged_names(home)
+
+
+def listed(home: Home) -> list[tuple[Any, Any]]:
+    home.catalog.migrate()
+    drops = scan_drops(home.drops, home.pepper, time.time() + 3600, 0, 86400)
+    return [(drop, f) for drop in drops for f in drop.files]
+
+
+def small_study(seed: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    _, files = samples.make_study(rng, samples.make_patient(rng, seed), 2, "CT_small.dcm")
+    return files
+
+
+PHI_FOLDER, PHI_NAME = "Doe_John_19700101", "JOHN_DOE_brain.dcm"
+
+
+@pytest.mark.parametrize("how", ["removed", "symlink", "removed_after_parse"])
+def test_a_large_file_gone_or_refused_after_the_listing_fails_alone(
+    local_home: Home, tmp_path: Path, how: str
+) -> None:
+    """Another run took it, a symlink was put in its place, or it went between the parse
+    and the encryption: the batch's other files are ingested, the refused one is reported
+    unreadable and left, and nothing escapes with the file's name in it."""
+    home = local_home
+    files = {**small_study(31), PHI_NAME: big_image(32)}
+    samples.write_drop(home.drops, "fac", PHI_FOLDER, files, manifest=False)
+    work = listed(home)
+    path = Path(home.drops.root) / "fac" / PHI_FOLDER / PHI_NAME
+    if how == "symlink":
+        elsewhere = tmp_path / "elsewhere.dcm"
+        elsewhere.write_bytes(big_image(33))
+        path.unlink()
+        path.symlink_to(elsewhere)
+    elif how == "removed":
+        path.unlink()
+    else:
+        ingest_mod.FAULTS["after_parse"] = path.unlink
+    try:
+        stats = ingest_batch(home, work, max_file_bytes=10**9)
+    finally:
+        ingest_mod.FAULTS.pop("after_parse", None)
+    assert stats.ingested == 2
+    assert stats.files_seen == (3 if how == "symlink" else 2)
+    assert dict(stats.quarantined) == ({"unreadable": 1} if how == "symlink" else {})
+    assert images_left(home) == ([f"fac/{PHI_FOLDER}/{PHI_NAME}"] if how == "symlink" else [])
+    stored_bytes_match_rows(home)
+
+
+def test_a_name_flipped_between_the_reads_of_a_two_pass_file_is_left(local_home: Home) -> None:
+    """A large file whose UID is known is hashed, parsed and encrypted through three opens.
+    The name is flipped between two images (a hard link renamed over it): A when hashed,
+    B when parsed, A again when encrypted. No row may pair B's header with A's bytes."""
+    home = local_home
+    a, b = big_image(21), big_image(22)
+    earlier = samples.with_uid(a, samples.sop_uid(a), tweak=b"earlier")
+    samples.write_drop(home.drops, "fac", "d0", {"x.dcm": earlier}, manifest=False)
+    assert ingest(home).ingested == 1
+    samples.write_drop(home.drops, "fac", "d1", {"big.dcm": a}, manifest=False)
+    path = Path(home.drops.root) / "fac" / "d1" / "big.dcm"
+    stash = Path(home.drops.root).parent / "stash"
+    stash.mkdir()
+    (stash / "a").write_bytes(a)
+    (stash / "b").write_bytes(b)
+
+    def put(which: str) -> None:
+        staged = stash / ".staged"
+        staged.hardlink_to(stash / which)
+        staged.replace(path)
+
+    plain_parse = ingest_mod._Batch.parse
+
+    def parse(self: Any, reads: list[Any]) -> Any:
+        if self.one_pass:
+            return plain_parse(self, reads)
+        put("b")
+        try:
+            return plain_parse(self, reads)
+        finally:
+            put("a")
+
+    ingest_mod._Batch.parse = parse  # type: ignore[method-assign]
+    try:
+        stats = ingest(home)
+    finally:
+        ingest_mod._Batch.parse = plain_parse  # type: ignore[method-assign]
+    assert stats.ingested == 0 and stats.sources_changed == 1
+    assert images_left(home) == ["fac/d1/big.dcm"]
+    stored_bytes_match_rows(home)
+    # Left as it is now: the next run decides it (A's UID with other content: a conflict).
+    again = ingest(home)
+    assert dict(again.quarantined) == {"uid_conflict": 1}
+    stored_bytes_match_rows(home)
+
+
+def test_a_large_file_cut_after_the_listing_is_not_cataloged(
+    local_home: Home, tmp_path: Path
+) -> None:
+    """A stalled re-upload: the listed file is cut short before it is read. The cut image
+    is not cataloged under the listing's size; the next listing sees it as it is (and
+    quarantines it), and the whole image, once there, is ingested."""
+    home = local_home
+    data = big_image(15)
+    samples.write_drop(home.drops, "fac", "d1", {"big.dcm": data}, manifest=False)
+    work = listed(home)
+    path = Path(home.drops.root) / "fac" / "d1" / "big.dcm"
+    path.write_bytes(data[: len(data) - 3 * 1024 * 1024])
+    stats = ingest_batch(home, work, max_file_bytes=10**9)
+    assert stats.ingested == 0 and stats.sources_changed == 1
+    assert vault_names(home) == set() and images_left(home) == ["fac/d1/big.dcm"]
+    assert dict(ingest(home).quarantined) == {"truncated": 1}
+    path.write_bytes(data)
+    assert ingest(home).ingested == 1
+    stored_bytes_match_rows(home)
+    with home.vault_store().open(next(iter(cataloged_names(home)))) as fh:
+        assert fh.read() == data
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("point", ["after_vault_write", "after_commit"])
+def test_a_source_rewritten_in_place_with_its_mtime_put_back_is_not_removed(
+    local_home: Home, point: str, size: str
+) -> None:
+    """After the last read, the facility writes another image of the same size into the
+    file and puts its mtime back (``cp -p``, ``rsync -t``). Size and mtime match the
+    listing; the change time does not, so the source stays and the next run takes it."""
+    home = local_home
+    first = big_image(16) if size == "large" else next(iter(small_study(16).values()))
+    second = samples.with_uid(first, "1.2.826.0.1.3680043.8.498.999016")
+    second = second[: len(first)] + b"\0" * (len(first) - len(second))
+    samples.write_drop(home.drops, "fac", "d1", {"f.dcm": first}, manifest=False)
+    path = Path(home.drops.root) / "fac" / "d1" / "f.dcm"
+
+    def rewrite() -> None:
+        st = path.stat()
+        with path.open("r+b") as fh:
+            fh.write(second)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    ingest_mod.FAULTS[point] = rewrite
+    try:
+        stats = ingest(home)
+    finally:
+        ingest_mod.FAULTS.pop(point)
+    assert stats.sources_changed == 1 and path.read_bytes() == second
+    ingest(home)
+    shas = set(home.catalog.query("SELECT sha256 FROM instances")["sha256"])
+    assert hashlib.sha256(second).hexdigest() in shas
+    stored_bytes_match_rows(home)
+
+
+def test_an_s3_object_replaced_or_deleted_during_the_ingest_fails_alone(
+    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On S3 a replaced object fails the encryption's pinned ranged read (s3fs's
+    FileExpired: the object is read in 5 MiB blocks, the second after the replacement) and
+    a deleted one its open: each is left for the next run, the batch's other files are
+    ingested, and no mix of two versions is stored."""
+    home = make_home("s3", tmp_path, moto_endpoint)
+    a, b = big_image(51), big_image(52)
+    files = {**small_study(50), "replaced.dcm": a, "deleted.dcm": big_image(53)}
+    samples.write_drop(home.drops, "fac", "d1", files, manifest=False)
+    fs = s3_filesystem(moto_endpoint)
+    plain_open = home.drops.open
+
+    class Replacing(FullReads):
+        """Replaces the object once the first MiB was read through this handle."""
+
+        done = False
+
+        def read(self, size: int | None = -1) -> bytes:
+            data = super().read(size)
+            if not Replacing.done:
+                Replacing.done = True
+                fs.pipe(home.drops.path("fac/d1/replaced.dcm"), b)
+            return data
+
+    opened: list[str] = []
+
+    def opening(name: str, *args: Any, **kwargs: Any) -> IO[bytes]:
+        handle = plain_open(name, *args, **kwargs)
+        opened.append(name)
+        if name.endswith("replaced.dcm") and opened.count(name) == 2:  # parse, then encrypt
+            return Replacing(handle)  # type: ignore[return-value]
+        return handle
+
+    monkeypatch.setattr(home.drops, "open", opening)
+    ingest_mod.FAULTS["after_parse"] = lambda: fs.rm(home.drops.path("fac/d1/deleted.dcm"))
+    try:
+        stats = ingest(home)
+    finally:
+        ingest_mod.FAULTS.pop("after_parse")
+    assert Replacing.done
+    assert stats.ingested == 2  # the small study
+    assert sorted(images_left(home)) == ["fac/d1/replaced.dcm"]
+    stored_bytes_match_rows(home)
+    monkeypatch.setattr(home.drops, "open", plain_open)
+    assert ingest(home).ingested == 1
+    stored_bytes_match_rows(home)
