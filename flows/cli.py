@@ -18,17 +18,25 @@ from typing import Annotated, Any, TypeVar
 import pandas as pd
 import typer
 
+from dropvault.flows import home_server
 from dropvault.flows.settings import (
     Settings,
     SettingsError,
     embedded_prefect_home,
+    home_server_attached,
     prefect_api_configured,
     quiet_prefect_defaults,
+    use_home_server,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 quarantine_app = typer.Typer(no_args_is_help=True, help="Review quarantined files.")
 app.add_typer(quarantine_app, name="quarantine")
+server_app = typer.Typer(
+    no_args_is_help=True,
+    help="A Prefect server kept for this home, so commands skip the temporary one's start.",
+)
+app.add_typer(server_app, name="server")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -262,7 +270,8 @@ def ingest(
             raise typer.BadParameter(str(exc), param_hint="--shard") from None
     settings = Settings.load()
     home = settings.build_home()
-    if not prefect_api_configured() and not ingest_has_work(home):
+    embedded = not prefect_api_configured() or home_server_attached()
+    if embedded and not ingest_has_work(home):
         # Nothing to ingest: answered without starting Prefect's temporary server, so no
         # flow run is recorded (a deployment's scheduled runs always run the flow).
         typer.echo("nothing to ingest: the drop zone is empty (no flow run started)")
@@ -720,6 +729,30 @@ def quarantine_export_cmd(
     typer.echo(f"wrote {result['out']}")
 
 
+@server_app.command("start")
+@one_line_errors
+def server_start() -> None:
+    """Start (or find) the home's kept Prefect server; later commands run against it."""
+    home = Settings.load().home
+    typer.echo(f"home server: {home_server.start(home)}")
+
+
+@server_app.command("stop")
+@one_line_errors
+def server_stop() -> None:
+    """Stop the home's kept Prefect server."""
+    stopped = home_server.stop(Settings.load().home)
+    typer.echo("home server stopped" if stopped else "no home server was running")
+
+
+@server_app.command("status")
+@one_line_errors
+def server_status() -> None:
+    """Whether the home's kept Prefect server runs, and where."""
+    url = home_server.running(Settings.load().home)
+    typer.echo(f"home server: {url}" if url else "no home server running")
+
+
 # Commands that run flows or read their runs: with no Prefect server configured they use
 # the home's own embedded one (as ``demo`` does), so ``status`` sees what they ran.
 RUNS_FLOWS = {"ingest", "reconcile", "shares", "incident", "sweep", "beacons", "status"}
@@ -736,6 +769,9 @@ def runs_under_home(settings: Settings) -> None:
     if prefect_api_configured() or not made:
         return
     embedded_prefect_home(settings.home)
+    url = home_server.running(settings.home)
+    if url is not None:
+        use_home_server(url)
 
 
 def main() -> None:

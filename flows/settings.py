@@ -697,6 +697,22 @@ def quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+_on_home_server: list[str] = []  # the kept server's URL, once this command found it
+
+
+def use_home_server(url: str) -> None:
+    """Run this command's flows against the home's kept Prefect server
+    (:mod:`dropvault.flows.home_server`). Must run before Prefect reads its settings."""
+    os.environ["PREFECT_API_URL"] = url
+    _on_home_server.append(url)
+
+
+def home_server_attached() -> bool:
+    """Whether this command found the home's kept server (not a PREFECT_API_URL of the
+    user's): an ingest with nothing to do then still answers without a flow run."""
+    return bool(_on_home_server)
+
+
 def embedded_prefect_home(home: Path) -> None:
     """For the demo: keep Prefect's own database under the dropvault home.
 

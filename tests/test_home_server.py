@@ -1,0 +1,118 @@
+"""The home's kept Prefect server (``dropvault server start``): later commands on the home run
+against it, it stops when told, and a record it left when it died misleads no one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dropvault.flows import home_server
+from dropvault.storage.locations import Location
+from dropvault.tasks import samples
+from tests.helpers import EXE, cli_env
+
+
+def dv(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in cli_env(home).items() if not k.startswith("PREFECT_")}
+    env.update(DROPVAULT_QUIET_SECONDS="0", PREFECT_LOGGING_LEVEL="WARNING", DO_NOT_TRACK="1")
+    proc = subprocess.run(  # noqa: S603 - this environment's own dropvault
+        [EXE, *args], env=env, capture_output=True, text=True, timeout=400, check=False
+    )
+    assert proc.returncode == 0, f"dropvault {args} failed: {proc.stderr[-2000:]}"
+    return proc
+
+
+def flow_runs(url: str) -> list[dict[str, object]]:
+    request = urllib.request.Request(  # noqa: S310 - the test's own loopback server
+        f"{url}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+        return list(json.loads(reply.read()))
+
+
+def running_process(pid: int, wait: float = 10.0) -> bool:
+    """Whether ``pid`` still runs after ``wait`` seconds (a zombie waiting for init to reap it
+    has an empty command line)."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            if not cmdline.read_bytes():
+                return False
+        except FileNotFoundError:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.integration
+def test_commands_run_against_the_kept_server_until_it_is_stopped(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    dv(home, "init")
+    url = dv(home, "server", "start").stdout.split("home server: ")[1].strip()
+    assert url.startswith("http://127.0.0.1:")
+    record = json.loads((home / "prefect" / home_server.RECORD).read_text())
+    assert record["url"] == url
+    try:
+        assert dv(home, "server", "start").stdout.strip() == f"home server: {url}"  # found
+        rng = random.Random(5)
+        _, files = samples.make_study(rng, samples.make_patient(rng, 5), 3, "CT_small.dcm")
+        samples.write_drop(Location(f"file://{home / 'drops'}"), "fac", "d1", files)
+        assert "ingested: 3" in dv(home, "ingest").stdout
+        runs = flow_runs(url)
+        assert [r["state_type"] for r in runs] == ["COMPLETED"]  # recorded on the kept server
+        assert "nothing to ingest" in dv(home, "ingest").stdout  # still no flow run for that
+        assert len(flow_runs(url)) == 1
+    finally:
+        stopped = dv(home, "server", "stop").stdout
+    assert "stopped" in stopped
+    assert not (home / "prefect" / home_server.RECORD).exists()
+    assert not running_process(int(record["pid"]))
+    assert dv(home, "server", "status").stdout.strip() == "no home server running"
+
+
+def test_a_record_of_a_dead_server_is_ignored_and_removed(tmp_path: Path) -> None:
+    (tmp_path / "prefect").mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # noqa: S603
+    gone.wait()
+    record = tmp_path / "prefect" / home_server.RECORD
+    record.write_text(json.dumps({"url": "http://127.0.0.1:9/api", "pid": gone.pid}))
+    assert home_server.running(tmp_path) is None
+    assert not record.exists()
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"url": 1, "pid": "x"}'])
+def test_a_damaged_record_is_no_server(tmp_path: Path, content: str) -> None:
+    (tmp_path / "prefect").mkdir()
+    (tmp_path / "prefect" / home_server.RECORD).write_text(content)
+    assert home_server.running(tmp_path) is None
+    assert home_server.stop(tmp_path) is False
+
+
+def test_stop_never_signals_a_process_that_took_the_recorded_number(tmp_path: Path) -> None:
+    """After a reboot the recorded pid may belong to anything: only a Prefect server is
+    stopped, and a stranger on the recorded port is not taken for the server."""
+    stranger = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    try:
+        (tmp_path / "prefect").mkdir()
+        record = {"url": "http://127.0.0.1:9/api", "pid": stranger.pid}
+        (tmp_path / "prefect" / home_server.RECORD).write_text(json.dumps(record))
+        assert home_server.running(tmp_path) is None
+        (tmp_path / "prefect" / home_server.RECORD).write_text(json.dumps(record))
+        assert home_server.stop(tmp_path) is True
+        time.sleep(0.2)
+        assert stranger.poll() is None
+        os.kill(stranger.pid, 0)
+    finally:
+        stranger.kill()
+        stranger.wait()
