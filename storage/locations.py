@@ -287,6 +287,8 @@ def _not_a_folder(path: str, start: int) -> builtins.list[Entry] | None:
 
 def is_file_problem(exc: OSError) -> bool:
     """Whether ``exc`` says this one file cannot be read (see :data:`_FILE_ERRNOS`)."""
+    if is_changed_source(exc):
+        return False  # s3fs's FileExpired (EBUSY): changed, not unreadable
     return isinstance(exc, PermissionError | NotRegularFileError) or exc.errno in _FILE_ERRNOS
 
 
@@ -571,13 +573,14 @@ class Location:
     def _buffering(self) -> dict[str, Any]:
         return {"block_size": OBJECT_STORE_BLOCK} if self.is_object_store else {}
 
-    def read_bytes(self, name: str, *, unchecked: bool = False) -> bytes:
+    def read_bytes(self, name: str, *, unchecked: bool = False, limit: int = -1) -> bytes:
+        """The object's bytes; ``limit``: at most that many."""
         if self._on_local_disk:
             path = f"{self.root}/{name}" if unchecked else self.path(name)
             with os.fdopen(self._open_local(path), "rb") as fh:
-                return fh.read()
+                return fh.read(limit)
         with self.open(name, unchecked=unchecked) as fh:
-            return fh.read()
+            return fh.read(limit)
 
     def flush(self) -> None:
         """Make what was written durable before it is cataloged.

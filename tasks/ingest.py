@@ -57,6 +57,7 @@ from dropvault.tasks.objects import object_row
 from dropvault.tasks.phi import patient_key, seal_fields, study_key
 from dropvault.tasks.quarantine import (
     Quarantined,
+    discard_stored,
     quarantine_file,
     quarantine_id,
     quarantine_object_name,
@@ -389,8 +390,11 @@ class _Batch:
     def read_one(self, drop: Drop, f: DropFile) -> _Read:
         drops = self.home.drops
         if f.size <= IN_MEMORY_MAX:
-            data = drops.read_bytes(f.name, unchecked=True)
+            # No more than the listed size and a byte: a file grown since is not the one
+            # listed (and may be far past the in-memory limit).
+            data = drops.read_bytes(f.name, unchecked=True, limit=f.size + 1)
             item = _Read(drop, f, hashlib.sha256(data).hexdigest(), data)
+            item.changed = len(data) != f.size
         elif self.one_pass:
             # Hashed while it is encrypted (seal): one pass over its bytes. Only a plainly
             # new image stays on this path; anything else is deferred to the two-pass one.
@@ -488,23 +492,73 @@ class _Batch:
                 )
                 self.known_quarantine.add(item.quarantine_id)
                 continue
-            with self.open_source(item) as src:
-                self.quarantined.append(
-                    quarantine_file(
-                        self.home,
-                        facility_id=item.drop.facility_id,
-                        drop_id=item.drop.drop_id,
-                        source_name=item.file.name,
-                        src=src,
-                        size=item.file.size,
-                        sha256=item.sha256,
-                        reason=reason,
-                        detail=detail,
-                        study_uid=study_uid,
-                        now=self.now,
-                    )
+            stored = self._quarantine_copy(item, reason, detail, study_uid)
+            if stored is not None:
+                self.quarantined.append(stored)
+                self.known_quarantine.add(item.quarantine_id)
+
+    def _quarantine_copy(
+        self, item: _Read, reason: QuarantineReason, detail: str, study_uid: str | None
+    ) -> Quarantined | None:
+        """Store a quarantined file's bytes: the version that was hashed (its id names that
+        hash). A large source that changed or went since is withdrawn from the quarantine
+        and left for the next run, so a later whole file is never taken for this copy."""
+        drops = self.home.drops
+        try:
+            src = self.open_source(item)
+        except OSError as exc:
+            self.withdraw(item, reason, exc)
+            return None
+        with src:
+            pinned = item.data is None
+            if pinned and drops.change_token(src) != item.token:
+                self.withdraw(item, reason, None)
+                return None
+            try:
+                stored = quarantine_file(
+                    self.home,
+                    facility_id=item.drop.facility_id,
+                    drop_id=item.drop.drop_id,
+                    source_name=item.file.name,
+                    src=cast(IO[bytes], _SourceReads(src)),
+                    size=item.file.size,
+                    sha256=item.sha256,
+                    reason=reason,
+                    detail=detail,
+                    study_uid=study_uid,
+                    now=self.now,
                 )
-            self.known_quarantine.add(item.quarantine_id)
+            except _SourceReadError as err:
+                self.withdraw(item, reason, err.exc)
+                return None
+            moved = pinned and drops.change_token(src) != item.token
+        if moved or stored.row["sha256"] != item.sha256:
+            drop = item.drop
+            discard_stored(self.home, drop.facility_id, drop.drop_id, item.quarantine_id)
+            self.withdraw(item, reason, None)
+            return None
+        return stored
+
+    def withdraw(self, item: _Read, reason: QuarantineReason, exc: OSError | None) -> None:
+        """Undo :meth:`quarantine` for a file whose bytes could not be kept as hashed: it is
+        not counted, not named in the receipt, and not removed. ``exc``: why, if it failed
+        to open or read (the store's own trouble is raised, for the task to retry)."""
+        gone = isinstance(exc, FileNotFoundError)
+        if exc is not None and not gone and not (is_changed_source(exc) or is_file_problem(exc)):
+            raise exc
+        stats = self.stats
+        stats.quarantined[reason] -= 1
+        stats.quarantined = +stats.quarantined  # no zero counts
+        stats.count(item.drop, "quarantined", -1)
+        named = stats.rejected[item.drop.key]
+        named.remove((item.file.name, str(reason)))
+        if not named:
+            del stats.rejected[item.drop.key]
+        self.to_remove.remove(item.file.name)
+        if gone:
+            self.vanished(item)
+        else:
+            self.left(item)
 
     # -- stage 1: read, hash and parse ----------------------------------------
 
@@ -526,9 +580,12 @@ class _Batch:
                 except FileNotFoundError:
                     continue  # vanished since the listing (another run took it)
                 except OSError as exc:
-                    if not is_file_problem(exc):
+                    if is_changed_source(exc):
+                        self.stats.sources_changed += 1  # replaced while read: next run's
+                    elif not is_file_problem(exc):
                         raise  # the store's trouble (a 503, an I/O error): the task retries
-                    detail = read_problem(exc)
+                    else:
+                        detail = read_problem(exc)
             if detail:
                 qid = unreadable_id(
                     self.home.pepper, drop.facility_id, drop.drop_id, f.name, f.size, f.mtime

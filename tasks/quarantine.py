@@ -161,6 +161,16 @@ def quarantine_file(
     return Quarantined(qid, reason, row, objects_row)
 
 
+def discard_stored(home: Home, facility_id: str, drop_id: str, qid: str) -> None:
+    """Delete what :func:`quarantine_file` stored (its object and reason file) before any
+    row names it: a copy of bytes other than those the file was named by."""
+    for name in (
+        quarantine_object_name(facility_id, drop_id, qid),
+        f"{_folder(facility_id, drop_id)}/{qid}.json",
+    ):
+        home.quarantine.delete(name)
+
+
 def unreadable_id(
     pepper: bytes, facility_id: str, drop_id: str, name: str, size: int, mtime: float
 ) -> str:

@@ -9,6 +9,7 @@ import io
 import os
 import random
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -439,4 +440,98 @@ def test_an_s3_object_replaced_or_deleted_during_the_ingest_fails_alone(
     stored_bytes_match_rows(home)
     monkeypatch.setattr(home.drops, "open", plain_open)
     assert ingest(home).ingested == 1
+    stored_bytes_match_rows(home)
+
+
+def test_a_quarantined_large_file_rewritten_before_its_copy_is_left_not_lost(
+    local_home: Home, tmp_path: Path
+) -> None:
+    """A conflicting large file is hashed (A), then its upload restarts (the file is cut)
+    before its quarantine copy is written. The cut bytes are not kept under A's id: the
+    file is left, and once whole again the next run quarantines A itself."""
+    home = local_home
+    known = big_image(301)
+    samples.write_drop(home.drops, "fac", "d0", {"k.dcm": known}, manifest=False)
+    assert ingest(home).ingested == 1
+    a = samples.with_uid(known, samples.sop_uid(known), tweak=b"re-scan")
+    samples.write_drop(home.drops, "fac", "d1", {"scan.dcm": a}, manifest=False)
+    path = Path(home.drops.root) / "fac" / "d1" / "scan.dcm"
+    calls: list[int] = []
+
+    def restart_upload() -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the two-pass batch: A was hashed and parsed
+            path.write_bytes(a[: 2 * 1024 * 1024])
+
+    ingest_mod.FAULTS["after_parse"] = restart_upload
+    try:
+        first = ingest(home)
+    finally:
+        ingest_mod.FAULTS.pop("after_parse")
+    assert dict(first.quarantined) == {} and first.sources_changed == 1
+    assert first.rejected == {} and images_left(home) == ["fac/d1/scan.dcm"]
+    path.write_bytes(a)
+    assert dict(ingest(home).quarantined) == {"uid_conflict": 1}
+    qid = one(home, "SELECT quarantine_id FROM quarantine")
+    quarantine_export(home, str(qid), tmp_path / "q.dcm")
+    assert (tmp_path / "q.dcm").read_bytes() == a
+    assert images_left(home) == []
+
+
+@pytest.mark.parametrize("how", ["removed", "symlink", "fifo"])
+def test_a_large_file_gone_before_its_quarantine_copy_fails_alone(
+    local_home: Home, tmp_path: Path, how: str
+) -> None:
+    """A large file bound for quarantine (its header rejected) is removed, or replaced by a
+    symlink or a FIFO, before its copy is written: the rest of the batch (a duplicate, a
+    new study) is handled, and the file is not counted quarantined."""
+    home = local_home
+    dup = big_image(61)
+    samples.write_drop(home.drops, "fac", "d0", {"x.dcm": dup}, manifest=False)
+    assert ingest(home).ingested == 1
+    junk = b"NOT DICOM " * (IN_MEMORY_MAX // 10 + 10)
+    files = {**small_study(62), PHI_NAME: junk, "dup.dcm": dup}
+    samples.write_drop(home.drops, "fac", PHI_FOLDER, files, manifest=False)
+    path = Path(home.drops.root) / "fac" / PHI_FOLDER / PHI_NAME
+    calls: list[int] = []
+
+    def hit() -> None:
+        calls.append(1)
+        if len(calls) != 2:  # the two-pass batch, after its parse
+            return
+        path.unlink()
+        if how == "fifo":
+            os.mkfifo(path)
+        elif how == "symlink":
+            (tmp_path / "elsewhere").write_bytes(b"x")
+            path.symlink_to(tmp_path / "elsewhere")
+
+    ingest_mod.FAULTS["after_parse"] = hit
+    try:
+        stats = ingest(home)
+    finally:
+        ingest_mod.FAULTS.pop("after_parse")
+    assert stats.ingested == 2 and stats.duplicates == 1
+    assert dict(stats.quarantined) == {}
+    stored_bytes_match_rows(home)
+
+
+def test_a_small_file_grown_since_the_listing_is_not_read_whole(local_home: Home) -> None:
+    """Read no further than its listed size and a byte: a file listed at 39 kB that grew
+    to 40 MB is left for the next listing, not read into memory."""
+    home = local_home
+    files = small_study(91)
+    samples.write_drop(home.drops, "fac", "d1", files, manifest=False)
+    work = listed(home)
+    path = Path(home.drops.root) / "fac" / "d1" / next(iter(files))
+    with path.open("ab") as fh:
+        fh.write(b"\0" * (40 * 2**20))
+    tracemalloc.start()
+    try:
+        stats = ingest_batch(home, work, max_file_bytes=20 * 2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20
+    assert stats.ingested == 1 and stats.sources_changed == 1
     stored_bytes_match_rows(home)
