@@ -518,7 +518,8 @@ def unpack_drop(drops: Location, drop: Drop, limits: ArchiveLimits) -> Drop:
     ]
     # A CD sent as an archive: its DICOMDIR sorts the members (the archive is whole, so a
     # file it references and lacks is only reported missing, not waited for).
-    drop = replace(drop, files=files, unpacked=tuple(unpacked))
+    listed = tuple(a for a in archives if a.name in set(unpacked))
+    drop = replace(drop, files=files, unpacked=tuple(unpacked), archives_listed=listed)
     return with_directories(drops, drop, 0.0, 1.0, wait=False)
 
 

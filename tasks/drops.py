@@ -117,6 +117,9 @@ class Drop:
     directories: tuple[str, ...] = ()
     references: int = 0  # files its DICOMDIRs reference
     unpacked: tuple[str, ...] = ()
+    # The dropped archives among them as listed: one replaced since (a re-sent export.zip)
+    # is not removed with the drop, but left for the next run to unpack.
+    archives_listed: tuple[DropFile, ...] = ()
     # Referenced by a DICOMDIR but not here (name -> SOP Instance UID): a rerun finds them
     # cataloged when an earlier pass took them (see _resume_started).
     absent_uids: dict[str, str] = field(default_factory=dict)

@@ -1292,6 +1292,9 @@ def _finish(home: Home, drop: Drop) -> bool:
     listed = home.drops.list(drop.folder, unchecked=True)
     if [e for e in listed if e.name not in own]:
         return False
+    archives = {f.name: f for f in drop.archives_listed}
+    if any(e.name in archives and not archives[e.name].unchanged(e) for e in listed):
+        return False  # an archive re-sent under its name since it was unpacked: next run's
     present = {e.name for e in listed}
     for name in own:
         if name in present:

@@ -20,6 +20,7 @@ import pytest
 from dropvault.flows.ingest import ingest_drops
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
+from dropvault.tasks import ingest as ingest_mod
 from dropvault.tasks import samples
 from dropvault.tasks.receipts import read_receipt
 from tests.helpers import cli_env, drop_ref, sources
@@ -579,3 +580,33 @@ def test_strong_encryption_and_patched_data_flags_are_refused_whole(local_home: 
     assert stats.ingested == 0
     assert _reasons(home) == {"archive_encrypted": 1, "archive_corrupt": 1}
     assert sources(home.drops) == []
+
+
+def test_an_archive_re_sent_under_its_name_after_the_unpack_is_not_removed(
+    local_home: Home,
+) -> None:
+    """The facility sends its next study as ``study.zip`` again while the first one's
+    members are ingested: the drop is not finished over it, and the next run takes it."""
+    home = local_home
+    rng = random.Random(402)
+    _, first = samples.make_study(rng, samples.make_patient(rng, 1), 2, "CT_small.dcm")
+    _, second = samples.make_study(rng, samples.make_patient(rng, 2), 2, "CT_small.dcm")
+    zipped = {"study.zip": samples.zip_bytes(first)}
+    samples.write_drop(home.drops, "fac", "d1", zipped, manifest=False)
+    path = Path(home.drops.root) / "fac" / "d1" / "study.zip"
+    sent: list[int] = []
+
+    def resend() -> None:
+        if not sent:
+            sent.append(1)
+            path.write_bytes(samples.zip_bytes(second))
+
+    ingest_mod.FAULTS["after_commit"] = resend
+    try:
+        ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
+    finally:
+        ingest_mod.FAULTS.pop("after_commit")
+    assert path.exists()
+    ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
+    shas = set(home.catalog.query("SELECT sha256 FROM instances")["sha256"])
+    assert {hashlib.sha256(d).hexdigest() for d in [*first.values(), *second.values()]} <= shas
