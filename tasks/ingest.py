@@ -36,7 +36,7 @@ import duckdb
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dropvault.storage.catalog import Catalog, insert_rows
+from dropvault.storage.catalog import insert_rows
 from dropvault.storage.errors import retry_transient
 from dropvault.storage.home import Home
 from dropvault.storage.keystore import KeyDestroyedError
@@ -259,15 +259,27 @@ def remove_sources(home: Home, work: list[tuple[Drop, DropFile]], names: list[st
     return changed
 
 
+@dataclass
+class _Known:
+    """What the catalog knows of a batch, read on one connection (see :func:`_existing`)."""
+
+    sha: dict[str, str]  # instance sha by UID
+    study_keys: dict[str, str]  # record key id by study UID
+    quarantine: set[str]  # known quarantine ids
+    deleted_studies: set[str]  # study UIDs an owner deleted (tombstoned)
+    deleted_keys: set[str]  # of the keyed UIDs asked about, those of deleted studies,
+    # series or instances
+
+
 def _existing(
-    home: Home, uids: list[str], studies: list[str], qids: list[str]
-) -> tuple[dict[str, str], dict[str, str], set[str], set[str]]:
-    """Catalog look-ups for a batch: instance sha by UID, record key by study, known
-    quarantine ids, and the studies an owner deleted (tombstoned)."""
-    if not uids and not studies and not qids:
-        return {}, {}, set(), set()
+    home: Home, uids: list[str], studies: list[str], qids: list[str], uid_keys: set[str]
+) -> _Known:
+    """Catalog look-ups for a batch, on one read-only connection."""
+    if not uids and not studies and not qids and not uid_keys:
+        return _Known({}, {}, set(), set(), set())
     keys = {study_key(home.pepper, s): s for s in studies}
-    inst, stud, quar, tomb = home.catalog.read_only().many(
+    asked = sorted(uid_keys)
+    inst, stud, quar, tomb, gone = home.catalog.read_only().many(
         [
             (
                 "SELECT sop_instance_uid, sha256 FROM instances"
@@ -288,26 +300,22 @@ def _existing(
                 "SELECT study_key FROM tombstones WHERE study_key IN (SELECT unnest(?::VARCHAR[]))",
                 [list(keys)],
             ),
+            (
+                "SELECT study_key AS k FROM tombstones"
+                " WHERE study_key IN (SELECT unnest(?::VARCHAR[]))"
+                " UNION SELECT uid_key FROM tombstone_uids"
+                " WHERE uid_key IN (SELECT unnest(?::VARCHAR[]))",
+                [asked, asked],
+            ),
         ]
     )
-    return (
+    return _Known(
         dict(zip(inst["sop_instance_uid"], inst["sha256"], strict=True)),
         dict(zip(stud["study_uid"], stud["record_key_id"], strict=True)),
         set(quar["quarantine_id"]),
         {keys[k] for k in tomb["study_key"]},
+        set(gone["k"]),
     )
-
-
-def _deleted_uid_keys(catalog: Catalog, keys: set[str]) -> set[str]:
-    """Those of ``keys`` (keyed UIDs) that name a deleted study, series or instance."""
-    if not keys:
-        return set()
-    found = catalog.query(
-        "SELECT study_key AS k FROM tombstones WHERE study_key IN (SELECT unnest(?::VARCHAR[]))"
-        " UNION SELECT uid_key FROM tombstone_uids WHERE uid_key IN (SELECT unnest(?::VARCHAR[]))",
-        [sorted(keys), sorted(keys)],
-    )
-    return set(found["k"])
 
 
 def _check(item: _Read) -> tuple[QuarantineReason, str] | None:
@@ -708,18 +716,22 @@ class _Batch:
         traces = [self.traces(item) for item, _, _ in rejected]
         pepper = self.home.pepper
         uid_keys = [{study_key(pepper, u) for u in uids} for _, uids in traces]
-        known_sha, self.study_keys, self.known_quarantine, deleted = _existing(
+        # A file bearing a deleted instance's UID is a copy of it, whatever study UID it
+        # claims now.
+        copy_keys = {h.sop_instance_uid: {study_key(pepper, h.sop_instance_uid)} for h in headers}
+        known = _existing(
             self.home,
             [h.sop_instance_uid for h in headers],
             sorted({h.study_uid for h in headers}),
             [r.quarantine_id for r in reads if r.quarantine_id] + [u[2] for u in self.unreadable],
+            set().union(*uid_keys, *copy_keys.values()),
         )
-        # A file bearing a deleted instance's UID is a copy of it, whatever study UID it
-        # claims now.
-        copy_keys = {h.sop_instance_uid: {study_key(pepper, h.sop_instance_uid)} for h in headers}
-        deleted_keys = _deleted_uid_keys(
-            self.home.catalog, set().union(*uid_keys, *copy_keys.values())
+        known_sha, self.study_keys, self.known_quarantine = (
+            known.sha,
+            known.study_keys,
+            known.quarantine,
         )
+        deleted, deleted_keys = known.deleted_studies, known.deleted_keys
         self.report_unreadable()
         for (item, reason, detail), (hint, _), keys in zip(rejected, traces, uid_keys, strict=True):
             if keys & deleted_keys:
