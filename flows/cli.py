@@ -26,6 +26,7 @@ from dropvault.flows.settings import (
     home_server_attached,
     prefect_api_configured,
     quiet_prefect_defaults,
+    server_environment,
     use_home_server,
 )
 
@@ -734,7 +735,7 @@ def quarantine_export_cmd(
 def server_start() -> None:
     """Start (or find) the home's kept Prefect server; later commands run against it."""
     home = Settings.load().home
-    typer.echo(f"home server: {home_server.start(home)}")
+    typer.echo(f"home server: {home_server.start(home, server_environment())}")
 
 
 @server_app.command("stop")

@@ -100,8 +100,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(home: Path, timeout: float = 180.0) -> str:
-    """Start the home's server unless one runs; returns its API URL."""
+def start(home: Path, environment: dict[str, str], timeout: float = 180.0) -> str:
+    """Start the home's server unless one runs; returns its API URL. ``environment``: the
+    server's, without ``PREFECT_API_URL`` (:func:`dropvault.flows.settings.server_environment`)."""
     url = running(home)
     if url is not None:
         return url
@@ -109,7 +110,7 @@ def start(home: Path, timeout: float = 180.0) -> str:
     prefect_home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in environment.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     prefect = str(Path(sys.executable).with_name("prefect"))

@@ -697,6 +697,12 @@ def quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def server_environment() -> dict[str, str]:
+    """The environment for the home's kept Prefect server: this process's, less the API
+    URL (the server is its own API)."""
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+
+
 _on_home_server: list[str] = []  # the kept server's URL, once this command found it
 
 
