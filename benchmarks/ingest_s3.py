@@ -3,7 +3,7 @@
     python benchmarks/ingest_s3.py            # 500 files
     python benchmarks/ingest_s3.py --quick    # 50 files, what CI runs
 
-moto runs in this process on 127.0.0.1, so both sides pay the same emulated S3. The copy
+moto runs in a process of its own on 127.0.0.1, so both sides pay the same emulated S3. The copy
 reads each object with s3fs and writes it under another prefix; dropvault ingests the
 same objects (drops, vault and quarantine on S3; catalog and keys on local disk). The
 issue asks for the ratio to be reported; there is no goal.
@@ -14,16 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/moto_server.py
 
 from dropvault.flows.settings import Settings, quiet_prefect_defaults
 
 quiet_prefect_defaults()  # before Prefect is imported
 
 import s3fs  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 from dropvault.flows.ingest import ingest_drops  # noqa: E402
 from dropvault.storage.catalog import Catalog  # noqa: E402
@@ -31,6 +33,7 @@ from dropvault.storage.home import LOCATIONS, Home  # noqa: E402
 from dropvault.storage.keystore import Keystore, create_secret  # noqa: E402
 from dropvault.storage.locations import Location  # noqa: E402
 from dropvault.tasks import samples  # noqa: E402
+from tests.moto_server import moto_server  # noqa: E402
 
 BUCKET = "bench"
 
@@ -55,12 +58,9 @@ def main() -> None:
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(var, "bench")
     os.environ.pop("AWS_PROFILE", None)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
+    with moto_server() as endpoint:
         fs = s3fs.S3FileSystem(
-            endpoint_url=f"http://{host}:{port}",
+            endpoint_url=endpoint,
             key="bench",
             secret="bench",  # noqa: S106 - moto's throwaway credentials
             use_listings_cache=False,
@@ -94,8 +94,6 @@ def main() -> None:
             stats = ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
             ingest_s = time.perf_counter() - started
             assert stats.ingested == n, stats.as_dict()
-    finally:
-        server.stop()
     mb = total / 1e6
     print(f"files: {n}  bytes: {total:,}  S3: moto on 127.0.0.1  cores: {os.cpu_count()}")
     print(f"{'run':<20}{'files/s':>10}{'MB/s':>8}")

@@ -15,7 +15,6 @@ Not a timed test: the machines are shared, so only the ratios mean something.
 from __future__ import annotations
 
 import argparse
-import logging
 import multiprocessing as mp
 import os
 import sys
@@ -33,13 +32,13 @@ quiet_prefect_defaults()
 
 import boto3  # noqa: E402
 from ingest import make_files, spawn_workers, write_tree  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 from dropvault.storage.catalog import Catalog  # noqa: E402
 from dropvault.storage.ducklake import Lake  # noqa: E402
 from dropvault.storage.home import Home  # noqa: E402
 from dropvault.tasks.drops import in_shard, scan_drops  # noqa: E402
 from dropvault.tasks.ingest import batches, ingest_batch  # noqa: E402
+from tests.moto_server import moto_server  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 
 BATCH = 500  # the default DROPVAULT_BATCH_FILES
@@ -88,33 +87,29 @@ def main() -> None:
     args = parser.parse_args()
     n = 200 if args.quick else args.n
     files = make_files(n, per_drop=PER_DROP)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     os.environ.pop("AWS_PROFILE", None)
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="foo", aws_secret_access_key="foo",  # noqa: S106
-        region_name="us-east-1",
-    ).create_bucket(Bucket="lake")  # fmt: skip
-    s3 = {"endpoint_url": endpoint, "key": "foo", "secret": "foo"}
     table = []
-    try:
-        with PostgresServer.start() as pg, tempfile.TemporaryDirectory(prefix="dv-scale-") as t:
-            tmp = Path(t)
+    with (
+        moto_server() as endpoint,
+        PostgresServer.start() as pg,
+        tempfile.TemporaryDirectory(prefix="dv-scale-") as t,
+    ):
+        boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id="foo", aws_secret_access_key="foo",  # noqa: S106
+            region_name="us-east-1",
+        ).create_bucket(Bucket="lake")  # fmt: skip
+        s3 = {"endpoint_url": endpoint, "key": "foo", "secret": "foo"}
+        tmp = Path(t)
 
-            def lake() -> Lake:
-                name = "b" + uuid.uuid4().hex[:10]
-                return Lake(pg.conninfo, f"s3://lake/{name}/", s3=s3, schema=name)
+        def lake() -> Lake:
+            name = "b" + uuid.uuid4().hex[:10]
+            return Lake(pg.conninfo, f"s3://lake/{name}/", s3=s3, schema=name)
 
-            for backend in ("duckdb", "ducklake"):
-                for workers in (1, 2):
-                    seconds = run(tmp, files, lake() if backend == "ducklake" else None, workers)
-                    table.append((backend, workers, n / seconds))
-                    print(f"  {backend} x{workers}: {n / seconds:.0f} files/s", file=sys.stderr)
-    finally:
-        moto.stop()
+        for backend in ("duckdb", "ducklake"):
+            for workers in (1, 2):
+                seconds = run(tmp, files, lake() if backend == "ducklake" else None, workers)
+                table.append((backend, workers, n / seconds))
+                print(f"  {backend} x{workers}: {n / seconds:.0f} files/s", file=sys.stderr)
     base = table[0][2]
     print(f"files: {n}  drops: {n // PER_DROP}  batch: {BATCH}  cores: {os.cpu_count()}")
     print(f"{'catalog':<10}{'workers':>8}{'files/s':>10}{'vs DuckDB x1':>14}")

@@ -38,6 +38,7 @@ from dropvault.storage.ducklake import Lake  # noqa: E402
 from dropvault.storage.home import LOCATIONS, Home  # noqa: E402
 from dropvault.storage.keystore import Keystore, create_secret  # noqa: E402
 from dropvault.storage.locations import Location  # noqa: E402
+from tests.moto_server import moto_server  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 
 BUCKET = "dropvault-test"
@@ -89,26 +90,21 @@ def prefect_harness() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
+    """moto's S3 server in a process of its own (tests/moto_server.py), with the buckets."""
     os.environ.pop("AWS_PROFILE", None)
     os.environ["AWS_ACCESS_KEY_ID"] = "foo"
     os.environ["AWS_SECRET_ACCESS_KEY"] = "foo"  # noqa: S105 - moto test credentials
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    client.create_bucket(Bucket=LAKE_BUCKET)
-    client.create_bucket(Bucket=VERSIONED_BUCKET)
-    for versioned in (VERSIONED_BUCKET, LAKE_BUCKET):  # a lake's old Parquet versions too
-        client.put_bucket_versioning(
-            Bucket=versioned, VersioningConfiguration={"Status": "Enabled"}
-        )
-    yield endpoint
-    server.stop()
+    with moto_server() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        client.create_bucket(Bucket=LAKE_BUCKET)
+        client.create_bucket(Bucket=VERSIONED_BUCKET)
+        for versioned in (VERSIONED_BUCKET, LAKE_BUCKET):  # a lake's old Parquet versions too
+            client.put_bucket_versioning(
+                Bucket=versioned, VersioningConfiguration={"Status": "Enabled"}
+            )
+        yield endpoint
 
 
 @pytest.fixture(scope="session")

@@ -190,7 +190,13 @@ def study_uid_hint(head: bytes) -> str | None:
     """The StudyInstanceUID a rejected file's first bytes name, if a parse can find one (a
     truncated copy of a study's image still names it), so its quarantined copy is deleted
     with the study. Best effort on hostile bytes: None on any failure or a value that is
-    not a UID (free text there could be PHI)."""
+    not a UID (free text there could be PHI).
+
+    A deflated data set gives no hint: pydicom would inflate it whole, and a deflate bomb
+    of 1 MB held an ingest for over a minute and 1 GiB of memory. Its UIDs are still
+    found, inflated within a bound, by ``uid_scan.uids_named``."""
+    if DEFLATED.encode() in head[:65536]:
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

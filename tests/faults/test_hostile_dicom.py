@@ -15,6 +15,8 @@ from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
 from dropvault.tasks.dicom import DicomRejected, header_from_bytes
+from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.ingest import ingest_batch
 from tests.conftest import make_home
 from tests.faults.hostile import corpus, element_starts
 from tests.helpers import sources
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.integration
 CORPUS = corpus()
 SECONDS_PER_FILE = 5.0
 PEAK_BYTES = 32 * 1024 * 1024
+SCAN_CHUNKS = 16 * 1024 * 1024  # the ingest reads a small file whole and scans 1 MiB chunks
 
 
 def test_the_corpus_is_big_enough() -> None:
@@ -46,6 +49,34 @@ def test_hostile_file_gets_its_reason_in_bounded_time_and_memory(
     assert info.value.reason == reason, info.value.detail
     assert time.perf_counter() - started < SECONDS_PER_FILE
     assert peak < PEAK_BYTES, f"{label}: {peak / 1e6:.0f} MB"
+
+
+def test_each_hostile_file_is_quarantined_by_the_ingest_in_bounded_time_and_memory(
+    tmp_path: Path,
+) -> None:
+    """The whole ingest path, not only the header parse: quarantining a file also looks for
+    the study it names (a deflate bomb once took over a minute and 1 GiB there)."""
+    home = Home.init(tmp_path / "home")
+    home.catalog.migrate()
+    files = {f"{i:02d}.dcm": data for i, (_label, data, _reason) in enumerate(CORPUS)}
+    samples.write_drop(home.drops, "fac", "hostile", files, manifest=False)
+    (drop,) = scan_drops(home.drops, home.pepper, time.time(), 0, 3600, catalog=home.catalog)
+    assert len(drop.files) == len(CORPUS)
+    slow = []
+    for file in drop.files:
+        label, _data, reason = CORPUS[int(file.name.rsplit("/", 1)[-1][:2])]
+        tracemalloc.start()
+        started = time.perf_counter()
+        try:
+            stats = ingest_batch(home, [(drop, file)], max_file_bytes=1 << 30)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        seconds = time.perf_counter() - started
+        assert dict(stats.quarantined) == {reason: 1}, label
+        if seconds > SECONDS_PER_FILE or peak > 2 * SCAN_CHUNKS:
+            slow.append(f"{label}: {seconds:.1f} s, {peak / 1e6:.0f} MB")
+    assert slow == []
 
 
 @pytest.mark.parametrize("sample", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm"])
