@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dropvault.tasks.dicom.header import DEFLATED
+
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 NAME = "DICOMDIR"
 # A larger one is an ordinary file (and quarantined). A CD of 1,000 images has a DICOMDIR
@@ -38,7 +40,13 @@ class Directory:
 
 def read_dicomdir(raw: bytes) -> Directory | None:
     """The references of a DICOMDIR, or None when ``raw`` is not a readable one (it is then
-    an ordinary file of its drop, and ingest gives it its reason)."""
+    an ordinary file of its drop, and ingest gives it its reason).
+
+    A deflated one is not read: pydicom inflates a data set whole, and a 1 MB deflate bomb
+    named DICOMDIR held every scan of the drops for over a minute and 1 GiB (PS3.10 media
+    use explicit VR little endian for it anyway)."""
+    if DEFLATED.encode() in raw[:65536]:
+        return None
     try:
         ds = pydicom.dcmread(io.BytesIO(raw))
         if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) != MEDIA_STORAGE_DIRECTORY:

@@ -18,7 +18,7 @@ from dropvault.tasks.dicom import DicomRejected, header_from_bytes
 from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.ingest import ingest_batch
 from tests.conftest import make_home
-from tests.faults.hostile import corpus, element_starts
+from tests.faults.hostile import corpus, deflate_bomb, element_starts
 from tests.helpers import sources
 
 pytestmark = pytest.mark.integration
@@ -149,3 +149,21 @@ def test_names_that_escape_are_quarantined_not_followed(tmp_path: Path, name: st
         p for p in home.drops.fs.find("/") if "escape" in p or "passwd" in p or p.endswith("y.dcm")
     ]
     assert all(p.startswith(home.drops.root) for p in every)  # nothing was written outside
+
+
+def test_a_deflate_bomb_named_dicomdir_does_not_hold_the_scan(tmp_path: Path) -> None:
+    """Every ingest run scans every facility's drops and reads each DICOMDIR: one named so
+    by a facility must not stall the scan (it once took over a minute and 1 GiB a pass)."""
+    home = Home.init(tmp_path / "home")
+    home.catalog.migrate()
+    rng = random.Random(13)
+    _, good = samples.make_study(rng, samples.make_patient(rng, 4), 2, "MR_small.dcm")
+    samples.write_drop(home.drops, "other", "d1", good, manifest=False)
+    samples.write_drop(home.drops, "fac", "cd", {"DICOMDIR": deflate_bomb()}, manifest=False)
+    started = time.process_time()
+    drops = scan_drops(home.drops, home.pepper, time.time(), 0, 3600, catalog=home.catalog)
+    assert time.process_time() - started < INGEST_CPU_SECONDS
+    assert sorted(len(d.files) for d in drops) == [1, 2]  # the DICOMDIR is an ordinary file
+    stats = ingest_batch(home, [(d, f) for d in drops for f in d.files], max_file_bytes=1 << 30)
+    assert stats.ingested == 2
+    assert dict(stats.quarantined) == {"not_dicom": 1}
