@@ -7,12 +7,17 @@ import struct
 import zlib
 from typing import IO
 
+from pydicom.dataset import FileMetaDataset
+
 from dropvault.tasks.dicom.elements import Decline, file_meta
-from dropvault.tasks.dicom.header import DEFLATED, DicomRejected
+from dropvault.tasks.dicom.filemeta import HEAD_BYTES, MetaUnforeseen, read_file_meta
+from dropvault.tasks.dicom.header import DicomRejected
 from dropvault.tasks.reasons import QuarantineReason
 
-# A deflated dataset may inflate to at most this much (pydicom inflates it whole in memory).
-MAX_INFLATED = 64 * 1024 * 1024
+# A deflated data set may inflate to at most this much (it is held whole in memory, as
+# pydicom does). Deflate is used for reports and small images; 16 MiB is a 2,900 x 2,900
+# 16-bit image.
+MAX_INFLATED = 16 << 20
 
 EXECUTABLE_MAGIC = (b"MZ", b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xfe\xed\xfa\xcf", b"#!")
 
@@ -40,43 +45,48 @@ def check_meta_whole(fp: IO[bytes], size: int) -> None:
         raise DicomRejected(QuarantineReason.TRUNCATED, "file meta is cut short") from None
 
 
-def check_inflated_size(fp: IO[bytes], size: int) -> None:
-    """Refuse a deflated dataset that inflates past :data:`MAX_INFLATED` (a deflate bomb).
+def inflated_data_set(fp: IO[bytes], size: int) -> tuple[FileMetaDataset, bytes] | None:
+    """A deflated file's meta and its data set inflated, within :data:`MAX_INFLATED`
+    (a deflate bomb is refused); None for any other file.
 
-    pydicom inflates the whole dataset in memory, so this runs first, streaming and
-    counting without keeping the output.
+    pydicom would inflate the whole rest of the file in memory and then walk it with no
+    bound, so the parse of a deflated file reads this instead (:mod:`.budget`). Whether
+    the file is deflated is pydicom's own reading of its meta (:mod:`.filemeta`); a meta
+    too long to read here is refused.
     """
-    head = fp.read(min(size, 65536))
+    head = fp.read(min(size, HEAD_BYTES))
     fp.seek(0)
-    if DEFLATED.encode() not in head:
-        return
     try:
-        meta, start = file_meta(head)
-    except (Decline, struct.error):
-        return  # pydicom reports the broken meta
-    if meta.get(0x00020010, b"").rstrip(b" \x00") != DEFLATED.encode():
-        return
+        meta = read_file_meta(head, size, force=False)
+    except MetaUnforeseen:
+        raise DicomRejected(QuarantineReason.NOT_DICOM, "file meta is too large") from None
+    if meta is None or not meta.deflated:
+        return None
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    fp.seek(start)
-    total = 0
+    fp.seek(meta.dataset_start)
+    out = bytearray()
     pending = b""
-    while not inflater.eof:
-        if not pending:
-            pending = fp.read(1024 * 1024)
+    try:
+        while not inflater.eof:
             if not pending:
-                break
-        # At most 1 MiB out per step: the memory stays bounded whatever the ratio.
-        try:
-            total += len(inflater.decompress(pending, 1024 * 1024))
-        except zlib.error as exc:
-            fp.seek(0)
-            raise DicomRejected(
-                QuarantineReason.NOT_DICOM, "deflated dataset does not inflate"
-            ) from exc
-        pending = inflater.unconsumed_tail
-        if total > MAX_INFLATED:
-            fp.seek(0)
-            raise DicomRejected(
-                QuarantineReason.NOT_DICOM, "deflated dataset inflates past the limit"
-            )
-    fp.seek(0)
+                pending = fp.read(1024 * 1024)
+                if not pending:
+                    break
+            # At most 1 MiB out per step: the memory stays bounded whatever the ratio.
+            try:
+                out += inflater.decompress(pending, 1024 * 1024)
+            except zlib.error as exc:
+                raise DicomRejected(
+                    QuarantineReason.NOT_DICOM, "deflated dataset does not inflate"
+                ) from exc
+            pending = inflater.unconsumed_tail
+            if len(out) > MAX_INFLATED:
+                raise DicomRejected(
+                    QuarantineReason.NOT_DICOM, "deflated dataset inflates past the limit"
+                )
+    finally:
+        fp.seek(0)
+    if not inflater.eof:
+        # pydicom's zlib.decompress refuses a stream cut short: so does the ingest.
+        raise DicomRejected(QuarantineReason.TRUNCATED, "deflated dataset is cut short")
+    return meta.dataset, bytes(out)

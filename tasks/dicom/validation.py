@@ -23,12 +23,14 @@ from typing import IO, Any
 import pydicom
 import pydicom.config
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
+from dropvault.tasks.dicom.budget import TooManyElements, read_bounded, read_inflated
 from dropvault.tasks.dicom.elements import UNDEFINED, check_pixel_element, int_value
-from dropvault.tasks.dicom.guards import check_inflated_size, check_meta_whole, check_preamble
+from dropvault.tasks.dicom.filemeta import may_inflate
+from dropvault.tasks.dicom.guards import check_meta_whole, check_preamble, inflated_data_set
 from dropvault.tasks.dicom.header import DEFLATED, REQUIRED_UIDS, DicomHeader, DicomRejected
 from dropvault.tasks.reasons import QuarantineReason
 
@@ -84,9 +86,9 @@ def _read_header(fp: IO[bytes], size: int) -> DicomHeader:
     if size > 133 and head[128:132] == b"DICM" and head[132:134] != b"\x02\x00":
         raise DicomRejected(QuarantineReason.NOT_DICOM, "no file meta after the DICM prefix")
     check_meta_whole(fp, size)
-    check_inflated_size(fp, size)
-    ds = _parse(fp, cut_reason)
-    pixel_start = fp.tell()
+    inflated = inflated_data_set(fp, size)
+    ds = _parse(fp, cut_reason, inflated)
+    pixel_start = fp.tell() if inflated is None else size
     tsyntax = _transfer_syntax(ds, pixel_start, size, cut_reason)
     if tsyntax != DEFLATED:
         _check_elements_inside(ds, size)
@@ -119,13 +121,21 @@ def _read_header(fp: IO[bytes], size: int) -> DicomHeader:
     )
 
 
-def _parse(fp: IO[bytes], cut_reason: QuarantineReason) -> Dataset:
-    """pydicom's header parse, its failures mapped to reasons (it does not raise on a cut
-    file, but warns when one ends inside an undefined-length element)."""
+def _parse(
+    fp: IO[bytes], cut_reason: QuarantineReason, inflated: tuple[FileMetaDataset, bytes] | None
+) -> Dataset:
+    """pydicom's header parse, bounded (:mod:`.budget`), its failures mapped to reasons
+    (it does not raise on a cut file, but warns when one ends inside an undefined-length
+    element). ``inflated``: a deflated file's meta and inflated data set."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            if inflated is None:
+                ds: Dataset = read_bounded(fp, stop_before_pixels=True)
+            else:
+                ds = read_inflated(*inflated)
+    except TooManyElements as exc:
+        raise DicomRejected(QuarantineReason.NOT_DICOM, "header has too many elements") from exc
     except InvalidDicomError as exc:
         raise DicomRejected(cut_reason, "no DICM prefix or file meta") from exc
     except (EOFError, struct.error, OSError, BytesLengthException) as exc:
@@ -195,12 +205,12 @@ def study_uid_hint(head: bytes) -> str | None:
     A deflated data set gives no hint: pydicom would inflate it whole, and a deflate bomb
     of 1 MB held an ingest for over a minute and 1 GiB of memory. Its UIDs are still
     found, inflated within a bound, by ``uid_scan.uids_named``."""
-    if DEFLATED.encode() in head[:65536]:
+    if may_inflate(head, force=True):
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(
+            ds = read_bounded(
                 io.BytesIO(head), force=True, stop_before_pixels=True, specific_tags=[STUDY_UID_TAG]
             )
             value = str(ds.get("StudyInstanceUID") or "").strip("\0 ")

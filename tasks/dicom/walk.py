@@ -17,6 +17,7 @@ import struct
 
 from pydicom.uid import UID
 
+from dropvault.tasks.dicom.budget import MAX_ELEMENTS
 from dropvault.tasks.dicom.elements import (
     ITEM,
     LONG_VRS,
@@ -129,8 +130,10 @@ def _walk(  # noqa: C901 - the hot per-element loop: helpers would cost a call p
     head_s, short_s, u32 = _EXPLICIT[endian], _IMPLICIT[endian], U32[endian]
     wanted = _WANTED if found is not None else ()
     last = -1
+    budget = MAX_ELEMENTS  # a flood of elements is refused by the pydicom path's bound
     while pos < limit:
-        if pos + 8 > size:
+        budget -= 1
+        if pos + 8 > size or budget < 0:
             raise Decline
         if explicit:
             group, elem, vr, length = head_s.unpack_from(data, pos)

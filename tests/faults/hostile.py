@@ -135,6 +135,9 @@ def corpus() -> list[tuple[str, bytes, str]]:
         ("bad transfer syntax", with_meta_syntax(ct, "1.2.3.4.5.6.7"), "not_dicom"),
         ("transfer syntax that is not a UID", with_meta_syntax(ct, "JPEG please"), "not_dicom"),
         ("deflate bomb", deflate_bomb(), "not_dicom"),
+        # An outside review's: the transfer syntax pushed past the guard's old 64 KiB look.
+        ("deflate bomb behind a 70,000-byte meta element", deflate_bomb(70_000), "not_dicom"),
+        ("deflate bomb with an implicit VR file meta", implicit_meta_bomb(), "not_dicom"),
         ("deflated garbage", deflated_garbage(), "not_dicom"),
         ("deep nesting (5,000 levels)", deep_nesting(ct, 5000), "not_dicom"),
         ("no SOP Instance UID", samples.without(ct, "SOPInstanceUID"), "missing_uid"),
@@ -145,14 +148,65 @@ def corpus() -> list[tuple[str, bytes, str]]:
     return out
 
 
-def deflate_bomb() -> bytes:
-    """A deflated-syntax file whose dataset inflates to 1 GiB of zeros (about 1 MB on disk)."""
-    data = samples._sample_bytes("image_dfl.dcm")
-    meta, _ = split(data)
+def deflate_bomb(meta_padding: int = 0) -> bytes:
+    """A deflated-syntax file whose dataset inflates to 1 GiB of zeros (about 1 MB on disk);
+    ``meta_padding``: bytes of a (0002,0102) element put before the transfer syntax."""
+    meta, _ = split(samples._sample_bytes("image_dfl.dcm"))
+    if meta_padding:
+        meta = PREAMBLE + element(0x00020102, b"OB", b"A" * meta_padding) + meta[132:]
+    return meta + _deflated_zeros(1024)
+
+
+def _deflated_zeros(mib: int) -> bytes:
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    zeros = b"\0" * (1 << 24)
-    body = b"".join(packer.compress(zeros) for _ in range(64)) + packer.flush()
-    return meta + body
+    zeros = b"\0" * (1 << 20)
+    return b"".join(packer.compress(zeros) for _ in range(mib)) + packer.flush()
+
+
+def deflated_zeros(mib: int) -> bytes:
+    return split(samples._sample_bytes("image_dfl.dcm"))[0] + _deflated_zeros(mib)
+
+
+def implicit_meta_bomb() -> bytes:
+    """A deflate bomb whose file meta is implicit VR, which pydicom re-reads as such."""
+
+    def implicit(tag: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+    meta = (
+        implicit(0x00020010, b"1.2.840.10008.1.2.1.99\0")
+        + implicit(0x00020002, b"1.2.840.10008.5.1.4.1.1.2\0")
+        + implicit(0x00020003, b"1.2.3.4\0\0")
+    )
+    return PREAMBLE + meta + _deflated_zeros(1024)
+
+
+def floods() -> dict[str, bytes]:
+    """Headers that are all elements or items: pydicom's walk of them is what costs (an
+    outside review's, at the sizes it measured)."""
+    meta, _ = split(samples._sample_bytes("CT_small.dcm"))
+    return {
+        # 15 MiB of zeros inflated: 2 M empty elements under the inflate limit.
+        "deflated flood of empty elements": deflated_zeros(15),
+        "16 MiB of 8-byte private elements": private_flood(meta, 16),
+        "1 MiB sequence of empty items": item_flood(meta, 1 << 17),
+    }
+
+
+def private_flood(meta: bytes, mib: int) -> bytes:
+    """Distinct ascending private tags of VR LO and no value: 8 bytes an element."""
+    n = (mib << 20) // 8
+    pack = struct.Struct("<HH2sH").pack
+    return meta + b"".join(pack(0x0009 + 2 * (i >> 16), i & 0xFFFF, b"LO", 0) for i in range(n))
+
+
+def item_flood(meta: bytes, items: int) -> bytes:
+    return (
+        meta
+        + element(0x00081140, b"SQ", b"", length=0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0) * items
+        + SEQ_END
+    )
 
 
 def deflated_garbage() -> bytes:
