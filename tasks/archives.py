@@ -43,13 +43,14 @@ import errno
 import gzip
 import hashlib
 import logging
+import re
 import struct
 import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import IO
+from typing import IO, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -169,9 +170,61 @@ class _Budget:
             )
 
 
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+
+
+def _pax_records_whole(buf: bytes) -> bool:
+    """Whether ``buf`` (a pax header's block) is records each ``"<length> <key>=<value>\\n"``
+    of their stated length, then NUL padding: checked in one linear pass."""
+    pos, size = 0, len(buf)
+    while pos < size and buf[pos] != 0:
+        match = _PAX_LENGTH.match(buf, pos)
+        if match is None:
+            return False
+        end = pos + int(match.group(1))
+        if end < match.end() + 2 or end > size or buf[end - 1 : end] != b"\n":
+            return False
+        if buf.find(b"=", match.end(), end) < 0:
+            return False
+        pos = end
+    return True
+
+
+class _Replay:
+    """A stream whose first read returns bytes already taken from it."""
+
+    def __init__(self, first: bytes, stream: Any) -> None:
+        self._first: bytes | None = first
+        self._stream = stream
+
+    def read(self, size: int | None = None) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return self._stream.read(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
     """Refuses a long-name or pax header before tarfile reads it whole into memory, and old
     GNU sparse members (their chain of extension blocks has no bound)."""
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        """A pax header whose records are not each ``"<length> <key>=<value>\\n"`` is
+        refused before tarfile's parser sees it: Python 3.11.7's parser is quadratic on
+        some (CVE-2024-6232; a 64,000-digit header cost 6 s; 20,000 short records before
+        one far ``=`` cost 1.5 s per 80 KB), and each member may have a header."""
+        stream = tarfile_.fileobj
+        buf = stream.read(self._block(self.size))  # type: ignore[attr-defined]
+        if not _pax_records_whole(buf):
+            raise tarfile.HeaderError("pax header records are malformed")
+        tarfile_.fileobj = _Replay(buf, stream)
+        try:
+            return super()._proc_pax(tarfile_)  # type: ignore[misc]
+        finally:
+            tarfile_.fileobj = stream
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _LONG_HEADERS and self.size > MAX_HEADER:
@@ -297,8 +350,13 @@ class _Unpacking:
             for index, member in enumerate(tf):
                 tf.members.clear()  # type: ignore[attr-defined]  # stream mode keeps each header
                 self.budget.count()
-                if member.isdir() or member.type in _VENDOR_METADATA:
+                if member.isdir():
                     continue  # tar's own bookkeeping: no file of the facility's
+                if member.type in _VENDOR_METADATA:
+                    # Not a file, but tarfile inflates its data to skip it: that counts.
+                    self.budget.check_member(member.size)
+                    self.budget.grow(member.size)
+                    continue
                 if member.type == b"M":
                     raise ArchiveRefused(
                         QuarantineReason.ARCHIVE_CORRUPT, "a multi-volume tar continuation"
@@ -317,6 +375,8 @@ class _Unpacking:
                 src = tf.extractfile(member)
                 if name is not None and src is not None:
                     self.write(name, src)
+                else:
+                    self.budget.grow(member.size)  # skipped, yet inflated all the same
 
     def clear_leftovers(self) -> None:
         """Partial files a killed run's writer left in this archive's folder (``.tmp-*``):

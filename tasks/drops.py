@@ -53,7 +53,13 @@ from dropvault.tasks.phi import study_key
 MANIFEST = "manifest.json"
 # ``{drops}/{facility}/_receipts/``: what each drop did, for the facility to read
 # (``dropvault.tasks.receipts``). A drop folder of that name is never a drop.
-MAX_MANIFEST_BYTES = 64 << 20  # ~400,000 listed files; a larger one is malformed
+# ~150,000 listed files; a larger one is malformed. It is read whole every scan while
+# its drop waits (~60 MB parsed at the limit).
+MAX_MANIFEST_BYTES = 16 << 20
+# A listed file takes ~100 bytes and 4 of "{[,": json builds an object per value, so a
+# manifest denser in values than 1 in 10 bytes is refused before it is parsed (8 MiB of
+# "{}," once cost 320 MB every scan).
+MIN_BYTES_PER_VALUE = 10
 MAX_DIRECTORIES = 4  # DICOMDIRs read per drop (a few CDs copied into one folder)
 TMP_PREFIX = ".tmp-"
 
@@ -172,6 +178,11 @@ def in_shard(drop_key: str, shard: str | None) -> bool:
 
 def _parse_manifest(raw: bytes) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
     """``({relative path: (size, sha256)}, owners)``; raises ValueError when malformed."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ValueError("manifest too large")
+    values = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
+    if values * MIN_BYTES_PER_VALUE > len(raw) + 1024:
+        raise ValueError("manifest has more values than its files")
     doc = json.loads(raw)
     if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
         raise ValueError("manifest needs a 'files' list")
@@ -353,7 +364,8 @@ def _drop_by_manifest(
     try:
         if manifest_entry.size > MAX_MANIFEST_BYTES:
             raise ValueError("manifest too large")  # read whole, it could exhaust memory
-        listed, owners = _parse_manifest(drops.read_bytes(manifest_entry.name, unchecked=True))
+        raw = drops.read_bytes(manifest_entry.name, unchecked=True, limit=MAX_MANIFEST_BYTES + 1)
+        listed, owners = _parse_manifest(raw)
     except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
         if isinstance(exc, OSError) and not is_file_problem(exc):
             raise  # the store's trouble (a 503): the scan retries, the drop is not judged
@@ -414,7 +426,8 @@ def _read_directories(drops: Location, drop: Drop) -> dict[DropFile, Directory]:
         if len(found) >= MAX_DIRECTORIES:
             break  # more are ordinary files (and quarantined): each read costs every scan
         try:
-            directory = read_dicomdir(drops.read_bytes(f.name, unchecked=True))
+            raw = drops.read_bytes(f.name, unchecked=True, limit=DICOMDIR_MAX + 1)
+            directory = read_dicomdir(raw) if len(raw) <= DICOMDIR_MAX else None
         except OSError as exc:
             if not is_file_problem(exc):
                 raise

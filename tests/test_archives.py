@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import ingest as ingest_mod
 from dropvault.tasks import samples
+from dropvault.tasks.archives import _BoundedTarInfo
 from dropvault.tasks.receipts import read_receipt
 from tests.helpers import cli_env, drop_ref, sources
 
@@ -610,3 +613,76 @@ def test_an_archive_re_sent_under_its_name_after_the_unpack_is_not_removed(
     ingest_drops(home=home, settings=Settings.load(quiet_seconds=0))
     shas = set(home.catalog.query("SELECT sha256 FROM instances")["sha256"])
     assert {hashlib.sha256(d).hexdigest() for d in [*first.values(), *second.values()]} <= shas
+
+
+def _tgz_of_zeros(name: str, kind: bytes, mib: int) -> bytes:
+    """A gzipped tar holding one member of ``mib`` MiB of zeros (~1 KB a MiB packed)."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = mib << 20
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [packer.compress(info.tobuf(format=tarfile.GNU_FORMAT))]
+    parts += [packer.compress(b"\0" * (1 << 20)) for _ in range(mib)]
+    return b"".join([*parts, packer.compress(b"\0" * 1024), packer.flush()])
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("../escape.dcm", tarfile.REGTYPE), ("acl", b"A"), ("label", b"V")],
+    ids=["refused name", "ACL entry", "volume label"],
+)
+def test_a_skipped_member_still_counts_against_the_ratio(
+    local_home: Home, name: str, kind: bytes
+) -> None:
+    """tarfile inflates a member's data to skip it: a bomb under a refused name or a
+    bookkeeping typeflag is still a bomb (one of 64 MiB once cost 6 s a 255 KB archive,
+    outside every bound)."""
+    home = local_home
+    _, good = _study(31, 1)
+    samples.write_drop(home.drops, "fac", "d1", {"x.tgz": _tgz_of_zeros(name, kind, 64)})
+    samples.write_drop(home.drops, "other", "d1", good)
+    started = time.process_time()
+    stats = ingest_drops(home=home, settings=_settings())
+    assert _reasons(home) == {"archive_too_large": 1}
+    assert stats.ingested == 1
+    assert time.process_time() - started < 30  # the 64 MiB is never inflated
+
+
+@pytest.mark.parametrize(
+    "records",
+    [b"1" * 65536, b"4 ab" * 20_000 + b"=\n", b"0 " * 100, b"9 path=a\n" + b"x" * 100],
+    ids=["a run of digits", "records before one far '='", "zero lengths", "trailing bytes"],
+)
+def test_a_malformed_pax_header_is_corrupt_at_once(local_home: Home, records: bytes) -> None:
+    """Python 3.11.7's pax parser is quadratic on some headers (CVE-2024-6232): a 64 KB one
+    cost 6 s, and every member may carry one. Records are checked first, in one pass."""
+    home = local_home
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = len(records)
+    member = tarfile.TarInfo("a.dcm")
+    body = header.tobuf(format=tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)
+    raw = body + member.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * 1024
+    samples.write_drop(home.drops, "fac", "d1", {"x.tar": raw})
+    started = time.process_time()
+    with (
+        pytest.raises(tarfile.HeaderError),
+        tarfile.open(fileobj=io.BytesIO(raw), mode="r|", tarinfo=_BoundedTarInfo) as tf,
+    ):
+        list(tf)
+    assert time.process_time() - started < 0.5
+    ingest_drops(home=home, settings=_settings())
+    assert _reasons(home) == {"archive_corrupt": 1}
+
+
+def test_a_pax_header_with_long_names_and_times_is_read() -> None:
+    """The record check accepts what tar writes: a long path, times, a user name."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("deep/" * 40 + "IM0.dcm")
+        info.size, info.mtime, info.uname = 3, 1_700_000_000.123456, "émilie"
+        info.pax_headers = {"comment": "a = b\nc"}
+        tf.addfile(info, io.BytesIO(b"abc"))
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r|", tarinfo=_BoundedTarInfo) as tf:
+        names = [(m.name, m.uname, m.pax_headers.get("comment")) for m in tf]
+    assert names == [("deep/" * 40 + "IM0.dcm", "émilie", "a = b\nc")]

@@ -13,6 +13,7 @@ import json
 import random
 import struct
 import subprocess
+import time
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from dropvault.flows.ingest import ingest_drops
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import ingest, samples
+from dropvault.tasks.dicom import uids_named
 from dropvault.tasks.drop_names import drops_list
 from dropvault.tasks.quarantine import expire_quarantine, quarantine_export
 from tests.conftest import make_home
@@ -313,3 +315,16 @@ def test_a_uid_other_files_share_is_no_claim_on_them(tmp_path: Path) -> None:
     c_cut = cut_before_study_uid(next(iter(c_files.values())))
     samples.write_drop(home.drops, "fac", "c", {"x.dcm": c_cut}, manifest=False)
     assert dict(ingest_drops(home=home, settings=QUIET).quarantined) == {"truncated": 1}
+
+
+def test_bytes_packed_with_identity_tags_are_scanned_in_bounded_time() -> None:
+    """The UID scan of a rejected file looks at each identity tag's element header: 12 MiB
+    packed with the SOP Instance UID's tag (either byte order, every 2 bytes) once cost
+    ~10 s a file. It stops after MAX_CANDIDATES tags; a real file's UIDs come first."""
+    uid = generate_uid()
+    value = uid.encode() + b"\0" * (len(uid) % 2)
+    named = b"\0" * 132 + struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", len(value)) + value
+    flood = b"\x00\x08\x00\x18" * (3 << 20)  # 12 MiB
+    started = time.process_time()
+    assert uids_named(io.BytesIO(named + flood)) == {uid}
+    assert time.process_time() - started < 2.0
