@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import struct
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -18,14 +19,17 @@ from dropvault.flows.ingest import ingest_drops
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
-from dropvault.tasks.dicom import DicomRejected, header_from_bytes
+from dropvault.tasks.dicom import DicomRejected, header_from_bytes, read_header
 from dropvault.tasks.dicom.dicomdir import read_dicomdir
+from dropvault.tasks.dicom.elements import MAX_FRAGMENTS
 from dropvault.tasks.drops import scan_drops
 from dropvault.tasks.ingest import ingest_batch
 from tests.conftest import make_home
 from tests.faults.hostile import (
+    SEQ_END,
     corpus,
     deflate_bomb,
+    element,
     element_starts,
     floods,
     implicit_meta_bomb,
@@ -251,3 +255,23 @@ def test_a_dicomdir_that_lists_deflated_files_is_still_the_cd_s_contents() -> No
     listing = out.getvalue()
     assert DeflatedExplicitVRLittleEndian.encode() in listing[:4096]
     assert read_dicomdir(listing) == plain
+
+
+def test_encapsulated_pixel_data_of_empty_items_is_refused_at_the_bound(tmp_path: Path) -> None:
+    """Each fragment of encapsulated pixel data is checked with a seek and a read: a file
+    of 8-byte empty items would cost ~3 minutes a GiB. Past MAX_FRAGMENTS it is refused."""
+    ct = samples._sample_bytes("CT_small.dcm")
+    rle = ct.replace(b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.5\0", 1)  # same length
+    at = rle.index(b"\xe0\x7f\x10\x00")
+    items = struct.pack("<HHI", 0xFFFE, 0xE000, 0) * (MAX_FRAGMENTS + 1)
+    data = rle[:at] + element(0x7FE00010, b"OB", b"", length=0xFFFFFFFF) + items + SEQ_END
+    path = tmp_path / "frags.dcm"
+    path.write_bytes(data)
+    started = time.process_time()
+    with path.open("rb") as fp, pytest.raises(DicomRejected) as info:
+        read_header(fp, len(data))
+    assert time.process_time() - started < 5.0
+    assert (info.value.reason, info.value.detail) == (
+        "not_dicom",
+        "encapsulated pixel data has too many items",
+    )
