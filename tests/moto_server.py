@@ -6,15 +6,11 @@ worker down with it)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
-
-from tests.prefect_server import free_port
+from tests.prefect_server import free_port, serving
 
 
 @contextmanager
@@ -22,27 +18,6 @@ def moto_server(timeout: float = 60) -> Iterator[str]:
     """Start ``python -m moto.server`` on a free loopback port; yields its endpoint URL."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(  # noqa: S603 - this environment's own moto
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{endpoint}/moto-api/", timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("moto's server did not start")
-            time.sleep(0.2)
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with serving(command, f"{endpoint}/moto-api/", timeout):
         yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -48,8 +49,26 @@ def prefect_server(
     else:
         args.append("--no-scheduler")
     out = log.open("wb") if log else None
-    proc = subprocess.Popen(  # noqa: S603 - this environment's own prefect
-        [PREFECT, *args],
+    try:
+        with serving([PREFECT, *args], f"http://127.0.0.1:{port}/api/health", timeout, env, out):
+            yield env
+    finally:
+        if out:
+            out.close()
+
+
+@contextmanager
+def serving(
+    command: list[str],
+    health_url: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    out: IO[bytes] | None = None,
+) -> Iterator[None]:
+    """Run ``command`` as a server until the block ends, once ``health_url`` answers
+    without a server error; ``out`` takes its output (else it is discarded)."""
+    proc = subprocess.Popen(  # noqa: S603 - this environment's own prefect or moto
+        command,
         env=env,
         stdout=out or subprocess.DEVNULL,
         stderr=subprocess.STDOUT if out else subprocess.DEVNULL,
@@ -58,19 +77,18 @@ def prefect_server(
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                if httpx.get(health_url, timeout=2).status_code < 500:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("prefect server did not become healthy")
-            time.sleep(0.5)
-        yield env
+                raise RuntimeError(f"{' '.join(command[:3])} did not start serving")
+            time.sleep(0.2)
+        yield
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        if out:
-            out.close()
+            proc.wait()
