@@ -30,6 +30,7 @@ from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import ingest, samples
 from dropvault.tasks.dicom import uids_named
+from dropvault.tasks.dicom.elements import file_meta
 from dropvault.tasks.drop_names import drops_list
 from dropvault.tasks.quarantine import expire_quarantine, quarantine_export
 from tests.conftest import make_home
@@ -81,12 +82,29 @@ def study_uid_past_first_mib(data: bytes) -> bytes:
     return data[:at] + private + data[at:-7]
 
 
-def deflated_and_cut(data: bytes) -> bytes:
+def deflated(data: bytes) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(data))
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
-    return samples.truncated(out.getvalue(), 0.7)
+    return out.getvalue()
+
+
+def deflated_and_cut(data: bytes) -> bytes:
+    return samples.truncated(deflated(data), 0.7)
+
+
+def deflated_implicit_meta_and_cut(data: bytes) -> bytes:
+    """Deflated, with the file meta written in implicit VR (pydicom reads it as such) and
+    without its Media Storage SOP Instance UID: only the inflated data set names it."""
+    whole = deflated(data)
+    meta, start = file_meta(whole)
+    implicit = b"".join(
+        struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+        for tag, value in meta.items()
+        if tag != 0x00020003
+    )
+    return samples.truncated(whole[:132] + implicit + whole[start:], 0.7)
 
 
 DAMAGES: dict[str, Callable[[bytes], bytes]] = {
@@ -96,6 +114,7 @@ DAMAGES: dict[str, Callable[[bytes], bytes]] = {
     "no preamble, cut": no_preamble,
     "study UID past the first MiB, cut": study_uid_past_first_mib,
     "deflated, cut": deflated_and_cut,
+    "deflated with an implicit VR meta, cut": deflated_implicit_meta_and_cut,
 }
 
 

@@ -19,6 +19,8 @@ from typing import IO
 
 from pydicom.uid import UID
 
+from dropvault.tasks.dicom.filemeta import MetaUnforeseen, read_file_meta
+
 MAX_UIDS = 1024  # a file naming more is hostile or not DICOM; the first ones suffice
 # Element headers of an identity tag looked at (a real file has a handful): bytes packed
 # with the tags once cost ~10 s per 12 MiB, up to ~100 s for one rejected file.
@@ -69,7 +71,7 @@ def uids_named(src: IO[bytes], max_bytes: int = SCAN_BYTES) -> set[str]:
             yield data
 
     budget = _collect(reads(), found, MAX_CANDIDATES)
-    start = _meta_end(bytes(head)) if DEFLATED in head else None
+    start = _deflated_start(bytes(head))
     if start is not None and len(found) < MAX_UIDS and budget > 0:
         try:
             src.seek(start)
@@ -137,6 +139,19 @@ def _inflated(src: IO[bytes], max_bytes: int) -> Iterator[bytes]:
             budget -= len(out)
             yield out
             data = inflater.unconsumed_tail
+
+
+def _deflated_start(head: bytes) -> int | None:
+    """Where a deflated data set starts: by pydicom's own reading of the file meta (an
+    implicit VR meta included), else, for a meta cut or too long for it, by a walk of an
+    explicit VR one; None when the file is not deflated."""
+    try:
+        meta = read_file_meta(head, len(head) + (len(head) >= CHUNK), force=True)
+    except MetaUnforeseen:
+        meta = None
+    if meta is not None and meta.deflated:
+        return meta.dataset_start
+    return _meta_end(head) if DEFLATED in head else None
 
 
 def _meta_end(head: bytes) -> int | None:
