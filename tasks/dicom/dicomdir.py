@@ -10,9 +10,12 @@ manifest, and ingest checks each referenced file's UID against its record.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
-from dropvault.tasks.dicom.budget import read_bounded
+from pydicom.dataset import Dataset
+
+from dropvault.tasks.dicom.budget import UNDEFINED, read_bounded, read_sequence_bounded
 from dropvault.tasks.dicom.filemeta import may_inflate
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -24,6 +27,9 @@ MAX_BYTES = 4 << 20
 # Its records (sequence items, ~150 bytes each) as many as fit MAX_BYTES: pydicom builds
 # ~1 KB for each, and 1 MiB of empty items cost 2.7 s and 140 MB every pass.
 MAX_RECORDS = 30_000
+RECORDS_TAG = 0x00041220  # DirectoryRecordSequence
+FILE_ID_TAG = 0x00041500  # ReferencedFileID
+UID_IN_FILE_TAG = 0x00041511  # ReferencedSOPInstanceUIDInFile
 
 
 def is_dicomdir_name(name: str) -> bool:
@@ -39,6 +45,11 @@ class Directory:
     references: dict[str, str]
 
 
+def _nested(record: Dataset, tag: int) -> bool:
+    raw = record.get_item(tag, keep_deferred=True)
+    return raw is not None and (raw.VR == "SQ" or getattr(raw, "length", 0) == UNDEFINED)
+
+
 def read_dicomdir(raw: bytes) -> Directory | None:
     """The references of a DICOMDIR, or None when ``raw`` is not a readable one (it is then
     an ordinary file of its drop, and ingest gives it its reason).
@@ -52,20 +63,24 @@ def read_dicomdir(raw: bytes) -> Directory | None:
     if may_inflate(raw, force=False):
         return None
     try:
-        ds = read_bounded(io.BytesIO(raw), items=MAX_RECORDS)
+        ds = read_bounded(io.BytesIO(raw), items=MAX_RECORDS, defer=False)
         if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) != MEDIA_STORAGE_DIRECTORY:
             return None
         references: dict[str, str] = {}
-        for record in ds.get("DirectoryRecordSequence", []):
-            file_id = record.get("ReferencedFileID")
-            if file_id is None:
-                continue
-            parts = [file_id] if isinstance(file_id, str) else list(file_id)
-            path = "/".join(str(p).strip() for p in parts if str(p).strip())
-            if not path or any(p in (".", "..") for p in path.split("/")):
-                continue  # a record that would point outside the CD: not followed
-            uid = str(record.get("ReferencedSOPInstanceUIDInFile", "") or "")
-            references[path.upper()] = uid
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a bad charset warns for every record
+            for record in read_sequence_bounded(ds, RECORDS_TAG, MAX_RECORDS):
+                if any(_nested(record, tag) for tag in (FILE_ID_TAG, UID_IN_FILE_TAG)):
+                    continue  # a sequence where a path or UID belongs: parsed only if read
+                file_id = record.get("ReferencedFileID")
+                if file_id is None:
+                    continue
+                parts = [file_id] if isinstance(file_id, str) else list(file_id)
+                path = "/".join(str(p).strip() for p in parts if str(p).strip())
+                if not path or any(p in (".", "..") for p in path.split("/")):
+                    continue  # a record that would point outside the CD: not followed
+                uid = str(record.get("ReferencedSOPInstanceUIDInFile", "") or "")
+                references[path.upper()] = uid
     except Exception:  # noqa: BLE001 - any failure on hostile bytes: not a table of contents
         # (a fixed list let a bad VR's NotImplementedError out of every drops scan)
         return None

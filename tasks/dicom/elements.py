@@ -24,10 +24,13 @@ class Decline(Exception):
 
 
 def int_value(ds: Any, keyword: str) -> int | None:
+    """The element's value as an int, None when absent or not one. Any failure of pydicom's
+    lazy conversion is the file's (a Rows of VR SQ raised a bare OSError, which read as
+    the store's and failed every facility's batch)."""
     try:
         value = ds.get(keyword)
         return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - hostile bytes: a bad value is an absent one
         return None
 
 

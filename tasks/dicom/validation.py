@@ -27,7 +27,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
-from dropvault.tasks.dicom.budget import TooManyElements, read_bounded, read_inflated
+from dropvault.tasks.dicom.budget import (
+    MalformedField,
+    TooManyElements,
+    read_bounded,
+    read_inflated,
+)
 from dropvault.tasks.dicom.elements import UNDEFINED, check_pixel_element, int_value
 from dropvault.tasks.dicom.filemeta import may_inflate
 from dropvault.tasks.dicom.guards import check_meta_whole, check_preamble, inflated_data_set
@@ -136,6 +141,10 @@ def _parse(
                 ds = read_inflated(*inflated)
     except TooManyElements as exc:
         raise DicomRejected(QuarantineReason.NOT_DICOM, "header has too many elements") from exc
+    except MalformedField as exc:
+        raise DicomRejected(
+            QuarantineReason.NOT_DICOM, "a header field is too long or not a value"
+        ) from exc
     except InvalidDicomError as exc:
         raise DicomRejected(cut_reason, "no DICM prefix or file meta") from exc
     except (EOFError, struct.error, OSError, BytesLengthException) as exc:
@@ -153,7 +162,7 @@ def _parse(
 
 def _transfer_syntax(ds: Dataset, pixel_start: int, size: int, cut_reason: QuarantineReason) -> str:
     meta = getattr(ds, "file_meta", None)
-    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    tsyntax = _text(meta, "TransferSyntaxUID") if meta is not None else ""
     if not tsyntax:
         reason = cut_reason if pixel_start >= size else QuarantineReason.NOT_DICOM
         raise DicomRejected(reason, "file meta has no transfer syntax")
@@ -165,7 +174,7 @@ def _transfer_syntax(ds: Dataset, pixel_start: int, size: int, cut_reason: Quara
 def _check_elements_inside(ds: Dataset, size: int) -> None:
     """Every header element whose length pydicom read lies inside the file."""
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts every element
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)
         if (
             isinstance(elem, RawDataElement)
             and elem.length != UNDEFINED
@@ -179,7 +188,7 @@ def _check_elements_inside(ds: Dataset, size: int) -> None:
 def _required_uids(ds: Dataset, ended_early: bool) -> dict[str, str]:
     uids: dict[str, str] = {}
     for keyword, uid_tag in REQUIRED_UIDS.items():
-        value = _text(ds, keyword) if ds.get_item(uid_tag) is not None else ""
+        value = _text(ds, keyword) if ds.get_item(uid_tag, keep_deferred=True) is not None else ""
         if not value:
             # A UID missing because the file stops before it is truncation, not a bad header.
             raise DicomRejected(

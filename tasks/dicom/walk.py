@@ -17,7 +17,7 @@ import struct
 
 from pydicom.uid import UID
 
-from dropvault.tasks.dicom.budget import MAX_ELEMENTS
+from dropvault.tasks.dicom.budget import MAX_ELEMENTS, MAX_ITEMS
 from dropvault.tasks.dicom.elements import (
     ITEM,
     LONG_VRS,
@@ -88,8 +88,10 @@ def _skip_items(data: bytes, pos: int, end: int, endian: str, explicit: bool, de
     undefined_seq = end < 0
     limit = len(data) if undefined_seq else end
     tag_s, u32 = _TAG[endian], U32[endian]
+    budget = MAX_ITEMS  # a flood of items is refused by the pydicom path's bound
     while pos < limit:
-        if pos + 8 > len(data):
+        budget -= 1
+        if pos + 8 > len(data) or budget < 0:
             raise Decline
         group, elem = tag_s.unpack_from(data, pos)
         tag = (group << 16) | elem

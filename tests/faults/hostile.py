@@ -8,12 +8,16 @@ from __future__ import annotations
 import io
 import random
 import struct
+import time
+import tracemalloc
 import zlib
+from collections.abc import Callable
 
 import pydicom
 from pydicom.uid import generate_uid
 
 from dropvault.tasks import samples
+from dropvault.tasks.dicom import DicomRejected
 from dropvault.tasks.dicom.elements import file_meta as _file_meta
 
 PREAMBLE = b"\0" * 128 + b"DICM"
@@ -23,7 +27,7 @@ def element(tag: int, vr: bytes, value: bytes, length: int | None = None) -> byt
     """One explicit VR little endian element (``length`` may lie)."""
     group, elem = tag >> 16, tag & 0xFFFF
     n = len(value) if length is None else length
-    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC"):
         return struct.pack("<HH2sHI", group, elem, vr, 0, n) + value
     return struct.pack("<HH2sH", group, elem, vr, n) + value
 
@@ -229,3 +233,18 @@ def bad_uid(data: bytes) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=False)
     return out.getvalue()
+
+
+def rejection_cost(call: Callable[[], object]) -> tuple[DicomRejected, float, int]:
+    """The :class:`DicomRejected` ``call`` must raise, with the CPU seconds and the peak
+    traced memory it took (under tracemalloc, which slows pydicom ~4x)."""
+    tracemalloc.start()
+    started = time.process_time()
+    try:
+        call()
+    except DicomRejected as exc:
+        _, peak = tracemalloc.get_traced_memory()
+        return exc, time.process_time() - started, peak
+    finally:
+        tracemalloc.stop()
+    raise AssertionError("the file was accepted")
