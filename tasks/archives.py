@@ -350,6 +350,8 @@ class _Unpacking:
                         self.write(name, src)
 
     def unpack_tar(self, fh: IO[bytes], gz: bool) -> None:
+        if gz and not _gzip_header_short(fh):
+            raise ArchiveRefused(QuarantineReason.ARCHIVE_CORRUPT, "gzip header is too long")
         with tarfile.open(fileobj=fh, mode="r|gz" if gz else "r|", tarinfo=_BoundedTarInfo) as tf:
             for index, member in enumerate(tf):
                 tf.members.clear()  # type: ignore[attr-defined]  # stream mode keeps each header
@@ -466,6 +468,35 @@ def _zip_extra_too_long(fh: IO[bytes]) -> bool:
             return True
         pos += _CD_HEADER.size + name_len + extra_len + comment_len
     return False
+
+
+# tarfile reads a gzip header's file name and comment a byte a call (a 64 MiB name with no
+# NUL cost 29 s): a header longer than this is refused before tarfile sees it.
+MAX_GZIP_HEADER = 4096
+_FEXTRA, _FNAME, _FCOMMENT = 4, 8, 16
+
+
+def _gzip_header_short(fh: IO[bytes]) -> bool:
+    """Whether the gzip header at the start of ``fh`` (RFC 1952) ends within
+    :data:`MAX_GZIP_HEADER` bytes. A header that is not gzip's passes: tarfile refuses it."""
+    try:
+        head = fh.read(MAX_GZIP_HEADER)
+    finally:
+        fh.seek(0)
+    if len(head) < 10 or head[:2] != b"\x1f\x8b":
+        return True
+    flags, pos = head[3], 10
+    if flags & _FEXTRA:
+        if pos + 2 > len(head):
+            return False
+        pos += 2 + int.from_bytes(head[pos : pos + 2], "little")
+    for flag in (_FNAME, _FCOMMENT):
+        if flags & flag:
+            end = head.find(b"\0", pos)
+            if end < 0:
+                return False
+            pos = end + 1
+    return pos <= len(head)
 
 
 _CORRUPT = (

@@ -52,6 +52,11 @@ DEFER_BYTES = 4096
 # undefined length, or of VR SQ is malformed (pydicom would parse a sequence, or convert a
 # million values, only when it is read: 8 MiB as Rows cost 20 s and 760 MB).
 MAX_FIELD_BYTES = 1024
+# A Specific Character Set names a few terms ("ISO 2022 IR 6\ISO 2022 IR 87"): pydicom looks
+# each up, twice, for every data set that has one, sequence items included (2,020 items of
+# 511 unknown terms cost 24 s). Its value and how many data sets carry one are bounded.
+MAX_CHARSET_BYTES = 128
+MAX_CHARSETS = 64
 FIELD_TAGS = frozenset(
     {
         0x00080005,  # SpecificCharacterSet: its values are looked up one by one at the read
@@ -100,6 +105,7 @@ class _CountedReads:
         self._reads = MAX_READS
         self._items = items
         self._bytes = MAX_READ_BYTES
+        self._charsets = MAX_CHARSETS
         self.exceeded = False
         self.malformed = False
 
@@ -113,9 +119,11 @@ class _CountedReads:
         if size == 8:
             if data[:4] in _ITEM_TAGS:
                 self._items -= 1
-            elif data[:4] in _CHARSET_TAGS and _charset_too_long(data):
-                self.malformed = True
-                raise MalformedField
+            elif data[:4] in _CHARSET_TAGS:
+                self._charsets -= 1
+                if self._charsets < 0 or _charset_too_long(data):
+                    self.malformed = True
+                    raise MalformedField
         return data
 
     def close(self) -> None:
@@ -131,12 +139,13 @@ class _CountedReads:
 
 def _charset_too_long(header: bytes) -> bool:
     """Whether the element header of a Specific Character Set (explicit VR "CS", else
-    implicit) states a value longer than :data:`MAX_FIELD_BYTES`."""
+    implicit) states a value longer than :data:`MAX_CHARSET_BYTES` (another explicit VR
+    read as an implicit length is always longer)."""
     endian = _CHARSET_TAGS[header[:4]]
     if header[4:6] == b"CS":
-        return int(struct.unpack(endian + "H", header[6:8])[0]) > MAX_FIELD_BYTES
+        return int(struct.unpack(endian + "H", header[6:8])[0]) > MAX_CHARSET_BYTES
     length = int(struct.unpack(endian + "I", header[4:8])[0])
-    return length != UNDEFINED and length > MAX_FIELD_BYTES
+    return length != UNDEFINED and length > MAX_CHARSET_BYTES
 
 
 def _stop(before_pixels: bool, elements: int) -> Callable[[Any, Any, int], bool]:

@@ -81,6 +81,28 @@ def charset_inside_an_item() -> bytes:
     return _meta() + _uids() + sequence
 
 
+def _items_with_charsets(count: int, charset: bytes) -> bytes:
+    value = element(0x00080005, b"CS", charset)
+    one = struct.pack("<HHI", 0xFFFE, 0xE000, len(value)) + value
+    return element(0x00081115, b"SQ", b"", length=0xFFFFFFFF) + one * count + SEQ_END
+
+
+def items_with_long_charsets() -> bytes:
+    """2,000 items, each a 1,022-byte charset of 511 unknown terms: pydicom looks each
+    term up, twice, for every item (24 s for the deflated form)."""
+    return _meta() + _uids() + _items_with_charsets(2000, b"X\\" * 510 + b"X ")
+
+
+def deflated_items_with_long_charsets() -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = _uids() + _items_with_charsets(2000, b"X\\" * 510 + b"X ")
+    return _meta(deflated=True) + packer.compress(body) + packer.flush()
+
+
+def many_items_with_charsets() -> bytes:
+    return _meta() + _uids() + _items_with_charsets(1000, b"ISO_IR 100\\ISO_IR 192")
+
+
 def frames_of_a_million_values() -> bytes:
     return _meta() + _uids() + element(0x00280008, b"UC", _values(8))
 
@@ -95,6 +117,9 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "deflated, Rows as 15 MiB of empty items": deflated_rows_as_a_sequence,
     "a charset of 1 MiB of unknown values": charset_of_unknown_values,
     "a charset of 1 MiB inside an item": charset_inside_an_item,
+    "2,000 items with 1 KiB charsets": items_with_long_charsets,
+    "deflated, 2,000 items with 1 KiB charsets": deflated_items_with_long_charsets,
+    "1,000 items with short charsets": many_items_with_charsets,
     "NumberOfFrames of 8 MiB of values": frames_of_a_million_values,
     "SOPInstanceUID of 8 MiB of UIDs": sop_instance_of_a_million_uids,
 }
@@ -140,3 +165,20 @@ def test_a_large_private_value_is_skipped_not_read(tmp_path: Path) -> None:
         _, seconds, peak = rejection_cost(lambda: read_header(fp, size))
     assert seconds < CPU_SECONDS
     assert peak < 16 << 20
+
+
+def test_elements_after_the_pixel_data_are_bounded(tmp_path: Path) -> None:
+    """A streamed image followed by empty elements: each is a seek and a read (64 MiB of
+    them took 13 s, and the file was accepted). Past MAX_TRAILING it is not an image."""
+    image = samples._sample_bytes("CT_small.dcm")
+    trailing = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 0) * (1 << 17)  # 1 MiB
+    path = tmp_path / "trailing.dcm"
+    path.write_bytes(image + trailing)
+    with path.open("rb") as fp:
+        rejected, seconds, _ = rejection_cost(lambda: read_header(fp, len(image) + len(trailing)))
+    assert rejected.detail == "too many elements after the pixel data"
+    assert seconds < CPU_SECONDS
+    few = image + trailing[: 8 * 100]  # a hundred trailing elements: an image still
+    path.write_bytes(few)
+    with path.open("rb") as fp:
+        assert read_header(fp, len(few)).rows == 128
