@@ -2,6 +2,8 @@
 
 - ``header.py``: :class:`DicomHeader` (what the catalog keeps) and :class:`DicomRejected`.
 - ``guards.py``: checks before any parser runs (polyglot preamble, cut meta, deflate bomb).
+- ``filemeta.py``: the file meta group as pydicom reads it (is the data set deflated?).
+- ``budget.py``: pydicom's parse of untrusted bytes within bounds on what it walks and reads.
 - ``walk.py``: the lean byte walk for well-formed files in memory (accepts or declines).
 - ``validation.py``: the pydicom path, which names the reason for every refusal.
 - ``elements.py``: the element structure both paths check.

@@ -93,6 +93,5 @@ def read_dicomdir(raw: bytes) -> Directory | None:
                 uid = str(record.get("ReferencedSOPInstanceUIDInFile", "") or "")
                 references[path.upper()] = uid
     except Exception:  # noqa: BLE001 - any failure on hostile bytes: not a table of contents
-        # (a fixed list let a bad VR's NotImplementedError out of every drops scan)
-        return None
+        return None  # a list of types let an unknown VR's error out of every drops scan
     return Directory(references)
