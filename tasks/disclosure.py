@@ -53,6 +53,9 @@ import numpy as np
 SMALL_MIN, SMALL_MAX = 1, 10
 EPS = 1e-6
 INF = highspy.kHighsInf
+BULK_ROUNDS = 8  # rounds of (maximise, minimise) the sum of the uncertified forms
+BULK_MIN = 20  # fewer forms than this: one LP each is as quick
+PRIMAL, DUAL = 4, 1  # HiGHS simplex_strategy values
 
 
 def _first_highs_quietly() -> None:
@@ -181,6 +184,7 @@ class _Auditor:
                 queue += self._hide(pub.key)
                 self.result.primary += 1
         queue += [f for f in self.hidden_forms if self.s.sensitive(f) and f not in queue]
+        self._certify_in_bulk(queue, start, budget)
         while queue:
             form = queue.pop()
             while True:
@@ -195,6 +199,46 @@ class _Auditor:
                 self.result.secondary += 1
         self.result.seconds = time.perf_counter() - start
         return self.result
+
+    def _certify_in_bulk(self, forms: list[Form], start: float, budget: float | None) -> None:
+        """A few LPs that each certify many forms: maximise, then minimise, the sum of every
+        form not yet certified, with each variable capped at ``max(value, 11)`` so the sum is
+        bounded. A vertex optimum puts many forms at an extreme, and any feasible point
+        (the caps only shrink the region) protects each form it gives a value outside 1-10.
+        Stops once a round pair certifies under a tenth of what was left; the per-form LPs
+        do the rest. On a day of 1 M hits with 2,489 small cells this took the audit from
+        1,681 LPs and 37 s to 17 LPs and 5 s."""
+        n = len(self.index)
+        values = np.array([self.s.values[v] for v in self.s.values], dtype=float)
+        cols = np.arange(n, dtype=np.int32)
+        self.lp.changeColsBounds(n, cols, self._lower(), np.maximum(values, float(SMALL_MAX + 1)))
+        # The first optimum is far from the starting basis: the dual simplex gets there
+        # in a seventh of the primal's time; later ones start near it, where the primal wins.
+        self.lp.setOptionValue("simplex_strategy", DUAL)
+        try:
+            left = [f for f in set(forms) if not self._certified(f)]
+            for _ in range(BULK_ROUNDS):
+                at_start = len(left)
+                for maximise in (True, False):
+                    if len(left) < BULK_MIN or (
+                        budget is not None and time.perf_counter() - start > budget
+                    ):
+                        return
+                    costs: dict[int, float] = {}
+                    for form in left:
+                        for v in form:
+                            costs[self.index[v]] = costs.get(self.index[v], 0.0) + 1.0
+                    self._optimise(costs, maximise)
+                    self.lp.setOptionValue("simplex_strategy", PRIMAL)
+                    left = [f for f in left if not self._certified(f)]
+                if at_start - len(left) < at_start / 10:
+                    return
+        finally:
+            self.lp.setOptionValue("simplex_strategy", PRIMAL)
+            self.lp.changeColsBounds(n, cols, self._lower(), np.full(n, INF))
+
+    def _lower(self) -> np.ndarray:
+        return np.array([self.s.lower[v] for v in self.s.values], dtype=float)
 
     def _hide_all(self) -> None:
         self.result.gave_up = True
@@ -264,10 +308,9 @@ class _Auditor:
         lp = highspy.Highs()
         lp.setOptionValue("output_flag", False)
         lp.setOptionValue("presolve", "off")  # keeps the basis from one query to the next
-        lp.setOptionValue("simplex_strategy", 4)  # primal: only costs change between queries
+        lp.setOptionValue("simplex_strategy", PRIMAL)  # only costs change between queries
         n = len(self.index)
-        lower = np.array([self.s.lower[v] for v in self.s.values], dtype=float)
-        lp.addVars(n, lower, np.full(n, INF))
+        lp.addVars(n, self._lower(), np.full(n, INF))
         rows: list[dict[int, float]] = [{self.index[v]: 1.0 for v in f} for f in self.forms]
         lo = [float(self.s.value(f)) for f in self.forms]
         hi = list(lo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 
 from dropvault.flows.beacons import compile_beacon_stats
@@ -168,3 +169,21 @@ def test_open_rate_per_campaign_with_and_without_mpp(home: Home) -> None:
     assert a["open_rate_with_mpp"] == 0.25
     assert b["suppressed"] and b["opens"] is None
     assert c["suppressed"]  # else the day's total opens give nl-b away
+
+
+def test_bad_lines_keep_their_numbers_in_a_log_read_in_parallel(local_home: Home) -> None:
+    """Line numbers come from insertion order, not a serial window: a log of ~45 MB (read
+    as several 32 MiB buffers, on every thread) with bad and blank lines far apart, and a
+    second log of the same day, must report each bad line at its own number."""
+    good = json.dumps(hit("page_view", "/", "v1"))
+    n = 180_000
+    bad_at = {1: "{broken", 77_777: "[1, 2]", 150_001: '{"unknown": 1}', n: "not json"}
+    blank_at = {2, 77_778, 179_000}
+    lines = [bad_at.get(i, "" if i in blank_at else good) for i in range(1, n + 1)]
+    local_home.beacons.put_bytes(f"{DAY}/a.jsonl", ("\n".join(lines) + "\n").encode())
+    local_home.beacons.put_bytes(f"{DAY}/b.jsonl", f"{good}\n{good}\n{{x\n{good}\n".encode())
+    [stats] = compile_beacon_stats(home=local_home)
+    assert stats.malformed == len(bad_at) + 1
+    assert stats.counted == n - len(bad_at) - len(blank_at) + 3
+    rejects = local_home.catalog.query("SELECT file, line FROM beacon_rejects ORDER BY 1, 2")
+    assert rejects.values.tolist() == [["a.jsonl", i] for i in sorted(bad_at)] + [["b.jsonl", 3]]
