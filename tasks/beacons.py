@@ -66,8 +66,8 @@ CELLS = "cells"  # {beacons}/cells/{day}.parquet: a compiled day's cells, for th
 log = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".csv", ".csv.gz")
 # A user agent holding any of these (any case) is a bot or a prefetching proxy.
-BOTS = ("bot", "crawler", "spider", "slurp", "prefetch", "preview", "headless")
-BOTS += ("python-requests", "curl/", "wget")
+BOTS: tuple[str, ...] = ("bot", "crawler", "spider", "slurp", "prefetch", "preview")
+BOTS += ("headless", "python-requests", "curl/", "wget")
 NO = ("false", "0", "no", "n", "declined", "denied")
 
 
@@ -554,19 +554,25 @@ def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None
         ).fetchall()
     con.execute("DELETE FROM raw WHERE file = ? AND ok IS NOT true", [short])
     rows = [(short, n, "not_utf8" if encoding else "malformed") for n, encoding in rejected]
-    rows += [(short, _true_line(n, skipped), "malformed") for (n,) in bad]
+    rows += [(short, n, "malformed") for n in _true_lines([n for (n,) in bad], skipped)]
     if rows:
-        con.executemany("INSERT INTO bad VALUES (?, ?, ?)", rows)
+        # One insert of a frame: executemany costs ~0.2 ms a row (80,000 rows: 16 s).
+        con.register("_bad", pd.DataFrame(rows, columns=["file", "line_no", "reason"]))
+        con.execute("INSERT INTO bad SELECT file, line_no, reason FROM _bad")
+        con.unregister("_bad")
 
 
-def _true_line(n: int, skipped: list[int]) -> int:
-    """The file's line number of the ``n``-th line read, when the ``skipped`` lines (sorted
-    file line numbers) were left out of the read."""
-    for line in skipped:
-        if line > n:
-            break
-        n += 1
-    return n
+def _true_lines(ns: list[int], skipped: list[int]) -> list[int]:
+    """The file's line numbers of the sorted ``ns``-th lines read, when the sorted
+    ``skipped`` file line numbers were left out of the read: one merge of the two lists
+    (one walk of ``skipped`` per line was quadratic: 53 s for 40,000 of each)."""
+    out, i, shift = [], 0, 0
+    for n in ns:
+        while i < len(skipped) and skipped[i] <= n + shift:
+            i += 1
+            shift += 1
+        out.append(n + shift)
+    return out
 
 
 def _classify_hits(con: duckdb.DuckDBPyConnection) -> None:

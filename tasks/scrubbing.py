@@ -16,9 +16,14 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from urllib.parse import unquote
 
-MAX_DECODES = 5
+MAX_DECODES = 8
+# A label longer than this (after normalising) is replaced whole: no real page name is, and
+# every pattern below must stay linear in what it is given.
+MAX_LABEL = 2048
+LONG, ENCODED = "{long}", "{encoded}"
 # Characters that end an e-mail-like token on either side of the @.
 _EDGE = r"""[^\s/@?#:;,<>()\[\]\\"'{}]"""
 
@@ -40,7 +45,19 @@ class Pattern:
 
 
 # A date (a month's newsletter, a news page) is left as it is: alone it names no one.
-ISO_DATE = re.compile(r"(?:19|20)\d{2}([-/])\d{2}(?:\1\d{2})?")
+ISO_DATE = re.compile(r"(?:19|20)\d{2}([-/])(\d{2})(?:\1(\d{2}))?")
+
+
+def _is_date(text: str) -> bool:
+    """A real calendar date or month (2026-11-20, 2026/11, not 2045-67-89)."""
+    m = ISO_DATE.fullmatch(text)
+    if m is None:
+        return False
+    try:
+        date(int(text[:4]), int(m.group(2)), int(m.group(3) or 1))
+    except ValueError:
+        return False
+    return True
 
 
 def _is_ip(text: str) -> bool:
@@ -54,7 +71,13 @@ def _is_ip(text: str) -> bool:
 PATTERNS: tuple[Pattern, ...] = (
     Pattern(
         "email",
-        re.compile(rf"{_EDGE}+@{_EDGE}+", re.IGNORECASE),
+        # A run of token characters is tried from its start only (the lookbehind), and
+        # possessively: linear, where a plain search was quadratic on a long run. A quoted
+        # local part and a bracketed domain are e-mail too.
+        re.compile(
+            rf"""(?:"[^"\n]{{1,64}}"|(?<!{_EDGE}){_EDGE}++)@(?:\[[^\]\s]{{1,64}}\]|{_EDGE}+)""",
+            re.IGNORECASE,
+        ),
         "{email}",
         example="/share/jürgen.müller@example.de",
         counter_example="/users/@me",
@@ -62,14 +85,15 @@ PATTERNS: tuple[Pattern, ...] = (
     Pattern(
         "ipv6",
         re.compile(
-            r"(?<![0-9a-z:.])(?:[0-9a-f]{0,4}:){2,7}"
+            r"(?<![:.])(?:[0-9a-f]{0,4}:){2,7}"
             r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{0,4})(?![0-9a-z:])",
             re.IGNORECASE,
         ),
         "{ip}",
         example="/from/2001:db8::8a2e:370:7334",
         counter_example="/at/12:30",
-        valid=_is_ip,
+        # A match may take the colon before an address (``x:2001:db8::1``): still one.
+        valid=lambda t: _is_ip(t) or (t[:1] == ":" and t[:2] != "::" and _is_ip(t[1:])),
     ),
     Pattern(
         "ipv4",
@@ -88,25 +112,25 @@ PATTERNS: tuple[Pattern, ...] = (
     ),
     Pattern(
         "patient_key",
-        re.compile(r"pk_[0-9a-z]{16,}", re.IGNORECASE),
+        re.compile(r"pk_[0-9a-z](?:-?[0-9a-z]){15,}", re.IGNORECASE),
         "{patient}",
         example="/p/PK_0123456789ABCDEF0123456789ABCDEF",
         counter_example="/p/pk_test",
     ),
     Pattern(
         "ssn",
-        re.compile(r"(?<!\d)\d{3}[- .]\d{2}[- .]\d{4}(?!\d)"),
+        re.compile(r"(?<!\d)\d{3} *+[- .] *+\d{2} *+[- .] *+\d{4}(?!\d)"),
         "{id}",
         example="/case/123-45-6789",
         counter_example="/case/123-45",
     ),
     Pattern(
-        "mrn",  # six or more digits, run together or split by - . _ / : , or a space
-        re.compile(r"(?<!\d)\d(?:[-._/:,\s]?\d){5,}(?!\d)"),
+        "mrn",  # six or more digits, run together or split by - . _ / : , | + or spaces
+        re.compile(r"(?<!\d)\d(?: *+[-._/:,|+]?\s*+\d){5,}(?!\d)"),
         "{id}",
         example="/record/MRN-0012-3456",
         counter_example="/news/2026-11-20",
-        valid=lambda digits: not ISO_DATE.fullmatch(digits),
+        valid=lambda digits: not _is_date(digits),
     ),
 )
 
@@ -116,7 +140,7 @@ def normalise(text: str) -> str:
     invisible format characters dropped, dashes and dot-likes made ASCII, ``(at)``
     read as ``@``; then the query and fragment are cut."""
     for _ in range(MAX_DECODES):
-        decoded = html.unescape(unquote(PERCENT_U.sub(_unicode_escape, text), errors="replace"))
+        decoded = _decoded_once(text)
         if decoded == text:
             break
         text = decoded
@@ -126,8 +150,12 @@ def normalise(text: str) -> str:
     return re.split(r"[?#]", text, maxsplit=1)[0]
 
 
+def _decoded_once(text: str) -> str:
+    return html.unescape(unquote(PERCENT_U.sub(_unicode_escape, text), errors="replace"))
+
+
 PERCENT_U = re.compile(r"%u([0-9a-fA-F]{4})")
-AT = re.compile(r"\s*[(\[{<]\s*at\s*[)\]}>]\s*", re.IGNORECASE)
+AT = re.compile(r"(?<!\s)\s*+[(\[{<]\s*+at\s*+[)\]}>]\s*+", re.IGNORECASE)
 DOTS = frozenset("\u00b7\u2022\u2024\u2027\u2219\u22c5\u30fb\uff0e\u3002")
 
 
@@ -148,7 +176,13 @@ def _plain(c: str) -> str:
 
 def scrub(label: str | None) -> tuple[str, bool]:
     """The label with every identifier replaced, and whether any pattern matched."""
+    if label is not None and len(label) > MAX_LABEL:
+        return LONG, True
     text = normalise(label or "")
+    if len(text) > MAX_LABEL:  # NFKC can make one character eighteen
+        return LONG, True
+    if _decoded_once(text) != text:  # still encoded after MAX_DECODES passes: hiding something
+        return ENCODED, True
     clean = text
     for pattern in PATTERNS:
         clean = pattern.sub(clean)

@@ -10,7 +10,7 @@ from dropvault.flows.beacons import compile_beacon_stats
 from dropvault.flows.settings import Settings
 from dropvault.storage.home import Home
 from dropvault.tasks import samples
-from dropvault.tasks.beacons import beacon_stats, newsletter_suppression
+from dropvault.tasks.beacons import _true_lines, beacon_stats, newsletter_suppression
 from tests.lp_attacker import attack
 
 DAY = "2026-11-20"
@@ -187,3 +187,19 @@ def test_bad_lines_keep_their_numbers_in_a_log_read_in_parallel(local_home: Home
     assert stats.counted == n - len(bad_at) - len(blank_at) + 3
     rejects = local_home.catalog.query("SELECT file, line FROM beacon_rejects ORDER BY 1, 2")
     assert rejects.values.tolist() == [["a.jsonl", i] for i in sorted(bad_at)] + [["b.jsonl", 3]]
+
+
+def test_line_numbers_skip_the_rejected_lines_in_one_merge() -> None:
+    """The read's numbering skips lines that are not UTF-8: each malformed line is shifted
+    back by the skipped lines before it (checked against a plain walk), and 200,000 of
+    each take one merge (a walk per line took 53 s for 40,000)."""
+    rng = random.Random(7)
+    for _ in range(200):
+        lines = rng.sample(range(1, 400), 60)
+        skipped, malformed = sorted(lines[:30]), sorted(lines[30:])
+        kept = [n for n in range(1, 400) if n not in skipped]
+        read_numbers = [kept.index(n) + 1 for n in malformed]
+        assert _true_lines(read_numbers, skipped) == malformed
+    n = 200_000
+    skipped = list(range(1, 2 * n, 2))
+    assert _true_lines(list(range(1, n + 1)), skipped) == list(range(2, 2 * n + 1, 2))
