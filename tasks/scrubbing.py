@@ -104,6 +104,13 @@ PATTERNS: tuple[Pattern, ...] = (
         valid=_is_ip,
     ),
     Pattern(
+        "ipv4_hex",  # the same address written in hexadecimal parts
+        re.compile(r"(?<![0-9a-z.])0x[0-9a-f]{1,2}(?:\.0x[0-9a-f]{1,2}){3}(?![0-9a-z.])", re.I),
+        "{ip}",
+        example="/from/0xcb.0x00.0x71.0x07",
+        counter_example="/colour/0xcb.0x00",
+    ),
+    Pattern(
         "uid",
         re.compile(r"(?<![\d.])\d+(?:\.\d+){3,}(?![\d])"),
         "{uid}",
@@ -156,7 +163,14 @@ def _decoded_once(text: str) -> str:
 
 PERCENT_U = re.compile(r"%u([0-9a-fA-F]{4})")
 AT = re.compile(r"(?<!\s)\s*+[(\[{<]\s*+at\s*+[)\]}>]\s*+", re.IGNORECASE)
-DOTS = frozenset("\u00b7\u2022\u2024\u2027\u2219\u22c5\u30fb\uff0e\u3002")
+# Dot-likes read as ``.``: these, and every full stop and middle dot of any script (Syriac's
+# U+0701 between an address's numbers hid it from the IPv4 pattern).
+DOTS = frozenset("\u00b7\u2022\u2024\u2027\u2219\u22c5\u30fb\uff0e\u3002\u2e33") | {
+    chr(c)
+    for c in range(0x10000)
+    if unicodedata.category(chr(c)) == "Po"
+    and any(w in unicodedata.name(chr(c), "") for w in ("FULL STOP", "MIDDLE DOT"))
+}
 
 
 def _unicode_escape(m: re.Match[str]) -> str:

@@ -55,6 +55,7 @@ def test_example_is_scrubbed_and_counter_example_kept(pattern) -> None:  # type:
         ("/m/12|34|56|78", "/m/{id}"),
         ("/m/12+34+56", "/m/{id}"),
         ("/p/PK_01234567-89AB-CDEF-0123-456789ABCDEF", "/p/{patient}"),
+        ("/from/203\u07010\u0701113\u07017", "/from/{ip}"),  # Syriac full stops
     ],
 )
 def test_bypasses_are_scrubbed(label: str, expected: str) -> None:
