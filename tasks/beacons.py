@@ -193,6 +193,11 @@ LINES_KEEPING_REJECTS = (
     " max_line_size=16777216, buffer_size=33554432,"
     " rejects_table='line_rejects', rejects_scan='line_scans')"
 )
+# DuckDB's strict reader refuses a file that mixes line endings (one \r\n in a \n log);
+# read again without it, a \r\n there counts as two lines (the second one blank).
+LINES_MIXED_ENDINGS = LINES_KEEPING_REJECTS.replace(
+    "auto_detect=false,", "auto_detect=false, strict_mode=false,"
+)
 
 
 def published_days(catalog: Catalog) -> set[str]:
@@ -449,19 +454,24 @@ def _load_logs(
             con.execute("INSERT INTO bad VALUES (?, 0, ?)", [short, refused])
             unreadable.append(name)
             continue
-        con.begin()
-        try:
-            if ".csv" in short:
-                _insert_csv(con, short, path)
-            else:
-                _insert_jsonl(con, short, path)
-        except (duckdb.Error, UnreadableLog) as exc:
-            con.rollback()
-            log.warning("a beacon log cannot be read (%s)", type(exc).__name__)
-            con.execute("INSERT INTO bad VALUES (?, 0, 'unreadable')", [short])
-            unreadable.append(name)
-            continue
-        con.commit()
+        readers = [LINES_KEEPING_REJECTS, LINES_MIXED_ENDINGS] if ".csv" not in short else [""]
+        for lines in readers:
+            con.begin()
+            try:
+                if ".csv" in short:
+                    _insert_csv(con, short, path)
+                else:
+                    _insert_jsonl(con, short, path, lines)
+            except (duckdb.Error, UnreadableLog) as exc:
+                con.rollback()
+                if lines != readers[-1]:
+                    continue  # the next reader is more lenient
+                log.warning("a beacon log cannot be read (%s)", type(exc).__name__)
+                con.execute("INSERT INTO bad VALUES (?, 0, 'unreadable')", [short])
+                unreadable.append(name)
+                break
+            con.commit()
+            break
     return unreadable
 
 
@@ -505,13 +515,15 @@ def _gzip_refusal(src: IO[bytes], max_bytes: int) -> str | None:
     return None
 
 
-def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None:
+def _insert_jsonl(
+    con: duckdb.DuckDBPyConnection, short: str, path: str, lines: str = LINES_KEEPING_REJECTS
+) -> None:
     """JSON Lines, one parallel pass: every line read into ``raw``, ``ok`` when it is a
     JSON object with at least one known field (a malformed line keeps its text); then the
     malformed lines' numbers into ``bad`` and the lines that are not hits out of ``raw``.
     Lines that are not UTF-8 are left out of the read (kept, by number, as rejects); the
     read's numbering skips them, so it is shifted back. Lines end at \\n, \\r\\n or \\r
-    alike.
+    alike; ``lines`` is :data:`LINES_MIXED_ENDINGS` for a file that mixes them.
 
     The parse runs on every thread; only a file with malformed lines is read a second
     time, numbered by a ``row_number()`` window (which makes a read one thread: 4.5 s
@@ -528,7 +540,7 @@ def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None
         FROM (
             SELECT line, s, CASE WHEN trim(line) <> '' THEN coalesce({known}, false) END AS ok
             FROM (
-                SELECT line, {AS_FIELDS} AS s FROM {LINES_KEEPING_REJECTS}
+                SELECT line, {AS_FIELDS} AS s FROM {lines}
             )
         )
         """,
@@ -547,7 +559,7 @@ def _insert_jsonl(con: duckdb.DuckDBPyConnection, short: str, path: str) -> None
         # The same text is malformed wherever it stands: every line holding one is.
         bad = con.execute(
             f"""
-            SELECT n FROM (SELECT row_number() OVER () AS n, line FROM {LINES_KEEPING_REJECTS})
+            SELECT n FROM (SELECT row_number() OVER () AS n, line FROM {lines})
             WHERE line IN (SELECT line FROM raw WHERE file = $file AND NOT ok) ORDER BY n
             """,
             {"file": short, "path": path},

@@ -25,7 +25,7 @@ MAX_DECODES = 8
 MAX_LABEL = 2048
 LONG, ENCODED = "{long}", "{encoded}"
 # Characters that end an e-mail-like token on either side of the @.
-_EDGE = r"""[^\s/@?#:;,<>()\[\]\\"'{}]"""
+_EDGE = r"""[^\s/@?#:;,<>()\[\]\\"']"""
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,38 @@ class Pattern:
 
 # A date (a month's newsletter, a news page) is left as it is: alone it names no one.
 ISO_DATE = re.compile(r"(?:19|20)\d{2}([-/])(\d{2})(?:\1(\d{2}))?")
+
+
+# Between an SSN's groups: one or two punctuation marks, or spaces.
+_SEP = r"(?: *+[^0-9A-Za-z\s]{1,2} *+| ++)"
+_PART = r"(?:0x[0-9a-f]{1,8}|\d{1,3})"  # an IPv4 part, hexadecimal or decimal
+_DATE_OR_TIME = re.compile(r"(?:19|20)\d{2}[-/.]\d{2}(?:[-/.]\d{2})?|\d{1,2}:\d{2}(?::\d{2})?")
+
+
+def _dates_and_times(text: str) -> bool:
+    """A digit run made only of one or two real dates or times of day, joined by a
+    separator or a space (``2026-11-20 12:30``, ``09:00-17:00``): a page's date, no one's
+    number. (A longer chain could spell a number in dates.)"""
+    pos = 0
+    for _ in range(2):
+        m = _DATE_OR_TIME.match(text, pos)
+        if m is None or (":" not in m.group(0) and not _is_date(m.group(0))):
+            return False
+        if ":" in m.group(0) and not _is_time(m.group(0)):
+            return False
+        pos = m.end()
+        if pos == len(text):
+            return True
+        sep = re.match(r"[-_/ T]{1,3}", text[pos:])
+        if sep is None:
+            return False
+        pos += sep.end()
+    return False
+
+
+def _is_time(text: str) -> bool:
+    parts = [int(x) for x in text.split(":")]
+    return parts[0] < 24 and all(x < 60 for x in parts[1:])
 
 
 def _is_date(text: str) -> bool:
@@ -75,7 +107,8 @@ PATTERNS: tuple[Pattern, ...] = (
         # possessively: linear, where a plain search was quadratic on a long run. A quoted
         # local part and a bracketed domain are e-mail too.
         re.compile(
-            rf"""(?:"[^"\n]{{1,64}}"|(?<!{_EDGE}){_EDGE}++)@(?:\[[^\]\s]{{1,64}}\]|{_EDGE}+)""",
+            rf"""(?:"(?:[^"\\\n]|\\.){{1,64}}"|(?<!{_EDGE}){_EDGE}++)"""
+            rf"""@(?:\[[^\]\s]{{1,64}}\]|{_EDGE}+)""",
             re.IGNORECASE,
         ),
         "{email}",
@@ -86,7 +119,7 @@ PATTERNS: tuple[Pattern, ...] = (
         "ipv6",
         re.compile(
             r"(?<![:.])(?:[0-9a-f]{0,4}:){2,7}"
-            r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{0,4})(?![0-9a-z:])",
+            r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{0,4})(?![0-9a-f:])",
             re.IGNORECASE,
         ),
         "{ip}",
@@ -104,11 +137,12 @@ PATTERNS: tuple[Pattern, ...] = (
         valid=_is_ip,
     ),
     Pattern(
-        "ipv4_hex",  # the same address written in hexadecimal parts
-        re.compile(r"(?<![0-9a-z.])0x[0-9a-f]{1,2}(?:\.0x[0-9a-f]{1,2}){3}(?![0-9a-z.])", re.I),
+        "ipv4_hex",  # the same address with parts in hexadecimal (some or all)
+        re.compile(rf"(?<![0-9a-z.]){_PART}(?:\.{_PART}){{3}}(?![0-9a-z.])", re.IGNORECASE),
         "{ip}",
-        example="/from/0xcb.0x00.0x71.0x07",
+        example="/from/0xcb.0.0x071.7",
         counter_example="/colour/0xcb.0x00",
+        valid=lambda text: "0x" in text.lower(),
     ),
     Pattern(
         "uid",
@@ -126,18 +160,18 @@ PATTERNS: tuple[Pattern, ...] = (
     ),
     Pattern(
         "ssn",
-        re.compile(r"(?<!\d)\d{3} *+[- .] *+\d{2} *+[- .] *+\d{4}(?!\d)"),
+        re.compile(rf"(?<!\d)\d{{3}}{_SEP}\d{{2}}{_SEP}\d{{4}}(?!\d)"),
         "{id}",
         example="/case/123-45-6789",
         counter_example="/case/123-45",
     ),
     Pattern(
-        "mrn",  # six or more digits, run together or split by - . _ / : , | + or spaces
-        re.compile(r"(?<!\d)\d(?: *+[-._/:,|+]?\s*+\d){5,}(?!\d)"),
+        "mrn",  # six or more digits, run together or split by punctuation or spaces
+        re.compile(r"(?<!\d)\d(?: *+[^0-9A-Za-z\s]?\s*+\d){5,}(?!\d)"),
         "{id}",
         example="/record/MRN-0012-3456",
-        counter_example="/news/2026-11-20",
-        valid=lambda digits: not _is_date(digits),
+        counter_example="/news/2026-11-20 12:30",
+        valid=lambda digits: not _dates_and_times(digits),
     ),
 )
 
@@ -152,7 +186,15 @@ def normalise(text: str) -> str:
             break
         text = decoded
     text = unicodedata.normalize("NFKC", text)
-    text = "".join(_plain(c) for c in text)
+    out: list[str] = []
+    for c in text:
+        plain = _plain(c)
+        # A combining mark on an ASCII character (U+0301 after a digit) splits a number a
+        # reader still sees whole: dropped, as are invisible selectors and joiners.
+        if plain and unicodedata.category(plain) in ("Mn", "Me") and out and out[-1].isascii():
+            continue
+        out.append(plain)
+    text = "".join(out)
     text = AT.sub("@", text)
     return re.split(r"[?#]", text, maxsplit=1)[0]
 
@@ -173,6 +215,15 @@ DOTS = frozenset("\u00b7\u2022\u2024\u2027\u2219\u22c5\u30fb\uff0e\u3002\u2e33")
 }
 
 
+# Default-ignorable characters that are not format characters (Unicode's
+# DerivedCoreProperties): invisible, so a digit run split by one still reads whole.
+IGNORABLE = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u3164\uffa0"
+    + "".join(chr(c) for c in range(0xFE00, 0xFE10))
+    + "".join(chr(c) for c in range(0xE0100, 0xE01F0))
+)
+
+
 def _unicode_escape(m: re.Match[str]) -> str:
     return chr(int(m.group(1), 16))
 
@@ -181,7 +232,8 @@ def _plain(c: str) -> str:
     """One character as the patterns read it: format and control characters (zero-width
     spaces, joiners, bidi marks, NUL) dropped, any dash ``-``, any dot-like ``.``."""
     category = unicodedata.category(c)
-    if category in ("Cf", "Cc"):  # and control characters (a NUL, a tab: not a label's)
+    # Format and control characters (a NUL, a tab: not a label's) and invisible ones.
+    if category in ("Cf", "Cc") or c in IGNORABLE:
         return ""
     if category == "Pd" or c == "\u2212":
         return "-"
