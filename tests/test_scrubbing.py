@@ -123,6 +123,9 @@ def test_a_long_label_is_replaced_whole() -> None:
         "1 " * 100_000,
         "1:" * 100_000,
         "pk_" + "a-" * 100_000,
+        "123-45-" * 30_000,
+        '"' * 200_000 + "@",
+        "2001:db8:" * 20_000,
     ],
     ids=[
         "letters",
@@ -134,6 +137,9 @@ def test_a_long_label_is_replaced_whole() -> None:
         "spaced",
         "colons",
         "dashed-key",
+        "ssn-like",
+        "quotes-at",
+        "ipv6-like",
     ],
 )
 def test_every_pattern_is_linear(text: str) -> None:
