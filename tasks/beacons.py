@@ -299,40 +299,17 @@ def compile_day(
 
 
 def _aggregate(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """Hits and exact distinct visitors per beacon, target and partner after the fold, with
-    margins. What the fold leaves alone is taken from the counts made before it (``cells``
-    and each label's visitors, :func:`_fold_labels`); only the rows of ``{other}`` are
-    counted again, over the hits of rare labels, and the beacon totals over all hits. (One
-    distinct count over all hits a level ran in 6.9 s for 10 M hits; GROUPING SETS 9.1 s.)"""
-    rare = {
-        column: f"EXISTS (SELECT 1 FROM rare_{column} r"
-        f" WHERE r.beacon = {alias}.beacon AND r.label = {alias}.{field})"
-        for column, alias, field in (("target", "x", "target"), ("partner", "x", "partner"))
-    }
-    counts = "count(*) AS hits, count(DISTINCT visitor) AS unique_visitors"
-    folded = f"""
-        SELECT x.beacon, CASE WHEN {rare["target"]} THEN $other ELSE x.target END AS target,
-               CASE WHEN {rare["partner"]} THEN $other ELSE x.partner END AS partner, x.visitor
-        FROM hits x WHERE x.known AND NOT x.bot AND ({rare["target"]} OR {rare["partner"]})
-    """
+    """Hits and exact distinct visitors per beacon, target and partner, with margins: one
+    query a level, joined by UNION ALL. (GROUPING SETS with a distinct count gives the same
+    rows but ran in 9.1 s against 4.9 s for 10 M hits on two cores.)"""
+    levels = [("target", "partner"), ("target", "'*'"), ("'*'", "partner"), ("'*'", "'*'")]
     return con.execute(
-        f"""
-        SELECT beacon, target, partner, hits, visitors AS unique_visitors FROM cells x
-        WHERE NOT {rare["target"]} AND NOT {rare["partner"]}
-        UNION ALL SELECT beacon, target, partner, {counts} FROM ({folded}) GROUP BY ALL
-        UNION ALL SELECT beacon, label, '*', hits, visitors FROM target_visitors x
-        WHERE NOT EXISTS (SELECT 1 FROM rare_target r WHERE r.beacon = x.beacon
-                          AND r.label = x.label)
-        UNION ALL SELECT beacon, $other, '*', {counts} FROM hits x
-        WHERE x.known AND NOT x.bot AND {rare["target"]} GROUP BY ALL
-        UNION ALL SELECT beacon, '*', label, hits, visitors FROM partner_visitors x
-        WHERE NOT EXISTS (SELECT 1 FROM rare_partner r WHERE r.beacon = x.beacon
-                          AND r.label = x.label)
-        UNION ALL SELECT beacon, '*', $other, {counts} FROM hits x
-        WHERE x.known AND NOT x.bot AND {rare["partner"]} GROUP BY ALL
-        UNION ALL SELECT beacon, '*', '*', {counts} FROM hits WHERE known AND NOT bot GROUP BY ALL
-        """,  # noqa: S608 - only names made above
-        {"other": OTHER},
+        " UNION ALL ".join(
+            f"SELECT beacon, {t} AS target, {p} AS partner, count(*) AS hits,"
+            " count(DISTINCT visitor) AS unique_visitors"
+            " FROM hits WHERE known AND NOT bot GROUP BY ALL"
+            for t, p in levels
+        )
     ).df()
 
 
@@ -660,12 +637,11 @@ def _fold_labels(con: duckdb.DuckDBPyConnection, keep: set[str]) -> int:
     weekly and monthly rollups (:mod:`dropvault.tasks.beacon_rollups`)."""
     folded = 0
     for column in ("target", "partner"):
-        # Each label's hits and distinct visitors (kept for the rollups), then the rare ones.
+        # Each label's distinct visitors (kept for the rollups), then the rare ones.
         con.execute(
             f"""
             CREATE TABLE {column}_visitors AS
-            SELECT beacon, {column} AS label, count(*) AS hits,
-                   count(DISTINCT visitor) AS visitors
+            SELECT beacon, {column} AS label, count(DISTINCT visitor) AS visitors
             FROM hits WHERE known AND NOT bot GROUP BY ALL
             """  # noqa: S608 - column is one of two names above
         )
@@ -680,29 +656,32 @@ def _fold_labels(con: duckdb.DuckDBPyConnection, keep: set[str]) -> int:
         )
         row = con.execute(f"SELECT count(*) FROM rare_{column}").fetchone()  # noqa: S608
         folded += int(row[0]) if row else 0
-    # The cells before the fold: most are published as they are (see _aggregate).
-    con.execute(
-        """
-        CREATE TABLE cells AS
-        SELECT beacon, target, partner, count(*) AS hits, count(DISTINCT visitor) AS visitors
-        FROM hits WHERE known AND NOT bot GROUP BY ALL
-        """
-    )
     con.execute(
         """
         CREATE TABLE day_cells AS
-        SELECT c.beacon, c.target, c.partner, c.hits,
-               tv.visitors AS target_visitors, pv.visitors AS partner_visitors,
-               CASE WHEN rt.label IS NULL THEN c.target ELSE $other END AS day_target,
-               CASE WHEN rp.label IS NULL THEN c.partner ELSE $other END AS day_partner
-        FROM cells c
-        JOIN target_visitors tv ON tv.beacon = c.beacon AND tv.label = c.target
-        JOIN partner_visitors pv ON pv.beacon = c.beacon AND pv.label = c.partner
-        LEFT JOIN rare_target rt ON rt.beacon = c.beacon AND rt.label = c.target
-        LEFT JOIN rare_partner rp ON rp.beacon = c.beacon AND rp.label = c.partner
+        SELECT h.beacon, h.target, h.partner, count(*) AS hits,
+               any_value(tv.visitors) AS target_visitors,
+               any_value(pv.visitors) AS partner_visitors,
+               CASE WHEN any_value(rt.label) IS NULL THEN h.target ELSE $other END AS day_target,
+               CASE WHEN any_value(rp.label) IS NULL THEN h.partner ELSE $other END AS day_partner
+        FROM hits h
+        JOIN target_visitors tv ON tv.beacon = h.beacon AND tv.label = h.target
+        JOIN partner_visitors pv ON pv.beacon = h.beacon AND pv.label = h.partner
+        LEFT JOIN rare_target rt ON rt.beacon = h.beacon AND rt.label = h.target
+        LEFT JOIN rare_partner rp ON rp.beacon = h.beacon AND rp.label = h.partner
+        WHERE h.known AND NOT h.bot
+        GROUP BY h.beacon, h.target, h.partner
         """,
         {"other": OTHER},
     )
+    for column in ("target", "partner"):
+        con.execute(
+            f"""
+            UPDATE hits SET {column} = '{OTHER}' FROM rare_{column} rare
+            WHERE hits.beacon = rare.beacon AND hits.{column} = rare.label
+              AND hits.known AND NOT hits.bot
+            """  # noqa: S608
+        )
     return folded
 
 
