@@ -46,20 +46,23 @@ def expected_native_length(ds: Any) -> int | None:
     return (total_bits + 7) // 8
 
 
-LONG_VRS = (
-    b"OB",
-    b"OW",
-    b"OF",
-    b"OD",
-    b"OL",
-    b"UN",
-    b"SQ",
-    b"UT",
-    b"OV",
-    b"UC",
-    b"UR",
-    b"SV",
-    b"UV",
+# A set, not a tuple: the walk tests every element's VR against it.
+LONG_VRS = frozenset(
+    {
+        b"OB",
+        b"OW",
+        b"OF",
+        b"OD",
+        b"OL",
+        b"UN",
+        b"SQ",
+        b"UT",
+        b"OV",
+        b"UC",
+        b"UR",
+        b"SV",
+        b"UV",
+    }
 )
 
 

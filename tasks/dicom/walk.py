@@ -129,7 +129,12 @@ def _walk(  # noqa: C901 - the hot per-element loop: helpers would cost a call p
     to the pixel data). Returns where it stopped. ``found`` collects the wanted values."""
     size = len(data)
     limit = size if end < 0 else end
-    head_s, short_s, u32 = _EXPLICIT[endian], _IMPLICIT[endian], U32[endian]
+    # Bound methods, looked up once: this loop runs for every element of every file.
+    head, short, u32 = (
+        _EXPLICIT[endian].unpack_from,
+        _IMPLICIT[endian].unpack_from,
+        U32[endian].unpack_from,
+    )
     wanted = _WANTED if found is not None else ()
     last = -1
     budget = MAX_ELEMENTS  # a flood of elements is refused by the pydicom path's bound
@@ -138,21 +143,21 @@ def _walk(  # noqa: C901 - the hot per-element loop: helpers would cost a call p
         if pos + 8 > size or budget < 0:
             raise Decline
         if explicit:
-            group, elem, vr, length = head_s.unpack_from(data, pos)
+            group, elem, vr, length = head(data, pos)
             tag = (group << 16) | elem
             if group == 0xFFFE:
-                length = u32.unpack_from(data, pos + 4)[0]
+                length = u32(data, pos + 4)[0]
                 value = pos + 8
             elif vr in LONG_VRS:
                 if pos + 12 > size:
                     raise Decline
-                length = u32.unpack_from(data, pos + 8)[0]
+                length = u32(data, pos + 8)[0]
                 value = pos + 12
             else:
                 value = pos + 8
             is_seq = vr == b"SQ"
         else:
-            group, elem, length = short_s.unpack_from(data, pos)
+            group, elem, length = short(data, pos)
             tag = (group << 16) | elem
             value = pos + 8
             is_seq = length == UNDEFINED or tag in _IMPLICIT_SQ
