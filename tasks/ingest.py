@@ -274,12 +274,12 @@ class _Known:
 def _existing(
     home: Home, uids: list[str], studies: list[str], qids: list[str], uid_keys: set[str]
 ) -> _Known:
-    """Catalog look-ups for a batch, on one read-only connection."""
+    """Catalog look-ups for a batch, on one read-only attachment."""
     if not uids and not studies and not qids and not uid_keys:
         return _Known({}, {}, set(), set(), set())
     keys = {study_key(home.pepper, s): s for s in studies}
     asked = sorted(uid_keys)
-    inst, stud, quar, tomb, gone = home.catalog.read_only().many(
+    inst, stud, quar, tomb, gone = home.catalog.fetch(
         [
             (
                 "SELECT sop_instance_uid, sha256 FROM instances"
@@ -310,11 +310,11 @@ def _existing(
         ]
     )
     return _Known(
-        dict(zip(inst["sop_instance_uid"], inst["sha256"], strict=True)),
-        dict(zip(stud["study_uid"], stud["record_key_id"], strict=True)),
-        set(quar["quarantine_id"]),
-        {keys[k] for k in tomb["study_key"]},
-        set(gone["k"]),
+        dict(inst),
+        dict(stud),
+        {q for (q,) in quar},
+        {keys[k] for (k,) in tomb},
+        {k for (k,) in gone},
     )
 
 

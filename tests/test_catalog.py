@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -145,3 +147,74 @@ def test_threads_of_one_process_take_turns_on_the_file(catalog: Catalog) -> None
     assert errors == []
     count = catalog.query("SELECT count(*) AS n FROM audit_log WHERE actor = 'test'")["n"][0]
     assert count == 6 * 15
+
+
+def test_a_write_leaves_the_file_unlocked_and_checkpointed(catalog: Catalog) -> None:
+    # Writers attach the file to one in-memory DuckDB kept for the process; the lock must
+    # go with the detach, or a notebook (another process) could not open the catalog.
+    catalog.write(
+        lambda con: con.execute(
+            "INSERT INTO audit_log VALUES ('a1', ?, 'test', 'attach', 'x', '{}')", [NOW]
+        )
+    )
+    assert not catalog.path.with_name(catalog.path.name + ".wal").exists()
+    other = subprocess.run(  # noqa: S603 - our own interpreter and a fixed script
+        [
+            sys.executable,
+            "-c",
+            "import sys, duckdb; con = duckdb.connect(sys.argv[1]);"
+            " print(con.execute(\"SELECT count(*) FROM audit_log WHERE actor = 'test'\")"
+            ".fetchone()[0])",
+            str(catalog.path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert other.stdout.strip() == "1"
+    # And this process can still open it its own way (a confined reader) after the detach.
+    assert catalog.query("SELECT count(*) AS n FROM audit_log WHERE actor = 'test'")["n"][0] == 1
+
+
+def test_two_catalogs_with_one_name_are_written_at_once(tmp_path: Path) -> None:
+    # Both files are called catalog.duckdb: attached side by side, they must not collide.
+    first, second = (Catalog(tmp_path / d / "catalog.duckdb") for d in ("a", "b"))
+    errors: list[BaseException] = []
+
+    def work(catalog: Catalog, tag: str) -> None:
+        try:
+            catalog.migrate()
+            for i in range(10):
+                catalog.write(
+                    lambda con, i=i: con.execute(
+                        "INSERT INTO audit_log VALUES (?, ?, 'test', 'two', 'x', '{}')",
+                        [f"{tag}-{i}", NOW],
+                    )
+                )
+                if i == 5:
+                    catalog.rewrite()  # attaches a second file to the same host
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(c, t)) for c, t in ((first, "a"), (second, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for catalog, tag in ((first, "a"), (second, "b")):
+        rows = catalog.fetch([("SELECT event_id FROM audit_log WHERE actor = 'test'", None)])[0]
+        assert sorted(r[0] for r in rows) == sorted(f"{tag}-{i}" for i in range(10))
+
+
+def test_a_failed_write_rolls_back_and_detaches(catalog: Catalog) -> None:
+    def fail(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("INSERT INTO audit_log VALUES ('gone', ?, 'test', 'fail', 'x', '{}')", [NOW])
+        raise ValueError("stop here")
+
+    with pytest.raises(ValueError, match="stop here"):
+        catalog.write(fail)
+    rows = catalog.fetch([("SELECT count(*) FROM audit_log WHERE actor = 'test'", None)])
+    assert rows == [[(0,)]]
+    # Nothing is left attached: a plain connection of this process opens the file.
+    duckdb.connect(str(catalog.path)).close()
