@@ -402,7 +402,10 @@ class Catalog:
             cursor.close()
 
     @contextmanager
-    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self, read_only: bool, *, own: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection to the catalog for the block. ``own``: a connection of its own (a
+        confined reader's); otherwise a cursor on :func:`_host` with the file attached
+        (writers, our own look-ups). DuckLake: a cursor on the lake either way."""
         if self.lake is not None:
             with self._lake_cursor(read_only) as cursor:
                 yield cursor
@@ -410,6 +413,10 @@ class Catalog:
         if read_only and not self.path.exists():
             raise CatalogMissingError(f"no catalog at {self.path}: run a flow first")
         with _in_process(self.path):
+            if not own:
+                with self._attached(read_only) as cursor:
+                    yield cursor
+                return
             con = self._open_file(read_only)
             try:
                 yield con
@@ -455,46 +462,39 @@ class Catalog:
     def _writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A write connection, inside the write guard when there is one."""
         guard = self.write_guard() if self.write_guard else nullcontext()
-        with guard, self._attached(read_only=False) as con:
+        with guard, self._connect(read_only=False, own=False) as con:
             yield con
 
     @contextmanager
     def _attached(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A cursor whose default database is this catalog, attached to :func:`_host` for
-        the block and detached after it (DuckLake: a cursor on the lake)."""
-        if self.lake is not None:
-            with self._lake_cursor(read_only) as cursor:
-                yield cursor
-            return
-        if read_only and not self.path.exists():
-            raise CatalogMissingError(f"no catalog at {self.path}: run a flow first")
+        """A cursor whose default database is this file, attached to :func:`_host` for the
+        block and detached after it. Called with the file's ``_in_process`` lock held."""
         alias = _alias(self.path)
-        with _in_process(self.path):
-            host = _host()
-            depth = _attachments.get(alias, 0)
-            if not depth:  # a nested use (same thread, lock held) shares the attachment
-                self._open_file(read_only, host, alias)
-            _attachments[alias] = depth + 1
+        host = _host()
+        depth = _attachments.get(alias, 0)
+        if not depth:  # a nested use (same thread, lock held) shares the attachment
+            self._open_file(read_only, host, alias)
+        _attachments[alias] = depth + 1
+        try:
+            cursor = host.cursor()
             try:
-                cursor = host.cursor()
-                try:
-                    cursor.execute(f'USE "{alias}"')
-                    yield cursor
-                finally:
-                    cursor.close()  # before the detach: an open transaction rolls back
+                cursor.execute(f'USE "{alias}"')
+                yield cursor
             finally:
-                _attachments[alias] = depth
-                if not depth:
-                    del _attachments[alias]
-                    with host.cursor() as detacher:
-                        detacher.execute(f'DETACH "{alias}"')
+                cursor.close()  # before the detach: an open transaction rolls back
+        finally:
+            _attachments[alias] = depth
+            if not depth:
+                del _attachments[alias]
+                with host.cursor() as detacher:
+                    detacher.execute(f'DETACH "{alias}"')
 
     def fetch(
         self, queries: Sequence[tuple[str, Sequence[Any] | None]]
     ) -> list[list[tuple[Any, ...]]]:
         """Our own queries' rows, on one read-only attachment. Not for analysts' SQL: it
         runs unconfined (:class:`CatalogReader` is the confined path)."""
-        with self._attached(read_only=True) as con:
+        with self._connect(read_only=True, own=False) as con:
             return [
                 con.execute(q, p).fetchall() if p else con.execute(q).fetchall() for q, p in queries
             ]
