@@ -492,11 +492,14 @@ class Catalog:
     def fetch(
         self, queries: Sequence[tuple[str, Sequence[Any] | None]]
     ) -> list[list[tuple[Any, ...]]]:
-        """Our own queries' rows, on one read-only attachment. Not for analysts' SQL: it
-        runs unconfined (:class:`CatalogReader` is the confined path)."""
+        """Rows of the ingest's own look-ups, on one read-only attachment: tuples, not
+        DataFrames. Each query passes the readers' check (one SELECT of the catalog's own
+        tables, remembered by its text) though the host connection is not locked down as
+        an analyst's is, so this is no way around :class:`CatalogReader`'s confinement."""
+        checked = [(checked_query(q, relations(), self.database_names), p) for q, p in queries]
         with self._connect(read_only=True, own=False) as con:
             return [
-                con.execute(q, p).fetchall() if p else con.execute(q).fetchall() for q, p in queries
+                con.execute(q, p).fetchall() if p else con.execute(q).fetchall() for q, p in checked
             ]
 
     def migrate(self, retries: int = 8) -> list[int]:

@@ -12,6 +12,7 @@ import duckdb
 import pytest
 
 from dropvault.storage.catalog import Catalog, insert_rows, key_columns, migrations
+from dropvault.storage.confinement import QueryRefused
 
 NOW = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
 
@@ -218,3 +219,16 @@ def test_a_failed_write_rolls_back_and_detaches(catalog: Catalog) -> None:
     assert rows == [[(0,)]]
     # Nothing is left attached: a plain connection of this process opens the file.
     duckdb.connect(str(catalog.path)).close()
+
+
+def test_the_ingest_look_ups_refuse_what_a_reader_may_not_run(catalog: Catalog) -> None:
+    # fetch runs on the unconfined host connection: the readers' check must still apply.
+    secret = catalog.path.with_name("kek.key")
+    secret.write_text("not for queries")
+    for query in (
+        f"SELECT * FROM read_text('{secret}')",
+        "SELECT * FROM duckdb_settings()",
+        f"ATTACH '{secret}' AS x",
+    ):
+        with pytest.raises(QueryRefused):
+            catalog.fetch([(query, None)])
