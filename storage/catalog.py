@@ -7,12 +7,8 @@ S3 (``storage/ducklake.py``), for several workers on several machines.
 DuckDB allows one writing process, and while a process holds the file
 read-write no other process can open it at all (TRAPS). So:
 
-* writers attach the file, run one transaction, commit and detach (:meth:`Catalog.write`),
-  retrying while another process holds the lock or a transaction conflicts. They attach it
-  to one in-memory DuckDB kept for the process (:func:`_host`): opening a DuckDB builds its
-  function catalog, ~8 ms, and closing tears it down, ~3 ms; an ``ATTACH`` costs ~0.7 ms.
-  ``DETACH`` checkpoints and releases the file lock as closing does. The ingest's own
-  look-ups (:meth:`Catalog.fetch`) attach it read-only the same way;
+* writers open, run one transaction, commit and close (:meth:`Catalog.write`),
+  retrying while another process holds the lock or a transaction conflicts;
 * readers (:meth:`Catalog.read_only`) open read-only, copy the result into
   pandas and close at once, retrying on the lock; they never hold a
   connection, so a notebook cannot block a flow.
@@ -24,8 +20,6 @@ lake attached (opening one costs ~400 ms) and gives each call its own cursor.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 import random
 import re
 import threading
@@ -204,30 +198,6 @@ def insert_rows(
     return len(rows)
 
 
-_host_guard = threading.Lock()
-_host_db: tuple[int, duckdb.DuckDBPyConnection] | None = None
-_attachments: dict[str, int] = {}  # alias -> nesting depth, under the file's _in_process lock
-
-
-def _host() -> duckdb.DuckDBPyConnection:
-    """This process's in-memory DuckDB that catalog files are attached to (a new one after a
-    fork: a DuckDB instance and its threads do not survive one). Its own tables are never
-    used; analysts' confined readers never run on it (they open their own, locked down)."""
-    global _host_db
-    with _host_guard:
-        if _host_db is None or _host_db[0] != os.getpid():
-            _host_db = (os.getpid(), duckdb.connect())
-        return _host_db[1]
-
-
-def _alias(path: Path) -> str:
-    """The attached name of a catalog file: its stem, as a plain connection would name it
-    (``current_database()``), plus a digest of the full path, so two catalogs that share a
-    stem can both be attached."""
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    return f"{path.stem}_{digest}"
-
-
 _file_locks: dict[str, threading.RLock] = {}
 _file_locks_guard = threading.Lock()
 
@@ -402,10 +372,7 @@ class Catalog:
             cursor.close()
 
     @contextmanager
-    def _connect(self, read_only: bool, *, own: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection to the catalog for the block. ``own``: a connection of its own (a
-        confined reader's); otherwise a cursor on :func:`_host` with the file attached
-        (writers, our own look-ups). DuckLake: a cursor on the lake either way."""
+    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         if self.lake is not None:
             with self._lake_cursor(read_only) as cursor:
                 yield cursor
@@ -413,34 +380,17 @@ class Catalog:
         if read_only and not self.path.exists():
             raise CatalogMissingError(f"no catalog at {self.path}: run a flow first")
         with _in_process(self.path):
-            if not own:
-                with self._attached(read_only) as cursor:
-                    yield cursor
-                return
             con = self._open_file(read_only)
             try:
                 yield con
             finally:
                 con.close()
 
-    def _open_file(
-        self,
-        read_only: bool,
-        host: duckdb.DuckDBPyConnection | None = None,
-        alias: str = "",
-    ) -> duckdb.DuckDBPyConnection:
-        """A connection of its own to the file (``host`` None: a confined reader's), or the
-        file attached to ``host`` as ``alias``; either way retried while it is locked."""
+    def _open_file(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.002  # short, capped waits: a DuckDB commit holds the lock for ~10-50 ms
         while True:
             try:
-                if host is not None:
-                    where = str(self.path).replace("'", "''")
-                    mode = " (READ_ONLY)" if read_only else ""
-                    with host.cursor() as attacher:
-                        attacher.execute(f"ATTACH '{where}' AS \"{alias}\"{mode}")
-                    return host
                 if read_only:
                     config = reader_config(self.reader_memory_limit)
                     return duckdb.connect(str(self.path), read_only=True, config=config)
@@ -462,42 +412,17 @@ class Catalog:
     def _writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A write connection, inside the write guard when there is one."""
         guard = self.write_guard() if self.write_guard else nullcontext()
-        with guard, self._connect(read_only=False, own=False) as con:
+        with guard, self._connect(read_only=False) as con:
             yield con
-
-    @contextmanager
-    def _attached(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A cursor whose default database is this file, attached to :func:`_host` for the
-        block and detached after it. Called with the file's ``_in_process`` lock held."""
-        alias = _alias(self.path)
-        host = _host()
-        depth = _attachments.get(alias, 0)
-        if not depth:  # a nested use (same thread, lock held) shares the attachment
-            self._open_file(read_only, host, alias)
-        _attachments[alias] = depth + 1
-        try:
-            cursor = host.cursor()
-            try:
-                cursor.execute(f'USE "{alias}"')
-                yield cursor
-            finally:
-                cursor.close()  # before the detach: an open transaction rolls back
-        finally:
-            _attachments[alias] = depth
-            if not depth:
-                del _attachments[alias]
-                with host.cursor() as detacher:
-                    detacher.execute(f'DETACH "{alias}"')
 
     def fetch(
         self, queries: Sequence[tuple[str, Sequence[Any] | None]]
     ) -> list[list[tuple[Any, ...]]]:
-        """Rows of the ingest's own look-ups, on one read-only attachment: tuples, not
-        DataFrames. Each query passes the readers' check (one SELECT of the catalog's own
-        tables, remembered by its text) though the host connection is not locked down as
-        an analyst's is, so this is no way around :class:`CatalogReader`'s confinement."""
-        checked = [(checked_query(q, relations(), self.database_names), p) for q, p in queries]
-        with self._connect(read_only=True, own=False) as con:
+        """Rows of the ingest's own look-ups on one read-only connection: tuples, not
+        DataFrames (pandas costs ~1 ms a query). The same check and locked-down connection
+        as an analyst's reader; unqualified table names only."""
+        checked = [(checked_query(q, relations(), frozenset()), p) for q, p in queries]
+        with self._connect(read_only=True) as con:
             return [
                 con.execute(q, p).fetchall() if p else con.execute(q).fetchall() for q, p in checked
             ]
@@ -641,13 +566,22 @@ class Catalog:
         fresh.unlink(missing_ok=True)
         with self._writer() as con:
             source = con.execute("SELECT current_database()").fetchone()
-            # Unique in this process: other catalogs' writers attach to the same host.
-            target = f"rewrite_{_alias(self.path)}"
-            con.execute(f"ATTACH '{fresh}' AS \"{target}\"")
-            con.execute(
-                f'COPY FROM DATABASE "{source[0] if source else self.path.stem}" TO "{target}"'
-            )
-            con.execute(f'DETACH "{target}"')
+            where = str(fresh).replace("'", "''")
+            try:
+                con.execute(f"ATTACH '{where}' AS rewrite_target")
+                con.execute(
+                    f'COPY FROM DATABASE "{source[0] if source else self.path.stem}"'
+                    " TO rewrite_target"
+                )
+            except BaseException:
+                # A failed copy: nothing swapped in, and no half copy (which may hold rows
+                # a deletion is compacting away) left attached or on disk.
+                with suppress(duckdb.Error):
+                    con.execute("DETACH DATABASE IF EXISTS rewrite_target")
+                for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
+                    leftover.unlink(missing_ok=True)
+                raise
+            con.execute("DETACH rewrite_target")
             con.execute("CHECKPOINT")
             fresh.replace(self.path)
         self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)

@@ -274,7 +274,7 @@ class _Known:
 def _existing(
     home: Home, uids: list[str], studies: list[str], qids: list[str], uid_keys: set[str]
 ) -> _Known:
-    """Catalog look-ups for a batch, on one read-only attachment."""
+    """Catalog look-ups for a batch, on one read-only connection."""
     if not uids and not studies and not qids and not uid_keys:
         return _Known({}, {}, set(), set(), set())
     keys = {study_key(home.pepper, s): s for s in studies}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -151,8 +153,8 @@ def test_threads_of_one_process_take_turns_on_the_file(catalog: Catalog) -> None
 
 
 def test_a_write_leaves_the_file_unlocked_and_checkpointed(catalog: Catalog) -> None:
-    # Writers attach the file to one in-memory DuckDB kept for the process; the lock must
-    # go with the detach, or a notebook (another process) could not open the catalog.
+    # The lock must go when the writer is done, or a notebook (another process) could not
+    # open the catalog.
     catalog.write(
         lambda con: con.execute(
             "INSERT INTO audit_log VALUES ('a1', ?, 'test', 'attach', 'x', '{}')", [NOW]
@@ -173,12 +175,12 @@ def test_a_write_leaves_the_file_unlocked_and_checkpointed(catalog: Catalog) -> 
         check=True,
     )
     assert other.stdout.strip() == "1"
-    # And this process can still open it its own way (a confined reader) after the detach.
+    # And this process can still open it its own way (a confined reader) afterwards.
     assert catalog.query("SELECT count(*) AS n FROM audit_log WHERE actor = 'test'")["n"][0] == 1
 
 
 def test_two_catalogs_with_one_name_are_written_at_once(tmp_path: Path) -> None:
-    # Both files are called catalog.duckdb: attached side by side, they must not collide.
+    # Both files are called catalog.duckdb, written and compacted by two threads at once.
     first, second = (Catalog(tmp_path / d / "catalog.duckdb") for d in ("a", "b"))
     errors: list[BaseException] = []
 
@@ -193,7 +195,7 @@ def test_two_catalogs_with_one_name_are_written_at_once(tmp_path: Path) -> None:
                     )
                 )
                 if i == 5:
-                    catalog.rewrite()  # attaches a second file to the same host
+                    catalog.rewrite()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -208,7 +210,7 @@ def test_two_catalogs_with_one_name_are_written_at_once(tmp_path: Path) -> None:
         assert sorted(r[0] for r in rows) == sorted(f"{tag}-{i}" for i in range(10))
 
 
-def test_a_failed_write_rolls_back_and_detaches(catalog: Catalog) -> None:
+def test_a_failed_write_rolls_back_and_lets_go_of_the_file(catalog: Catalog) -> None:
     def fail(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("INSERT INTO audit_log VALUES ('gone', ?, 'test', 'fail', 'x', '{}')", [NOW])
         raise ValueError("stop here")
@@ -217,12 +219,12 @@ def test_a_failed_write_rolls_back_and_detaches(catalog: Catalog) -> None:
         catalog.write(fail)
     rows = catalog.fetch([("SELECT count(*) FROM audit_log WHERE actor = 'test'", None)])
     assert rows == [[(0,)]]
-    # Nothing is left attached: a plain connection of this process opens the file.
+    # Nothing holds the file: a plain connection of this process opens it.
     duckdb.connect(str(catalog.path)).close()
 
 
 def test_the_ingest_look_ups_refuse_what_a_reader_may_not_run(catalog: Catalog) -> None:
-    # fetch runs on the unconfined host connection: the readers' check must still apply.
+    # fetch is the ingest's own look-up path: an analyst's query must gain nothing by it.
     secret = catalog.path.with_name("kek.key")
     secret.write_text("not for queries")
     for query in (
@@ -232,3 +234,39 @@ def test_the_ingest_look_ups_refuse_what_a_reader_may_not_run(catalog: Catalog) 
     ):
         with pytest.raises(QueryRefused):
             catalog.fetch([(query, None)])
+
+
+def test_a_failed_compaction_leaves_no_copy_behind(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A half copy may hold rows a deletion is compacting away: it must not stay on disk,
+    # and the next compaction must work.
+    catalog.write(
+        lambda con: con.execute(
+            "INSERT INTO audit_log VALUES ('c1', ?, 'test', 'compact', 'x', '{}')", [NOW]
+        )
+    )
+    real = Catalog._writer
+
+    @contextlib.contextmanager
+    def failing_copy(self: Catalog) -> Iterator[duckdb.DuckDBPyConnection]:
+        with real(self) as con:
+
+            class Failing:
+                def execute(self, sql: str, *args: object) -> object:
+                    if sql.startswith("COPY FROM DATABASE"):
+                        con.execute(sql, *args)  # the copy is made, then the step fails
+                        raise duckdb.IOException("disk full")
+                    return con.execute(sql, *args)
+
+            yield Failing()  # type: ignore[misc]
+
+    monkeypatch.setattr(Catalog, "_writer", failing_copy)
+    with pytest.raises(duckdb.IOException, match="disk full"):
+        catalog.rewrite()
+    monkeypatch.undo()
+    leftovers = sorted(p.name for p in catalog.path.parent.iterdir() if "rewrite" in p.name)
+    assert leftovers == []
+    catalog.rewrite()
+    rows = catalog.fetch([("SELECT event_id FROM audit_log WHERE actor = 'test'", None)])
+    assert rows == [[("c1",)]]
