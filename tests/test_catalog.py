@@ -270,3 +270,17 @@ def test_a_failed_compaction_leaves_no_copy_behind(
     catalog.rewrite()
     rows = catalog.fetch([("SELECT event_id FROM audit_log WHERE actor = 'test'", None)])
     assert rows == [[("c1",)]]
+
+
+def test_a_quote_in_the_home_path_does_not_stop_compaction(tmp_path: Path) -> None:
+    # A home under a folder such as o'brien/ once made the rewrite's ATTACH a syntax error.
+    catalog = Catalog(tmp_path / "o'brien" / "catalog.duckdb")
+    catalog.migrate()
+    catalog.write(
+        lambda con: con.execute(
+            "INSERT INTO audit_log VALUES ('q1', ?, 'test', 'quote', 'x', '{}')", [NOW]
+        )
+    )
+    catalog.rewrite()
+    rows = catalog.fetch([("SELECT event_id FROM audit_log WHERE actor = 'test'", None)])
+    assert rows == [[("q1",)]]
