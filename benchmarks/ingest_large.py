@@ -9,10 +9,15 @@ the goal is >= 0.8x the same-promises floor (``benchmarks/floors.py``: read, SHA
 AES-256-GCM in 1 MiB segments, write, sync, remove the source, streaming) with peak RSS
 <= 300 MB; the plain copy is shown for reference.
 
-The child runs twice: as a deployed worker does, talking to a Prefect server (a real
-``prefect server start``, the goal's figure), and as the demo does, with Prefect's
-embedded server, whose start loads the server's own modules (SQLAlchemy, the
-migrations) into the flow's process.
+The child runs three ways:
+
+- as a deployed worker does, talking to a Prefect server (a real ``prefect server start``);
+- embedded, as ``dropvault ingest`` and ``dropvault demo`` run with no server: the command
+  starts Prefect's server for itself before it imports the flow
+  (``dropvault.flows.home_server.CommandServer``) and the flow is its plain client;
+- on Prefect's own temporary server, as a flow called in a notebook with no server runs:
+  Prefect starts it from inside the flow's process, which then also loads the server's
+  modules (SQLAlchemy, FastAPI, the migrations). For reference.
 """
 
 from __future__ import annotations
@@ -41,10 +46,16 @@ import json, resource, shutil, sys, time
 from pathlib import Path
 from dropvault.flows.settings import Settings, quiet_prefect_defaults
 quiet_prefect_defaults()
+root = Path(sys.argv[1])
+if sys.argv[2] == "embedded":  # what the CLI does before it imports a flow
+    from dropvault.flows.cli import flow_server_ready, start_flow_server
+    start_flow_server(Settings.load(home=root / "home"))
+else:
+    flow_server_ready = lambda: None
 from dropvault.flows.ingest import ingest_drops
 from dropvault.storage.home import Home
 
-root = Path(sys.argv[1])
+flow_server_ready()
 ingest_drops(home=Home.init(root / "warm"), settings=Settings.load(quiet_seconds=0))
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 home = Home.init(root / "home")
@@ -59,6 +70,12 @@ print(json.dumps({
     "baseline_rss_mb": baseline,
 }))
 """
+
+MODES = {
+    "server": "worker on a Prefect server",
+    "embedded": "embedded (the CLI's own server)",
+    "temporary": "Prefect's temporary server",
+}
 
 
 def main() -> None:
@@ -104,7 +121,7 @@ def main() -> None:
             os.link(p, linked / p.name)
         floor_s = promises_floor(linked, root / "floor")
         results = {}
-        for mode in ("server", "embedded"):
+        for mode in MODES:
             run_root = root / mode
             drops = run_root / "home" / "drops" / "fac" / "big"
             drops.mkdir(parents=True)
@@ -119,7 +136,7 @@ def main() -> None:
                 if server:
                     env["PREFECT_API_URL"] = server["PREFECT_API_URL"]
                 proc = subprocess.run(  # noqa: S603 - this interpreter, our own script
-                    [sys.executable, "-c", CHILD, str(run_root)],
+                    [sys.executable, "-c", CHILD, str(run_root), mode],
                     capture_output=True,
                     text=True,
                     check=True,
@@ -129,20 +146,17 @@ def main() -> None:
             assert results[mode]["ingested"] == n, results[mode]
     mb = total / 1e6
     print(f"files: {n}  bytes: {total:,} ({mb / n:.0f} MB each)  cores: {os.cpu_count()}")
-    head = f"{'run':<38}{'MB/s':>8}{'seconds':>9}{'x floor':>9}{'x copy':>8}"
+    head = f"{'run':<46}{'MB/s':>8}{'seconds':>9}{'x floor':>9}{'x copy':>8}"
     print(head + f"{'peak RSS':>10}{'before':>8}")
     for label, secs in (("plain fsspec copy", copy_s), ("same-promises floor", floor_s)):
         print(
-            f"{label:<38}{mb / secs:>8.0f}{secs:>9.2f}{floor_s / secs:>9.3f}{copy_s / secs:>8.3f}"
+            f"{label:<46}{mb / secs:>8.0f}{secs:>9.2f}{floor_s / secs:>9.3f}{copy_s / secs:>8.3f}"
         )
-    for mode, label in (
-        ("server", "worker on a Prefect server"),
-        ("embedded", "embedded Prefect (demo)"),
-    ):
+    for mode, label in MODES.items():
         r = results[mode]
         secs = r["seconds"]
         print(
-            f"{'dropvault, ' + label:<38}{mb / secs:>8.0f}{secs:>9.2f}{floor_s / secs:>9.3f}"
+            f"{'dropvault, ' + label:<46}{mb / secs:>8.0f}{secs:>9.2f}{floor_s / secs:>9.3f}"
             f"{copy_s / secs:>8.3f}"
             f"{r['peak_rss_mb']:>8.0f}MB{r['baseline_rss_mb']:>6.0f}MB"
         )

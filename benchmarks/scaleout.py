@@ -36,8 +36,9 @@ from ingest import make_files, spawn_workers, write_tree  # noqa: E402
 from dropvault.storage.catalog import Catalog  # noqa: E402
 from dropvault.storage.ducklake import Lake  # noqa: E402
 from dropvault.storage.home import Home  # noqa: E402
-from dropvault.tasks.drops import in_shard, scan_drops  # noqa: E402
+from dropvault.tasks.drops import scan_drops  # noqa: E402
 from dropvault.tasks.ingest import batches, ingest_batch  # noqa: E402
+from dropvault.tasks.layout import in_shard  # noqa: E402
 from tests.moto_server import moto_server  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 

@@ -27,6 +27,7 @@ from dropvault.flows.settings import (
     prefect_api_configured,
     quiet_prefect_defaults,
     server_environment,
+    server_start_timeout,
     use_home_server,
 )
 
@@ -175,6 +176,31 @@ def _day_option(value: str | None, option: str) -> str | None:
         ) from None
 
 
+_flow_server: list[home_server.CommandServer] = []
+
+
+def start_flow_server(settings: Settings) -> None:
+    """Call before a command imports its flow. With no Prefect server named
+    (``PREFECT_API_URL``) or kept for the home, start Prefect's server for this command now
+    (:class:`~dropvault.flows.home_server.CommandServer`), so its start overlaps the flow's
+    imports and the flow runs as its plain client. Where Prefect is already imported (a
+    command called in-process, as by a test's runner) its settings are fixed, and the flow
+    starts Prefect's own temporary server as before."""
+    if prefect_api_configured() or "prefect" in sys.modules:
+        return
+    server_start_timeout()  # a wrong value fails here, before anything starts
+    embedded_prefect_home(settings.home)
+    server = home_server.CommandServer(settings.home, server_environment())
+    use_home_server(server.url)
+    _flow_server.append(server)
+
+
+def flow_server_ready() -> None:
+    """Call just before a command's first flow: waits for :func:`start_flow_server`'s server."""
+    for server in _flow_server:
+        server.wait(server_start_timeout())
+
+
 def _home() -> Any:
     return Settings.load().build_home()
 
@@ -245,8 +271,10 @@ def demo(
     """Make demo drops under DROPVAULT_HOME (default ./.dropvault) and run every flow."""
     settings = Settings.load()
     embedded_prefect_home(settings.home)
+    start_flow_server(settings)
     from dropvault.flows.demo import run_demo
 
+    flow_server_ready()
     summary = run_demo(settings, progress=lambda msg: typer.echo(msg, err=True), reset=reset)
     for line in summary.lines():
         typer.echo(line)
@@ -263,7 +291,7 @@ def ingest(
     from dropvault.tasks.layout import ingest_has_work
 
     if shard is not None:
-        from dropvault.tasks.drops import parse_shard
+        from dropvault.tasks.layout import parse_shard
 
         try:
             parse_shard(shard)
@@ -277,8 +305,10 @@ def ingest(
         # flow run is recorded (a deployment's scheduled runs always run the flow).
         typer.echo("nothing to ingest: the drop zone is empty (no flow run started)")
         return
+    start_flow_server(settings)
     from dropvault.flows.ingest import ingest_drops
 
+    flow_server_ready()
     with progress_bar("ingest") as update:
         stats = ingest_drops(home=home, settings=settings, progress=update, shard=shard)
     for line in stats.drop_lines():  # one per drop, by keyed id (folder names can be PHI)
@@ -293,9 +323,11 @@ def reconcile(
     min_age: Annotated[float | None, typer.Option(help="Only orphans older than this (s).")] = None,
 ) -> None:
     """Remove vault objects that have no catalog row."""
+    settings = Settings.load()
+    start_flow_server(settings)
     from dropvault.flows.ingest import reconcile_vault
 
-    settings = Settings.load()
+    flow_server_ready()
     stats = reconcile_vault(home=settings.build_home(), settings=settings, min_age_seconds=min_age)
     typer.echo(json.dumps(stats.__dict__))
 
@@ -344,9 +376,11 @@ def shares(
     ] = False,
 ) -> None:
     """Apply the pending share/revoke/disclose manifests under {manifests}/shares/."""
+    settings = Settings.load()
+    start_flow_server(settings)
     from dropvault.flows.sharing import apply_share_manifests
 
-    settings = Settings.load()
+    flow_server_ready()
     result = apply_share_manifests(home=settings.build_home(), settings=settings, dry_run=dry_run)
     if dry_run:
         typer.echo("dry run: nothing was written or moved")
@@ -477,13 +511,15 @@ def incident(
     """Record a wrong-access report: revoke the user's grants and print the breach worksheet."""
     from datetime import UTC, datetime
 
-    from dropvault.flows.sharing import report_wrong_access
-    from dropvault.tasks.incidents import file_incident_request
-
     when = _time_option(reported_at, "--reported-at") or datetime.now(UTC)
     settings = Settings.load()
     home = settings.build_home()  # refuses a home never made before the flow starts
+    start_flow_server(settings)
+    from dropvault.flows.sharing import report_wrong_access
+    from dropvault.tasks.incidents import file_incident_request
+
     request = file_incident_request(home.manifests, user, study, when)
+    flow_server_ready()
     result = report_wrong_access(request, home=home, settings=settings)
     typer.echo(result.report_md)
 
@@ -496,10 +532,12 @@ def sweep(
     ] = False,
 ) -> None:
     """Take new deletion requests and carry out every pending one (fails on an SLA breach)."""
-    from dropvault.flows.deletion import deletion_sweep
-
     settings = Settings.load()
     home = settings.build_home()
+    start_flow_server(settings)
+    from dropvault.flows.deletion import deletion_sweep
+
+    flow_server_ready()
     with progress_bar("sweep") as update:
         result = deletion_sweep(home=home, settings=settings, dry_run=dry_run, progress=update)
     if dry_run:
@@ -539,14 +577,16 @@ def beacons(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of row objects.")] = False,
 ) -> None:
     """Beacon statistics per day, beacon, target and partner (suppressed cells show no count)."""
-    from dropvault.tasks.beacons import beacon_stats
-
     day, since = _day_option(day, "--day"), _day_option(since, "--since")
     if compile_first:
+        settings = Settings.load()
+        start_flow_server(settings)
         from dropvault.flows.beacons import compile_beacon_stats
 
-        settings = Settings.load()
+        flow_server_ready()
         compile_beacon_stats(home=settings.build_home(), settings=settings)
+    from dropvault.tasks.beacons import beacon_stats
+
     _print_frame(beacon_stats(_catalog(), since=since, day=day), as_json)
 
 
@@ -569,10 +609,10 @@ def status(
     """What an operator needs: each flow's last run, last failure and next run (from
     Prefect's API), drops waiting and why, pending manifests, deletion SLA, quarantine by
     reason, rows per table. ``--json``: one object per row, with its ``section``."""
-    from dropvault.tasks.status import home_status
-
     settings = Settings.load()
     sections = {"flows": _flow_runs(settings)}
+    from dropvault.tasks.status import home_status
+
     sections |= home_status(
         settings.build_home(), settings.quiet_seconds, settings.incomplete_seconds
     )
@@ -594,14 +634,17 @@ def status(
 
 def _flow_runs(settings: Settings) -> pd.DataFrame:
     """Each flow's runs from Prefect's API, or one row saying why there are none."""
-
-    from dropvault.flows.runs import COLUMNS, FLOWS, flow_runs
-
     embedded = settings.home.resolve() / "prefect" / "prefect.db"
     if not prefect_api_configured() and not embedded.exists():
+        from dropvault.flows.runs import COLUMNS, FLOWS
+
         note = "no runs recorded here: no Prefect server (PREFECT_API_URL) and none embedded"
         rows = [dict.fromkeys(COLUMNS) | {"flow": f, "last_state": note} for f in FLOWS]
         return pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)
+    start_flow_server(settings)
+    from dropvault.flows.runs import COLUMNS, flow_runs
+
+    flow_server_ready()
     return pd.DataFrame(flow_runs(), columns=list(COLUMNS), dtype=object)
 
 

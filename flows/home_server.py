@@ -12,8 +12,19 @@ from the terminal, its output in ``<home>/prefect/server.log``. It records its a
 ``PREFECT_API_URL`` of its own) finds it by a health check of at most half a second and runs
 against it, as a deployed worker does. ``dropvault server stop`` stops it. A record whose
 server died (a reboot, a kill) is removed by the next command, which then starts the
-temporary server as before. Nothing starts a kept server on its own: ``dropvault demo``
-and a plain command leave no process behind.
+command's own server (below) as before. Nothing starts a kept server on its own:
+``dropvault demo`` and a plain command leave no process behind.
+
+With neither ``PREFECT_API_URL`` nor a kept server, a command that runs a flow starts a
+:class:`CommandServer`: the same server Prefect's temporary one runs (uvicorn on
+``prefect.server.api.server:create_app``, ephemeral, no UI, the home's database), but
+started by the command before it imports its flow, so the server's ~5 s of imports overlap
+the command's own, and the flow runs as a plain client of it, as a worker's does (Prefect's
+own temporary server is started from inside the flow's process, which then also loads the
+server's modules: ~64 MB more resident memory). It listens on a socket the command bound
+(127.0.0.1, a free port: no race for the port with another program) and dies with the
+command: at exit, on Ctrl-C (same process group), and on a kill of the command (the
+parent-death signal, on Linux).
 
 The server listens on loopback only and, as any ``prefect server start``, without
 authentication: other users of the same machine can reach its API (run records, no images,
@@ -22,6 +33,7 @@ keys or patient data: flows publish PHI-free summaries only).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -92,6 +104,85 @@ def running(home: Path, timeout: float = 0.5) -> str | None:
         with contextlib.suppress(OSError):
             (_prefect_home(home) / RECORD).unlink()
     return None
+
+
+# Run in the command server's process before uvicorn: ask the kernel to SIGTERM it when its
+# parent (the command) dies however it dies; exit at once if that already happened.
+_SERVER_CHILD = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass  # not Linux: the command still stops it at exit
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+sys.argv = ["uvicorn", *sys.argv[2:]]
+from uvicorn.main import main
+main()
+"""
+
+
+class CommandServer:
+    """Prefect's server for one command (see the module's docstring). Start it before
+    Prefect is imported in this process, point the process at :attr:`url` (set
+    ``PREFECT_API_URL``), and call :meth:`wait` before the first flow.
+
+    Start it from the main thread: the parent-death signal fires when the thread that
+    started it ends."""
+
+    def __init__(self, home: Path, environment: dict[str, str]) -> None:
+        prefect_home = _prefect_home(home)
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        self.log = prefect_home / LOG
+        env = {k: v for k, v in environment.items() if k != "PREFECT_API_URL"}
+        env.setdefault("PREFECT_HOME", str(prefect_home))
+        # What Prefect's SubprocessASGIServer sets for its temporary server.
+        env.update(PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1")
+        env.update(PREFECT__SERVER_FINAL="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        with socket.socket() as sock, self.log.open("ab") as log:
+            sock.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+            args = ["--fd", str(sock.fileno()), "--factory", "prefect.server.api.server:create_app"]
+            self.process = subprocess.Popen(  # noqa: S603 - this environment's own uvicorn
+                [sys.executable, "-c", _SERVER_CHILD, str(os.getpid()), *args]
+                + ["--log-level", "error", "--lifespan", "on"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(sock.fileno(),),
+            )
+        self._ready = False
+        atexit.register(self.stop)  # before Prefect's own exit handlers: runs after them
+
+    def wait(self, timeout: float) -> str:
+        """Block until the server answers its health check; returns :attr:`url`."""
+        deadline = time.monotonic() + timeout
+        while not self._ready:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Prefect's server for this command stopped (exit {self.process.returncode})"
+                    f" before it answered; see {self.log}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"Prefect's server for this command did not answer within {timeout:.0f} s"
+                    f" (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); see {self.log}"
+                )
+            self._ready = _healthy(self.url, 1.0)
+            if not self._ready:
+                time.sleep(0.05)
+        return self.url
+
+    def stop(self, wait: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(wait)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def _free_port() -> int:

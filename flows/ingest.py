@@ -25,7 +25,7 @@ from dropvault.flows.settings import RunHome, RunSettings, Settings, for_run
 from dropvault.storage.home import Home
 from dropvault.tasks.archives import archive_kind, unpack_drops_task
 from dropvault.tasks.drop_rekey import rekey_drops_task
-from dropvault.tasks.drops import Drop, DropFile, in_shard, parse_shard, scan_drops_task
+from dropvault.tasks.drops import Drop, DropFile, scan_drops_task
 from dropvault.tasks.ingest import (
     IngestStats,
     batches,
@@ -33,6 +33,7 @@ from dropvault.tasks.ingest import (
     ingest_batch_task,
     record_drops_task,
 )
+from dropvault.tasks.layout import in_shard, parse_shard
 from dropvault.tasks.receipts import write_receipts_task
 from dropvault.tasks.reconcile import ReconcileStats, reconcile_vault_task, settle_pending_task
 

@@ -697,6 +697,21 @@ def quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def server_start_timeout() -> float:
+    """Seconds a command waits for its own Prefect server to answer: Prefect's setting for
+    its temporary server (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``, 180 unless
+    set: the first start migrates the home's Prefect database)."""
+    name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    raw = os.environ.get(name, "180")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: {raw!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise SettingsError(f"{name}: {raw!r} must be more than 0 seconds")
+    return seconds
+
+
 def server_environment() -> dict[str, str]:
     """The environment for the home's kept Prefect server: this process's, less the API
     URL (the server is its own API)."""
@@ -714,8 +729,9 @@ def use_home_server(url: str) -> None:
 
 
 def home_server_attached() -> bool:
-    """Whether this command found the home's kept server (not a PREFECT_API_URL of the
-    user's): an ingest with nothing to do then still answers without a flow run."""
+    """Whether this command found the home's kept server or started its own (not a
+    PREFECT_API_URL of the user's): an ingest with nothing to do then still answers without
+    a flow run."""
     return bool(_on_home_server)
 
 

@@ -155,27 +155,6 @@ def catalog_name(part: str) -> str:
     return part
 
 
-def parse_shard(shard: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)``: this worker takes the i-th of n shares of the drops."""
-    try:
-        i, n = (int(p) for p in shard.split("/"))
-    except ValueError:
-        raise ValueError(f"shard must look like 'i/n' (e.g. 0/2), not {shard!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"shard {shard!r}: need 0 <= i < n")
-    return i, n
-
-
-def in_shard(drop_key: str, shard: str | None) -> bool:
-    """Whether a drop belongs to ``shard``, by a stable hash of its key: workers that run
-    with 0/n ... n-1/n split the drops between them, each drop to exactly one."""
-    if shard is None:
-        return True
-    i, n = parse_shard(shard)
-    digest = hashlib.blake2b(drop_key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % n == i
-
-
 def _parse_manifest(raw: bytes) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
     """``({relative path: (size, sha256)}, owners)``; raises ValueError when malformed."""
     if len(raw) > MAX_MANIFEST_BYTES:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from dropvault.storage.locations import Location
-from dropvault.tasks.drops import in_shard, parse_shard, scan_drops
+from dropvault.tasks.drops import scan_drops
+from dropvault.tasks.layout import in_shard, parse_shard
 
 
 def test_every_drop_goes_to_exactly_one_shard() -> None:

@@ -116,3 +116,103 @@ def test_stop_never_signals_a_process_that_took_the_recorded_number(tmp_path: Pa
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def home_processes(home: Path) -> list[int]:
+    """Processes (of this user) whose Prefect home is ``home``'s: a server left behind."""
+    marker = f"\0PREFECT_HOME={home.resolve() / 'prefect'}\0".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in b"\0" + environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue  # gone, or another user's
+    return [pid for pid in found if pid != os.getpid() and running_process(pid, wait=0.0)]
+
+
+def home_with_drop(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    dv(home, "init")
+    rng = random.Random(7)
+    _, files = samples.make_study(rng, samples.make_patient(rng, 7), 3, "CT_small.dcm")
+    samples.write_drop(Location(f"file://{home / 'drops'}"), "fac", "d1", files)
+    return home
+
+
+def no_temporary_server(home: Path) -> dict[str, str]:
+    """The command's environment with Prefect's own temporary server forbidden: a flow that
+    ran anyway ran on the command's server."""
+    env = {k: v for k, v in cli_env(home).items() if not k.startswith("PREFECT_")}
+    env.update(DROPVAULT_QUIET_SECONDS="0", DO_NOT_TRACK="1")
+    env.update(PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_EPHEMERAL_ENABLED="false")
+    return env
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_a_command_runs_its_flow_on_its_own_server_and_leaves_none(tmp_path: Path) -> None:
+    home = home_with_drop(tmp_path)
+    env = no_temporary_server(home)
+    ingest = subprocess.run(  # noqa: S603 - this environment's own dropvault
+        [EXE, "ingest"], env=env, capture_output=True, text=True, timeout=400, check=False
+    )
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    assert "ingested: 3" in ingest.stdout
+    assert home_processes(home) == []  # its server stopped with it
+    status = subprocess.run(  # noqa: S603
+        [EXE, "status", "--json"], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert status.returncode == 0, status.stderr[-2000:]
+    flows = {r["flow"]: r for r in json.loads(status.stdout) if r["section"] == "flows"}
+    assert flows["ingest-drops"]["last_state"] == "COMPLETED"  # recorded in the home's Prefect
+    assert home_processes(home) == []
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_a_killed_command_takes_its_server_with_it(tmp_path: Path) -> None:
+    home = home_with_drop(tmp_path)
+    command = subprocess.Popen(  # noqa: S603 - this environment's own dropvault
+        [EXE, "ingest"], env=no_temporary_server(home), stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        servers = []
+        while not servers and time.monotonic() < deadline:
+            servers = [pid for pid in home_processes(home) if pid != command.pid]
+            time.sleep(0.05)
+        assert servers, "the command started no server of its own"
+    finally:
+        command.kill()  # SIGKILL: no exit handler of the command runs
+        command.wait()
+    assert not any(running_process(pid) for pid in servers)
+
+
+@pytest.mark.integration
+def test_a_server_that_cannot_start_is_one_clear_error_and_loses_nothing(tmp_path: Path) -> None:
+    home = home_with_drop(tmp_path)
+    (home / "prefect").mkdir(exist_ok=True)
+    (home / "prefect" / "prefect.db").write_bytes(b"not a database " * 100)
+    started = time.monotonic()
+    ingest = subprocess.run(  # noqa: S603 - this environment's own dropvault
+        [EXE, "ingest"], env=no_temporary_server(home), capture_output=True, text=True, timeout=400
+    )
+    assert ingest.returncode == 1
+    error = ingest.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: Prefect's server for this command stopped"), error
+    assert str(home / "prefect" / home_server.LOG) in error
+    assert "Application startup failed" in (home / "prefect" / home_server.LOG).read_text()
+    assert time.monotonic() - started < 120  # told at once, not after the 180 s start timeout
+    assert len(list((home / "drops" / "fac" / "d1").rglob("*.dcm"))) == 3  # every file kept
+
+
+def test_a_wrong_start_timeout_fails_before_any_server_starts(tmp_path: Path) -> None:
+    home = home_with_drop(tmp_path)
+    env = no_temporary_server(home) | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "soon"}
+    ingest = subprocess.run(  # noqa: S603 - this environment's own dropvault
+        [EXE, "ingest"], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert ingest.returncode == 1
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 'soon'" in ingest.stderr
+    assert not (home / "prefect" / home_server.LOG).exists()  # nothing was started

@@ -17,7 +17,7 @@ from dropvault.storage.catalog import DUCKDB_ONLY, Catalog, migrations
 from dropvault.storage.ducklake import Lake, portable_sql
 from dropvault.storage.locations import Location
 from dropvault.tasks import samples
-from dropvault.tasks.drops import in_shard
+from dropvault.tasks.layout import in_shard
 from tests.conftest import lake_factory
 from tests.helpers import EXE, cli_env, lake_env, sources
 from tests.postgres import PostgresServer
