@@ -8,7 +8,8 @@ Three ways, each on a new home (after one untimed ingest of 10 other files) with
 files, timed as wall-clock seconds of the command (Python's start, imports, the flow, the
 exit):
 
-- embedded: no ``PREFECT_API_URL``: the command starts Prefect's temporary server;
+- embedded: no ``PREFECT_API_URL``: the command starts Prefect's server for itself before it
+  imports the flow (``CommandServer``: the start overlaps the command's imports);
 - kept home server: after ``dropvault server start`` (its start is not timed: it is paid once);
 - a Prefect server: ``PREFECT_API_URL`` naming a running ``prefect server start``, as a
   deployed worker has.
