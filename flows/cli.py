@@ -22,12 +22,14 @@ from dropvault.flows import home_server
 from dropvault.flows.settings import (
     Settings,
     SettingsError,
+    embedded_prefect_db,
     embedded_prefect_home,
     home_server_attached,
     prefect_api_configured,
     quiet_prefect_defaults,
     server_environment,
     server_start_timeout,
+    use_command_server,
     use_home_server,
 )
 
@@ -191,7 +193,7 @@ def start_flow_server(settings: Settings) -> None:
     server_start_timeout()  # a wrong value fails here, before anything starts
     embedded_prefect_home(settings.home)
     server = home_server.CommandServer(settings.home, server_environment())
-    use_home_server(server.url)
+    use_command_server(server.url)
     _flow_server.append(server)
 
 
@@ -271,6 +273,9 @@ def demo(
     """Make demo drops under DROPVAULT_HOME (default ./.dropvault) and run every flow."""
     settings = Settings.load()
     embedded_prefect_home(settings.home)
+    kept = None if prefect_api_configured() else home_server.running(settings.home)
+    if kept is not None:
+        use_home_server(kept)  # as the other commands do (demo makes its home first)
     start_flow_server(settings)
     from dropvault.flows.demo import run_demo
 
@@ -324,11 +329,12 @@ def reconcile(
 ) -> None:
     """Remove vault objects that have no catalog row."""
     settings = Settings.load()
+    home = settings.build_home()  # refuses a home never made before anything starts
     start_flow_server(settings)
     from dropvault.flows.ingest import reconcile_vault
 
     flow_server_ready()
-    stats = reconcile_vault(home=settings.build_home(), settings=settings, min_age_seconds=min_age)
+    stats = reconcile_vault(home=home, settings=settings, min_age_seconds=min_age)
     typer.echo(json.dumps(stats.__dict__))
 
 
@@ -377,11 +383,12 @@ def shares(
 ) -> None:
     """Apply the pending share/revoke/disclose manifests under {manifests}/shares/."""
     settings = Settings.load()
+    home = settings.build_home()  # refuses a home never made before anything starts
     start_flow_server(settings)
     from dropvault.flows.sharing import apply_share_manifests
 
     flow_server_ready()
-    result = apply_share_manifests(home=settings.build_home(), settings=settings, dry_run=dry_run)
+    result = apply_share_manifests(home=home, settings=settings, dry_run=dry_run)
     if dry_run:
         typer.echo("dry run: nothing was written or moved")
     for grant in result.added:
@@ -580,11 +587,12 @@ def beacons(
     day, since = _day_option(day, "--day"), _day_option(since, "--since")
     if compile_first:
         settings = Settings.load()
+        home = settings.build_home()  # refuses a home never made before anything starts
         start_flow_server(settings)
         from dropvault.flows.beacons import compile_beacon_stats
 
         flow_server_ready()
-        compile_beacon_stats(home=settings.build_home(), settings=settings)
+        compile_beacon_stats(home=home, settings=settings)
     from dropvault.tasks.beacons import beacon_stats
 
     _print_frame(beacon_stats(_catalog(), since=since, day=day), as_json)
@@ -634,8 +642,7 @@ def status(
 
 def _flow_runs(settings: Settings) -> pd.DataFrame:
     """Each flow's runs from Prefect's API, or one row saying why there are none."""
-    embedded = settings.home.resolve() / "prefect" / "prefect.db"
-    if not prefect_api_configured() and not embedded.exists():
+    if not prefect_api_configured() and not embedded_prefect_db(settings.home).exists():
         from dropvault.flows.runs import COLUMNS, FLOWS
 
         note = "no runs recorded here: no Prefect server (PREFECT_API_URL) and none embedded"

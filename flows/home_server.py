@@ -54,10 +54,14 @@ def _prefect_home(home: Path) -> Path:
     return home.resolve() / "prefect"
 
 
+# Straight to the home's own loopback server: a proxy of the user's must not answer for it.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _healthy(url: str, timeout: float) -> bool:
     try:
         # Our own loopback address (http://127.0.0.1:<port>/api), never a user's URL.
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as reply:  # noqa: S310
+        with _DIRECT.open(f"{url}/health", timeout=timeout) as reply:
             return bool(reply.status == 200)
     except (OSError, urllib.error.URLError, ValueError):
         return False
@@ -106,12 +110,13 @@ def running(home: Path, timeout: float = 0.5) -> str | None:
     return None
 
 
-# Run in the command server's process before uvicorn: ask the kernel to SIGTERM it when its
-# parent (the command) dies however it dies; exit at once if that already happened.
+# Run in the command server's process before uvicorn: ask the kernel to SIGKILL it when its
+# parent (the command) dies however it dies (not SIGTERM: uvicorn would wait for every open
+# request, and anyone on the machine can hold one open); exit at once if that happened.
 _SERVER_CHILD = """
 import ctypes, os, signal, sys
 try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 except (AttributeError, OSError):
     pass  # not Linux: the command still stops it at exit
 if os.getppid() != int(sys.argv[1]):
@@ -145,7 +150,7 @@ class CommandServer:
             args = ["--fd", str(sock.fileno()), "--factory", "prefect.server.api.server:create_app"]
             self.process = subprocess.Popen(  # noqa: S603 - this environment's own uvicorn
                 [sys.executable, "-c", _SERVER_CHILD, str(os.getpid()), *args]
-                + ["--log-level", "error", "--lifespan", "on"],
+                + ["--log-level", "error", "--lifespan", "on", "--timeout-graceful-shutdown", "5"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

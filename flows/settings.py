@@ -66,13 +66,14 @@ AWS_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOI
 
 
 def _prefect_server() -> bool:
-    """Whether flows report to a Prefect server (``PREFECT_API_URL``). Without one, each CLI
-    run starts its own embedded server, which keeps concurrency leases in memory: a run
-    killed -9 would hold the catalog-write slot for good, so embedded runs rely on
-    DuckDB's own file lock (released when a process dies) instead."""
+    """Whether flows report to a Prefect server that outlives them (``PREFECT_API_URL``,
+    not the command's own server). Without one, each CLI run has a server of its own,
+    which keeps concurrency leases in memory and dies with the run: a run killed -9 would
+    hold the catalog-write slot for good in the home's Prefect database, so those runs
+    rely on DuckDB's own file lock (released when a process dies) instead."""
     from prefect.settings import PREFECT_API_URL
 
-    return bool(PREFECT_API_URL.value())
+    return bool(PREFECT_API_URL.value()) and not _on_command_server
 
 
 def _write_guard(timeout_seconds: float) -> AbstractContextManager[object]:
@@ -649,9 +650,46 @@ def for_run(
 
 
 def prefect_api_configured() -> bool:
-    """Whether a Prefect server is named (``PREFECT_API_URL``): else the CLI records its
-    runs under the home's embedded Prefect."""
-    return bool(os.environ.get("PREFECT_API_URL"))
+    """Whether a Prefect server is named where Prefect looks for one: ``PREFECT_API_URL``
+    in the environment, in ``.env``, ``prefect.toml`` or ``pyproject.toml``
+    (``[tool.prefect]``) of the working folder, or in the active profile of the profiles
+    file of a ``PREFECT_HOME`` or ``PREFECT_PROFILES_PATH`` the user set. Else the CLI
+    records its runs under the home's own Prefect. Read without importing Prefect (which
+    would fix its settings before the CLI can point it at the home); a settings file that
+    cannot be read counts as naming one, so Prefect decides."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    return any(_names_prefect_api(path, kind) for path, kind in _prefect_settings_files())
+
+
+def _prefect_settings_files() -> list[tuple[Path, str]]:
+    files = [(Path(".env"), "env"), (Path("prefect.toml"), "toml"), (Path("pyproject.toml"), "py")]
+    if os.environ.get("PREFECT_PROFILES_PATH"):
+        files.append((Path(os.environ["PREFECT_PROFILES_PATH"]), "profiles"))
+    elif os.environ.get("PREFECT_HOME"):
+        files.append((Path(os.environ["PREFECT_HOME"]) / "profiles.toml", "profiles"))
+    return [(path, kind) for path, kind in files if path.is_file()]
+
+
+def _names_prefect_api(path: Path, kind: str) -> bool:
+    import tomllib
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        if kind == "env":
+            return bool(re.search(r"^\s*(export\s+)?PREFECT_API_URL\s*=\s*\S", text, re.M))
+        data = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return True
+    if kind == "py":
+        data = data.get("tool", {}).get("prefect", {})
+    if kind in ("toml", "py"):
+        api = data.get("api", {})
+        return bool(isinstance(api, dict) and api.get("url")) or bool(data.get("PREFECT_API_URL"))
+    profiles = data.get("profiles", {})
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    profile = profiles.get(active, {}) if isinstance(profiles, dict) else {}
+    return bool(isinstance(profile, dict) and profile.get("PREFECT_API_URL"))
 
 
 def notebook_home(start: Path | None = None) -> Home:
@@ -703,13 +741,19 @@ def server_start_timeout() -> float:
     set: the first start migrates the home's Prefect database)."""
     name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
     raw = os.environ.get(name, "180")
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a number of seconds") from None
+    # Prefect reads it too, as a whole number: refuse here what it would refuse later.
+    if not re.fullmatch(r"\d+(?:_\d+)*(?:\.0*)?", raw.strip()):
+        raise SettingsError(f"{name}: {raw!r} is not a whole number of seconds")
+    seconds = float(raw.strip().replace("_", ""))
     if not seconds > 0:
         raise SettingsError(f"{name}: {raw!r} must be more than 0 seconds")
     return seconds
+
+
+def embedded_prefect_db(home: Path) -> Path:
+    """The Prefect database a command with no server of the user's records its runs in."""
+    prefect_home = os.environ.get("PREFECT_HOME")
+    return (Path(prefect_home) if prefect_home else home.resolve() / "prefect") / "prefect.db"
 
 
 def server_environment() -> dict[str, str]:
@@ -719,13 +763,27 @@ def server_environment() -> dict[str, str]:
 
 
 _on_home_server: list[str] = []  # the kept server's URL, once this command found it
+_on_command_server: list[str] = []  # the command's own server's URL, once started
 
 
 def use_home_server(url: str) -> None:
     """Run this command's flows against the home's kept Prefect server
-    (:mod:`dropvault.flows.home_server`). Must run before Prefect reads its settings."""
+    (:mod:`dropvault.flows.home_server`). Must run before Prefect reads its settings.
+    The loopback address goes into ``NO_PROXY``: a proxy set for the user's traffic must
+    not stand in for the home's own server."""
     os.environ["PREFECT_API_URL"] = url
+    for name in ("NO_PROXY", "no_proxy"):
+        hosts = [h for h in os.environ.get(name, "").split(",") if h.strip()]
+        os.environ[name] = ",".join([*hosts, "127.0.0.1"])
     _on_home_server.append(url)
+
+
+def use_command_server(url: str) -> None:
+    """Run this command's flows against the server it started for itself
+    (``CommandServer``), which dies with it: as :func:`use_home_server`, and catalog writes
+    take no Prefect slot (see :func:`_prefect_server`)."""
+    use_home_server(url)
+    _on_command_server.append(url)
 
 
 def home_server_attached() -> bool:

@@ -3,11 +3,18 @@ against it, it stops when told, and a record it left when it died misleads no on
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import random
+import re
+import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -160,6 +167,14 @@ def test_a_command_runs_its_flow_on_its_own_server_and_leaves_none(tmp_path: Pat
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     assert "ingested: 3" in ingest.stdout
     assert home_processes(home) == []  # its server stopped with it
+    # No catalog-write slot in the home's Prefect database: the server that would have
+    # leased it dies with the command, so a command killed holding it would lock every
+    # later run out (DuckDB's file lock guards these runs instead).
+    with contextlib.closing(sqlite3.connect(home / "prefect" / "prefect.db")) as db:
+        slots = db.execute(
+            "SELECT count(*) FROM concurrency_limit_v2 WHERE name = 'dropvault-catalog-write'"
+        ).fetchone()
+    assert slots == (0,)
     status = subprocess.run(  # noqa: S603
         [EXE, "status", "--json"], env=env, capture_output=True, text=True, timeout=400
     )
@@ -216,3 +231,96 @@ def test_a_wrong_start_timeout_fails_before_any_server_starts(tmp_path: Path) ->
     assert ingest.returncode == 1
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 'soon'" in ingest.stderr
     assert not (home / "prefect" / home_server.LOG).exists()  # nothing was started
+
+
+def listening_port(pid: int) -> int | None:
+    """The TCP port ``pid`` listens on, from /proc (the command keeps its server's URL)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if m := re.fullmatch(r"socket:\[(\d+)\]", str(fd.readlink())):
+                inodes.add(m[1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+            return int(fields[1].split(":")[1], 16)
+    return None
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc")
+def test_a_request_held_open_does_not_keep_the_server_of_a_killed_command(tmp_path: Path) -> None:
+    """Anyone on the machine can hold a request open on the unauthenticated API; a graceful
+    shutdown would wait for it for ever once the command is gone."""
+    home = home_with_drop(tmp_path)
+    command = subprocess.Popen(  # noqa: S603 - this environment's own dropvault
+        [EXE, "ingest"], env=no_temporary_server(home), stdout=subprocess.DEVNULL
+    )
+    held = None
+    try:
+        deadline = time.monotonic() + 120
+        while held is None and command.poll() is None and time.monotonic() < deadline:
+            servers = [pid for pid in home_processes(home) if pid != command.pid]
+            port = listening_port(servers[0]) if servers else None
+            if port and home_server._healthy(f"http://127.0.0.1:{port}/api", 1.0):
+                held = socket.create_connection(("127.0.0.1", port))
+                held.sendall(
+                    b"POST /api/flow_runs/filter HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+                )
+            time.sleep(0.05)
+        assert held is not None, "the command's server never answered"
+        time.sleep(0.5)
+    finally:
+        command.send_signal(signal.SIGKILL)
+        command.wait()
+    try:
+        assert not any(running_process(pid) for pid in servers)
+    finally:
+        held.close()
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    got: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.got.append(f"{self.command} {self.path}")
+        self.send_response(200)  # a stand-in that says yes to everything
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_POST = do_PATCH = do_PUT = do_DELETE = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.integration
+def test_a_proxy_of_the_users_does_not_stand_in_for_the_homes_server(tmp_path: Path) -> None:
+    home = home_with_drop(tmp_path)
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    env = no_temporary_server(home) | {"http_proxy": url, "HTTP_PROXY": url}
+    try:
+        ingest = subprocess.run(  # noqa: S603 - this environment's own dropvault
+            [EXE, "ingest"], env=env, capture_output=True, text=True, timeout=400
+        )
+    finally:
+        proxy.shutdown()
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    assert "ingested: 3" in ingest.stdout
+    assert _Recorder.got == []
+
+
+def test_a_mistyped_home_starts_nothing(tmp_path: Path) -> None:
+    typo = tmp_path / "hoem"
+    env = no_temporary_server(typo)
+    for command in (["reconcile"], ["shares"], ["beacons", "--compile"], ["ingest"]):
+        proc = subprocess.run(  # noqa: S603 - this environment's own dropvault
+            [EXE, *command], env=env, capture_output=True, text=True, timeout=400
+        )
+        assert proc.returncode == 1, command
+        assert "DROPVAULT_HOME" in proc.stderr, proc.stderr
+    assert not typo.exists()

@@ -133,3 +133,69 @@ def test_settings_do_not_import_prefect() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "named"),
+    [
+        (".env", "PREFECT_API_URL=http://prefect:4200/api\n", True),
+        (".env", "# PREFECT_API_URL=http://prefect:4200/api\nOTHER=1\n", False),
+        ("prefect.toml", '[api]\nurl = "http://prefect:4200/api"\n', True),
+        ("prefect.toml", '[logging]\nlevel = "INFO"\n', False),
+        ("pyproject.toml", '[tool.prefect.api]\nurl = "http://prefect:4200/api"\n', True),
+        ("pyproject.toml", '[project]\nname = "x"\n', False),
+        ("prefect.toml", "[api\nnot toml", True),  # unreadable: let Prefect decide
+    ],
+)
+def test_a_prefect_server_named_in_a_settings_file_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, text: str, named: bool
+) -> None:
+    """The CLI starts a server of its own only where Prefect would find none: a server named
+    in a file Prefect reads must get the runs, as one in PREFECT_API_URL does."""
+    from dropvault.flows.settings import prefect_api_configured
+
+    for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert prefect_api_configured() is False
+    (tmp_path / name).write_text(text)
+    assert prefect_api_configured() is named
+
+
+def test_the_active_profile_of_the_users_prefect_home_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dropvault.flows.settings import prefect_api_configured
+
+    for var in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "ph"))
+    (tmp_path / "ph").mkdir()
+    (tmp_path / "ph" / "profiles.toml").write_text(
+        'active = "work"\n[profiles.work]\nPREFECT_API_URL = "http://prefect:4200/api"\n'
+        '[profiles.local]\nPREFECT_LOGGING_LEVEL = "INFO"\n'
+    )
+    assert prefect_api_configured() is True
+    monkeypatch.setenv("PREFECT_PROFILE", "local")
+    assert prefect_api_configured() is False
+
+
+@pytest.mark.parametrize(
+    ("raw", "ok"),
+    [("180", True), (" 60 ", True), ("60.0", True), ("1_0", True), ("0", False)]
+    + [("2.5", False), ("1e3", False), ("inf", False), ("soon", False), ("-5", False)],
+)
+def test_the_server_start_timeout_is_a_whole_number_of_seconds(
+    monkeypatch: pytest.MonkeyPatch, raw: str, ok: bool
+) -> None:
+    """Prefect reads the same setting as an integer: what it would refuse after the server
+    started is refused before, naming the setting."""
+    from dropvault.flows.settings import server_start_timeout
+
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raw)
+    if ok:
+        assert server_start_timeout() > 0
+    else:
+        with pytest.raises(SettingsError, match="PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
+            server_start_timeout()
