@@ -618,12 +618,11 @@ def status(
     Prefect's API), drops waiting and why, pending manifests, deletion SLA, quarantine by
     reason, rows per table. ``--json``: one object per row, with its ``section``."""
     settings = Settings.load()
+    home = settings.build_home()  # refuses a home never made before anything starts
     sections = {"flows": _flow_runs(settings)}
     from dropvault.tasks.status import home_status
 
-    sections |= home_status(
-        settings.build_home(), settings.quiet_seconds, settings.incomplete_seconds
-    )
+    sections |= home_status(home, settings.quiet_seconds, settings.incomplete_seconds)
     if as_json:
         typer.echo(
             "["

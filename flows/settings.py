@@ -650,46 +650,62 @@ def for_run(
 
 
 def prefect_api_configured() -> bool:
-    """Whether a Prefect server is named where Prefect looks for one: ``PREFECT_API_URL``
-    in the environment, in ``.env``, ``prefect.toml`` or ``pyproject.toml``
-    (``[tool.prefect]``) of the working folder, or in the active profile of the profiles
-    file of a ``PREFECT_HOME`` or ``PREFECT_PROFILES_PATH`` the user set. Else the CLI
-    records its runs under the home's own Prefect. Read without importing Prefect (which
-    would fix its settings before the CLI can point it at the home); a settings file that
-    cannot be read counts as naming one, so Prefect decides."""
-    if os.environ.get("PREFECT_API_URL"):
+    """Whether a Prefect server is named where Prefect 3 looks for one: ``PREFECT_API_URL``
+    (any case) in the environment or in ``.env``; ``[api] url`` in ``prefect.toml`` or
+    ``[tool.prefect.api] url`` in ``pyproject.toml`` of the working folder; or the active
+    profile of the profiles file Prefect would read (``PREFECT_PROFILES_PATH`` or
+    ``profiles_path`` in those files, else that of a ``PREFECT_HOME`` the user set; the CLI
+    points an unset ``PREFECT_HOME`` at the home, so ``~/.prefect`` is never read). Else the
+    CLI records its runs under the home's own Prefect. Read without importing Prefect
+    (which would fix its settings before the CLI can point it at the home); a settings file
+    that cannot be read counts as naming one, so Prefect decides."""
+    import dotenv
+
+    if any(k.upper() == "PREFECT_API_URL" and v.strip() for k, v in os.environ.items()):
         return True
-    return any(_names_prefect_api(path, kind) for path, kind in _prefect_settings_files())
+    try:
+        dot = dotenv.dotenv_values(".env") if Path(".env").is_file() else {}
+        local = _toml(Path("prefect.toml"))
+        project = _toml(Path("pyproject.toml")).get("tool", {}).get("prefect", {})
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True
+    if any(k.upper() == "PREFECT_API_URL" and (v or "").strip() for k, v in dot.items()):
+        return True
+    for table in (local, project):
+        api = table.get("api", {})
+        if isinstance(api, dict) and str(api.get("url") or "").strip():
+            return True
+    # Where Prefect finds its profiles file (prefect/settings/sources.py, _get_profiles_path).
+    profiles_path = (
+        os.environ.get("PREFECT_PROFILES_PATH")
+        or dot.get("PREFECT_PROFILES_PATH")
+        or local.get("profiles_path")
+        or project.get("profiles_path")
+    )
+    if not profiles_path and os.environ.get("PREFECT_HOME"):
+        profiles_path = str(Path(os.environ["PREFECT_HOME"]) / "profiles.toml")
+    if not profiles_path:
+        return False
+    try:
+        data = _toml(Path(str(profiles_path)))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True
+    profiles = data.get("profiles", {})
+    if not isinstance(profiles, dict):
+        return True
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    profile = profiles.get(active) or profiles.get(data.get("active") or "ephemeral") or {}
+    return isinstance(profile, dict) and bool(str(profile.get("PREFECT_API_URL") or "").strip())
 
 
-def _prefect_settings_files() -> list[tuple[Path, str]]:
-    files = [(Path(".env"), "env"), (Path("prefect.toml"), "toml"), (Path("pyproject.toml"), "py")]
-    if os.environ.get("PREFECT_PROFILES_PATH"):
-        files.append((Path(os.environ["PREFECT_PROFILES_PATH"]), "profiles"))
-    elif os.environ.get("PREFECT_HOME"):
-        files.append((Path(os.environ["PREFECT_HOME"]) / "profiles.toml", "profiles"))
-    return [(path, kind) for path, kind in files if path.is_file()]
-
-
-def _names_prefect_api(path: Path, kind: str) -> bool:
+def _toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables, or none where there is no file (ValueError when malformed)."""
     import tomllib
 
-    try:
-        text = path.read_text(encoding="utf-8")
-        if kind == "env":
-            return bool(re.search(r"^\s*(export\s+)?PREFECT_API_URL\s*=\s*\S", text, re.M))
-        data = tomllib.loads(text)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return True
-    if kind == "py":
-        data = data.get("tool", {}).get("prefect", {})
-    if kind in ("toml", "py"):
-        api = data.get("api", {})
-        return bool(isinstance(api, dict) and api.get("url")) or bool(data.get("PREFECT_API_URL"))
-    profiles = data.get("profiles", {})
-    active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
-    profile = profiles.get(active, {}) if isinstance(profiles, dict) else {}
-    return bool(isinstance(profile, dict) and profile.get("PREFECT_API_URL"))
+    if not path.is_file():
+        return {}
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
 
 
 def notebook_home(start: Path | None = None) -> Home:
@@ -772,9 +788,16 @@ def use_home_server(url: str) -> None:
     The loopback address goes into ``NO_PROXY``: a proxy set for the user's traffic must
     not stand in for the home's own server."""
     os.environ["PREFECT_API_URL"] = url
-    for name in ("NO_PROXY", "no_proxy"):
-        hosts = [h for h in os.environ.get(name, "").split(",") if h.strip()]
-        os.environ[name] = ",".join([*hosts, "127.0.0.1"])
+    # Both spellings get the union: urllib (botocore) prefers the lower-case one, and a new
+    # lower-case list must not hide an upper-case one of the user's (an S3 endpoint in it).
+    hosts = [
+        h.strip()
+        for name in ("no_proxy", "NO_PROXY")
+        for h in os.environ.get(name, "").split(",")
+        if h.strip()
+    ]
+    joined = ",".join(dict.fromkeys([*hosts, "127.0.0.1"]))
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = joined
     _on_home_server.append(url)
 
 

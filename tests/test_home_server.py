@@ -317,7 +317,9 @@ def test_a_proxy_of_the_users_does_not_stand_in_for_the_homes_server(tmp_path: P
 def test_a_mistyped_home_starts_nothing(tmp_path: Path) -> None:
     typo = tmp_path / "hoem"
     env = no_temporary_server(typo)
-    for command in (["reconcile"], ["shares"], ["beacons", "--compile"], ["ingest"]):
+    commands = [["reconcile"], ["shares"], ["ingest"], ["status"], ["sweep"]]
+    commands.append(["beacons", "--compile"])
+    for command in commands:
         proc = subprocess.run(  # noqa: S603 - this environment's own dropvault
             [EXE, *command], env=env, capture_output=True, text=True, timeout=400
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -145,6 +146,15 @@ def test_settings_do_not_import_prefect() -> None:
         ("pyproject.toml", '[tool.prefect.api]\nurl = "http://prefect:4200/api"\n', True),
         ("pyproject.toml", '[project]\nname = "x"\n', False),
         ("prefect.toml", "[api\nnot toml", True),  # unreadable: let Prefect decide
+        # What Prefect 3.9 itself reads there (an outside review compared case by case):
+        (".env", "prefect_api_url=http://prefect:4200/api\n", True),  # any case
+        (".env", 'PREFECT_API_URL=""\n', False),  # empty: Prefect has no server
+        (".env", "PREFECT_API_URL= # none\n", False),
+        ("prefect.toml", 'PREFECT_API_URL = "http://prefect:4200/api"\n', False),  # not read
+        ("pyproject.toml", '[tool.prefect]\nPREFECT_API_URL = "http://p:4200/api"\n', False),
+        ("prefect.toml", 'profiles_path = "p.toml"\n', True),  # see PROFILES below
+        ("pyproject.toml", '[tool.prefect]\nprofiles_path = "p.toml"\n', True),
+        (".env", "PREFECT_PROFILES_PATH=p.toml\n", True),
     ],
 )
 def test_a_prefect_server_named_in_a_settings_file_is_found(
@@ -157,9 +167,44 @@ def test_a_prefect_server_named_in_a_settings_file_is_found(
     for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.toml").write_text(PROFILES)  # read only where a setting names it
     assert prefect_api_configured() is False
     (tmp_path / name).write_text(text)
     assert prefect_api_configured() is named
+
+
+PROFILES = 'active = "work"\n[profiles.work]\nPREFECT_API_URL = "http://prefect:4200/api"\n'
+
+
+def test_a_prefect_server_named_in_a_lower_case_variable_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dropvault.flows.settings import prefect_api_configured
+
+    for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("prefect_api_url", "http://prefect:4200/api")  # pydantic: any case
+    assert os.environ.get("PREFECT_API_URL") is None
+    assert prefect_api_configured() is True
+
+
+def test_the_home_servers_bypass_keeps_the_users_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib (and so botocore) reads the lower-case list first: a new one holding only
+    127.0.0.1 would send an S3 endpoint the user exempted through the user's proxy."""
+    import urllib.request
+
+    from dropvault.flows import settings as settings_module
+
+    # setenv on every variable it writes, so each is put back after the test
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "s3.internal")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setattr(settings_module, "_on_home_server", [])
+    monkeypatch.setenv("PREFECT_API_URL", "http://unused/api")
+    settings_module.use_home_server("http://127.0.0.1:9/api")
+    assert urllib.request.proxy_bypass_environment("s3.internal")
+    assert urllib.request.proxy_bypass_environment("127.0.0.1")
 
 
 def test_the_active_profile_of_the_users_prefect_home_is_read(
