@@ -666,7 +666,7 @@ def prefect_api_configured() -> bool:
     try:
         dot = dotenv.dotenv_values(".env") if Path(".env").is_file() else {}
         local = _toml(Path("prefect.toml"))
-        project = _toml(Path("pyproject.toml")).get("tool", {}).get("prefect", {})
+        project = _table(_table(_toml(Path("pyproject.toml")), "tool"), "prefect")
     except (OSError, UnicodeDecodeError, ValueError):
         return True
     if any(k.upper() == "PREFECT_API_URL" and (v or "").strip() for k, v in dot.items()):
@@ -696,6 +696,15 @@ def prefect_api_configured() -> bool:
     active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
     profile = profiles.get(active) or profiles.get(data.get("active") or "ephemeral") or {}
     return isinstance(profile, dict) and bool(str(profile.get("PREFECT_API_URL") or "").strip())
+
+
+def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data[key]`` where it is a table, {} where absent; ValueError for anything else (a
+    ``tool = "x"`` in someone's pyproject.toml)."""
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} is not a table")
+    return value
 
 
 def _toml(path: Path) -> dict[str, Any]:

@@ -136,6 +136,13 @@ def test_settings_do_not_import_prefect() -> None:
     assert out.stdout.strip() == "False"
 
 
+def no_prefect_settings(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """A working folder and an environment that name no Prefect server."""
+    for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(folder)
+
+
 @pytest.mark.parametrize(
     ("name", "text", "named"),
     [
@@ -155,6 +162,10 @@ def test_settings_do_not_import_prefect() -> None:
         ("prefect.toml", 'profiles_path = "p.toml"\n', True),  # see PROFILES below
         ("pyproject.toml", '[tool.prefect]\nprofiles_path = "p.toml"\n', True),
         (".env", "PREFECT_PROFILES_PATH=p.toml\n", True),
+        # Not tables where tables belong: no crash; Prefect decides (and says what is wrong).
+        ("pyproject.toml", 'tool = "x"\n', True),
+        ("pyproject.toml", "[tool]\nprefect = 3\n", True),
+        ("prefect.toml", 'api = "http://prefect:4200/api"\n', False),  # Prefect reads no url
     ],
 )
 def test_a_prefect_server_named_in_a_settings_file_is_found(
@@ -164,9 +175,7 @@ def test_a_prefect_server_named_in_a_settings_file_is_found(
     in a file Prefect reads must get the runs, as one in PREFECT_API_URL does."""
     from dropvault.flows.settings import prefect_api_configured
 
-    for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
+    no_prefect_settings(monkeypatch, tmp_path)
     (tmp_path / "p.toml").write_text(PROFILES)  # read only where a setting names it
     assert prefect_api_configured() is False
     (tmp_path / name).write_text(text)
@@ -181,9 +190,7 @@ def test_a_prefect_server_named_in_a_lower_case_variable_is_found(
 ) -> None:
     from dropvault.flows.settings import prefect_api_configured
 
-    for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
+    no_prefect_settings(monkeypatch, tmp_path)
     monkeypatch.setenv("prefect_api_url", "http://prefect:4200/api")  # pydantic: any case
     assert os.environ.get("PREFECT_API_URL") is None
     assert prefect_api_configured() is True
@@ -212,9 +219,7 @@ def test_the_active_profile_of_the_users_prefect_home_is_read(
 ) -> None:
     from dropvault.flows.settings import prefect_api_configured
 
-    for var in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
+    no_prefect_settings(monkeypatch, tmp_path)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "ph"))
     (tmp_path / "ph").mkdir()
     (tmp_path / "ph" / "profiles.toml").write_text(
